@@ -1,0 +1,20 @@
+# The two commands of the README: `make demo` and `make test`.
+.PHONY: setup demo test protos lint bench
+
+setup:
+	bash scripts/setup.sh
+
+# Start both services on the embedded all-MiniLM-L6-v2, query them through the client, stop them.
+demo: setup
+	.venv/bin/python scripts/demo.py
+
+test: setup
+	.venv/bin/python scripts/gen_protos.py --check
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest -q tests
+
+protos:
+	.venv/bin/python scripts/gen_protos.py
+
+lint:
+	.venv/bin/ruff check .

