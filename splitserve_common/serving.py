@@ -1,16 +1,18 @@
-"""What both gRPC servers share: options, health, reflection, graceful drain."""
+"""What both gRPC servers share: options, health, reflection, graceful drain,
+TLS/mTLS and the bearer token (security.py), Prometheus metrics (metrics.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from typing import Iterable
+from collections.abc import Iterable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from splitserve_common import metrics, security
 from splitserve_common.settings import Option
 
 log = logging.getLogger(__name__)
@@ -21,21 +23,34 @@ SERVER_OPTIONS = [
     Option("max-message-mb", 64, "largest request or response message in MiB", int),
     Option("drain-seconds", 25.0, "on SIGTERM, how long in-flight calls may take to finish", float),
     Option("log-level", "INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
+    *security.SECURITY_OPTIONS,
 ]
+
+
+def metrics_port_option(default_port: int) -> Option:
+    """`--metrics-port`: each service has its own default (contracts: 8002 model, 8012 preproc)."""
+    return Option("metrics-port", default_port, "port of the Prometheus /metrics HTTP endpoint (0: off)", int)
 
 
 def create_server(args, interceptors=()) -> grpc.aio.Server:
     """A grpc.aio server with the shared options (message limits, keepalive policy).
 
-    `args` carries the SERVER_OPTIONS values. TLS, bearer-token auth and metrics
-    hook in here so both services get them the same way.
+    `args` carries the SERVER_OPTIONS values (and `metrics_port` when the service
+    has it). Every call is counted by the metrics interceptor (outermost, so refused
+    calls are counted too), then checked for the bearer token when one is set;
+    the /metrics HTTP endpoint starts here.
     """
-    return grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=list(interceptors))
+    chain = [metrics.MetricsInterceptor(), *security.server_interceptors(args), *interceptors]
+    metrics.start_metrics_server(getattr(args, "metrics_port", 0), getattr(args, "host", "0.0.0.0"))
+    return grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=chain)
 
 
 def add_port(server: grpc.aio.Server, args, port: int) -> int:
-    """Bind host:port (port 0 picks a free one); returns the bound port."""
-    return server.add_insecure_port(f"{args.host}:{port}")
+    """Bind host:port (port 0 picks a free one), with TLS/mTLS when configured; returns the bound port."""
+    credentials = security.server_credentials(args)
+    if credentials is None:
+        return server.add_insecure_port(f"{args.host}:{port}")
+    return server.add_secure_port(f"{args.host}:{port}", credentials)
 
 
 def configure_logging(level: str) -> None:
@@ -54,11 +69,60 @@ def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
     ]
 
 
+class DrainingHealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1 (Check and Watch) that knows about draining.
+
+    Unlike grpc's reference servicer, Watch streams end (after sending NOT_SERVING)
+    once draining starts: an open Watch is an in-flight call and would otherwise
+    hold the drain open until the grace period runs out. While draining, `set` is
+    ignored, so nothing can report SERVING again.
+    """
+
+    def __init__(self):
+        self._status: dict[str, int] = {}
+        self._version = 0
+        self._changed = asyncio.Condition()
+        self.draining = False
+
+    async def Check(self, request, context):
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context):
+        last = None
+        while True:
+            seen = self._version
+            status = self._status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self.draining:
+                return
+            async with self._changed:
+                await self._changed.wait_for(lambda seen=seen: self._version != seen)
+
+    async def set(self, service: str, status: int) -> None:
+        if not self.draining:
+            await self._update({service: status})
+
+    async def drain(self) -> None:
+        self.draining = True
+        await self._update(dict.fromkeys(self._status, health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    async def _update(self, statuses: dict[str, int]) -> None:
+        async with self._changed:
+            self._status.update(statuses)
+            self._version += 1
+            self._changed.notify_all()
+
+
 class HealthReporter:
     """grpc.health.v1 for the whole server ("") and each named service."""
 
     def __init__(self, server: grpc.aio.Server, service_names: Iterable[str]):
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = DrainingHealthServicer()
         self.names = ["", *service_names]
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
@@ -66,6 +130,10 @@ class HealthReporter:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self.names:
             await self.servicer.set(name, status)
+
+    async def drain(self) -> None:
+        """NOT_SERVING for good: later `set` calls are ignored and Watch streams end."""
+        await self.servicer.drain()
 
 
 def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
@@ -87,7 +155,7 @@ async def wait_for_termination(server: grpc.aio.Server, health_reporter: HealthR
     await asyncio.wait({server_done, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
         log.info("signal received: draining for up to %.1f s", drain_seconds)
-        await health_reporter.set(False)
+        await health_reporter.drain()
         if on_drain is not None:
             await on_drain()
         await server.stop(drain_seconds)

@@ -71,3 +71,29 @@ class GenerateStep(_message.Message):
     prompt_tokens: int
     generated_tokens: int
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerationStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GenerationStats(_message.Message):
+    __slots__ = ("active_sequences", "waiting_sequences", "tokens_in_flight", "steps", "finished", "cancelled", "generated_tokens", "max_sequences", "max_tokens")
+    ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    WAITING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    active_sequences: int
+    waiting_sequences: int
+    tokens_in_flight: int
+    steps: int
+    finished: int
+    cancelled: int
+    generated_tokens: int
+    max_sequences: int
+    max_tokens: int
+    def __init__(self, active_sequences: _Optional[int] = ..., waiting_sequences: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., steps: _Optional[int] = ..., finished: _Optional[int] = ..., cancelled: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., max_sequences: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...

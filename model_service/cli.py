@@ -1,0 +1,59 @@
+"""`model-service` / `python -m model_service`: every setting is a flag and a MODEL_SERVICE_* variable."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from model_service.adapters_servicer import ADAPTER_OPTIONS
+from model_service.generation.options import GENERATION_OPTIONS
+from splitserve_common import serving
+from splitserve_common.settings import Option, parse
+
+ENV_PREFIX = "MODEL_SERVICE_"
+
+MODEL_OPTIONS = [
+    Option("model-dir", "", "model directory: MLflow transformers components layout or a save_pretrained dir"),
+    Option("model-name", "", "name the model is served under (default: the model directory's base name)"),
+    Option("task", "", "pipeline task, overriding MLmodel / the config (e.g. text-classification)"),
+    Option("dtype", "auto", "dtype to load the weights in (auto: MLmodel torch_dtype, else float32)",
+           choices=["auto", "float32", "float16", "bfloat16"]),
+    Option("device", "auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N"),
+    Option("base-model-path", "", "directory of the base weights, overriding MLmodel local_base_model_path"),
+    Option("allow-pickle", False, "allow pickle (.bin) weights, which can run code on load", bool),
+    Option("trust-remote-code", False, "allow models whose code ships with the weights", bool),
+    Option("port", 8001, "gRPC port", int),
+    serving.metrics_port_option(8002) if hasattr(serving, "metrics_port_option")
+    else Option("metrics-port", 8002, "port of the Prometheus /metrics HTTP endpoint (0: off)", int),
+    Option("max-batch-size", 32, "most rows in one forward pass (also the largest batch one request may send)",
+           int),
+    Option("max-wait-us", 2000, "how long the batcher waits for more rows before a forward pass, in µs", int),
+    Option("token-budget", 16384, "most padded tokens (rows x longest row) in one forward pass", int),
+    Option("max-queue-rows", 1024, "rows waiting beyond this are refused with RESOURCE_EXHAUSTED", int),
+    Option("torch-threads", 0, "CPU threads torch may use (0: torch's default)", int),
+]
+OPTIONS = MODEL_OPTIONS + serving.SERVER_OPTIONS + ADAPTER_OPTIONS + GENERATION_OPTIONS
+
+
+def parse_args(argv=None):
+    args = parse("model-service", "Serve a transformers model's forward pass over gRPC (v2 tensor API).",
+                 OPTIONS, ENV_PREFIX, argv)
+    if not args.model_dir:
+        print("model-service: --model-dir (or MODEL_SERVICE_MODEL_DIR) is required", file=sys.stderr)
+        raise SystemExit(2)
+    return args
+
+
+def main(argv=None) -> None:
+    from model_service.server import serve
+
+    args = parse_args(argv)
+    serving.configure_logging(args.log_level)
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

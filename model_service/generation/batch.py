@@ -1,0 +1,238 @@
+"""The running batch of a continuous-batching generator, as plain data operations.
+
+A DecodeBatch holds every active sequence of one adapter in one transformers KV cache
+(DynamicCache, or EncoderDecoderCache for T5/BART-style models) plus the tensors a decode
+step needs. Rows are left-padded in the decoder so every row's newest token sits in the
+last column; the attention mask hides the padding and position ids count only real
+tokens, so each row sees exactly what it would see alone. Encoder states (cross-attention)
+are right-padded and masked the same way.
+
+- `prefill(model, seqs)` builds a batch from new sequences (one forward pass) and picks
+  their first token;
+- `concat(other)` merges two batches (pads the shorter caches);
+- `filter(keep)` drops rows (finished or cancelled) and trims padding no row needs;
+- `decode(model)` advances every row one token in one forward pass.
+All of it runs on the engine's worker thread.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model_service.generation.sampling import SamplingParams, TokenChooser, choose_tokens
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation request: its prompt, settings and what it has produced so far."""
+
+    request_id: str
+    prompt_ids: list
+    params: SamplingParams
+    adapter: str = ""
+    generated: list = field(default_factory=list)
+    finish_reason: str = ""   # "" while running, else length | eos | stop
+    cancelled: bool = False
+    chooser: TokenChooser | None = None
+    seen: torch.Tensor | None = None  # ids the repetition penalty looks at
+    last_logprob: float | None = None
+    # Filled in by the scheduler (event-loop side).
+    events: object = None
+    submitted_at: float = 0.0
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Positions this sequence may occupy at most (its share of the tokens-in-flight limit)."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+
+class GenerationModel:
+    """How to run prefill and decode on one transformers model (decoder-only or encoder-decoder)."""
+
+    def __init__(self, model, pad_token_id: int, decoder_start_token_id: int | None):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.pad_token_id = int(pad_token_id or 0)
+        self.decoder_start_token_id = decoder_start_token_id
+        if self.is_encoder_decoder and decoder_start_token_id is None:
+            raise ValueError("encoder-decoder model without decoder_start_token_id")
+        params = inspect.signature(model.forward).parameters
+        self.takes_position_ids = "position_ids" in params
+        self.takes_logits_to_keep = "logits_to_keep" in params
+
+    def forward(self, **inputs):
+        if self.takes_logits_to_keep and not self.is_encoder_decoder:
+            inputs["logits_to_keep"] = 1
+        return self.model(**inputs, use_cache=True, return_dict=True)
+
+
+def _self_layers(cache):
+    return cache.self_attention_cache.layers if hasattr(cache, "self_attention_cache") else cache.layers
+
+
+def _cross_layers(cache):
+    return cache.cross_attention_cache.layers if hasattr(cache, "cross_attention_cache") else []
+
+
+def _pad_seq(t: torch.Tensor, dim: int, left: int = 0, right: int = 0) -> torch.Tensor:
+    """Zero-pad tensor `t` along `dim` (negative dims count from the end)."""
+    if not left and not right:
+        return t
+    pads = [0, 0] * (t.dim() - (dim % t.dim()) - 1) + [left, right]
+    return F.pad(t, pads)
+
+
+class DecodeBatch:
+    def __init__(self, seqs, cache, attention_mask, next_tokens, positions, encoder_hidden=None,
+                 encoder_mask=None):
+        self.seqs = list(seqs)
+        self.cache = cache                    # transformers Cache, rows = seqs
+        self.attention_mask = attention_mask  # [B, L] decoder self-attention, left-padded
+        self.next_tokens = next_tokens        # [B] chosen but not yet fed
+        self.positions = positions            # [B] position id of next_tokens (decoder-only)
+        self.encoder_hidden = encoder_hidden  # [B, S, E] right-padded (encoder-decoder)
+        self.encoder_mask = encoder_mask      # [B, S]
+
+    def __len__(self):
+        return len(self.seqs)
+
+    @property
+    def padded_length(self) -> int:
+        return int(self.attention_mask.shape[1])
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def prefill(cls, gm: GenerationModel, seqs) -> DecodeBatch:
+        """One forward pass over the new sequences' prompts; their first tokens are chosen."""
+        dev = gm.device
+        lengths = [len(s.prompt_ids) for s in seqs]
+        width = max(lengths)
+        ids = torch.full((len(seqs), width), gm.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            n = lengths[row]
+            if gm.is_encoder_decoder:  # encoder input: right padding
+                ids[row, :n] = torch.tensor(seq.prompt_ids)
+                mask[row, :n] = 1
+            else:  # decoder input: left padding
+                ids[row, width - n:] = torch.tensor(seq.prompt_ids)
+                mask[row, width - n:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        if gm.is_encoder_decoder:
+            start = torch.full((len(seqs), 1), gm.decoder_start_token_id, dtype=torch.long, device=dev)
+            out = gm.forward(input_ids=ids, attention_mask=mask, decoder_input_ids=start)
+            batch = cls(seqs, out.past_key_values, torch.ones_like(start), None,
+                        torch.ones(len(seqs), dtype=torch.long, device=dev),
+                        out.encoder_last_hidden_state, mask)
+            for seq in seqs:
+                seq.seen = torch.tensor([gm.decoder_start_token_id], dtype=torch.long, device=dev)
+        else:
+            inputs = {"input_ids": ids, "attention_mask": mask}
+            if gm.takes_position_ids:
+                inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = gm.forward(**inputs)
+            batch = cls(seqs, out.past_key_values, mask, None,
+                        torch.tensor(lengths, dtype=torch.long, device=dev))
+            for seq in seqs:
+                seq.seen = torch.tensor(seq.prompt_ids, dtype=torch.long, device=dev)
+        batch._choose(out.logits[:, -1, :])
+        return batch
+
+    def concat(self, other: DecodeBatch) -> DecodeBatch:
+        """Append `other`'s rows to this batch (in place); the shorter side's caches are padded."""
+        width = max(self.padded_length, other.padded_length)
+        pad_a, pad_b = width - self.padded_length, width - other.padded_length
+        for a, b in zip(_self_layers(self.cache), _self_layers(other.cache), strict=True):
+            a.keys = torch.cat([_pad_seq(a.keys, -2, left=pad_a), _pad_seq(b.keys, -2, left=pad_b)])
+            a.values = torch.cat([_pad_seq(a.values, -2, left=pad_a), _pad_seq(b.values, -2, left=pad_b)])
+        self.attention_mask = torch.cat([_pad_seq(self.attention_mask, 1, left=pad_a),
+                                         _pad_seq(other.attention_mask, 1, left=pad_b)])
+        if self.encoder_hidden is not None:
+            s_a, s_b = self.encoder_mask.shape[1], other.encoder_mask.shape[1]
+            width = max(s_a, s_b)
+            for a, b in zip(_cross_layers(self.cache), _cross_layers(other.cache), strict=True):
+                a.keys = torch.cat([_pad_seq(a.keys, -2, right=width - s_a), _pad_seq(b.keys, -2, right=width - s_b)])
+                a.values = torch.cat([_pad_seq(a.values, -2, right=width - s_a),
+                                      _pad_seq(b.values, -2, right=width - s_b)])
+            self.encoder_hidden = torch.cat([_pad_seq(self.encoder_hidden, 1, right=width - s_a),
+                                             _pad_seq(other.encoder_hidden, 1, right=width - s_b)])
+            self.encoder_mask = torch.cat([_pad_seq(self.encoder_mask, 1, right=width - s_a),
+                                           _pad_seq(other.encoder_mask, 1, right=width - s_b)])
+        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.seqs += other.seqs
+        return self
+
+    def filter(self, keep: list[int]) -> DecodeBatch | None:
+        """Keep only rows `keep` (in place); None when no row is left."""
+        if not keep:
+            return None
+        if len(keep) == len(self.seqs):
+            return self
+        idx = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
+        mask = self.attention_mask.index_select(0, idx)
+        first = int((mask.sum(0) > 0).nonzero()[0])  # left columns that only padding uses
+        for layer in _self_layers(self.cache):
+            layer.keys = layer.keys.index_select(0, idx)[..., first:, :]
+            layer.values = layer.values.index_select(0, idx)[..., first:, :]
+        self.attention_mask = mask[:, first:]
+        if self.encoder_hidden is not None:
+            enc_mask = self.encoder_mask.index_select(0, idx)
+            end = int((enc_mask.sum(0) > 0).nonzero()[-1]) + 1  # right columns that only padding uses
+            for layer in _cross_layers(self.cache):
+                layer.keys = layer.keys.index_select(0, idx)[..., :end, :]
+                layer.values = layer.values.index_select(0, idx)[..., :end, :]
+            self.encoder_hidden = self.encoder_hidden.index_select(0, idx)[:, :end]
+            self.encoder_mask = enc_mask[:, :end]
+        self.next_tokens = self.next_tokens.index_select(0, idx)
+        self.positions = self.positions.index_select(0, idx)
+        self.seqs = [self.seqs[i] for i in keep]
+        return self
+
+    # ------------------------------------------------------------------ stepping
+
+    def decode(self, gm: GenerationModel) -> None:
+        """Feed every row's pending token (one forward pass) and choose the next ones."""
+        ones = torch.ones((len(self.seqs), 1), dtype=torch.long, device=self.attention_mask.device)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        tokens = self.next_tokens[:, None]
+        if gm.is_encoder_decoder:
+            from transformers.modeling_outputs import BaseModelOutput
+
+            out = gm.forward(encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder_hidden),
+                             attention_mask=self.encoder_mask, decoder_input_ids=tokens,
+                             decoder_attention_mask=self.attention_mask, past_key_values=self.cache)
+        else:
+            inputs = {"input_ids": tokens, "attention_mask": self.attention_mask, "past_key_values": self.cache}
+            if gm.takes_position_ids:
+                inputs["position_ids"] = self.positions[:, None]
+            out = gm.forward(**inputs)
+        self.cache = out.past_key_values
+        self.positions = self.positions + 1
+        for seq, token in zip(self.seqs, self.next_tokens.tolist(), strict=True):
+            if seq.params.repetition_penalty != 1.0:
+                seq.seen = torch.cat([seq.seen, seq.seen.new_tensor([token])])
+        self._choose(out.logits[:, -1, :])
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        """Pick each row's next token, record it and decide whether the row is finished."""
+        choices = choose_tokens(logits, [s.chooser for s in self.seqs], [s.seen for s in self.seqs],
+                                [len(s.generated) for s in self.seqs])
+        for seq, (token, logprob) in zip(self.seqs, choices, strict=True):
+            seq.generated.append(token)
+            seq.last_logprob = logprob
+            p = seq.params
+            if token in p.eos_token_ids:
+                seq.finish_reason = "eos"
+            elif token in p.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif len(seq.generated) >= p.max_new_tokens:
+                seq.finish_reason = "length"
+        self.next_tokens = torch.tensor([s.generated[-1] for s in self.seqs], dtype=torch.long,
+                                        device=self.attention_mask.device)

@@ -1,0 +1,10 @@
+"""Generation settings of model_service: flags and MODEL_SERVICE_* variables (no torch import here)."""
+
+from splitserve_common.settings import Option
+
+GENERATION_OPTIONS = [
+    Option("gen-max-sequences", 64, "generation: most sequences in the running batch", int),
+    Option("gen-max-tokens", 65536, "generation: most positions (prompt + max_new_tokens) reserved by the running "
+           "sequences together", int),
+    Option("gen-max-waiting", 1024, "generation: most requests queued for a slot before RESOURCE_EXHAUSTED", int),
+]

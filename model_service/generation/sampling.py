@@ -1,0 +1,178 @@
+"""Generation settings: defaults, validation, and choosing the next token of each sequence.
+
+Precedence of a setting (highest first), following shared/reference/mlflow-layout.md:
+the request's GenerationSettings field > MLflow's saved model_config (MLmodel
+`flavors.python_function.config`) > the model's generation_config.json > built-in
+defaults. The built-ins are greedy decoding (do_sample false) with 256 new tokens at
+most, clipped to the model's context; sampling knobs fall back to transformers' own
+defaults (temperature 1.0, top_k 50, top_p 1.0, repetition_penalty 1.0).
+preproc_service fills per-request params and MLflow signature defaults before calling.
+
+Logits are processed in transformers' order: repetition penalty, min_new_tokens
+(end ids suppressed), then for sampling temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from splitserve_common.errors import InvalidArgument
+
+# transformers' text-generation pipeline default.
+DEFAULT_MAX_NEW_TOKENS = 256
+SETTING_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                "repetition_penalty")
+BUILT_IN = {"min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+            "repetition_penalty": 1.0}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    seed: int
+    eos_token_ids: frozenset
+    stop_token_ids: frozenset
+    logprobs: bool
+
+    @property
+    def end_ids(self) -> frozenset:
+        return self.eos_token_ids | self.stop_token_ids
+
+
+def model_defaults(generation_config: dict, model_config: dict) -> dict:
+    """The defaults for unset request fields: model_config over generation_config.json over built-ins."""
+    defaults = dict(BUILT_IN)
+    for source in (generation_config or {}, model_config or {}):
+        for key in SETTING_KEYS:
+            if source.get(key) is not None:
+                defaults[key] = source[key]
+    if "max_tokens" in (model_config or {}) and "max_new_tokens" not in model_config:
+        defaults["max_new_tokens"] = model_config["max_tokens"]  # llm/v1 spelling
+    return defaults
+
+
+def resolve(settings, defaults: dict, *, prompt_len: int, context_len: int, eos_token_ids) -> SamplingParams:
+    """Merge a GenerationSettings message over `defaults`; raise InvalidArgument on bad values.
+
+    `context_len` is the most positions the sequence may occupy (prompt + new tokens for
+    decoder-only models, new tokens for encoder-decoder ones); 0 means no fixed limit.
+    """
+
+    def pick(name):
+        return getattr(settings, name) if settings.HasField(name) else defaults.get(name)
+
+    room = context_len - prompt_len if context_len else None
+    if room is not None and room <= 0:
+        raise InvalidArgument(f"prompt of {prompt_len} tokens leaves no room in the model's context of "
+                              f"{context_len} positions")
+    if settings.HasField("max_new_tokens"):
+        max_new = settings.max_new_tokens
+        if max_new <= 0:
+            raise InvalidArgument(f"max_new_tokens must be > 0, got {max_new}")
+        if room is not None and max_new > room:
+            raise InvalidArgument(f"max_new_tokens={max_new} with a prompt of {prompt_len} tokens exceeds the "
+                                  f"model's context of {context_len} positions (at most {room} new tokens)")
+    else:
+        max_new = int(defaults.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        if room is not None:
+            max_new = min(max_new, room)
+    min_new = int(pick("min_new_tokens") or 0)
+    if min_new < 0 or min_new > max_new:
+        raise InvalidArgument(f"min_new_tokens must be in [0, max_new_tokens={max_new}], got {min_new}")
+    temperature = float(pick("temperature"))
+    if temperature < 0:
+        raise InvalidArgument(f"temperature must be >= 0, got {temperature}")
+    top_p = float(pick("top_p"))
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+    top_k = int(pick("top_k"))
+    if top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    penalty = float(pick("repetition_penalty"))
+    if penalty <= 0:
+        raise InvalidArgument(f"repetition_penalty must be > 0, got {penalty}")
+    # OpenAI semantics: temperature 0 means greedy.
+    do_sample = bool(pick("do_sample")) and temperature > 0
+    seed = settings.seed if settings.HasField("seed") else random.getrandbits(63)
+    return SamplingParams(
+        max_new_tokens=max_new, min_new_tokens=min_new, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=seed,
+        eos_token_ids=frozenset() if settings.ignore_eos else frozenset(eos_token_ids),
+        stop_token_ids=frozenset(settings.stop_token_ids), logprobs=settings.logprobs,
+    )
+
+
+class TokenChooser:
+    """Picks one sequence's next tokens; owns its random generator so a seed gives the same tokens
+    whatever else is in the batch."""
+
+    def __init__(self, params: SamplingParams, device):
+        self.params = params
+        self.generator = None
+        if params.do_sample:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+
+    @property
+    def plain_greedy(self) -> bool:
+        p = self.params
+        return not p.do_sample and p.repetition_penalty == 1.0 and not p.logprobs
+
+    def process(self, logits: torch.Tensor, seen_ids: torch.Tensor, generated: int) -> torch.Tensor:
+        """Processed float32 scores [V] for this sequence's next token."""
+        p = self.params
+        if p.repetition_penalty != 1.0 and seen_ids.numel():
+            picked = logits.gather(0, seen_ids)
+            picked = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
+            logits = logits.scatter(0, seen_ids, picked)
+        if generated < p.min_new_tokens and p.end_ids:
+            logits = logits.clone()
+            logits[[i for i in p.end_ids if i < logits.shape[0]]] = float("-inf")
+        if not p.do_sample:
+            return logits
+        if p.temperature != 1.0:
+            logits = logits / p.temperature
+        if 0 < p.top_k < logits.shape[0]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=False)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            remove = cumulative <= 1 - p.top_p
+            remove[-1] = False  # keep at least one token
+            logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+        return logits
+
+    def choose(self, scores: torch.Tensor) -> int:
+        if not self.params.do_sample:
+            return int(scores.argmax())
+        probs = scores.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def choose_tokens(logits: torch.Tensor, choosers, seen_ids, generated_counts):
+    """Next token (and its log-probability, or None) for every row of `logits` [B, V].
+
+    Rows that are plain greedy take a batched argmax; the others are processed one by one.
+    """
+    logits = logits.float()
+    greedy = logits.argmax(-1).tolist()
+    results = []
+    for row, chooser in enumerate(choosers):
+        if chooser.plain_greedy and generated_counts[row] >= chooser.params.min_new_tokens:
+            results.append((greedy[row], None))
+            continue
+        scores = chooser.process(logits[row], seen_ids[row], generated_counts[row])
+        token = chooser.choose(scores)
+        logprob = float(scores.log_softmax(-1)[token]) if chooser.params.logprobs else None
+        results.append((token, logprob))
+    return results

@@ -1,0 +1,219 @@
+"""Continuous batching: one loop advances every active sequence one token per step.
+
+Between steps the loop admits waiting requests (their prefill runs in the same engine call
+as the step) and retires finished or cancelled sequences, so a slot frees at the next step.
+All model work goes through `engine.run` (the engine's single worker thread); the loop
+itself and the per-request event queues live on the asyncio event loop.
+
+Limits: `max_sequences` running at once, `max_tokens` positions reserved by them (prompt +
+max_new_tokens each), and `max_waiting` requests queued; beyond the last, RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+
+from prometheus_client import Gauge
+
+from model_service.generation.batch import DecodeBatch, GenerationModel, Sequence
+from model_service.generation.sampling import TokenChooser
+from splitserve_common import metrics
+from splitserve_common.errors import ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sequences: int = 64
+    max_tokens: int = 65536
+    max_waiting: int = 1024
+
+
+@dataclass
+class StepEvent:
+    """What one sequence got from one step."""
+
+    token: int
+    logprob: float | None
+    finish_reason: str  # "" unless this is the sequence's last token
+
+
+class _Core:
+    """The model side of the scheduler: the running batches. Worker thread only.
+
+    With an adapter switch that takes per-row names (model_service.adapters) one batch mixes
+    every adapter; otherwise there is one batch per adapter name.
+    """
+
+    def __init__(self, gm: GenerationModel, engine):
+        self.gm = gm
+        self.engine = engine  # engine.adapters may be replaced after start (model_service.adapters)
+        self.batches: dict[str, DecodeBatch] = {}
+
+    @property
+    def mixes_rows(self) -> bool:
+        return bool(getattr(self.engine.adapters, "mixes_rows", False))
+
+    def _use(self, key: str, seqs):
+        return self.engine.adapters.use([s.adapter for s in seqs] if self.mixes_rows else key)
+
+    def step(self, admitted: list[Sequence], dropped: list[Sequence]) -> list[tuple[Sequence, StepEvent]]:
+        gone = set(dropped)
+        for key, batch in list(self.batches.items()):
+            self._set(key, batch.filter([i for i, s in enumerate(batch.seqs) if s not in gone]))
+        stepped = []
+        for key, batch in list(self.batches.items()):
+            with self._use(key, batch.seqs):
+                batch.decode(self.gm)
+            stepped += batch.seqs
+        groups = collections.defaultdict(list)
+        for seq in admitted:
+            groups["" if self.mixes_rows else seq.adapter].append(seq)
+        for key, seqs in groups.items():
+            with self._use(key, seqs):
+                fresh = DecodeBatch.prefill(self.gm, seqs)
+            stepped += seqs
+            self._set(key, fresh if key not in self.batches else self.batches[key].concat(fresh))
+        for key, batch in list(self.batches.items()):
+            self._set(key, batch.filter([i for i, s in enumerate(batch.seqs) if not s.finish_reason]))
+        return [(s, StepEvent(s.generated[-1], s.last_logprob, s.finish_reason)) for s in stepped]
+
+    def _set(self, key, batch):
+        if batch is None:
+            self.batches.pop(key, None)
+        else:
+            self.batches[key] = batch
+
+    def reset(self) -> None:
+        self.batches.clear()
+
+
+class Scheduler:
+    def __init__(self, engine, gm: GenerationModel, limits: Limits = Limits()):
+        self.engine = engine
+        self.gm = gm
+        self.limits = limits
+        self._core = _Core(gm, engine)
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.counters = collections.Counter()  # steps, finished, cancelled, generated_tokens
+
+    # ------------------------------------------------------------------ event-loop API
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="generation-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def submit(self, seq: Sequence) -> Sequence:
+        """Queue a validated sequence; its StepEvents (or an exception) arrive on `seq.events`."""
+        if seq.reserved_tokens > self.limits.max_tokens:
+            raise ResourceExhausted(
+                f"request needs {seq.reserved_tokens} tokens (prompt + max_new_tokens), more than the "
+                f"generation limit of {self.limits.max_tokens} tokens in flight (--gen-max-tokens)")
+        if len(self._waiting) >= self.limits.max_waiting:
+            raise ResourceExhausted(f"generation queue is full ({self.limits.max_waiting} requests waiting)")
+        seq.chooser = TokenChooser(seq.params, self.gm.device)
+        seq.events = asyncio.Queue()
+        seq.submitted_at = time.monotonic()
+        self._waiting.append(seq)
+        self.start()
+        self._wakeup.set()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop generating for `seq`; its slot frees at the next step. No-op once finished."""
+        if seq.finish_reason or seq.cancelled:
+            return
+        seq.cancelled = True
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+        self.counters["cancelled"] += 1
+        self._wakeup.set()
+
+    def stats(self) -> dict:
+        return {
+            "active_sequences": len(self._active),
+            "waiting_sequences": len(self._waiting),
+            "tokens_in_flight": sum(s.reserved_tokens for s in self._active),
+            "steps": self.counters["steps"],
+            "finished": self.counters["finished"],
+            "cancelled": self.counters["cancelled"],
+            "generated_tokens": self.counters["generated_tokens"],
+        }
+
+    # ------------------------------------------------------------------ the loop
+
+    def _admit(self) -> list[Sequence]:
+        """Waiting sequences that fit now, first come first served (no overtaking)."""
+        admitted = []
+        count = len(self._active)
+        tokens = sum(s.reserved_tokens for s in self._active)
+        while self._waiting:
+            seq = self._waiting[0]
+            if count + 1 > self.limits.max_sequences or tokens + seq.reserved_tokens > self.limits.max_tokens:
+                break
+            self._waiting.popleft()
+            admitted.append(seq)
+            count += 1
+            tokens += seq.reserved_tokens
+        return admitted
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            dropped = [s for s in self._active if s.cancelled]
+            self._active = [s for s in self._active if not s.cancelled]
+            admitted = self._admit()
+            if not self._active and not admitted and not dropped:
+                self._wakeup.clear()
+                continue
+            try:
+                results = await self.engine.run(self._core.step, admitted, dropped)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the rest
+                log.exception("generation step failed")
+                await self.engine.run(self._core.reset)
+                for seq in self._active + admitted:
+                    seq.finish_reason = "error"
+                    seq.events.put_nowait(Unavailable(f"generation failed: {type(exc).__name__}: {exc}"))
+                self._active = []
+                continue
+            self._active += admitted
+            self._record(results, admitted)
+
+    def _record(self, results, admitted) -> None:
+        now = time.monotonic()
+        for seq in admitted:
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.submitted_at)
+        self.counters["steps"] += 1
+        self.counters["generated_tokens"] += len(results)
+        metrics.GENERATED_TOKENS.inc(len(results))
+        for seq, event in results:
+            if not seq.cancelled:
+                seq.events.put_nowait(event)
+        finished = [s for s in self._active if s.finish_reason]
+        if finished:
+            self.counters["finished"] += len(finished)
+            self._active = [s for s in self._active if not s.finish_reason]
+        ACTIVE_SEQUENCES.set(len(self._active))
+
+
+ACTIVE_SEQUENCES = Gauge("splitserve_generation_active_sequences",
+                                 "sequences in the running generation batch")

@@ -1,0 +1,111 @@
+"""The Open Inference Protocol (v2) tensor API: inference.GRPCInferenceService on grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from model_service import requests
+from model_service.model_info import metadata_response
+from splitserve_common import tensors
+from splitserve_common.errors import grpc_errors, status_of
+from splitserve_common.params import set_param
+from splitserve_pb import open_inference_pb2 as pb
+from splitserve_pb import open_inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "splitserve-model-service"
+SERVER_VERSION = "0.1.0"
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, runtime):
+        self.runtime = runtime      # model_service.runtime.Runtime: engine, info, batcher once loaded
+
+    @grpc_errors
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @grpc_errors
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.runtime.is_ready)
+
+    @grpc_errors
+    async def ModelReady(self, request, context):
+        if self.runtime.is_ready:
+            requests.check_model_name(self.runtime.info, request.name, request.version)
+        return pb.ModelReadyResponse(ready=self.runtime.is_ready)
+
+    @grpc_errors
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                         extensions=["model_stream_infer", "splitserve_shaping"])
+
+    @grpc_errors
+    async def ModelMetadata(self, request, context):
+        info = self.runtime.require().info
+        requests.check_model_name(info, request.name, request.version)
+        return metadata_response(info)
+
+    @grpc_errors
+    async def ModelInfer(self, request, context):
+        return await self.infer(request, context.time_remaining())
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Each request is answered by one response (result or error_message), in completion order."""
+        answers: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        received = 0  # requests read so far; each gets exactly one answer
+
+        async def answer(req):
+            try:
+                response = pb.ModelStreamInferResponse(infer_response=await self.infer(req, context.time_remaining()))
+            except Exception as exc:  # noqa: BLE001 - reported in the stream, the stream goes on
+                code, message = status_of(exc)
+                response = pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
+                response.infer_response.id = req.id
+                response.infer_response.model_name = req.model_name
+            await answers.put(response)
+
+        async def read_requests():
+            nonlocal received
+            async for req in request_iterator:
+                received += 1
+                task = asyncio.ensure_future(answer(req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await answers.put(None)  # end of input
+
+        reader = asyncio.ensure_future(read_requests())
+        try:
+            input_done, sent = False, 0
+            while not input_done or sent < received:
+                item = await answers.get()
+                if item is None:
+                    input_done = True
+                    continue
+                sent += 1
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def infer(self, request, timeout: float | None) -> pb.ModelInferResponse:
+        runtime = self.runtime.require()
+        info = runtime.info
+        job = requests.parse(request, info)
+        lease = getattr(runtime.engine.adapters, "lease", None)  # an adapter unload waits for this request
+        with lease(job.adapter) if lease else contextlib.nullcontext():
+            result = await runtime.batcher.submit(job, timeout)
+        response = pb.ModelInferResponse(model_name=info.name, model_version=info.versions[0],
+                                         id=request.id)
+        set_param(response.parameters, "batch_size", result.batch_size)
+        for name, array in result.outputs.items():
+            datatype, shape, raw = tensors.to_raw(array)
+            response.outputs.add(name=name, datatype=datatype, shape=shape)
+            response.raw_output_contents.append(raw)
+        return response

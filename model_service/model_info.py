@@ -1,0 +1,128 @@
+"""What the service tells clients about the served model: inputs, outputs, metadata parameters.
+
+The output catalog is discovered by the warm-up forward pass (`discover`), so it is exactly
+what the loaded model returns, plus `sentence_embedding` derived from `last_hidden_state`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from model_service.loader import LoadedModel
+from model_service.shaping import DERIVED, has_sequence_axis
+from splitserve_common.params import set_param
+from splitserve_pb import open_inference_pb2 as pb
+
+# The outputs a task's postprocess needs, returned when a request names none.
+DEFAULT_OUTPUTS = {
+    "text-classification": ["logits"],
+    "sentiment-analysis": ["logits"],
+    "zero-shot-classification": ["logits"],
+    "token-classification": ["logits"],
+    "ner": ["logits"],
+    "fill-mask": ["logits"],
+    "question-answering": ["start_logits", "end_logits"],
+    "feature-extraction": ["last_hidden_state"],
+    "sentence-similarity": [DERIVED],
+    "text-generation": ["logits"],
+}
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    loaded: LoadedModel
+    max_batch_size: int
+    outputs: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # name -> (datatype, shape)
+    native_outputs: set[str] = field(default_factory=set)  # returned without output_hidden_states
+    default_outputs: list[str] = field(default_factory=list)
+    versions: tuple[str, ...] = ("1",)
+    adapter_names: callable = list  # () -> list of loaded adapter names (engine.adapters.names)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.outputs)
+
+    @property
+    def max_positions(self) -> int:
+        return self.loaded.max_positions
+
+    @property
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask"]
+        return names + ["token_type_ids"] if self.loaded.type_vocab_size else names
+
+
+def warmup_inputs(loaded: LoadedModel, length: int = 8) -> dict[str, torch.Tensor]:
+    vocab = max(loaded.vocab_size, 2)
+    ids = torch.arange(length, dtype=torch.int64).remainder(vocab - 1).add(1).unsqueeze(0)
+    return {"input_ids": ids.to(loaded.device), "attention_mask": torch.ones_like(ids).to(loaded.device)}
+
+
+def discover(engine, name: str, max_batch_size: int) -> ModelInfo:
+    """Run the warm-up forward (worker thread) and record what the model returns."""
+    loaded = engine.loaded
+    info = ModelInfo(name=name, loaded=loaded, max_batch_size=max_batch_size,
+                     adapter_names=lambda: engine.adapters.names())
+    if loaded.config.is_encoder_decoder:
+        # Seq2seq models are served by generation; ModelInfer has no outputs for them.
+        return info
+    native = engine.forward(warmup_inputs(loaded))
+    with_hidden = engine.forward(warmup_inputs(loaded), hidden_states=True)
+    info.native_outputs = set(native)
+    for out_name, tensor in {**with_hidden, **native}.items():
+        if out_name == "hidden_states":
+            continue
+        shape = [-1] + [-1 if (i == 1 and has_sequence_axis(out_name, tensor.ndim)) else int(d)
+                        for i, d in enumerate(tensor.shape) if i > 0]
+        info.outputs[out_name] = ("FP32" if tensor.is_floating_point() else "INT64", shape)
+    if "last_hidden_state" in info.outputs:
+        info.outputs[DERIVED] = ("FP32", [-1, info.outputs["last_hidden_state"][1][-1]])
+    wanted = DEFAULT_OUTPUTS.get(loaded.task, [])
+    info.default_outputs = [n for n in wanted if n in info.outputs] or sorted(info.native_outputs)
+    return info
+
+
+def metadata_parameters(info: ModelInfo) -> dict:
+    loaded, config = info.loaded, info.loaded.config
+    id2label = getattr(config, "id2label", None) or {}
+    ids = loaded.special_ids
+    params = {
+        "task": loaded.task,
+        "inference_task": loaded.inference_task,
+        "model_type": str(getattr(config, "model_type", "")),
+        "architecture": loaded.architecture,
+        "id2label": json.dumps({str(k): v for k, v in id2label.items()}),
+        "problem_type": str(getattr(config, "problem_type", None) or ""),
+        "num_labels": int(len(id2label)),
+        "max_position_embeddings": int(loaded.max_positions),
+        "dtype": loaded.dtype,
+        "device": loaded.device,
+        "vocab_size": loaded.vocab_size,
+        "pad_token_id": loaded.pad_token_id,
+        "bos_token_id": -1 if ids.get("bos_token_id") is None else int(ids["bos_token_id"]),
+        "eos_token_id": json.dumps([int(i) for i in ids.get("eos_token_id") or []]),
+        "decoder_start_token_id": -1 if ids.get("decoder_start_token_id") is None
+        else int(ids["decoder_start_token_id"]),
+        "is_encoder_decoder": bool(getattr(config, "is_encoder_decoder", False)),
+        "type_vocab_size": loaded.type_vocab_size,
+        "pooling": json.dumps(loaded.pooling.as_dict()),
+        "adapters": json.dumps(list(info.adapter_names())),
+        "max_batch_size": int(info.max_batch_size),
+        "default_outputs": ",".join(info.default_outputs),
+    }
+    return params
+
+
+def metadata_response(info: ModelInfo) -> pb.ModelMetadataResponse:
+    response = pb.ModelMetadataResponse(name=info.name, versions=list(info.versions), platform="pytorch_transformers")
+    for name in info.input_names:
+        response.inputs.add(name=name, datatype="INT64", shape=[-1, -1])
+    for name, (datatype, shape) in info.outputs.items():
+        response.outputs.add(name=name, datatype=datatype, shape=shape)
+    for key, value in metadata_parameters(info).items():
+        set_param(response.parameters, key, value)
+    return response

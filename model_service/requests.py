@@ -1,0 +1,124 @@
+"""Turn a v2 ModelInferRequest into an InferJob: unpadded rows + the outputs to return.
+
+Every check a client can fail is here and raises InvalidArgument (or NotFound for the
+model name) with a message naming the tensor or parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from model_service.shaping import OutputSpec, parse_specs
+from splitserve_common import tensors
+from splitserve_common.errors import InvalidArgument, NotFound
+from splitserve_common.params import to_dict, typed
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+INTEGER_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+
+
+@dataclass
+class InferJob:
+    request_id: str
+    rows: list[np.ndarray]                 # int64 token ids, one unpadded row per sequence
+    type_rows: list[np.ndarray] | None     # token_type_ids per row, when sent
+    padded_length: int                     # the request's L: outputs come back [B, L, ...]
+    outputs: list[OutputSpec]
+    adapter: str = ""
+
+    @property
+    def batch(self) -> int:
+        return len(self.rows)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+
+def check_model_name(info, name: str, version: str = "") -> None:
+    if name and name != info.name:
+        raise NotFound(f"model '{name}' is not served here; this server serves '{info.name}'")
+    if version and version not in info.versions:
+        raise NotFound(f"model '{info.name}' has no version '{version}'; versions: {', '.join(info.versions)}")
+
+
+def decode_inputs(request) -> dict[str, np.ndarray]:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: "
+                              "send one raw entry per input, in input order")
+    arrays = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name not in INPUT_NAMES:
+            raise InvalidArgument(f"unknown input '{tensor.name}'; expected {', '.join(INPUT_NAMES)}")
+        if tensor.name in arrays:
+            raise InvalidArgument(f"input '{tensor.name}' given twice")
+        tensors.numpy_dtype(tensor.datatype, tensor.name)  # unknown datatype -> INVALID_ARGUMENT
+        if tensor.datatype not in INTEGER_TYPES:
+            raise InvalidArgument(f"input '{tensor.name}' must be an integer tensor (INT64), got {tensor.datatype}")
+        array = tensors.decode(tensor.name, tensor.datatype, tensor.shape, raw[i] if raw else None,
+                               tensor.contents)
+        if array.ndim != 2:
+            raise InvalidArgument(f"input '{tensor.name}' must have rank 2 [batch, length], got shape "
+                                  f"{list(array.shape)}")
+        arrays[tensor.name] = array.astype(np.int64, copy=False)
+    if "input_ids" not in arrays:
+        raise InvalidArgument("input 'input_ids' is required")
+    shape = arrays["input_ids"].shape
+    for name, array in arrays.items():
+        if array.shape != shape:
+            raise InvalidArgument(f"input '{name}' has shape {list(array.shape)} but input_ids has {list(shape)}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise InvalidArgument(f"input_ids shape {list(shape)} is empty")
+    return arrays
+
+
+def row_lengths(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    if mask is None:
+        return np.full(shape[0], shape[1], dtype=np.int64)
+    if not np.isin(mask, (0, 1)).all():
+        raise InvalidArgument("attention_mask must hold only 0 and 1")
+    lengths = mask.sum(axis=1)
+    expected = (np.arange(shape[1])[None, :] < lengths[:, None]).astype(mask.dtype)
+    if not np.array_equal(mask, expected):
+        raise InvalidArgument("attention_mask must be right-padded: ones for the tokens, then zeros")
+    if (lengths == 0).any():
+        raise InvalidArgument(f"row(s) {np.flatnonzero(lengths == 0).tolist()} have no tokens (attention_mask all 0)")
+    return lengths
+
+
+def parse(request, info) -> InferJob:
+    """Validate `request` against the served model `info` (model_service.model_info.ModelInfo)."""
+    check_model_name(info, request.model_name, request.model_version)
+    arrays = decode_inputs(request)
+    ids = arrays["input_ids"]
+    batch, length = ids.shape
+    if batch > info.max_batch_size:
+        raise InvalidArgument(f"batch of {batch} rows is over the limit of {info.max_batch_size} (--max-batch-size)")
+    lengths = row_lengths(arrays.get("attention_mask"), ids.shape)
+    longest = int(lengths.max())
+    if info.max_positions and longest > info.max_positions:
+        raise InvalidArgument(f"sequence of {longest} tokens is longer than the model's {info.max_positions} "
+                              "positions: truncate it")
+    vocab = info.loaded.vocab_size
+    if vocab and ((ids < 0) | (ids >= vocab)).any():
+        raise InvalidArgument(f"input_ids hold token ids outside the vocabulary [0, {vocab})")
+    type_ids = arrays.get("token_type_ids")
+    if type_ids is not None:
+        limit = info.loaded.type_vocab_size
+        if not limit:
+            raise InvalidArgument("this model takes no token_type_ids")
+        if ((type_ids < 0) | (type_ids >= limit)).any():
+            raise InvalidArgument(f"token_type_ids must be in [0, {limit})")
+    specs = parse_specs(request, info.output_names, info.default_outputs, info.loaded.pooling.as_dict(), length)
+    adapter = typed(to_dict(request.parameters), "adapter", str, "")
+    return InferJob(
+        request_id=request.id,
+        rows=[ids[i, : lengths[i]] for i in range(batch)],
+        type_rows=None if type_ids is None else [type_ids[i, : lengths[i]] for i in range(batch)],
+        padded_length=length,
+        outputs=specs,
+        adapter=adapter,
+    )

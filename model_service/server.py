@@ -1,0 +1,144 @@
+"""Build and run model_service's grpc.aio server.
+
+Start-up order: bind the port and answer health NOT_SERVING at once; load the weights; run
+one warm-up forward pass (which also discovers the model's outputs); run the plug-ins'
+on-ready callbacks; then report SERVING. SIGTERM drains (serving.wait_for_termination).
+
+Plug-ins: every module in PLUGIN_MODULES that exists is imported and its
+`register(server, runtime) -> list[str]` is called before the server starts. It adds its
+servicers to `server`, returns their full service names (for health and reflection), and
+may append `async def callback(runtime)` to `runtime.on_ready` to finish setting up once
+the model is loaded (runtime.engine / runtime.info exist then). See docs/contracts.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from model_service.inference_servicer import InferenceServicer
+from model_service.loader import LoadError, LoadOptions
+from model_service.runtime import Runtime
+from splitserve_common import serving
+from splitserve_pb import open_inference_pb2, open_inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+PLUGIN_MODULES = ["model_service.generation.servicer", "model_service.adapters_servicer"]
+
+
+def plugins() -> list:
+    """`register` functions of the plug-in modules present in this checkout."""
+    found = []
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # not written (yet): the server runs without it
+            raise
+        register = getattr(module, "register", None)
+        if register is not None:
+            found.append(register)
+    return found
+
+
+def load_options(args) -> LoadOptions:
+    return LoadOptions(model_dir=args.model_dir, task=args.task, dtype=args.dtype, device=args.device,
+                       allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                       base_model_path=args.base_model_path)
+
+
+def served_name(args) -> str:
+    return args.model_name or Path(args.model_dir).resolve().name
+
+
+def _observe_batches(batcher) -> None:
+    """Feed batch sizes and queue depth to the Prometheus metrics, when that module is present."""
+    try:
+        from splitserve_common import metrics
+    except ImportError:
+        return
+
+    def observe(size: int, queued: int) -> None:
+        metrics.observe_batch_size(size)
+        metrics.set_queue_depth(queued)
+
+    batcher.observers.append(observe)
+
+
+async def load_runtime(runtime: Runtime) -> None:
+    """Load the weights, warm up, start the batcher, run the plug-ins' on-ready callbacks."""
+    from model_service import loader
+    from model_service.batcher import Batcher
+    from model_service.engine import Engine
+    from model_service.model_info import discover
+
+    args = runtime.args
+    loaded = await asyncio.to_thread(loader.load, load_options(args))
+    engine = Engine(loaded, torch_threads=args.torch_threads)
+    info = await engine.run(discover, engine, served_name(args), args.max_batch_size)  # the warm-up forward
+    batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
+                      token_budget=args.token_budget, max_queue_rows=args.max_queue_rows)
+    _observe_batches(batcher)
+    batcher.start()
+    runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
+    for callback in runtime.on_ready:
+        await callback(runtime)
+    runtime.ready.set()
+    log.info("serving %s (%s, %s) on %s/%s; outputs: %s", info.name, loaded.task, loaded.architecture,
+             loaded.device, loaded.dtype, ", ".join(info.output_names))
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    runtime: Runtime
+    health: serving.HealthReporter
+    port: int
+
+
+async def start(args) -> RunningServer:
+    """Bind, start answering (NOT_SERVING), load and warm up, then report SERVING."""
+    runtime = Runtime(args)
+    server = serving.create_server(args)
+    open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(runtime), server)
+    names = [INFERENCE_SERVICE]
+    for register in plugins():
+        names.extend(register(server, runtime) or [])
+    health = serving.HealthReporter(server, names)
+    serving.enable_reflection(server, names)
+    port = serving.add_port(server, args, args.port)
+    await health.set(False)
+    await server.start()
+    log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", args.host, port)
+    try:
+        await load_runtime(runtime)
+    except LoadError as exc:
+        log.error("cannot serve %s: %s", args.model_dir, exc)
+        await server.stop(0)
+        raise SystemExit(f"model-service: {exc}") from None
+    await health.set(True)
+    return RunningServer(server, runtime, health, port)
+
+
+async def shutdown(running: RunningServer, grace: float | None = 0) -> None:
+    await running.server.stop(grace)
+    if running.runtime.batcher is not None:
+        await running.runtime.batcher.stop()
+    if running.runtime.engine is not None:
+        running.runtime.engine.close()
+
+
+async def serve(args) -> None:
+    running = await start(args)
+    try:
+        await serving.wait_for_termination(running.server, running.health, args.drain_seconds)
+    finally:
+        await shutdown(running)

@@ -1,0 +1,1 @@
+"""preproc_service: tokenizer + task pre/postprocessing on CPU, without torch."""

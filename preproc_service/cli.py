@@ -1,0 +1,39 @@
+"""`preproc-service` / `python -m preproc_service`: every setting is a flag and a PREPROC_* variable."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from splitserve_common.serving import SERVER_OPTIONS
+from splitserve_common.settings import Option, parse
+
+OPTIONS = [
+    Option("model-dir", "", "model directory (MLflow components layout or save_pretrained); only the tokenizer, "
+                            "MLmodel and configs are read"),
+    Option("model-service", "127.0.0.1:8001", "model_service address HOST:PORT, or dns:///NAME:PORT for replicas"),
+    Option("model-name", "", "model name sent to the model service (empty: the one it serves)"),
+    Option("task", "", "pipeline task, when the directory does not say (e.g. text-classification)"),
+    Option("port", 8011, "gRPC port (0 picks a free one)", int),
+    Option("metrics-port", 8012, "Prometheus /metrics HTTP port (0 turns it off)", int),
+    Option("max-in-flight", 256, "most requests in flight to the model service at once", int),
+    Option("model-timeout", 30.0, "seconds a model call may take when the caller sets no deadline", float),
+    Option("stream-window", 64, "most PredictStream items in flight per stream", int),
+    Option("tokenize-batch", 512, "most texts per tokenizer batch call", int),
+    Option("handshake-retry-seconds", 1.0, "pause between handshake attempts while the model service is down",
+           float),
+    Option("handshake-recheck-seconds", 10.0, "pause between metadata re-checks once serving", float),
+    *SERVER_OPTIONS,
+]
+
+
+def main(argv=None) -> int:
+    args = parse("preproc-service", "splitserve preproc_service: tokenizer and task logic, text in, answers out.",
+                 OPTIONS, "PREPROC_", argv)
+    if not args.model_dir:
+        print("preproc-service: --model-dir (or PREPROC_MODEL_DIR) is required", file=sys.stderr)
+        return 2
+    from preproc_service.server import serve
+
+    asyncio.run(serve(args))
+    return 0

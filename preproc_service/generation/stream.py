@@ -1,0 +1,73 @@
+"""One generation on model_service, turned into text pieces as its tokens arrive.
+
+`generate_pieces` opens the Generation stream, detokenizes each step incrementally, cuts
+at the first stop string (then cancels the model stream, so model_service frees the slot
+at its next step) and ends with a piece that carries the finish reason and token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from preproc_service.generation.detokenizer import IncrementalDetokenizer
+from preproc_service.generation.text_filters import StopMatcher
+from splitserve_common.errors import DeadlineExceeded, Unavailable
+from splitserve_pb import generation_pb2 as gpb
+from splitserve_pb import generation_pb2_grpc
+
+# Model finish reasons -> OpenAI's: an eos or a stop token both end the answer naturally.
+FINISH_REASONS = {gpb.FINISH_REASON_LENGTH: "length", gpb.FINISH_REASON_EOS: "stop", gpb.FINISH_REASON_STOP: "stop"}
+
+
+@dataclass
+class Piece:
+    text: str
+    token_ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str = ""     # on the last piece: length | stop
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # tokens generated (so far)
+
+
+def generation_stub(channel) -> generation_pb2_grpc.GenerationStub:
+    return generation_pb2_grpc.GenerationStub(channel)
+
+
+async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, context_ids=(), stops=(),
+                          timeout: float | None = None, address: str = "model service"):
+    detok = IncrementalDetokenizer(tokenizer, context_ids)
+    matcher = StopMatcher(stops)
+    call = stub.Generate(request, timeout=timeout)
+    generated = 0
+    try:
+        async for step in call:
+            generated += len(step.token_ids)
+            text = matcher.feed(detok.add(step.token_ids))
+            last = step.finish_reason != gpb.FINISH_REASON_UNSPECIFIED
+            if last and not matcher.stopped:
+                text += matcher.feed(detok.flush())
+                if not matcher.stopped:
+                    text += matcher.flush()
+            piece = Piece(text, list(step.token_ids), list(step.logprobs), prompt_tokens=step.prompt_tokens,
+                          completion_tokens=generated)
+            if matcher.stopped:
+                piece.finish_reason = "stop"
+                yield piece
+                return
+            if last:
+                piece.finish_reason = FINISH_REASONS.get(step.finish_reason, "stop")
+                yield piece
+                return
+            yield piece
+        raise Unavailable(f"{address} ended the generation stream without a finish reason")
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            raise Unavailable(f"{address} is unavailable: {exc.details()}") from None
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise DeadlineExceeded(f"{address} did not finish generating in time") from None
+        raise
+    finally:
+        # A stop string, an error or the caller going away: tell the model to stop generating.
+        call.cancel()

@@ -1,0 +1,32 @@
+"""Does the tokenizer here agree with the model over there?
+
+Checked at start from model_service's metadata; preproc reports SERVING only when this
+returns no problems: the vocabulary fits the embedding rows, pad/eos/bos ids match, and
+the task preproc serves is the model's.
+"""
+
+from __future__ import annotations
+
+from preproc_service.deployment import ModelInfo
+
+# A zero-shot model is a sequence classifier; a plain directory reports it as text-classification.
+_NLI_PAIR = {"zero-shot-classification", "text-classification"}
+
+
+def disagreements(tokenizer, local_task: str, info: ModelInfo) -> list[str]:
+    problems = []
+    vocab = len(tokenizer)
+    if info.vocab_size is not None and vocab > info.vocab_size:
+        problems.append(f"tokenizer has {vocab} tokens but the model's embedding has only {info.vocab_size} rows")
+    pad = tokenizer.pad_token_id
+    if pad is not None and info.pad_token_id is not None and pad != info.pad_token_id:
+        problems.append(f"pad_token_id differs: tokenizer {pad}, model {info.pad_token_id}")
+    bos = tokenizer.bos_token_id
+    if bos is not None and info.bos_token_id is not None and bos != info.bos_token_id:
+        problems.append(f"bos_token_id differs: tokenizer {bos}, model {info.bos_token_id}")
+    eos = tokenizer.eos_token_id
+    if eos is not None and info.eos_token_ids and eos not in info.eos_token_ids:
+        problems.append(f"eos_token_id differs: tokenizer {eos}, model {info.eos_token_ids}")
+    if local_task and info.task and local_task != info.task and {local_task, info.task} != _NLI_PAIR:
+        problems.append(f"task differs: preproc serves {local_task}, the model service {info.task}")
+    return problems

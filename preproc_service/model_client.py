@@ -1,0 +1,127 @@
+"""The channel from preproc to model_service (Open Inference Protocol v2).
+
+- keepalive pings, so a dead peer is noticed on idle connections;
+- UNAVAILABLE is retried by gRPC itself (service config retryPolicy), with backoff;
+- `dns:///name:port` targets resolve to every replica, balanced per call by round_robin
+  (one HTTP/2 connection would pin every call to one pod);
+- the caller's remaining deadline becomes the model call's timeout, and cancelling
+  the awaiting task cancels the model call (grpc.aio propagates asyncio cancellation);
+- at most `max_in_flight` model calls at once; the rest wait their turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import numpy as np
+
+from splitserve_common import params as v2params
+from splitserve_common import tensors
+from splitserve_common.errors import DeadlineExceeded, Unavailable
+from splitserve_pb import open_inference_pb2 as pb
+from splitserve_pb import open_inference_pb2_grpc as pb_grpc
+
+_SERVICE = "inference.GRPCInferenceService"
+
+
+def service_config(max_attempts: int = 5) -> str:
+    return json.dumps({
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{
+            "name": [{"service": _SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": max_attempts,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }],
+    })
+
+
+def channel_options(max_message_mb: int = 64) -> list[tuple[str, object]]:
+    limit = max_message_mb * 1024 * 1024
+    return [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", service_config()),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Reconnect quickly when the model service comes back.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+    ]
+
+
+class ModelClient:
+    def __init__(self, address: str, model_name: str = "", max_in_flight: int = 256,
+                 default_timeout: float = 30.0, max_message_mb: int = 64):
+        self.address = address
+        self.model_name = model_name
+        self.default_timeout = default_timeout
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._slots = asyncio.Semaphore(max_in_flight)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def metadata(self, timeout: float = 5.0) -> dict:
+        """The model's metadata parameters as plain values (JSON strings decoded where the contract says)."""
+        reply = await self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=self.model_name), timeout)
+        meta = v2params.to_dict(reply.parameters)
+        for key in ("id2label", "eos_token_id", "pooling", "adapters"):
+            if isinstance(meta.get(key), str) and meta[key]:
+                try:
+                    meta[key] = json.loads(meta[key])
+                except ValueError:
+                    pass
+        meta["name"] = reply.name
+        return meta
+
+    async def infer(self, inputs: dict[str, np.ndarray], parameters: dict | None = None,
+                    outputs: list[str] | None = None, output_parameters: dict[str, dict] | None = None,
+                    timeout: float | None = None) -> dict[str, np.ndarray]:
+        """One ModelInfer call: named arrays in, named arrays out."""
+        request = pb.ModelInferRequest(model_name=self.model_name)
+        for key, value in (parameters or {}).items():
+            if value is not None:
+                v2params.set_param(request.parameters, key, value)
+        for name, array in inputs.items():
+            datatype, shape, raw = tensors.to_raw(array)
+            request.inputs.add(name=name, datatype=datatype, shape=shape)
+            request.raw_input_contents.append(raw)
+        for name in outputs or []:
+            requested = request.outputs.add(name=name)
+            for key, value in ((output_parameters or {}).get(name) or {}).items():
+                v2params.set_param(requested.parameters, key, value)
+        reply = await self._call(self._stub.ModelInfer, request, timeout)
+        result = {}
+        for i, out in enumerate(reply.outputs):
+            raw = reply.raw_output_contents[i] if i < len(reply.raw_output_contents) else None
+            array = tensors.decode(out.name, out.datatype, out.shape, raw, out.contents)
+            if out.datatype == "BF16":
+                array = tensors.bf16_to_float32(array)
+            result[out.name] = array
+        return result
+
+    async def _call(self, method, request, timeout: float | None):
+        timeout = self.default_timeout if timeout is None else timeout
+        if timeout <= 0:
+            raise DeadlineExceeded("deadline exceeded before the model service was called")
+        async with self._slots:
+            try:
+                return await method(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    raise Unavailable(f"model service at {self.address} is unavailable: {exc.details()}") from None
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded(f"model service at {self.address} did not answer in time") from None
+                raise

@@ -1,0 +1,108 @@
+"""Assemble and run the preproc gRPC server: servicer, health, reflection, metrics, handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from preproc_service import metrics
+from preproc_service.deployment import Deployment, ModelInfo
+from preproc_service.handshake import disagreements
+from preproc_service.model_client import ModelClient
+from preproc_service.model_dir import read_model_dir
+from preproc_service.servicer import PreprocServicer, load_generation_handlers
+from splitserve_common.serving import (
+    HealthReporter,
+    add_port,
+    configure_logging,
+    create_server,
+    enable_reflection,
+    wait_for_termination,
+)
+from splitserve_pb import preproc_pb2, preproc_pb2_grpc
+
+log = logging.getLogger("preproc_service")
+
+SERVICE_NAME = preproc_pb2.DESCRIPTOR.services_by_name["Preproc"].full_name
+
+
+def load_tokenizer(path):
+    """The fast tokenizer from the directory's tokenizer files (transformers without torch)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def build_deployment(args) -> Deployment:
+    model_dir = read_model_dir(args.model_dir)
+    tokenizer = load_tokenizer(model_dir.tokenizer_path)
+    model = ModelClient(args.model_service, args.model_name, args.max_in_flight, args.model_timeout,
+                        args.max_message_mb)
+    return Deployment(model_dir, tokenizer, model, task_override=args.task, tokenize_batch=args.tokenize_batch)
+
+
+async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: float, recheck_seconds: float) -> None:
+    """Read model_service's metadata until tokenizer and model agree; SERVING only then.
+
+    While the model service is down, keep retrying. Afterwards re-check now and then, so a
+    model service replaced by a different model turns preproc NOT_SERVING again.
+    """
+    serving = False
+    last_problem = None
+    while True:
+        try:
+            info = ModelInfo.from_metadata(await dep.model.metadata())
+        except Exception as exc:  # noqa: BLE001 - unreachable or not ready yet: retry
+            if not serving and str(exc) != last_problem:
+                log.warning("waiting for the model service at %s: %s", dep.model.address, exc)
+                last_problem = str(exc)
+            await asyncio.sleep(recheck_seconds if serving else retry_seconds)
+            continue
+        local_task = dep.task_override or dep.model_dir.task
+        problems = disagreements(dep.tokenizer, local_task, info)
+        if not (local_task or info.task):
+            problems.append("neither the model directory nor the model service names a task: pass --task")
+        if problems:
+            message = "; ".join(problems)
+            if message != last_problem:
+                log.error("NOT_SERVING: tokenizer and model at %s disagree: %s", dep.model.address, message)
+                last_problem = message
+            serving = False
+            await health.set(False)
+        else:
+            dep.set_model_info(info)
+            if not serving:
+                log.info("SERVING %s (model %s at %s, max length %d)", dep.task, info.name, dep.model.address,
+                         dep.max_length)
+            serving, last_problem = True, None
+            await health.set(True)
+        await asyncio.sleep(recheck_seconds if serving else max(retry_seconds, 2.0))
+
+
+async def serve(args) -> None:
+    configure_logging(args.log_level)
+    dep = build_deployment(args)
+    server = create_server(args)
+    servicer = PreprocServicer(dep, args.stream_window, load_generation_handlers(dep))
+    preproc_pb2_grpc.add_PreprocServicer_to_server(servicer, server)
+    health = HealthReporter(server, [SERVICE_NAME])
+    await health.set(False)
+    enable_reflection(server, [SERVICE_NAME])
+    port = add_port(server, args, args.port)
+    metrics.serve_metrics(args.metrics_port)
+    await server.start()
+    log.info("preproc_service listening on %s:%d (model service %s)", args.host, port, args.model_service)
+    checker = asyncio.ensure_future(
+        handshake(dep, health, args.handshake_retry_seconds, args.handshake_recheck_seconds))
+    try:
+        await wait_for_termination(server, health, args.drain_seconds, on_drain=_cancel(checker))
+    finally:
+        checker.cancel()
+        await dep.model.close()
+        dep.close()
+
+
+def _cancel(task: asyncio.Task):
+    async def cancel():
+        task.cancel()
+    return cancel

@@ -1,0 +1,157 @@
+"""Tokenization of concurrent requests, micro-batched through the fast tokenizer's batch API.
+
+Requests await `Tokenization.encode(...)`; everything queued while the tokenizer
+thread is busy goes into the next `encode_batch` call (Rust, releases the GIL).
+Each truncation setting has its own copy of the Rust tokenizer, so no call ever
+mutates a tokenizer another thread is using.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from splitserve_common.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """What changes how texts are cut; requests with equal options share one batch call."""
+    add_special_tokens: bool = True
+    max_length: int | None = None   # None: no truncation
+    stride: int = 0                 # overlap of overflow windows (question-answering)
+    strategy: str = "longest_first"  # longest_first | only_first | only_second
+
+
+@dataclass
+class _Job:
+    texts: list
+    options: EncodeOptions
+    future: asyncio.Future
+
+
+class Tokenization:
+    def __init__(self, tokenizer, max_length: int, max_batch: int = 512):
+        """`tokenizer`: a transformers fast tokenizer (decode, special tokens); `max_length`: model limit."""
+        if not getattr(tokenizer, "is_fast", False):
+            raise InvalidArgument("preproc_service needs a fast (tokenizers-backed) tokenizer")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_batch = max_batch
+        self._backend_json = tokenizer.backend_tokenizer.to_str()
+        self._backends: dict[EncodeOptions, Tokenizer] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+        self._pending: list[_Job] = []
+        self._draining = False
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else int(pad)
+
+    async def encode(self, texts: list, options: EncodeOptions, overflow: bool = False) -> list[list[Encoding]]:
+        """One list of encodings per text (a str or a (text, text_pair) tuple).
+
+        Without `overflow` each list holds one encoding; with it, the overflow windows follow.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Job(list(texts), options, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.ensure_future(self._drain())
+        encodings = await future
+        if overflow:
+            return [[enc, *enc.overflowing] for enc in encodings]
+        return [[enc] for enc in encodings]
+
+    async def encode_truncating(self, texts: list, truncation: bool, strategy: str = "longest_first",
+                                limit: int | None = None) -> list[Encoding]:
+        """One encoding per text, cut to the model limit (pipelines' default) or refused when too long."""
+        limit = limit or self.max_length
+        options = EncodeOptions(max_length=limit if truncation else None, strategy=strategy)
+        encodings = [group[0] for group in await self.encode(texts, options)]
+        if not truncation:
+            for i, enc in enumerate(encodings):
+                if len(enc.ids) > limit:
+                    raise InvalidArgument(
+                        f"input {i} is {len(enc.ids)} tokens long, more than the model's limit of {limit} tokens "
+                        f"(send truncation=true to cut it)")
+        return encodings
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                jobs, self._pending = self._pending, []
+                results = await loop.run_in_executor(self._executor, self._encode_jobs, jobs)
+                for job, result in zip(jobs, results, strict=True):
+                    if job.future.done():
+                        continue  # the caller went away
+                    if isinstance(result, BaseException):
+                        job.future.set_exception(result)
+                    else:
+                        job.future.set_result(result)
+        finally:
+            self._draining = False
+
+    def _encode_jobs(self, jobs: list[_Job]) -> list:
+        """Runs on the tokenizer thread: one encode_batch per option set (chunks of max_batch texts)."""
+        results: list = [None] * len(jobs)
+        by_options: dict[EncodeOptions, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_options.setdefault(job.options, []).append(i)
+        for options, indices in by_options.items():
+            texts = [text for i in indices for text in jobs[i].texts]
+            try:
+                backend = self._backend(options)
+                encodings = []
+                for start in range(0, len(texts), self.max_batch):
+                    chunk = texts[start:start + self.max_batch]
+                    encodings.extend(backend.encode_batch(chunk, add_special_tokens=options.add_special_tokens))
+            except Exception as exc:  # noqa: BLE001 - e.g. a question longer than the window
+                for i in indices:
+                    results[i] = InvalidArgument(f"tokenization failed: {exc}")
+                continue
+            offset = 0
+            for i in indices:
+                n = len(jobs[i].texts)
+                results[i] = encodings[offset:offset + n]
+                offset += n
+        return results
+
+    def _backend(self, options: EncodeOptions) -> Tokenizer:
+        backend = self._backends.get(options)
+        if backend is None:
+            backend = Tokenizer.from_str(self._backend_json)
+            backend.no_padding()
+            if options.max_length is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(options.max_length, stride=options.stride, strategy=options.strategy)
+            self._backends[options] = backend
+        return backend
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def pad_batch(encodings: list[Encoding], pad_id: int, with_type_ids: bool = True) -> dict[str, np.ndarray]:
+    """Right-padded INT64 input_ids / attention_mask (/ token_type_ids) for a list of encodings."""
+    length = max((len(enc.ids) for enc in encodings), default=0)
+    batch = len(encodings)
+    input_ids = np.full((batch, length), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((batch, length), dtype=np.int64)
+    token_type_ids = np.zeros((batch, length), dtype=np.int64)
+    for row, enc in enumerate(encodings):
+        n = len(enc.ids)
+        input_ids[row, :n] = enc.ids
+        attention_mask[row, :n] = enc.attention_mask
+        token_type_ids[row, :n] = enc.type_ids
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if with_type_ids:
+        inputs["token_type_ids"] = token_type_ids
+    return inputs

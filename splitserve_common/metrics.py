@@ -1,0 +1,193 @@
+"""Prometheus metrics shared by both services, and the HTTP endpoint that serves them.
+
+Each process is one service, so metrics carry no service label (Prometheus adds
+`job`/`instance`). Code records what it measures through the small API below;
+requests by method and status code and requests in flight are recorded for every
+call by `MetricsInterceptor`, which `serving.create_server` installs.
+
+Names (all prefixed `splitserve_`):
+
+| metric | type | labels |
+| --- | --- | --- |
+| `splitserve_requests_total` | counter | `method`, `code` |
+| `splitserve_request_duration_seconds` | histogram | `method` |
+| `splitserve_requests_in_flight` | gauge | `method` |
+| `splitserve_stage_duration_seconds` | histogram | `stage` (tokenize, queue, forward, postprocess, hop, ...) |
+| `splitserve_batch_size` | histogram | |
+| `splitserve_queue_depth` | gauge | |
+| `splitserve_generated_tokens_total` | counter | |
+| `splitserve_time_to_first_token_seconds` | histogram | |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from contextlib import contextmanager
+
+import grpc
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# Latency buckets from 0.5 ms to 60 s: tokenizing is sub-millisecond, generation takes seconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUESTS = Counter("splitserve_requests_total", "gRPC calls finished, by method and status code",
+                   ["method", "code"])
+REQUEST_DURATION = Histogram("splitserve_request_duration_seconds", "gRPC call duration, by method",
+                             ["method"], buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("splitserve_requests_in_flight", "gRPC calls being served now, by method", ["method"])
+STAGE_DURATION = Histogram("splitserve_stage_duration_seconds",
+                           "time spent per stage (tokenize, queue, forward, postprocess, hop, ...)",
+                           ["stage"], buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("splitserve_batch_size", "rows per forward pass", buckets=BATCH_BUCKETS)
+QUEUE_DEPTH = Gauge("splitserve_queue_depth", "requests waiting for a forward pass")
+GENERATED_TOKENS = Counter("splitserve_generated_tokens_total", "tokens generated")
+TIME_TO_FIRST_TOKEN = Histogram("splitserve_time_to_first_token_seconds",
+                                "time from a generation request's arrival to its first token",
+                                buckets=LATENCY_BUCKETS)
+
+
+def observe_stage(stage: str, seconds: float) -> None:
+    STAGE_DURATION.labels(stage).observe(seconds)
+
+
+@contextmanager
+def stage_timer(stage: str):
+    """`with stage_timer("tokenize"): ...` records the block's wall time under that stage."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        observe_stage(stage, time.perf_counter() - start)
+
+
+def observe_batch_size(rows: int) -> None:
+    BATCH_SIZE.observe(rows)
+
+
+def set_queue_depth(depth: int) -> None:
+    QUEUE_DEPTH.set(depth)
+
+
+def add_generated_tokens(count: int) -> None:
+    GENERATED_TOKENS.inc(count)
+
+
+def observe_time_to_first_token(seconds: float) -> None:
+    TIME_TO_FIRST_TOKEN.observe(seconds)
+
+
+_serving_ports: dict[int, int] = {}
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0") -> int | None:
+    """Serve /metrics over HTTP on a background thread; port 0 turns it off.
+
+    Calling it again for the same port does nothing. A busy port is logged, not
+    fatal: metrics are a side channel and must never stop the model from serving.
+    Returns the bound port or None.
+    """
+    if not port:
+        return None
+    if port in _serving_ports:
+        return _serving_ports[port]
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    except OSError as exc:
+        log.error("metrics: cannot listen on %s:%d (%s); serving without metrics", host, port, exc)
+        return None
+    bound = server.server_address[1]
+    _serving_ports[port] = bound
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return bound
+
+
+def _short_method(full_method: str) -> str:
+    """'/inference.GRPCInferenceService/ModelInfer' -> 'inference.GRPCInferenceService/ModelInfer'."""
+    return full_method.lstrip("/")
+
+
+def _code_name(context, exc: BaseException | None) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED.name
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):  # the aio context may report the raw integer
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status.name
+    if exc is not None and not isinstance(exc, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN.name  # what grpc sends for an unhandled exception
+    return grpc.StatusCode.OK.name
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call by method and final status code, times it, and tracks calls in flight."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = _short_method(handler_call_details.method)
+        return wrap_handler(handler, lambda behavior: _measured(behavior, method))
+
+
+def _measured(behavior, method: str):
+    in_flight = IN_FLIGHT.labels(method)
+
+    def finish(context, start: float, exc: BaseException | None) -> None:
+        in_flight.dec()
+        REQUEST_DURATION.labels(method).observe(time.perf_counter() - start)
+        REQUESTS.labels(method, _code_name(context, exc)).inc()
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def streaming(request_or_iterator, context):
+            in_flight.inc()
+            start, error = time.perf_counter(), None
+            try:
+                async for item in behavior(request_or_iterator, context):
+                    yield item
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                finish(context, start, error)
+
+        return streaming
+
+    async def unary(request_or_iterator, context):
+        in_flight.inc()
+        start, error = time.perf_counter(), None
+        try:
+            result = behavior(request_or_iterator, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            finish(context, start, error)
+
+    return unary
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
+    """A handler of the same kind whose behavior is `wrap(original_behavior)`."""
+    if handler.unary_unary:
+        factory, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    elif handler.unary_stream:
+        factory, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    elif handler.stream_unary:
+        factory, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    else:
+        factory, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    return factory(wrap(behavior), request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)

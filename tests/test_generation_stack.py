@@ -1,0 +1,200 @@
+"""Generation through the real pair (model_service + preproc_service subprocesses on loopback):
+greedy answers equal in-process model.generate token for token, streams add up to the
+non-streamed answers, OpenAI shapes and usage, settings precedence, and clear statuses."""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import yaml
+
+from splitserve_pb import generation_pb2 as gpb
+from splitserve_pb import preproc_pb2 as pb
+from tests import servers
+from tests.generation_helpers import BUILDERS, generation_stub, preproc_stub, reference_generate, save_generative
+
+PROMPTS = ["the river of", "Alice walk to the market in Paris with a friend and", "東京 🙂 music", "why"]
+QUIET = ("--metrics-port", "0")
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    root = save_generative(tmp_path_factory.mktemp("gen") / "gpt2", "gpt2")
+    model, tokenizer = BUILDERS["gpt2"]()
+    with servers.model_service(root, *QUIET) as ms, servers.preproc_service(root, ms.address, *QUIET) as pp:
+        yield {"root": root, "model": model, "tokenizer": tokenizer, "gen": generation_stub(ms.address),
+               "pre": preproc_stub(pp.address), "model_address": ms.address}
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory):
+    root = save_generative(tmp_path_factory.mktemp("gen") / "t5", "t5")
+    model, tokenizer = BUILDERS["t5"]()
+    with servers.model_service(root, *QUIET) as ms, servers.preproc_service(root, ms.address, *QUIET) as pp:
+        yield {"model": model, "tokenizer": tokenizer, "gen": generation_stub(ms.address), "pre": preproc_stub(pp.address)}
+
+
+def generate_ids(stub, ids, **settings):
+    steps = list(stub.Generate(gpb.GenerateRequest(input_ids=ids, settings=gpb.GenerationSettings(**settings))))
+    tokens = [t for step in steps for t in step.token_ids]
+    return tokens, steps[-1]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_greedy_generation_api_equals_model_generate(kind, request):
+    env = request.getfixturevalue(kind)
+    tok, model = env["tokenizer"], env["model"]
+    prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    lengths = [20, 7, 13, 30]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent streams share the running batch
+        results = list(pool.map(lambda a: generate_ids(env["gen"], a[0], max_new_tokens=a[1]),
+                                zip(prompt_ids, lengths, strict=True)))
+    for (tokens, last), ids, n in zip(results, prompt_ids, lengths, strict=True):
+        expected = reference_generate(model, tok, ids, max_new_tokens=n, do_sample=False)
+        assert tokens == expected
+        assert last.generated_tokens == len(tokens) and last.prompt_tokens == len(ids)
+        eos_end = tokens[-1] == tok.eos_token_id and len(tokens) < n
+        assert last.finish_reason == (gpb.FINISH_REASON_EOS if eos_end else gpb.FINISH_REASON_LENGTH)
+
+
+def test_generate_text_equals_in_process_and_stream_equals_unary(gpt2):
+    tok = gpt2["tokenizer"]
+    for prompt in PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        expected = tok.decode(reference_generate(gpt2["model"], tok, ids, max_new_tokens=25, do_sample=False),
+                              skip_special_tokens=True)
+        params = pb.GenerateTextParameters(max_new_tokens=25, return_full_text=False)
+        unary = gpt2["pre"].GenerateText(pb.GenerateTextRequest(prompt=prompt, parameters=params))
+        chunks = list(gpt2["pre"].GenerateTextStream(pb.GenerateTextRequest(prompt=prompt, parameters=params)))
+        assert unary.generated_text == expected
+        assert "".join(c.text for c in chunks) == unary.generated_text
+        assert len(chunks) > 1 and chunks[-1].finish_reason == unary.finish_reason
+        assert unary.usage.prompt_tokens == len(ids)
+        assert unary.usage.total_tokens == len(ids) + unary.usage.completion_tokens
+        full = gpt2["pre"].GenerateText(pb.GenerateTextRequest(
+            prompt=prompt, parameters=pb.GenerateTextParameters(max_new_tokens=25)))
+        assert full.generated_text == prompt + expected  # return_full_text defaults to true
+
+
+def test_text2text_equals_in_process(t5):
+    tok = t5["tokenizer"]
+    for prompt in PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        expected = tok.decode(reference_generate(t5["model"], tok, ids, max_new_tokens=12, do_sample=False),
+                              skip_special_tokens=True)
+        request = pb.GenerateTextRequest(prompt=prompt, parameters=pb.GenerateTextParameters(max_new_tokens=12))
+        assert t5["pre"].GenerateText(request).generated_text == expected
+        assert "".join(c.text for c in t5["pre"].GenerateTextStream(request)) == expected
+
+
+def test_chat_and_completions_are_openai_shaped(gpt2):
+    tok, pre = gpt2["tokenizer"], gpt2["pre"]
+    messages = [{"role": "user", "content": "Where is the river?"}]
+    templated = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(templated, add_special_tokens=False)["input_ids"]
+    expected = tok.decode(reference_generate(gpt2["model"], tok, ids, max_new_tokens=16, do_sample=False),
+                          skip_special_tokens=True)
+    request = pb.ChatRequest(messages=[pb.ChatMessage(**m) for m in messages], max_tokens=16)
+    chat = pre.Chat(request)
+    assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-") and chat.created > 0 and chat.model
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content == expected
+    assert chat.choices[0].finish_reason in ("length", "stop")
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (len(ids), 16 if chat.choices[0].finish_reason
+                                                                        == "length" else chat.usage.completion_tokens)
+    chunks = list(pre.ChatStream(request))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason and chunks[-1].usage == chat.usage
+
+    prompt_ids = tok("the river of")["input_ids"]
+    expected = tok.decode(reference_generate(gpt2["model"], tok, prompt_ids, max_new_tokens=10, do_sample=False),
+                          skip_special_tokens=True)
+    completion = pre.Complete(pb.CompletionRequest(prompt="the river of", max_tokens=10))
+    assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
+    assert completion.choices[0].text == expected and completion.usage.prompt_tokens == len(prompt_ids)
+    chunks = list(pre.CompleteStream(pb.CompletionRequest(prompt="the river of", max_tokens=10)))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+
+
+def test_same_seed_same_text(gpt2):
+    def sample(seed):
+        params = pb.GenerateTextParameters(max_new_tokens=20, do_sample=True, temperature=1.3, seed=seed,
+                                           return_full_text=False)
+        return gpt2["pre"].GenerateText(pb.GenerateTextRequest(prompt="the river", parameters=params)).generated_text
+
+    assert sample(11) == sample(11)
+    assert sample(11) != sample(12)
+
+
+def test_prompt_template_and_mlflow_keys(gpt2, tmp_path):
+    """A second preproc on a copy of the directory whose MLmodel carries a prompt_template and model_config."""
+    root = tmp_path / "templated"
+    shutil.copytree(gpt2["root"], root)
+    doc = yaml.safe_load((root / "MLmodel").read_text())
+    doc["metadata"] = {"prompt_template": "Q: {prompt}\nA:"}
+    doc["flavors"]["python_function"]["config"] = {"max_new_tokens": 9, "collapse_whitespace": True}
+    (root / "MLmodel").write_text(yaml.safe_dump(doc))
+    tok = gpt2["tokenizer"]
+    templated = "Q: where is the river\nA:"
+    expected = tok.decode(reference_generate(gpt2["model"], tok, tok(templated)["input_ids"], max_new_tokens=9,
+                                             do_sample=False), skip_special_tokens=True)
+    with servers.preproc_service(root, gpt2["model_address"], *QUIET) as pp:
+        pre = preproc_stub(pp.address)
+        plain = pre.GenerateText(pb.GenerateTextRequest(prompt="where is the river"))
+        assert plain.generated_text == " ".join(expected.split())  # template applied, prompt left out, collapsed
+        assert plain.usage.completion_tokens == 9  # model_config's max_new_tokens applied by model_service
+        full = pre.GenerateText(pb.GenerateTextRequest(
+            prompt="where is the river", parameters=pb.GenerateTextParameters(include_prompt=True)))
+        assert full.generated_text == " ".join((templated + expected).split())
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        result = call()
+        if not isinstance(result, pb.GenerateTextResponse | pb.ChatCompletion):
+            list(result)
+    return info.value.code(), info.value.details()
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"max_new_tokens": 0}, "max_new_tokens must be > 0"),
+    ({"max_new_tokens": 5000}, "context"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+])
+def test_bad_settings_give_invalid_argument_on_both_services(gpt2, settings, words):
+    code, details = _code(lambda: gpt2["gen"].Generate(gpb.GenerateRequest(
+        input_ids=[5, 6], settings=gpb.GenerationSettings(**settings))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details
+    code, details = _code(lambda: gpt2["pre"].GenerateText(pb.GenerateTextRequest(
+        prompt="the river", parameters=pb.GenerateTextParameters(**settings))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details
+
+
+def test_bad_requests_give_clear_statuses_and_service_keeps_serving(gpt2, t5):
+    cases = [
+        (lambda: gpt2["gen"].Generate(gpb.GenerateRequest()), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (lambda: gpt2["gen"].Generate(gpb.GenerateRequest(input_ids=[10 ** 6])), grpc.StatusCode.INVALID_ARGUMENT,
+         "vocabulary"),
+        (lambda: gpt2["pre"].GenerateText(pb.GenerateTextRequest(prompt="")), grpc.StatusCode.INVALID_ARGUMENT,
+         "empty"),
+        (lambda: gpt2["pre"].Chat(pb.ChatRequest()), grpc.StatusCode.INVALID_ARGUMENT, "messages"),
+        (lambda: gpt2["pre"].Chat(pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="hi")], n=2)),
+         grpc.StatusCode.INVALID_ARGUMENT, "n=2"),
+        (lambda: gpt2["pre"].GenerateText(pb.GenerateTextRequest(
+            prompt="x", parameters=pb.GenerateTextParameters(stop=[""]))), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+        (lambda: t5["pre"].Chat(pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="hi")])),
+         grpc.StatusCode.FAILED_PRECONDITION, "chat template"),
+    ]
+    for call, code, words in cases:
+        got, details = _code(call)
+        assert got == code and words in details, (got, details)
+    tokens, _ = generate_ids(gpt2["gen"], [5, 6, 7], max_new_tokens=3)
+    assert len(tokens) == 3
+    stats = gpt2["gen"].Stats(gpb.GenerationStatsRequest())
+    assert stats.active_sequences == 0 and stats.waiting_sequences == 0

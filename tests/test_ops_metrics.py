@@ -1,0 +1,92 @@
+"""Prometheus metrics on both services count real calls (issue 6, item 5)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from splitserve_pb import generation_pb2, generation_pb2_grpc, preproc_pb2, preproc_pb2_grpc
+from tests.ops_helpers import sample, sample_sum, scrape, sentences, tiny_model
+from tests.servers import free_port, model_service, preproc_service
+
+CLASSIFY = "splitserve.v1.Preproc/Classify"
+MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
+GENERATE = "splitserve.v1.Generation/Generate"
+
+
+@pytest.fixture(scope="module")
+def stack():
+    model_dir = tiny_model("classifier")
+    model_metrics, preproc_metrics = free_port(), free_port()
+    with model_service(model_dir, "--metrics-port", str(model_metrics)) as model, \
+            preproc_service(model_dir, model.address, "--metrics-port", str(preproc_metrics)) as preproc, \
+            grpc.insecure_channel(preproc.address) as channel:
+        yield {"stub": preproc_pb2_grpc.PreprocStub(channel), "model_metrics": model_metrics,
+               "preproc_metrics": preproc_metrics}
+
+
+def test_requests_are_counted_by_method_and_code(stack):
+    before_pre, before_model = scrape(stack["preproc_metrics"]), scrape(stack["model_metrics"])
+    texts = sentences(5)
+    for text in texts:
+        stack["stub"].Classify(preproc_pb2.ClassifyRequest(texts=[text]), timeout=30)
+    with pytest.raises(grpc.RpcError) as bad:
+        stack["stub"].Classify(preproc_pb2.ClassifyRequest(texts=["x"], text_pairs=["a", "b"]), timeout=30)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after_pre, after_model = scrape(stack["preproc_metrics"]), scrape(stack["model_metrics"])
+
+    def delta(after, before, name, **labels):
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert delta(after_pre, before_pre, "splitserve_requests_total", method=CLASSIFY, code="OK") == len(texts)
+    assert delta(after_pre, before_pre, "splitserve_requests_total", method=CLASSIFY, code="INVALID_ARGUMENT") == 1
+    assert delta(after_pre, before_pre, "splitserve_request_duration_seconds_count", method=CLASSIFY) == len(texts) + 1
+    assert sample(after_pre, "splitserve_requests_in_flight", method=CLASSIFY) == 0
+    # One model call per accepted Classify (sequential calls are not coalesced); the bad one never got there.
+    assert delta(after_model, before_model, "splitserve_requests_total", method=MODEL_INFER, code="OK") == len(texts)
+    assert delta(after_model, before_model, "splitserve_batch_size_count") == len(texts)
+    assert delta(after_model, before_model, "splitserve_batch_size_sum") == len(texts)  # one row each
+    assert sample(after_model, "splitserve_queue_depth") == 0
+
+
+def test_stage_latencies_are_recorded_on_both_sides(stack):
+    before_pre, before_model = scrape(stack["preproc_metrics"]), scrape(stack["model_metrics"])
+    reply = stack["stub"].Classify(preproc_pb2.ClassifyRequest(texts=sentences(3)), timeout=30)
+    after_pre, after_model = scrape(stack["preproc_metrics"]), scrape(stack["model_metrics"])
+    for stage in ("tokenize", "hop", "postprocess"):
+        grew = (sample(after_pre, "splitserve_stage_duration_seconds_count", stage=stage)
+                - sample(before_pre, "splitserve_stage_duration_seconds_count", stage=stage))
+        assert grew >= 1, f"preproc stage {stage} not recorded"
+    for stage in ("queue", "forward"):
+        grew = (sample(after_model, "splitserve_stage_duration_seconds_count", stage=stage)
+                - sample(before_model, "splitserve_stage_duration_seconds_count", stage=stage))
+        assert grew >= 1, f"model_service stage {stage} not recorded"
+    # Each answer carries its own stage timings too.
+    timings = reply.meta.timings_ms
+    assert {"tokenize", "postprocess", "total"} <= set(timings)
+    assert all(value >= 0 for value in timings.values())
+    assert timings["total"] >= timings["tokenize"]
+
+
+def test_generated_tokens_and_time_to_first_token():
+    metrics_port = free_port()
+    with model_service(tiny_model("gpt2"), "--metrics-port", str(metrics_port)) as model, \
+            grpc.insecure_channel(model.address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        before = scrape(metrics_port)
+        generated = 0
+        for max_new in (3, 7):
+            request = generation_pb2.GenerateRequest(
+                input_ids=[5, 6, 7], settings=generation_pb2.GenerationSettings(max_new_tokens=max_new,
+                                                                                 ignore_eos=True))
+            steps = list(stub.Generate(request, timeout=60))
+            generated += sum(len(step.token_ids) for step in steps)
+        after = scrape(metrics_port)
+    assert generated == 10
+    assert (sample(after, "splitserve_generated_tokens_total")
+            - sample(before, "splitserve_generated_tokens_total")) == generated
+    assert (sample(after, "splitserve_time_to_first_token_seconds_count")
+            - sample(before, "splitserve_time_to_first_token_seconds_count")) == 2
+    assert (sample(after, "splitserve_requests_total", method=GENERATE, code="OK")
+            - sample(before, "splitserve_requests_total", method=GENERATE, code="OK")) == 2
+    assert sample_sum(after, "splitserve_requests_in_flight") == 0
