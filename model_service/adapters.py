@@ -17,7 +17,6 @@ Thread use: `load`/`unload` and forwards inside `use()` run on the engine's one 
 from __future__ import annotations
 
 import ctypes
-import gc
 import json
 import re
 import threading
@@ -130,8 +129,11 @@ def check_name(name: str) -> None:
 
 
 def release_freed_memory() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them otherwise), so RSS reflects an unload."""
-    gc.collect()
+    """Give freed heap pages back to the OS (glibc keeps them otherwise), so RSS reflects an unload.
+
+    The adapter's tensors are already freed by reference counting when its layers go; no
+    gc.collect() here: a full collection takes ~0.5 s and would stall the engine's worker.
+    """
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

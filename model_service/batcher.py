@@ -1,10 +1,12 @@
 """Dynamic batching: rows from concurrent requests (unary and streamed alike) share forward passes.
 
 Each request is split into rows (unpadded sequences). The collector waits up to `max_wait_us`
-for `max_batch_size` rows, then takes a batch: rows sorted by length, the window from the
-oldest waiting row on (rows of different adapters mix; see engine.py), within `token_budget`
-padded tokens. Sorting by length keeps padding low: padding a mixed batch to its longest
-row costs up to ~3x on real text.
+(counted from the oldest row's arrival) for `max_batch_size` rows, then sorts the waiting rows
+by length and cuts them into groups that minimise padded tokens plus a per-forward overhead
+(`plan_groups`), within `token_budget` padded tokens; the group holding the oldest row runs
+next. Padding a mixed batch to its longest row costs up to ~3x on real text. Rows of
+different adapters mix in one batch (see engine.py). Two batches may be in flight: one
+computing, the next queued on the engine, so the worker never waits for the event loop.
 
 The forward pass, padding and the cut back per request all run on the engine's worker
 thread. A request whose deadline passed or whose caller went away is dropped before its
@@ -64,7 +66,7 @@ class _Pending:
 class _Row:
     pending: _Pending
     index: int
-    seq: int                   # arrival order, for fairness
+    arrived: float             # event loop time
 
     @property
     def length(self) -> int:
@@ -73,19 +75,21 @@ class _Row:
 
 class Batcher:
     def __init__(self, engine, info, max_batch_size: int = 32, max_wait_us: int = 2000, token_budget: int = 16384,
-                 max_queue_rows: int = 1024):
+                 max_queue_rows: int = 1024, overhead_tokens: int = 64):
         self.engine = engine
         self.info = info
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_us / 1e6
         self.token_budget = token_budget
         self.max_queue_rows = max_queue_rows
+        self.overhead_tokens = overhead_tokens
         self.stats = BatchStats()
         self.observers: list = []           # callables(batch_size: int, queue_rows: int) after each batch
         self._rows: list[_Row] = []
-        self._seq = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._slots = asyncio.Semaphore(2)
 
     @property
     def queue_rows(self) -> int:
@@ -95,6 +99,8 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._collect_forever(), name="batcher")
 
     async def stop(self) -> None:
+        for task in list(self._running):
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -113,9 +119,8 @@ class Batcher:
         needs_hidden = any(s.source not in self.info.native_outputs for s in job.outputs)
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = _Pending(job, future, deadline, needs_hidden)
-        for i in range(job.batch):
-            self._rows.append(_Row(pending, i, self._seq))
-            self._seq += 1
+        now = asyncio.get_running_loop().time()
+        self._rows.extend(_Row(pending, i, now) for i in range(job.batch))
         self._wakeup.set()
         try:
             return await future
@@ -128,10 +133,13 @@ class Batcher:
     async def _collect_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._rows:
+            # A second batch may wait in the engine's queue while one computes, so the worker never idles.
+            await self._slots.acquire()
+            while not self._rows:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            wait_until = loop.time() + self.max_wait
+            # max_wait counts from the oldest row's arrival: under load nobody waits on purpose.
+            wait_until = self._rows[0].arrived + self.max_wait
             while len(self._rows) < self.max_batch_size and (left := wait_until - loop.time()) > 0:
                 self._wakeup.clear()
                 try:
@@ -140,8 +148,16 @@ class Batcher:
                     break
             self._drop_stale()
             batch = self._take_batch()
-            if batch:
-                await self._run(batch)
+            if not batch:
+                self._slots.release()
+                continue
+            task = loop.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._slots.release()
 
     def _drop_stale(self) -> None:
         now = time.monotonic()
@@ -161,17 +177,16 @@ class Batcher:
         self._rows = keep
 
     def _take_batch(self) -> list[_Row]:
-        """Rows for the next forward: a length-sorted window starting at the oldest waiting row."""
+        """Rows for the next forward: the length group (see plan_groups) holding the oldest waiting row."""
         if not self._rows:
             return []
+        pool = sorted(self._rows[: 4 * self.max_batch_size], key=lambda r: r.length)
         oldest = self._rows[0]
-        candidates = sorted(self._rows, key=lambda r: r.length)
-        pos = candidates.index(oldest)
-        start = max(0, min(pos, len(candidates) - self.max_batch_size))
-        window = candidates[start:start + self.max_batch_size]
-        # Over the token budget: drop the longest rows (never the oldest) until the padded batch fits.
-        while len(window) > 1 and len(window) * window[-1].length > self.token_budget:
-            window.pop(0 if window[-1] is oldest else -1)
+        for start, end in plan_groups([r.length for r in pool], self.max_batch_size, self.token_budget,
+                                      self.overhead_tokens):
+            window = pool[start:end]
+            if any(r is oldest for r in window):
+                break
         taken = {id(r) for r in window}
         self._rows = [r for r in self._rows if id(r) not in taken]
         return window
@@ -242,6 +257,32 @@ class Batcher:
                     finished.append((p, exc))
                 p.row_outputs = []
         return finished
+
+
+def plan_groups(lengths: list[int], max_rows: int, token_budget: int, overhead_tokens: int) -> list[tuple[int, int]]:
+    """Cut ascending `lengths` into contiguous groups [start, end) for separate forward passes.
+
+    Minimises the padded tokens computed (rows x longest row, per group) plus `overhead_tokens`
+    per forward pass (the fixed cost of one call, in token-equivalents), with at most
+    `max_rows` rows and `token_budget` padded tokens per group. Dynamic programming, O(n x max_rows).
+    """
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(max(0, end - max_rows), end):
+            padded = (end - start) * lengths[end - 1]
+            if padded > token_budget and end - start > 1:
+                continue
+            cost = best[start] + padded + overhead_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups = []
+    end = n
+    while end > 0:
+        groups.append((cut[end], end))
+        end = cut[end]
+    return groups[::-1]
 
 
 def assemble(job: InferJob, row_outputs: list[dict]) -> dict:

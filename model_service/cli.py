@@ -29,6 +29,8 @@ MODEL_OPTIONS = [
            int),
     Option("max-wait-us", 2000, "how long the batcher waits for more rows before a forward pass, in µs", int),
     Option("token-budget", 16384, "most padded tokens (rows x longest row) in one forward pass", int),
+    Option("batch-overhead-tokens", 64, "fixed cost of one forward pass in padded-token equivalents: higher "
+           "merges rows of different lengths into fewer, more padded batches", int),
     Option("max-queue-rows", 1024, "rows waiting beyond this are refused with RESOURCE_EXHAUSTED", int),
     Option("torch-threads", 0, "CPU threads torch may use (0: torch's default)", int),
 ]

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from splitserve_common import metrics, security
+from splitserve_common.drain import DrainGate
 from splitserve_common.settings import Option
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,19 @@ def create_server(args, interceptors=()) -> grpc.aio.Server:
 
     `args` carries the SERVER_OPTIONS values (and `metrics_port` when the service
     has it). Every call is counted by the metrics interceptor (outermost, so refused
-    calls are counted too), then checked for the bearer token when one is set;
-    the /metrics HTTP endpoint starts here.
+    calls are counted too), then checked for the bearer token when one is set, then
+    passes the drain gate (wait_for_termination closes it); the /metrics HTTP
+    endpoint starts here.
     """
-    chain = [metrics.MetricsInterceptor(), *security.server_interceptors(args), *interceptors]
+    gate = DrainGate()
+    chain = [metrics.MetricsInterceptor(), *security.server_interceptors(args), gate, *interceptors]
     metrics.start_metrics_server(getattr(args, "metrics_port", 0), getattr(args, "host", "0.0.0.0"))
-    return grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=chain)
+    server = grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=chain)
+    _drain_gates[id(server)] = gate
+    return server
+
+
+_drain_gates: dict[int, DrainGate] = {}  # id(server) -> its gate
 
 
 def add_port(server: grpc.aio.Server, args, port: int) -> int:
@@ -145,7 +153,8 @@ def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> 
 
 async def wait_for_termination(server: grpc.aio.Server, health_reporter: HealthReporter, drain_seconds: float,
                                on_drain=None) -> None:
-    """Serve until SIGTERM/SIGINT; then report NOT_SERVING, refuse new calls and let in-flight ones finish."""
+    """Serve until SIGTERM/SIGINT; then drain: report NOT_SERVING, refuse new calls with UNAVAILABLE,
+    let the calls in flight finish (at most `drain_seconds`), stop. See drain.py for why in two steps."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -155,9 +164,16 @@ async def wait_for_termination(server: grpc.aio.Server, health_reporter: HealthR
     await asyncio.wait({server_done, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
         log.info("signal received: draining for up to %.1f s", drain_seconds)
+        started = loop.time()
         await health_reporter.drain()
+        gate = _drain_gates.pop(id(server), None)
+        if gate is not None:
+            gate.close()
         if on_drain is not None:
             await on_drain()
-        await server.stop(drain_seconds)
+        if gate is not None and not await gate.wait_idle(drain_seconds):
+            log.warning("drain time up with %d call(s) still in flight: cancelling them", gate.in_flight)
+        await server.stop(max(0.0, drain_seconds - (loop.time() - started)))
+        log.info("drained in %.2f s", loop.time() - started)
     stopper.cancel()
     await server_done

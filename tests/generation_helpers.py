@@ -84,23 +84,3 @@ def positional_gpt2(script: list[int], prompt_len: int, n_positions: int = 96):
         for pos in range(n_positions):
             model.lm_head.weight[following.get(pos, tokenizer.eos_token_id), pos] = 1.0
     return model, tokenizer
-
-
-def cycling_gpt2(cycle: list[int], n_positions: int = 4096):
-    """A real GPT-2 whose greedy decoding repeats `cycle` (distinct tokens) forever: token i's
-    embedding is a scaled unit vector and the LM head maps it to the token after i in the cycle
-    (any other token is followed by cycle[0]). Returns (model, tokenizer)."""
-    import torch
-
-    if len(set(cycle)) != len(cycle):
-        raise ValueError("cycle tokens must be distinct")
-    tokenizer = mf.bytelevel_bpe_tokenizer()
-    vocab = len(tokenizer)
-    model = _transparent_gpt2(tokenizer, vocab, n_positions)
-    following = {tok: cycle[0] for tok in range(vocab)}
-    following.update(zip(cycle, cycle[1:] + cycle[:1], strict=True))
-    with torch.no_grad():
-        model.transformer.wte.weight[torch.arange(vocab), torch.arange(vocab)] = 10.0
-        for tok, nxt in following.items():
-            model.lm_head.weight[nxt, tok] = 1.0
-    return model, tokenizer

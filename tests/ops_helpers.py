@@ -115,7 +115,7 @@ def sample_sum(text: str, name: str, **labels: str) -> float:
 
 # ---------------------------------------------------------------- tiny models and running stacks
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(kind: str) -> Path:
     """A tiny model directory built once per test process: 'classifier' (text-classification,
     MLflow components layout) or 'gpt2' (text-generation)."""

@@ -26,7 +26,7 @@ def gpt2(tmp_path_factory):
     model, tokenizer = BUILDERS["gpt2"]()
     with servers.model_service(root, *QUIET) as ms, servers.preproc_service(root, ms.address, *QUIET) as pp:
         yield {"root": root, "model": model, "tokenizer": tokenizer, "gen": generation_stub(ms.address),
-               "pre": preproc_stub(pp.address), "model_address": ms.address}
+               "pre": preproc_stub(pp.address), "model_address": ms.address, "pre_address": pp.address}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def t5(tmp_path_factory):
     root = save_generative(tmp_path_factory.mktemp("gen") / "t5", "t5")
     model, tokenizer = BUILDERS["t5"]()
     with servers.model_service(root, *QUIET) as ms, servers.preproc_service(root, ms.address, *QUIET) as pp:
-        yield {"model": model, "tokenizer": tokenizer, "gen": generation_stub(ms.address), "pre": preproc_stub(pp.address)}
+        yield {"model": model, "tokenizer": tokenizer, "gen": generation_stub(ms.address),
+               "pre": preproc_stub(pp.address)}
 
 
 def generate_ids(stub, ids, **settings):
@@ -198,3 +199,46 @@ def test_bad_requests_give_clear_statuses_and_service_keeps_serving(gpt2, t5):
     assert len(tokens) == 3
     stats = gpt2["gen"].Stats(gpb.GenerationStatsRequest())
     assert stats.active_sequences == 0 and stats.waiting_sequences == 0
+
+
+def test_clients_and_cli_stream_and_answer(gpt2):
+    import asyncio
+    import json
+    import subprocess
+    import sys
+
+    from client.generation_client import AsyncGenerationClient, GenerationClient
+    from tests.servers import ROOT
+
+    address = gpt2["pre_address"]
+    with GenerationClient(address) as client:
+        answer = client.generate("the river of", max_new_tokens=12, return_full_text=False)
+        stream = client.generate_stream("the river of", max_new_tokens=12, return_full_text=False)
+        pieces = list(stream)
+        assert len(pieces) > 1 and "".join(pieces) == answer.text == stream.result.text
+        assert stream.result.finish_reason == answer.finish_reason
+        assert (stream.result.prompt_tokens, stream.result.completion_tokens) == (answer.prompt_tokens, 12)
+        chat = client.chat([{"role": "user", "content": "hi"}], max_tokens=6)
+        chat_stream = client.chat_stream([{"role": "user", "content": "hi"}], max_tokens=6)
+        assert "".join(chat_stream) == chat.text and chat_stream.result.id.startswith("chatcmpl-")
+
+    async def run_async():
+        async with AsyncGenerationClient(address) as client:
+            stream = client.complete_stream("the river of", max_tokens=8)
+            pieces = [p async for p in stream]
+            answer = await client.complete("the river of", max_tokens=8)
+            return pieces, stream.result, answer
+
+    pieces, result, completion = asyncio.run(run_async())
+    assert "".join(pieces) == completion.text == result.text and result.completion_tokens == 8
+
+    cli = [sys.executable, "-m", "client", "--address", address]
+    out = subprocess.run([*cli, "generate", "--max-new-tokens", "12", "--no-full-text", "the river of"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(answer.text + "\n")
+    assert json.loads(out.stdout[len(answer.text) + 1:])["usage"]["completion_tokens"] == 12
+    out = subprocess.run([*cli, "chat", "--no-stream", "--max-tokens", "6", "hi"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["text"] == chat.text

@@ -134,4 +134,5 @@ def test_sigterm_during_load_loses_no_accepted_request():
     # client may retry elsewhere); none was accepted and then lost (CANCELLED, INTERNAL, ...).
     assert outcomes.count("OK") >= 12
     assert set(outcomes) <= {"OK", "UNAVAILABLE"}, details
+    assert outcomes.count("UNAVAILABLE") == 4  # each client stopped at its first refusal
     assert code == 0, f"preproc did not exit cleanly within the grace period:\n{preproc.log()[-3000:]}"

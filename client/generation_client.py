@@ -1,0 +1,203 @@
+"""Generation clients for preproc_service: `GenerationClient` (blocking) and `AsyncGenerationClient`.
+
+    with GenerationClient("127.0.0.1:8011") as client:
+        answer = client.generate("Once upon a time", max_new_tokens=40)     # Generated(text, ...)
+        for text in client.generate_stream("Once upon a time"):             # text as it arrives
+            print(text, end="", flush=True)
+        reply = client.chat([{"role": "user", "content": "Hi"}], max_tokens=30)
+        for text in client.chat_stream([{"role": "user", "content": "Hi"}]): ...
+        client.complete("The river", max_tokens=20)
+
+Keyword settings are the GenerateTextParameters fields (max_new_tokens, temperature, top_p,
+top_k, do_sample, seed, stop=[...], return_full_text, ...) for generate, and the OpenAI ones
+(max_tokens, temperature, top_p, top_k, stop, seed, ...) for chat / complete. A stream
+iterator's `result` holds the finish reason and usage once it is exhausted; breaking out
+of the loop (or `close()`) cancels the call, which stops generation on the model.
+Errors arrive as grpc.RpcError / grpc.aio.AioRpcError with the service's status and message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from splitserve_pb import preproc_pb2 as pb
+from splitserve_pb import preproc_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:8011"
+
+
+@dataclass
+class Generated:
+    text: str
+    finish_reason: str = ""  # length | stop
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    id: str = ""             # chat / completion id
+
+
+def _text_request(prompt: str, adapter: str, settings: dict) -> pb.GenerateTextRequest:
+    stop = settings.pop("stop", None)
+    params = pb.GenerateTextParameters(**settings)
+    params.stop.extend([stop] if isinstance(stop, str) else stop or [])
+    return pb.GenerateTextRequest(prompt=prompt, parameters=params, adapter=adapter)
+
+
+def _chat_request(messages, adapter: str, settings: dict) -> pb.ChatRequest:
+    stop = settings.pop("stop", None)
+    request = pb.ChatRequest(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+                             adapter=adapter, **settings)
+    request.stop.extend([stop] if isinstance(stop, str) else stop or [])
+    return request
+
+
+def _completion_request(prompt: str, adapter: str, settings: dict) -> pb.CompletionRequest:
+    stop = settings.pop("stop", None)
+    request = pb.CompletionRequest(prompt=prompt, adapter=adapter, **settings)
+    request.stop.extend([stop] if isinstance(stop, str) else stop or [])
+    return request
+
+
+def _usage(result: Generated, usage) -> Generated:
+    result.prompt_tokens, result.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+    return result
+
+
+# What each kind of chunk carries: (text of the chunk, finish_reason, usage, id).
+def _text_chunk(chunk):
+    return chunk.text, chunk.finish_reason, chunk.usage, ""
+
+
+def _chat_chunk(chunk):
+    choice = chunk.choices[0] if chunk.choices else None
+    return (choice.delta.content if choice else ""), (choice.finish_reason if choice else ""), chunk.usage, chunk.id
+
+
+def _completion_chunk(chunk):
+    choice = chunk.choices[0] if chunk.choices else None
+    return (choice.text if choice else ""), (choice.finish_reason if choice else ""), chunk.usage, chunk.id
+
+
+class TextStream:
+    """Iterates over the text of a streamed call; `result` is complete once the stream ends."""
+
+    def __init__(self, call, unpack):
+        self.call, self.unpack = call, unpack
+        self.result = Generated("")
+
+    def __iter__(self):
+        try:
+            for chunk in self.call:
+                yield self._take(chunk)
+        finally:
+            self.call.cancel()  # no-op when the stream ended; stops generation when the caller broke off
+
+    def _take(self, chunk) -> str:
+        text, finish, usage, chunk_id = self.unpack(chunk)
+        self.result.text += text
+        self.result.id = self.result.id or chunk_id
+        if finish:
+            self.result.finish_reason = finish
+            _usage(self.result, usage)
+        return text
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+class AsyncTextStream(TextStream):
+    async def __aiter__(self):
+        try:
+            async for chunk in self.call:
+                yield self._take(chunk)
+        finally:
+            self.call.cancel()
+
+
+class GenerationClient:
+    """Blocking client. `timeout` (seconds) is each call's deadline, passed on to the model service."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 120.0, channel=None):
+        self.timeout = timeout
+        self.channel = channel or grpc.insecure_channel(address)
+        self.stub = preproc_pb2_grpc.PreprocStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def generate(self, prompt: str, adapter: str = "", **settings) -> Generated:
+        reply = self.stub.GenerateText(_text_request(prompt, adapter, settings), timeout=self.timeout)
+        return _usage(Generated(reply.generated_text, reply.finish_reason), reply.usage)
+
+    def generate_stream(self, prompt: str, adapter: str = "", **settings) -> TextStream:
+        call = self.stub.GenerateTextStream(_text_request(prompt, adapter, settings), timeout=self.timeout)
+        return TextStream(call, _text_chunk)
+
+    def chat(self, messages, adapter: str = "", **settings) -> Generated:
+        reply = self.stub.Chat(_chat_request(messages, adapter, settings), timeout=self.timeout)
+        choice = reply.choices[0]
+        return _usage(Generated(choice.message.content, choice.finish_reason, id=reply.id), reply.usage)
+
+    def chat_stream(self, messages, adapter: str = "", **settings) -> TextStream:
+        call = self.stub.ChatStream(_chat_request(messages, adapter, settings), timeout=self.timeout)
+        return TextStream(call, _chat_chunk)
+
+    def complete(self, prompt: str, adapter: str = "", **settings) -> Generated:
+        reply = self.stub.Complete(_completion_request(prompt, adapter, settings), timeout=self.timeout)
+        choice = reply.choices[0]
+        return _usage(Generated(choice.text, choice.finish_reason, id=reply.id), reply.usage)
+
+    def complete_stream(self, prompt: str, adapter: str = "", **settings) -> TextStream:
+        call = self.stub.CompleteStream(_completion_request(prompt, adapter, settings), timeout=self.timeout)
+        return TextStream(call, _completion_chunk)
+
+
+class AsyncGenerationClient:
+    """asyncio client: the same methods as GenerationClient; streams are `async for` iterables."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 120.0, channel=None):
+        self.timeout = timeout
+        self.channel = channel or grpc.aio.insecure_channel(address)
+        self.stub = preproc_pb2_grpc.PreprocStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def generate(self, prompt: str, adapter: str = "", **settings) -> Generated:
+        reply = await self.stub.GenerateText(_text_request(prompt, adapter, settings), timeout=self.timeout)
+        return _usage(Generated(reply.generated_text, reply.finish_reason), reply.usage)
+
+    def generate_stream(self, prompt: str, adapter: str = "", **settings) -> AsyncTextStream:
+        call = self.stub.GenerateTextStream(_text_request(prompt, adapter, settings), timeout=self.timeout)
+        return AsyncTextStream(call, _text_chunk)
+
+    async def chat(self, messages, adapter: str = "", **settings) -> Generated:
+        reply = await self.stub.Chat(_chat_request(messages, adapter, settings), timeout=self.timeout)
+        choice = reply.choices[0]
+        return _usage(Generated(choice.message.content, choice.finish_reason, id=reply.id), reply.usage)
+
+    def chat_stream(self, messages, adapter: str = "", **settings) -> AsyncTextStream:
+        call = self.stub.ChatStream(_chat_request(messages, adapter, settings), timeout=self.timeout)
+        return AsyncTextStream(call, _chat_chunk)
+
+    async def complete(self, prompt: str, adapter: str = "", **settings) -> Generated:
+        reply = await self.stub.Complete(_completion_request(prompt, adapter, settings), timeout=self.timeout)
+        choice = reply.choices[0]
+        return _usage(Generated(choice.text, choice.finish_reason, id=reply.id), reply.usage)
+
+    def complete_stream(self, prompt: str, adapter: str = "", **settings) -> AsyncTextStream:
+        call = self.stub.CompleteStream(_completion_request(prompt, adapter, settings), timeout=self.timeout)
+        return AsyncTextStream(call, _completion_chunk)
