@@ -61,11 +61,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def in_process(model, tokenizer, sentences: list[str], batch_size: int, singles: int) -> dict:
+def in_process(model, tokenizer, sentences: list[str], batch_size: int, singles: int, threads: int) -> dict:
     import torch
     from transformers import pipeline
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
     pipe = pipeline("text-classification", model=model, tokenizer=tokenizer, device="cpu")
     pipe(sentences[:4])  # warm up
     latencies = []
@@ -122,8 +122,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sentences", nargs="?", default=str(ROOT.parent / "shared" / "bench" / "sentences.txt"))
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--limit", type=int, default=512, help="first N sentences (0: all)")
-    parser.add_argument("--singles", type=int, default=100, help="sentences for the single-call latencies")
+    parser.add_argument("--limit", type=int, default=256, help="first N sentences (0: all)")
+    parser.add_argument("--singles", type=int, default=64, help="sentences for the single-call latencies")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads, in process and in model_service alike (the other cores are left to "
+                             "the services' own work and the client)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model-args", default="", help="extra model-service flags, space-separated")
     args = parser.parse_args(argv)
@@ -134,16 +137,18 @@ def main(argv=None) -> None:
         directory, model, tokenizer = build_model(Path(tmp))
         lengths = [len(ids) for ids in tokenizer(sentences, truncation=True)["input_ids"]]
         print(f"{len(sentences)} sentences, {min(lengths)}-{max(lengths)} tokens "
-              f"(mean {statistics.fmean(lengths):.0f}); MiniLM-L6 body + 3-label head; {os.cpu_count()} CPUs")
-        before = in_process(model, tokenizer, sentences, args.batch_size, args.singles)
+              f"(mean {statistics.fmean(lengths):.0f}); MiniLM-L6 body + 3-label head; {os.cpu_count()} CPUs, "
+              f"{args.torch_threads} torch thread(s)")
+        before = in_process(model, tokenizer, sentences, args.batch_size, args.singles, args.torch_threads)
         results = {}
-        model_flags = ["--max-batch-size", str(args.batch_size), "--metrics-port", "0", *args.model_args.split()]
+        model_flags = ["--max-batch-size", str(args.batch_size), "--torch-threads", str(args.torch_threads),
+                       "--metrics-port", "0", *args.model_args.split()]
         with servers.model_service(directory, *model_flags) as model_proc, \
                 servers.preproc_service(directory, model_proc.address, "--metrics-port", "0") as preproc:
             for c in levels:
                 work = sentences[:args.singles] if c == 1 else sentences
                 results[c] = asyncio.run(through_services(preproc.address, work, c))
-        after = in_process(model, tokenizer, sentences, args.batch_size, args.singles)
+        after = in_process(model, tokenizer, sentences, args.batch_size, args.singles, args.torch_threads)
 
     ref = {key: (before[key] + after[key]) / 2 for key in before}
     print(f"in process: pipeline single call p50 {ref['single_p50_ms']:.2f} ms; pipeline batch {args.batch_size} "

@@ -107,6 +107,9 @@ class TextStream:
 
 
 class AsyncTextStream(TextStream):
+    def __iter__(self):
+        raise TypeError("an asyncio stream: use `async for`")
+
     async def __aiter__(self):
         try:
             async for chunk in self.call:

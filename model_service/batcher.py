@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from model_service import shaping
@@ -161,20 +162,20 @@ class Batcher:
 
     def _drop_stale(self) -> None:
         now = time.monotonic()
-        keep = []
         for row in self._rows:
-            p = row.pending
-            if not p.dropped:
-                if p.future.done():
-                    p.dropped = True
-                    self.stats.dropped_cancelled += 1
-                elif p.deadline is not None and now >= p.deadline:
-                    p.dropped = True
-                    self.stats.dropped_deadline += 1
-                    p.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
-            if not p.dropped:
-                keep.append(row)
-        self._rows = keep
+            if not row.pending.dropped and _is_stale(row.pending, now):
+                self._drop(row.pending, now)
+        self._rows = [r for r in self._rows if not r.pending.dropped]
+
+    def _drop(self, pending: _Pending, now: float) -> None:
+        if pending.dropped:
+            return
+        pending.dropped = True
+        if pending.future.done():
+            self.stats.dropped_cancelled += 1
+        else:
+            self.stats.dropped_deadline += 1
+            pending.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
 
     def _take_batch(self) -> list[_Row]:
         """Rows for the next forward: the length group (see plan_groups) holding the oldest waiting row."""
@@ -193,7 +194,7 @@ class Batcher:
 
     async def _run(self, batch: list[_Row]) -> None:
         try:
-            finished = await self.engine.run(self._compute, batch)
+            finished, stale, size = await self.engine.run(self._compute, batch)
         except Exception as exc:  # noqa: BLE001 - the batch fails, the service keeps serving
             log.exception("forward pass failed")
             for p in {id(r.pending): r.pending for r in batch}.values():
@@ -202,13 +203,16 @@ class Batcher:
                 p.dropped = True
             self._rows = [r for r in self._rows if not r.pending.dropped]
             return
-        size = len(batch)
-        self.stats.batches += 1
-        self.stats.rows += size
-        self.stats.largest_batch = max(self.stats.largest_batch, size)
-        self.stats.sizes[size] = self.stats.sizes.get(size, 0) + 1
-        for observer in self.observers:
-            observer(size, len(self._rows))
+        for p in stale:  # went stale while waiting behind the previous batch
+            self._drop(p, time.monotonic())
+        self._rows = [r for r in self._rows if not r.pending.dropped]
+        if size:
+            self.stats.batches += 1
+            self.stats.rows += size
+            self.stats.largest_batch = max(self.stats.largest_batch, size)
+            self.stats.sizes[size] = self.stats.sizes.get(size, 0) + 1
+            for observer in self.observers:
+                observer(size, len(self._rows))
         for pending, outcome in finished:
             if pending.future.done():
                 continue
@@ -219,24 +223,30 @@ class Batcher:
 
     # ------------------------------------------------------------ worker thread
 
-    def _compute(self, batch: list[_Row]) -> list[tuple[_Pending, Result | Exception]]:
+    def _compute(self, batch: list[_Row]) -> tuple[list, list, int]:
+        """Pad, forward and cut back: (finished (pending, Result | error), stale pendings, rows computed)."""
+        now = time.monotonic()
+        stale = {id(r.pending): r.pending for r in batch if _is_stale(r.pending, now)}
+        batch = [r for r in batch if id(r.pending) not in stale]
+        if not batch:
+            return [], list(stale.values()), 0
         device = self.engine.device
         length = max(r.length for r in batch)
         pad = self.info.loaded.pad_token_id
-        ids = torch.full((len(batch), length), pad, dtype=torch.int64)
-        mask = torch.zeros((len(batch), length), dtype=torch.int64)
+        ids = np.full((len(batch), length), pad, dtype=np.int64)
+        mask = np.zeros((len(batch), length), dtype=np.int64)
         any_types = any(r.pending.job.type_rows is not None for r in batch)
-        types = torch.zeros((len(batch), length), dtype=torch.int64) if any_types else None
+        types = np.zeros((len(batch), length), dtype=np.int64) if any_types else None
         for i, row in enumerate(batch):
             job = row.pending.job
             n = row.length
-            ids[i, :n] = torch.from_numpy(job.rows[row.index])
+            ids[i, :n] = job.rows[row.index]
             mask[i, :n] = 1
             if types is not None and job.type_rows is not None:
-                types[i, :n] = torch.from_numpy(job.type_rows[row.index])
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+                types[i, :n] = job.type_rows[row.index]
+        inputs = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
         if types is not None:
-            inputs["token_type_ids"] = types.to(device)
+            inputs["token_type_ids"] = torch.from_numpy(types).to(device)
         needs_hidden = any(r.pending.needs_hidden for r in batch)
         adapters = [r.pending.job.adapter for r in batch]
         outputs = self.engine.forward(inputs, adapters=adapters, hidden_states=needs_hidden)
@@ -256,7 +266,12 @@ class Batcher:
                 except InvalidArgument as exc:
                     finished.append((p, exc))
                 p.row_outputs = []
-        return finished
+        return finished, list(stale.values()), len(batch)
+
+
+def _is_stale(pending: _Pending, now: float) -> bool:
+    """The caller went away (its future is done/cancelled) or its deadline passed."""
+    return pending.dropped or pending.future.done() or (pending.deadline is not None and now >= pending.deadline)
 
 
 def plan_groups(lengths: list[int], max_rows: int, token_budget: int, overhead_tokens: int) -> list[tuple[int, int]]:

@@ -19,7 +19,9 @@ API for the other parts of model_service (generation, adapters, batching) — ke
 Adapters: `engine.adapters` decides what a request's `adapter` name means. The default
 (BaseOnly) serves only the base model (""); model_service.adapters installs a richer one
 with the same methods: `names()` (loaded adapter names, for metadata), `check(name)`
-(event loop: raise errors.NotFound for an unknown name) and `use(row_names)` (worker
+(event loop: raise errors.NotFound for an unknown name), `lease(name)` (event loop: a
+context manager held for a request's life, so an adapter is not unloaded under it) and
+`use(row_names)` (worker
 thread: a context manager that applies row i's adapter to row i of the batch around a
 forward pass; "" = base). A batch may mix rows of several adapters.
 """
@@ -46,6 +48,10 @@ class BaseOnly:
     def check(self, name: str) -> None:
         if name:
             raise NotFound(f"adapter '{name}' is not loaded (no adapters are loaded)")
+
+    def lease(self, name: str):
+        self.check(name)
+        return contextlib.nullcontext()
 
     def use(self, row_names: list[str]):
         return contextlib.nullcontext()

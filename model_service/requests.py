@@ -12,7 +12,7 @@ import numpy as np
 
 from model_service.shaping import OutputSpec, parse_specs
 from splitserve_common import tensors
-from splitserve_common.errors import InvalidArgument, NotFound
+from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from splitserve_common.params import to_dict, typed
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -92,6 +92,9 @@ def row_lengths(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
 def parse(request, info) -> InferJob:
     """Validate `request` against the served model `info` (model_service.model_info.ModelInfo)."""
     check_model_name(info, request.model_name, request.model_version)
+    if not info.outputs:
+        raise FailedPrecondition(f"model '{info.name}' ({info.loaded.architecture}) has no ModelInfer outputs: "
+                                 "use the Generation service")
     arrays = decode_inputs(request)
     ids = arrays["input_ids"]
     batch, length = ids.shape

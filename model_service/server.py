@@ -4,23 +4,20 @@ Start-up order: bind the port and answer health NOT_SERVING at once; load the we
 one warm-up forward pass (which also discovers the model's outputs); run the plug-ins'
 on-ready callbacks; then report SERVING. SIGTERM drains (serving.wait_for_termination).
 
-Plug-ins: every module in PLUGIN_MODULES that exists is imported and its
-`register(server, runtime) -> list[str]` is called before the server starts. It adds its
-servicers to `server`, returns their full service names (for health and reflection), and
-may append `async def callback(runtime)` to `runtime.on_ready` to finish setting up once
-the model is loaded (runtime.engine / runtime.info exist then). See docs/contracts.md.
+Plug-ins (generation, adapters) add their servicers and flags: see model_service/plugins.py
+and docs/contracts.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from model_service import plugins
 from model_service.inference_servicer import InferenceServicer
 from model_service.loader import LoadError, LoadOptions
 from model_service.runtime import Runtime
@@ -30,23 +27,6 @@ from splitserve_pb import open_inference_pb2, open_inference_pb2_grpc
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-PLUGIN_MODULES = ["model_service.generation.servicer", "model_service.adapters_servicer"]
-
-
-def plugins() -> list:
-    """`register` functions of the plug-in modules present in this checkout."""
-    found = []
-    for name in PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue  # not written (yet): the server runs without it
-            raise
-        register = getattr(module, "register", None)
-        if register is not None:
-            found.append(register)
-    return found
 
 
 def load_options(args) -> LoadOptions:
@@ -111,7 +91,7 @@ async def start(args) -> RunningServer:
     server = serving.create_server(args)
     open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(runtime), server)
     names = [INFERENCE_SERVICE]
-    for register in plugins():
+    for register in plugins.registers():
         names.extend(register(server, runtime) or [])
     health = serving.HealthReporter(server, names)
     serving.enable_reflection(server, names)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from splitserve_common.channels import client_options
 from splitserve_common.serving import SERVER_OPTIONS
 from splitserve_common.settings import Option, parse
 
@@ -24,6 +25,7 @@ OPTIONS = [
            float),
     Option("handshake-recheck-seconds", 10.0, "pause between metadata re-checks once serving", float),
     *SERVER_OPTIONS,
+    *client_options("model-service"),  # TLS/mTLS and bearer token towards model_service
 ]
 
 

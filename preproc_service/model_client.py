@@ -19,6 +19,7 @@ import numpy as np
 
 from splitserve_common import params as v2params
 from splitserve_common import tensors
+from splitserve_common.channels import ChannelSecurity, aio_channel
 from splitserve_common.errors import DeadlineExceeded, Unavailable
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
@@ -62,11 +63,11 @@ def channel_options(max_message_mb: int = 64) -> list[tuple[str, object]]:
 
 class ModelClient:
     def __init__(self, address: str, model_name: str = "", max_in_flight: int = 256,
-                 default_timeout: float = 30.0, max_message_mb: int = 64):
+                 default_timeout: float = 30.0, max_message_mb: int = 64, security: ChannelSecurity | None = None):
         self.address = address
         self.model_name = model_name
         self.default_timeout = default_timeout
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
+        self._channel = aio_channel(address, security, options=channel_options(max_message_mb))
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._slots = asyncio.Semaphore(max_in_flight)
 

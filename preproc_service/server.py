@@ -11,6 +11,7 @@ from preproc_service.handshake import disagreements
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import read_model_dir
 from preproc_service.servicer import PreprocServicer, load_generation_handlers
+from splitserve_common.channels import ChannelSecurity
 from splitserve_common.serving import (
     HealthReporter,
     add_port,
@@ -37,7 +38,7 @@ def build_deployment(args) -> Deployment:
     model_dir = read_model_dir(args.model_dir)
     tokenizer = load_tokenizer(model_dir.tokenizer_path)
     model = ModelClient(args.model_service, args.model_name, args.max_in_flight, args.model_timeout,
-                        args.max_message_mb)
+                        args.max_message_mb, security=ChannelSecurity.from_args(args, "model-service"))
     return Deployment(model_dir, tokenizer, model, task_override=args.task, tokenize_batch=args.tokenize_batch)
 
 

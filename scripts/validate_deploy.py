@@ -142,7 +142,7 @@ def check_compose(problems: list[str], env_names: dict[str, set[str] | None]) ->
         _schema_errors(problems, validator, str(override.relative_to(ROOT)), _plain(load_compose(override)))
     for name, stack in compose_variants().items():
         _schema_errors(problems, validator, name, _plain(stack))
-        _check_stack(problems, name, _strip_extensions(stack), env_names)
+        check_stack(problems, name, _strip_extensions(stack), env_names)
 
 
 def _plain(value):
@@ -164,7 +164,7 @@ def _schema_errors(problems, validator, name, document) -> None:
         problems.append(f"{name}: compose schema: {where}: {error.message}")
 
 
-def _check_stack(problems, name, stack, env_names) -> None:
+def check_stack(problems, name, stack, env_names) -> None:
     services = stack.get("services", {})
     model, preproc = services.get("model-service"), services.get("preproc")
     if model is None or preproc is None:
@@ -305,8 +305,6 @@ def _identity(obj: dict) -> tuple[str, str]:
 # ---------------------------------------------------------------- Kubernetes checks
 
 def check_k8s(problems: list[str], env_names: dict[str, set[str] | None], cross_check: bool) -> None:
-    import kubernetes_validate
-
     for overlay in sorted(p for p in K8S_OVERLAYS.iterdir() if p.is_dir()):
         where = f"k8s overlay {overlay.name}"
         try:
@@ -323,24 +321,33 @@ def check_k8s(problems: list[str], env_names: dict[str, set[str] | None], cross_
                     differing = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
                     problems.append(f"{where}: renderer differs from `kubectl kustomize` on {differing}")
         for obj in objects:
-            for version in K8S_VERSIONS:
-                desired = kubernetes_validate.latest_version() if version == "latest" else version
-                try:
-                    kubernetes_validate.validate(obj, desired, strict=True)
-                except kubernetes_validate.ValidationError as exc:
-                    path = "/".join(map(str, exc.path)) if hasattr(exc, "path") else ""
-                    problems.append(f"{where}: {obj['kind']}/{obj['metadata']['name']} (k8s {desired}): "
-                                    f"{path} {exc.message}")
-                except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as exc:
-                    problems.append(f"{where}: {obj['kind']}/{obj['metadata']['name']}: no schema: {exc}")
-        _check_cluster(problems, where, overlay.name, objects, env_names)
+            problems.extend(f"{where}: {problem}" for problem in k8s_schema_problems(obj))
+        check_cluster(problems, where, overlay.name, objects, env_names)
+
+
+def k8s_schema_problems(obj: dict) -> list[str]:
+    """What the Kubernetes JSON schemas (strict: no unknown fields) say about one object."""
+    import kubernetes_validate
+
+    problems = []
+    for version in K8S_VERSIONS:
+        desired = kubernetes_validate.latest_version() if version == "latest" else version
+        name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')} (k8s {desired})"
+        try:
+            kubernetes_validate.validate(obj, desired, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = "/".join(map(str, getattr(exc, "path", ())))
+            problems.append(f"{name}: {path} {exc.message}")
+        except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as exc:
+            problems.append(f"{name}: no schema: {exc}")
+    return problems
 
 
 def _by_kind(objects, kind):
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
 
 
-def _check_cluster(problems, where, overlay, objects, env_names) -> None:
+def check_cluster(problems, where, overlay, objects, env_names) -> None:
     deployments = _by_kind(objects, "Deployment")
     services = _by_kind(objects, "Service")
     config = {}

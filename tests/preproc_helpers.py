@@ -18,10 +18,11 @@ SENTENCES = [
 ]
 
 
-def build_task_model(root: Path, task: str, seed: int = 0):
-    """(components dir, model, tokenizer) for `task`, saved in the MLflow components layout."""
+def build_task_model(root: Path, task: str, seed: int = 0, **mlmodel):
+    """(components dir, model, tokenizer) for `task`, saved in the MLflow components layout
+    (`mlmodel`: model_config, signature_params, ... for the MLmodel file)."""
     model, tokenizer = model_factory.build_encoder(task, seed=seed)
-    directory = model_factory.save_components(root / task, model, tokenizer, task)
+    directory = model_factory.save_components(root / task, model, tokenizer, task, **mlmodel)
     return directory, model, tokenizer
 
 

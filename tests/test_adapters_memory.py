@@ -60,7 +60,7 @@ def hidden(response) -> np.ndarray:
 
 def test_server_rss_returns_after_50_load_use_unload_cycles(minilm_adapter):
     directory, path, tok = minilm_adapter
-    with servers.model_service(directory, "--metrics-port", "0") as server:
+    with servers.model_service(directory, "--metrics-port", "0", "--torch-threads", "1") as server:
         channel = grpc.insecure_channel(server.address)
         adapters = adapters_pb2_grpc.AdaptersStub(channel)
         infer = v2_grpc.GRPCInferenceServiceStub(channel)

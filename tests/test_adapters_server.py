@@ -24,6 +24,9 @@ SENTENCES = ["the river is good", "alice walks in paris today with bob", "hello"
              "who said that strange thing?", "music of the old forest", "tokyo", "the brave friend said no"]
 PROMPTS = ["the river", "alice walks in", "the", "music of the", "who is", "a large city"]
 TOKEN = "s3cret-adapter-token"
+# One torch thread: on a small shared CPU, intra-op threads spinning on each other slow the
+# many small LoRA matmuls by orders of magnitude.
+SERVER_ARGS = ("--metrics-port", "0", "--torch-threads", "1")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def encoder_server(tmp_path_factory):
     base, tok = mf.build_encoder("text-classification")
     model_dir = mf.save_components(root / "model", base, tok, "text-classification")
     dirs = ah.save_adapters(base, root / "adapters", ah.ENCODER_ADAPTERS)
-    with servers.model_service(model_dir, "--metrics-port", "0", "--adapter", f"alpha={dirs['alpha']}",
+    with servers.model_service(model_dir, *SERVER_ARGS, "--adapter", f"alpha={dirs['alpha']}",
                                "--max-wait-us", "20000") as server:
         yield {"server": server, "base": base, "tok": tok, "dirs": dirs, "root": root,
                "refs": ah.reference_models(base, dirs)}
@@ -46,7 +49,7 @@ def gpt2_server(tmp_path_factory):
                                    instance_type="TextGenerationPipeline")
     dirs = ah.save_adapters(base, root / "adapters", ah.GPT2_ADAPTERS)
     startup = [arg for name, path in dirs.items() for arg in ("--adapter", f"{name}={path}")]
-    with servers.model_service(model_dir, "--metrics-port", "0", *startup, "--adapter-management", "token",
+    with servers.model_service(model_dir, *SERVER_ARGS, *startup, "--adapter-management", "token",
                                "--adapter-token", TOKEN) as server:
         yield {"server": server, "base": base, "tok": tok, "dirs": dirs, "refs": ah.reference_models(base, dirs)}
 
@@ -226,3 +229,54 @@ def test_management_needs_the_token(gpt2_server):
     # listing stays open
     assert sorted(a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters) == [
         "alpha", "beta", "gamma"]
+
+
+def test_management_disabled_refuses_load_and_unload(tmp_path):
+    base, tok = mf.build_encoder("text-classification")
+    model_dir = mf.save_components(tmp_path / "model", base, tok, "text-classification")
+    alpha = ah.save_lora(base, tmp_path / "alpha", *ah.ENCODER_ADAPTERS["alpha"])
+    with servers.model_service(model_dir, *SERVER_ARGS, "--adapter", f"alpha={alpha}",
+                               "--adapter-management", "disabled") as server:
+        stub = adapters_stub(server.address)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="beta", path=str(alpha)))
+        assert excinfo.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="alpha"))
+        assert excinfo.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # the adapter named at start still serves requests
+        request, enc = infer_request(tok, SENTENCES[:2], "alpha")
+        response = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.address)).ModelInfer(request)
+        reference = ah.reference_models(base, {"alpha": alpha})["alpha"]
+        np.testing.assert_allclose(logits_of(response), expected_logits(reference, enc), atol=1e-4, rtol=1e-4)
+
+
+def test_token_mode_without_a_token_refuses_to_start(tmp_path):
+    with servers.model_service(tmp_path, "--adapter-management", "token", wait=False) as server:
+        assert server.proc.wait(60) != 0
+        assert "needs a token" in server.log()
+
+
+def test_adapter_through_preproc_and_client(encoder_server):
+    """The client's `adapter` goes through preproc_service to model_service: labels and scores
+    equal softmax of the in-process PeftModel's logits for that adapter."""
+    from client.preproc_client import PreprocClient
+
+    model_dir = encoder_server["root"] / "model"
+    texts = SENTENCES[:3]
+    id2label = encoder_server["base"].config.id2label
+    with servers.preproc_service(model_dir, encoder_server["server"].address, "--metrics-port", "0") as preproc:
+        with PreprocClient(preproc.address) as client:
+            for name in ["alpha", "", "gamma"]:
+                results = client.classify(texts, top_k=None, adapter=name)
+                _, enc = infer_request(encoder_server["tok"], texts)
+                probs = torch.softmax(torch.from_numpy(expected_logits(encoder_server["refs"][name], enc)), -1)
+                for row, expected in zip(results, probs, strict=True):
+                    got = {ls.label: ls.score for ls in row}
+                    want = {id2label[i]: float(p) for i, p in enumerate(expected)}
+                    assert got.keys() == want.keys()
+                    for label in want:
+                        assert abs(got[label] - want[label]) < 1e-4, (name, label)
+            with pytest.raises(grpc.RpcError) as excinfo:
+                client.classify(texts, adapter="nobody")
+            assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND

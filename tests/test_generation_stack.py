@@ -242,3 +242,19 @@ def test_clients_and_cli_stream_and_answer(gpt2):
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["text"] == chat.text
+
+
+def test_logprobs_match_in_process_scores(gpt2):
+    import torch
+
+    tok, model = gpt2["tokenizer"], gpt2["model"]
+    ids = tok("the river of")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(ids):].tolist()
+    expected = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens, strict=True)]
+    chunks = list(gpt2["pre"].GenerateTextStream(pb.GenerateTextRequest(prompt="the river of", parameters=pb.
+                                                 GenerateTextParameters(max_new_tokens=8, logprobs=True))))
+    assert [t for c in chunks for t in c.token_ids] == tokens
+    assert [lp for c in chunks for lp in c.logprobs] == pytest.approx(expected, abs=1e-4)

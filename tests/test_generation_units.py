@@ -196,3 +196,63 @@ def test_whitespace_collapser_matches_mlflow(text):
     for cut in range(len(text) + 1):
         collapser = WhitespaceCollapser()
         assert collapser.feed(text[:cut]) + collapser.feed(text[cut:]) == expected
+
+
+# ---------------------------------------------------------------- scheduler on the real engine
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from model_service.engine import Engine
+    from model_service.loader import LoadOptions, load
+    from tests.generation_helpers import save_generative
+
+    root = save_generative(tmp_path_factory.mktemp("gen") / "gpt2", "gpt2")
+    eng = Engine(load(LoadOptions(model_dir=str(root))))
+    yield eng
+    eng.close()
+
+
+def test_scheduler_token_limit_queue_limit_and_cancel(engine):
+    import asyncio
+
+    from model_service.generation.scheduler import Limits, Scheduler
+    from splitserve_common.errors import ResourceExhausted
+
+    loaded = engine.loaded
+    gm = GenerationModel(loaded.model, loaded.pad_token_id, None)
+
+    def seq(max_new):
+        params = resolve(gpb.GenerationSettings(max_new_tokens=max_new, min_new_tokens=max_new),
+                         model_defaults({}, {}), prompt_len=10, context_len=256, eos_token_ids=[])
+        return Sequence("s", list(range(5, 15)), params)
+
+    async def drain(s):
+        tokens = []
+        while True:
+            event = await s.events.get()
+            tokens.append(event.token)
+            if event.finish_reason:
+                return tokens, event.finish_reason
+
+    async def scenario():
+        scheduler = Scheduler(engine, gm, Limits(max_sequences=8, max_tokens=130, max_waiting=2))
+        with pytest.raises(ResourceExhausted, match="--gen-max-tokens"):
+            scheduler.submit(seq(125))  # 135 positions can never fit
+        a, b = scheduler.submit(seq(50)), scheduler.submit(seq(50))  # 60 + 60 reserved
+        await a.events.get()
+        c, d = scheduler.submit(seq(5)), scheduler.submit(seq(5))  # 15 more would pass 130: they wait
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            scheduler.submit(seq(5))
+        stats = scheduler.stats()
+        assert (stats["active_sequences"], stats["waiting_sequences"], stats["tokens_in_flight"]) == (2, 2, 120)
+        scheduler.cancel(a)  # frees 60 positions at the next step: c and d get in
+        results = [await drain(c)]
+        assert not b.finish_reason  # c got a's slot while b was still running
+        results += [await drain(d), await drain(b)]
+        assert [(len(tokens), reason) for tokens, reason in results] == [(5, "length"), (5, "length"), (50, "length")]
+        stats = scheduler.stats()
+        assert (stats["active_sequences"], stats["waiting_sequences"], stats["cancelled"]) == (0, 0, 1)
+        assert stats["finished"] == 3 and len(a.generated) < 50
+        await scheduler.stop()
+
+    asyncio.run(scenario())

@@ -4,6 +4,10 @@ checked against a brute-force search over the model's own start/end logits)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import grpc
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ import torch
 from client.preproc_client import PreprocClient
 from splitserve_pb import preproc_pb2 as pb
 from tests import preproc_helpers as h
+from tests import servers
 
 TOL = 1e-4
 
@@ -21,8 +26,8 @@ def models_root(tmp_path_factory):
     return tmp_path_factory.mktemp("preproc_models")
 
 
-def _served(models_root, task, seed=0):
-    directory, model, tokenizer = h.build_task_model(models_root, task, seed)
+def _served(models_root, task, seed=0, **mlmodel):
+    directory, model, tokenizer = h.build_task_model(models_root, task, seed, **mlmodel)
     with h.stack(directory) as (model_proc, preproc_proc):
         with PreprocClient(preproc_proc.address, timeout=60) as client:
             yield {"client": client, "model": model, "tokenizer": tokenizer, "pipe": h.pipeline(task, model, tokenizer),
@@ -37,12 +42,26 @@ def _code(excinfo) -> grpc.StatusCode:
 
 @pytest.fixture(scope="class")
 def tc(models_root):
-    yield from _served(models_root, "text-classification", seed=1)
+    # MLflow defaults: the saved model_config says top_k 2 and no function; the signature's
+    # param default (sigmoid) outranks the model_config; per-request values outrank both.
+    yield from _served(models_root, "text-classification", seed=1,
+                       model_config={"top_k": 2, "function_to_apply": "none"},
+                       signature_params=[{"name": "function_to_apply", "type": "string", "default": "sigmoid",
+                                          "shape": None}])
 
 
 class TestTextClassification:
-    def test_best_label_equals_pipeline(self, tc):
+    def test_mlflow_defaults_apply(self, tc):
         got = tc["client"].classify(h.SENTENCES)
+        want = tc["pipe"](h.SENTENCES, top_k=2, function_to_apply="sigmoid")
+        for g, w in zip(got, want, strict=True):
+            assert [x.label for x in g] == [x["label"] for x in w]
+            assert np.allclose([x.score for x in g], [x["score"] for x in w], atol=TOL)
+        assert got.applied_parameters == {"function_to_apply": "sigmoid", "top_k": 2, "truncation": True}
+        assert tc["client"].info().default_parameters == got.applied_parameters
+
+    def test_best_label_equals_pipeline(self, tc):
+        got = tc["client"].classify(h.SENTENCES, top_k=1, function_to_apply="softmax")
         want = tc["pipe"](h.SENTENCES)
         assert [r[0].label for r in got] == [w["label"] for w in want]
         assert np.allclose([r[0].score for r in got], [w["score"] for w in want], atol=TOL)
@@ -59,7 +78,7 @@ class TestTextClassification:
 
     def test_text_pairs(self, tc):
         texts, pairs = ["who lives in paris", "the river"], ["Alice lives in Paris.", "is long"]
-        got = tc["client"].classify(texts, pairs, top_k=2)
+        got = tc["client"].classify(texts, pairs, top_k=2, function_to_apply="softmax")
         want = tc["pipe"]([{"text": t, "text_pair": p} for t, p in zip(texts, pairs, strict=True)], top_k=2)
         for g, w in zip(got, want, strict=True):
             assert [x.label for x in g] == [x["label"] for x in w]
@@ -67,7 +86,7 @@ class TestTextClassification:
 
     def test_long_input_truncated_by_default_and_refused_without_truncation(self, tc):
         long_text = " ".join(["river forest music"] * 60)
-        got = tc["client"].classify([long_text])
+        got = tc["client"].classify([long_text], top_k=1, function_to_apply="softmax")
         want = tc["pipe"]([long_text], truncation=True)
         assert got[0][0].label == want[0]["label"] and abs(got[0][0].score - want[0]["score"]) < TOL
         with pytest.raises(grpc.RpcError) as exc:
@@ -133,6 +152,26 @@ class TestTextClassification:
         assert info.labels == ["negative", "neutral", "positive"]
         assert info.max_length == 64 and info.vocab_size == len(tok)
         assert info.model_service == tc["model_proc"].address
+
+
+    def test_cli_predict_tokenize_info(self, tc):
+        address = tc["preproc_proc"].address
+
+        def cli(*args, stdin=None):
+            done = subprocess.run([sys.executable, "-m", "client", "--address", address, *args], input=stdin,
+                                  capture_output=True, text=True, timeout=60, cwd=servers.ROOT)
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        got = cli("predict", "--top-k", "3", "--function-to-apply", "softmax", h.SENTENCES[0], h.SENTENCES[1])
+        want = tc["pipe"](h.SENTENCES[:2], top_k=3)
+        assert [[x["label"] for x in row] for row in got] == [[x["label"] for x in row] for row in want]
+        tokens = cli("tokenize", stdin="hello world\nthe river\n")
+        assert [t["ids"] for t in tokens] == [tc["tokenizer"](t)["input_ids"] for t in ["hello world", "the river"]]
+        assert cli("info")["task"] == "text-classification"
+        failed = subprocess.run([sys.executable, "-m", "client", "--address", address, "predict", "--top-k", "0",
+                                 "x"], capture_output=True, text=True, timeout=60, cwd=servers.ROOT)
+        assert failed.returncode == 1 and json.loads(failed.stderr)["error"]["code"] == "INVALID_ARGUMENT"
 
 
 # ---------------------------------------------------------------- token-classification

@@ -112,7 +112,7 @@ def resolve(settings, defaults: dict, *, prompt_len: int, context_len: int, eos_
 
 
 class TokenChooser:
-    """Picks one sequence's next tokens; owns its random generator so a seed gives the same tokens
+    """One sequence's sampler: it owns its random generator, so a seed gives the same tokens
     whatever else is in the batch."""
 
     def __init__(self, params: SamplingParams, device):
@@ -122,23 +122,9 @@ class TokenChooser:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed)
 
-    @property
-    def plain_greedy(self) -> bool:
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature, top-k, top-p over one row's scores [V] (sampling only)."""
         p = self.params
-        return not p.do_sample and p.repetition_penalty == 1.0 and not p.logprobs
-
-    def process(self, logits: torch.Tensor, seen_ids: torch.Tensor, generated: int) -> torch.Tensor:
-        """Processed float32 scores [V] for this sequence's next token."""
-        p = self.params
-        if p.repetition_penalty != 1.0 and seen_ids.numel():
-            picked = logits.gather(0, seen_ids)
-            picked = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-            logits = logits.scatter(0, seen_ids, picked)
-        if generated < p.min_new_tokens and p.end_ids:
-            logits = logits.clone()
-            logits[[i for i in p.end_ids if i < logits.shape[0]]] = float("-inf")
-        if not p.do_sample:
-            return logits
         if p.temperature != 1.0:
             logits = logits / p.temperature
         if 0 < p.top_k < logits.shape[0]:
@@ -152,27 +138,47 @@ class TokenChooser:
             logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
         return logits
 
-    def choose(self, scores: torch.Tensor) -> int:
-        if not self.params.do_sample:
-            return int(scores.argmax())
-        probs = scores.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    def sample(self, scores: torch.Tensor) -> int:
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+
+
+def penalize(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty on one row: seen tokens' scores divided (or, if negative, multiplied)."""
+    picked = logits.gather(0, seen_ids)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits.scatter(0, seen_ids, picked)
 
 
 def choose_tokens(logits: torch.Tensor, choosers, seen_ids, generated_counts):
     """Next token (and its log-probability, or None) for every row of `logits` [B, V].
 
-    Rows that are plain greedy take a batched argmax; the others are processed one by one.
+    Penalties and min_new_tokens apply per row where asked; greedy rows then share one
+    argmax, sampling rows draw from their own generator.
     """
-    logits = logits.float()
+    logits = logits.float().clone()
+    vocab = logits.shape[1]
+    rows, cols = [], []
+    for row, chooser in enumerate(choosers):
+        p = chooser.params
+        if p.repetition_penalty != 1.0 and seen_ids[row] is not None and seen_ids[row].numel():
+            logits[row] = penalize(logits[row], seen_ids[row], p.repetition_penalty)
+        if generated_counts[row] < p.min_new_tokens:
+            ends = [i for i in p.end_ids if i < vocab]
+            rows += [row] * len(ends)
+            cols += ends
+    if rows:
+        logits[rows, cols] = float("-inf")
     greedy = logits.argmax(-1).tolist()
+    log_probs = None
+    if any(c.params.logprobs and not c.params.do_sample for c in choosers):
+        log_probs = logits.log_softmax(-1)
     results = []
     for row, chooser in enumerate(choosers):
-        if chooser.plain_greedy and generated_counts[row] >= chooser.params.min_new_tokens:
-            results.append((greedy[row], None))
+        if not chooser.params.do_sample:
+            token = greedy[row]
+            results.append((token, float(log_probs[row, token]) if chooser.params.logprobs else None))
             continue
-        scores = chooser.process(logits[row], seen_ids[row], generated_counts[row])
-        token = chooser.choose(scores)
-        logprob = float(scores.log_softmax(-1)[token]) if chooser.params.logprobs else None
-        results.append((token, logprob))
+        scores = chooser.warp(logits[row])
+        token = chooser.sample(scores)
+        results.append((token, float(scores.log_softmax(-1)[token]) if chooser.params.logprobs else None))
     return results

@@ -111,7 +111,7 @@ class GenerationHandlers:
         async with self._pieces(ids, params, call, request.adapter, context) as pieces:
             async for piece in pieces:
                 text = collapser.feed(piece.text) if collapser else piece.text
-                chunk = pb.GenerateTextChunk(text=text, token_ids=piece.token_ids)
+                chunk = pb.GenerateTextChunk(text=text, token_ids=piece.token_ids, logprobs=piece.logprobs)
                 if piece.finish_reason:
                     chunk.finish_reason = piece.finish_reason
                     chunk.usage.CopyFrom(_usage(len(ids), piece))

@@ -1,0 +1,189 @@
+"""docker-compose.yml, run as plain processes (issue 6, item 4).
+
+There is no Docker engine here, so this test does what compose would: for each
+service (in depends_on order) it runs the image's ENTRYPOINT (from the Dockerfile
+the service builds) plus the service's command, with exactly the environment the
+file declares; host names become 127.0.0.1, each published port a free one, the
+read-only model volume the directory of a tiny model. It waits for health by
+running the healthcheck the file declares, sends requests through the client SDK,
+and stops the stack with SIGTERM within each service's stop_grace_period.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client.preproc_client import PreprocClient
+from tests.ops_helpers import sample, scrape, sentences, tiny_model
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("validate_deploy", ROOT / "scripts" / "validate_deploy.py")
+validate_deploy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(validate_deploy)
+
+# What a CPU-only host runs: docker-compose.yml + deploy/compose.cpu.yaml.
+CPU_STACK = f"{validate_deploy.COMPOSE_FILE.name} + deploy/compose.cpu.yaml"
+
+
+def interpolate(text: str, variables: dict) -> str:
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR:?error} and $VAR."""
+    def replace(match):
+        name, op, arg = match.group(1) or match.group(4), match.group(2), match.group(3)
+        value = variables.get(name)
+        if op == ":-" and not value:
+            return arg
+        if op == ":?" and not value:
+            raise ValueError(f"compose needs {name}: {arg}")
+        return value or ""
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}|\$(\w+)", replace, str(text))
+
+
+class ComposeAsProcesses:
+    def __init__(self, stack: dict, variables: dict, log_dir: Path):
+        self.services = stack["services"]
+        self.variables = variables
+        self.log_dir = log_dir
+        # (service, container port) -> free host port; compose would publish these.
+        self.ports = {(name, int(str(p).split(":")[-1])): free_port()
+                      for name, svc in self.services.items() for p in svc.get("ports", [])}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def host_port(self, service: str, container_port: int) -> int:
+        return self.ports[(service, container_port)]
+
+    def _map_value(self, service: str, value) -> str:
+        text = interpolate(value, self.variables)
+        for (name, port), host_port in self.ports.items():
+            text = re.sub(rf"\b{re.escape(name)}:{port}\b", f"127.0.0.1:{host_port}", text)  # other services
+            if name == service:  # this service's own listening port, inside its container
+                text = re.sub(rf"\b(?:127\.0\.0\.1|localhost):{port}\b", f"127.0.0.1:{host_port}", text)
+                text = str(host_port) if text == str(port) else text
+        for volume in self.services[service].get("volumes", []):
+            target = volume["target"]
+            if text == target or text.startswith(target + "/"):
+                text = interpolate(volume["source"], self.variables) + text[len(target):]
+        return "127.0.0.1" if text == "0.0.0.0" else text
+
+    def _map_argv(self, service: str, argv: list) -> list[str]:
+        mapped = [self._map_value(service, arg) for arg in argv]
+        return [sys.executable if arg == "python" else arg for arg in mapped]
+
+    def command(self, service: str) -> list[str]:
+        svc = self.services[service]
+        entrypoint = svc.get("entrypoint") or validate_deploy.dockerfile_entrypoint(ROOT / svc["build"]["dockerfile"])
+        return self._map_argv(service, [*entrypoint, *(svc.get("command") or [])])
+
+    def environment(self, service: str) -> dict:
+        env = {k: self._map_value(service, v) for k, v in (self.services[service].get("environment") or {}).items()}
+        # The image's ENV: offline, unbuffered. PATH and the venv come from this machine.
+        return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "HF_HUB_OFFLINE": "1",
+                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+
+    def start_order(self) -> list[str]:
+        order: list[str] = []
+
+        def visit(name):
+            for dependency in (self.services[name].get("depends_on") or {}):
+                visit(dependency)
+            if name not in order:
+                order.append(name)
+        for name in self.services:
+            visit(name)
+        return order
+
+    def start(self, service: str) -> None:
+        log = open(self.log_dir / f"{service}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.procs[service] = subprocess.Popen(self.command(service), cwd=ROOT, env=self.environment(service),
+                                               stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self, service: str) -> None:
+        """Run the declared healthcheck until it passes, within start_period + retries x interval."""
+        check = self.services[service]["healthcheck"]
+        test = check["test"]
+        assert test[0] == "CMD", "healthchecks use the exec form"
+        argv = self._map_argv(service, test[1:])
+        limit = (validate_deploy.duration_seconds(check.get("start_period", "0s"))
+                 + check.get("retries", 3) * validate_deploy.duration_seconds(check.get("interval", "30s")))
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if self.procs[service].poll() is not None:
+                raise RuntimeError(f"{service} exited:\n{self.log(service)}")
+            probe = subprocess.run(argv, cwd=ROOT, env=self.environment(service), capture_output=True, timeout=30)
+            if probe.returncode == 0:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{service} not healthy after {limit:.0f}s:\n{self.log(service)[-3000:]}")
+
+    def stop(self, service: str) -> int | None:
+        proc = self.procs[service]
+        grace = validate_deploy.duration_seconds(self.services[service].get("stop_grace_period", "10s"))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # what docker does after the grace period
+            proc.wait()
+            return None
+
+    def log(self, service: str) -> str:
+        return (self.log_dir / f"{service}.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory):
+    stack = validate_deploy.compose_variants()[CPU_STACK]
+    runner = ComposeAsProcesses(stack, {"SPLITSERVE_MODEL_DIR": str(tiny_model("classifier"))},
+                                tmp_path_factory.mktemp("compose-logs"))
+    try:
+        for service in runner.start_order():
+            runner.start(service)
+            runner.wait_healthy(service)
+        yield runner
+    finally:
+        for service in reversed(list(runner.procs)):
+            runner.stop(service)
+
+
+def test_start_order_follows_depends_on(compose):
+    assert compose.start_order() == ["model-service", "preproc"]
+
+
+def test_requests_through_the_client(compose):
+    texts = sentences(8)
+    with PreprocClient(f"127.0.0.1:{compose.host_port('preproc', 8011)}") as client:
+        results = client.classify(texts)
+        info = client.info()
+    assert info.task == "text-classification"
+    # Same answers as the in-process transformers pipeline on the model the volume holds.
+    from transformers import pipeline
+
+    model_dir = tiny_model("classifier")
+    reference = pipeline("text-classification", model=str(model_dir / "model"),
+                         tokenizer=str(model_dir / "components" / "tokenizer"), device="cpu")(texts, truncation=True)
+    assert [item[0].label for item in results] == [ref["label"] for ref in reference]
+    assert [item[0].score for item in results] == pytest.approx([ref["score"] for ref in reference], abs=1e-4)
+    # The declared metrics ports serve Prometheus text with the calls just made.
+    preproc_metrics = scrape(compose.host_port("preproc", 8012))
+    model_metrics = scrape(compose.host_port("model-service", 8002))
+    assert sample(preproc_metrics, "splitserve_requests_total", method="splitserve.v1.Preproc/Classify",
+                  code="OK") >= 1
+    assert sample(model_metrics, "splitserve_requests_total", method="inference.GRPCInferenceService/ModelInfer",
+                  code="OK") >= 1
+
+
+def test_sigterm_stops_the_stack_within_the_grace_period(compose):
+    # Last test of the module: stop preproc, then model-service, as `docker compose down` would.
+    for service in reversed(compose.start_order()):
+        assert compose.stop(service) == 0, f"{service} did not exit cleanly:\n{compose.log(service)[-3000:]}"
+        assert "drain" in compose.log(service)

@@ -1,0 +1,183 @@
+"""The deployment validators (scripts/validate_deploy.py) pass on the repository's files,
+and catch what they are there to catch (issue 6, items 1-3 and 8)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("validate_deploy", ROOT / "scripts" / "validate_deploy.py")
+vd = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(vd)
+
+NO_ENV_CHECK = {"model_service": None, "preproc_service": None}
+
+
+def test_validate_deploy_script_passes():
+    result = subprocess.run([sys.executable, "scripts/validate_deploy.py"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("OK")
+
+
+# ---------------------------------------------------------------- compose
+
+@pytest.fixture(scope="module")
+def stacks():
+    return vd.compose_variants()
+
+
+def _stack_problems(name: str, stack: dict, env_names=NO_ENV_CHECK) -> list[str]:
+    problems: list[str] = []
+    vd.check_stack(problems, name, vd._strip_extensions(stack), env_names)
+    return problems
+
+
+def test_cpu_override_removes_the_gpu_reservation(stacks):
+    base = stacks["docker-compose.yml"]["services"]["model-service"]
+    cpu = stacks["docker-compose.yml + deploy/compose.cpu.yaml"]["services"]["model-service"]
+    assert base["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "deploy" not in cpu
+    assert cpu["build"] == {**base["build"], "args": {"VARIANT": "cpu"}}
+    assert cpu["environment"] == base["environment"]
+
+
+def test_compose_checks_catch_broken_stacks(stacks):
+    good = stacks["docker-compose.yml"]
+    assert _stack_problems("docker-compose.yml", good) == []
+
+    writable = copy.deepcopy(good)
+    writable["services"]["preproc"]["volumes"][0]["read_only"] = False
+    assert any("read-only" in p for p in _stack_problems("docker-compose.yml", writable))
+
+    impatient = copy.deepcopy(good)
+    impatient["services"]["preproc"]["depends_on"]["model-service"]["condition"] = "service_started"
+    assert any("service_healthy" in p for p in _stack_problems("docker-compose.yml", impatient))
+
+    short_grace = copy.deepcopy(good)
+    short_grace["services"]["model-service"]["stop_grace_period"] = "10s"
+    assert any("stop_grace_period" in p for p in _stack_problems("docker-compose.yml", short_grace))
+
+    no_gpu = copy.deepcopy(good)
+    del no_gpu["services"]["model-service"]["deploy"]
+    assert any("GPU reservation" in p for p in _stack_problems("docker-compose.yml", no_gpu))
+
+    misspelt = copy.deepcopy(good)
+    misspelt["services"]["model-service"]["environment"]["MODEL_SERVICE_MODEL_DIRR"] = "/models/model"
+    known = {"model_service": {"MODEL_SERVICE_MODEL_DIR", "MODEL_SERVICE_PORT"}, "preproc_service": None}
+    assert any("MODEL_SERVICE_MODEL_DIRR is not a setting" in p
+               for p in _stack_problems("docker-compose.yml", misspelt, known))
+
+
+def test_compose_schema_rejects_unknown_keys(stacks):
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(vd.json.loads(vd.COMPOSE_SCHEMA.read_text()))
+    good = vd._plain(stacks["docker-compose.yml"])
+    assert list(validator.iter_errors(good)) == []
+    bad = copy.deepcopy(good)
+    bad["services"]["preproc"]["helthcheck"] = bad["services"]["preproc"].pop("healthcheck")
+    errors = list(validator.iter_errors(bad))
+    assert errors and "helthcheck" in errors[0].message
+
+
+def test_compose_merge_rules():
+    base = {"services": {"a": {"deploy": {"x": 1}, "volumes": [{"target": "/m", "source": "s"}],
+                               "environment": {"A": "1"}}}}
+    override = {"services": {"a": {"deploy": vd.Reset(), "volumes": [{"target": "/c", "source": "c"}],
+                                   "environment": {"B": "2"}}}}
+    merged = vd.merge_compose(base, override)["services"]["a"]
+    assert "deploy" not in merged
+    assert [v["target"] for v in merged["volumes"]] == ["/m", "/c"]
+    assert merged["environment"] == {"A": "1", "B": "2"}
+
+
+# ---------------------------------------------------------------- kubernetes
+
+@pytest.fixture(scope="module")
+def rendered():
+    return {overlay: vd.render_kustomization(vd.K8S_OVERLAYS / overlay) for overlay in ("cpu", "gpu")}
+
+
+def _cluster_problems(overlay: str, objects: list[dict]) -> list[str]:
+    problems: list[str] = []
+    vd.check_cluster(problems, overlay, overlay, objects, NO_ENV_CHECK)
+    return problems
+
+
+def _deployment(objects, name):
+    return next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == name)
+
+
+def test_overlays_differ_where_they_should(rendered):
+    gpu_model = _deployment(rendered["gpu"], "model-service")["spec"]["template"]["spec"]
+    cpu_model = _deployment(rendered["cpu"], "model-service")["spec"]["template"]["spec"]
+    assert gpu_model["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu_model["containers"][0]["image"] == "splitserve/model-service:cuda"
+    assert cpu_model["containers"][0]["image"] == "splitserve/model-service:cpu"
+    assert "nvidia.com/gpu" not in cpu_model["containers"][0]["resources"].get("limits", {})
+    # The strategic merge kept the base's container fields (probes, mounts) beside the patched resources.
+    assert gpu_model["containers"][0]["readinessProbe"]["grpc"]["port"] == 8001
+    assert [m["mountPath"] for m in gpu_model["containers"][0]["volumeMounts"]] == ["/models/model", "/tmp"]
+
+
+def test_cluster_checks_catch_broken_manifests(rendered):
+    good = rendered["gpu"]
+    assert _cluster_problems("gpu", good) == []
+
+    http_probe = copy.deepcopy(good)
+    container = _deployment(http_probe, "preproc")["spec"]["template"]["spec"]["containers"][0]
+    container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": 8012}}
+    assert any("livenessProbe must be a native gRPC probe" in p for p in _cluster_problems("gpu", http_probe))
+
+    short_grace = copy.deepcopy(good)
+    _deployment(short_grace, "model-service")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 20
+    assert any("terminationGracePeriodSeconds" in p for p in _cluster_problems("gpu", short_grace))
+
+    writable = copy.deepcopy(good)
+    _deployment(writable, "model-service")["spec"]["template"]["spec"]["containers"][0]["securityContext"][
+        "readOnlyRootFilesystem"] = False
+    assert any("readOnlyRootFilesystem" in p for p in _cluster_problems("gpu", writable))
+
+    clustered = copy.deepcopy(good)
+    next(o for o in clustered if o["kind"] == "Service" and o["metadata"]["name"] == "model-service")[
+        "spec"].pop("clusterIP")
+    assert any("headless" in p for p in _cluster_problems("gpu", clustered))
+
+    assert any("must not request nvidia.com/gpu" in p for p in _cluster_problems("cpu", good))
+
+
+def test_kubernetes_schemas_reject_invalid_objects(rendered):
+    deployment = copy.deepcopy(_deployment(rendered["cpu"], "preproc"))
+    assert vd.k8s_schema_problems(deployment) == []
+    deployment["spec"]["replicas"] = "two"
+    assert any("replicas" in p for p in vd.k8s_schema_problems(deployment))
+    typo = copy.deepcopy(_deployment(rendered["cpu"], "preproc"))
+    typo["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grpc": {"port": 8011}}
+    assert vd.k8s_schema_problems(typo)  # strict: unknown fields are errors
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_renderer_matches_kubectl_kustomize(rendered):
+    for overlay, objects in rendered.items():
+        theirs = vd.kubectl_render(vd.K8S_OVERLAYS / overlay)
+        assert {vd._identity(o): o for o in objects} == {vd._identity(o): o for o in theirs}
+
+
+# ---------------------------------------------------------------- Dockerfiles
+
+def test_dockerfiles_declare_user_healthcheck_and_entrypoint():
+    problems: list[str] = []
+    vd.check_dockerfiles(problems)
+    assert problems == []
+    assert vd.dockerfile_entrypoint(vd.DOCKERFILES["preproc_service"]) == ["python", "-m", "preproc_service"]
+    instructions = vd.dockerfile_instructions(vd.DOCKERFILES["model_service"])
+    assert ("ARG", "VARIANT=cuda") in instructions
+    assert any(inst == "FROM" and rest == "base-${VARIANT}" for inst, rest in instructions)

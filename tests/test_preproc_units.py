@@ -1,0 +1,96 @@
+"""preproc_service parts without servers: model directory reading, parameter precedence,
+micro-batched tokenization, the handshake rules."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from preproc_service.deployment import ModelInfo
+from preproc_service.handshake import disagreements
+from preproc_service.model_dir import read_model_dir
+from preproc_service.params import ParameterResolver
+from preproc_service.tokenization import EncodeOptions, Tokenization, pad_batch
+from splitserve_common.errors import FailedPrecondition, InvalidArgument
+from tests import model_factory
+from tests import preproc_helpers as h
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return model_factory.wordpiece_tokenizer(model_max_length=64)
+
+
+def test_precedence_request_over_signature_over_model_config_over_pipeline():
+    resolver = ParameterResolver(model_config={"top_k": 2, "function_to_apply": "none", "unrelated": 1},
+                                 signature_params={"function_to_apply": "sigmoid"})
+    assert resolver.defaults("text-classification") == {"function_to_apply": "sigmoid", "top_k": 2,
+                                                        "truncation": True}
+    assert resolver.resolve("text-classification", {"top_k": 3}) == {"function_to_apply": "sigmoid", "top_k": 3,
+                                                                     "truncation": True}
+    assert ParameterResolver().defaults("fill-mask")["top_k"] == 5
+
+
+def test_read_components_and_sentence_transformers_dirs(tmp_path):
+    directory, _, _ = h.build_task_model(tmp_path, "token-classification", model_config={"aggregation_strategy": "max"},
+                                         signature_params=[{"name": "ignore_labels", "default": []}])
+    md = read_model_dir(directory)
+    assert md.task == "token-classification" and md.tokenizer_path == directory / "components" / "tokenizer"
+    assert md.model_config == {"aggregation_strategy": "max"} and md.signature_params == {"ignore_labels": []}
+    minilm = read_model_dir(model_factory.minilm_dir())
+    assert (minilm.task, minilm.pooling, minilm.normalize, minilm.max_seq_length) == \
+           ("feature-extraction", "mean", True, 256)
+    with pytest.raises(FailedPrecondition):
+        read_model_dir(tmp_path / "missing")
+
+
+def test_concurrent_requests_share_tokenizer_batches(tokenizer):
+    texts = [f"{a} walked to {b}" for a in model_factory.NAMES for b in model_factory.PLACES] * 3
+
+    class Counting(Tokenization):
+        calls = 0
+
+        def _encode_jobs(self, jobs):
+            Counting.calls += 1
+            return super()._encode_jobs(jobs)
+
+    async def run():
+        tok = Counting(tokenizer, max_length=64)
+        results = await asyncio.gather(*(tok.encode([t], EncodeOptions(max_length=64)) for t in texts))
+        tok.close()
+        return results
+
+    results = asyncio.run(run())
+    assert Counting.calls < len(texts) / 4  # 72 requests, a handful of batch calls
+    for text, groups in zip(texts, results, strict=True):
+        assert groups[0][0].ids == tokenizer(text)["input_ids"]
+
+
+def test_truncation_and_padding(tokenizer):
+    long_text = " ".join(["river"] * 100)
+
+    async def run():
+        tok = Tokenization(tokenizer, max_length=64)
+        try:
+            cut = await tok.encode_truncating([long_text, "a b"], truncation=True)
+            with pytest.raises(InvalidArgument, match="102 tokens long, more than the model's limit of 64"):
+                await tok.encode_truncating(["short", long_text], truncation=False)
+            return cut
+        finally:
+            tok.close()
+
+    cut = asyncio.run(run())
+    assert len(cut[0].ids) == 64 and cut[0].ids == tokenizer(long_text, truncation=True)["input_ids"]
+    batch = pad_batch(cut, pad_id=tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (2, 64) and batch["attention_mask"][1].sum() == len(cut[1].ids)
+    assert (batch["input_ids"][1, len(cut[1].ids):] == tokenizer.pad_token_id).all()
+
+
+def test_handshake_rules(tokenizer):
+    good = ModelInfo(task="text-classification", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    assert disagreements(tokenizer, "text-classification", good) == []
+    assert disagreements(tokenizer, "zero-shot-classification", good) == []  # an NLI model is a classifier
+    small = ModelInfo(task="fill-mask", vocab_size=len(tokenizer) - 10, pad_token_id=tokenizer.pad_token_id + 1)
+    problems = " | ".join(disagreements(tokenizer, "text-classification", small))
+    assert "embedding has only" in problems and "pad_token_id differs" in problems and "task differs" in problems
