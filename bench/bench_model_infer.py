@@ -43,8 +43,14 @@ def tokenize(model_dir: Path, sentences: list[str], max_length: int) -> list[np.
     return [np.asarray(ids, dtype=np.int64) for ids in enc["input_ids"]]
 
 
-def in_process_rate(model_dir: Path, rows: list[np.ndarray], batch_size: int) -> float:
-    """Sentences/s of length-sorted batched forward + mean pooling + normalize, in this process."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def in_process_rate(model_dir: Path, rows: list[np.ndarray], batch_size: int) -> tuple[float, float]:
+    """(sentences/s, CPU ms/sentence) of length-sorted batched forward + mean pooling + normalize, here."""
     import torch
 
     from model_service.loader import LoadOptions, load
@@ -52,7 +58,7 @@ def in_process_rate(model_dir: Path, rows: list[np.ndarray], batch_size: int) ->
 
     model = load(LoadOptions(str(model_dir), device="cpu")).model
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for b in range(0, len(order), batch_size):
             chunk = [rows[i] for i in order[b:b + batch_size]]
@@ -64,10 +70,10 @@ def in_process_rate(model_dir: Path, rows: list[np.ndarray], batch_size: int) ->
                 mask[j, : len(r)] = 1
             hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
             pool(hidden, mask, "mean", True).numpy()
-    return len(rows) / (time.perf_counter() - start)
+    return len(rows) / (time.perf_counter() - start), 1000 * (time.process_time() - cpu_start) / len(rows)
 
 
-async def service_rate(address: str, rows: list[np.ndarray], concurrency: int) -> dict:
+async def service_rate(address: str, pid: int, rows: list[np.ndarray], concurrency: int) -> dict:
     latencies: list[float] = []
     batch_sizes: list[int] = []
     next_index = 0
@@ -86,11 +92,11 @@ async def service_rate(address: str, rows: list[np.ndarray], concurrency: int) -
                 latencies.append(time.perf_counter() - t0)
                 batch_sizes.append(result.parameters["batch_size"])
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds(pid)
         await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return {"rate": len(rows) / elapsed, "p50_ms": 1000 * statistics.median(latencies),
-            "mean_batch": statistics.fmean(batch_sizes)}
+        elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu_start
+    return {"rate": len(rows) / elapsed, "cpu_ms": 1000 * cpu / len(rows),
+            "p50_ms": 1000 * statistics.median(latencies), "mean_batch": statistics.fmean(batch_sizes)}
 
 
 def main(argv=None) -> None:
@@ -120,18 +126,22 @@ def main(argv=None) -> None:
         for c in levels:
             # Unbatched calls are slow: concurrency 1 uses a quarter of the sentences.
             subset = rows if c > 1 else rows[: max(32, len(rows) // 4)]
-            results[c] = asyncio.run(service_rate(service.address, subset, c))
+            results[c] = asyncio.run(service_rate(service.address, service.proc.pid, subset, c))
             references.append(in_process_rate(model_dir, rows, args.batch_size))
 
-    measured = ", ".join(f"{r:.1f}" for r in references)
+    measured = ", ".join(f"{rate:.1f}" for rate, _ in references)
     print(f"in-process batched forward (batch {args.batch_size}, length-sorted), sentences/s: {measured}")
+    print("CPU columns: CPU time per sentence of the service process vs this process's in-process loop;")
+    print("their ratio shows the service's efficiency even when other jobs share the machine.")
     print()
-    print("| concurrency | ModelInfer sentences/s | in-process sentences/s | ratio | mean batch | p50 latency ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| concurrency | ModelInfer sent/s | in-process sent/s | ratio | mean batch | p50 ms "
+          "| service CPU ms/sent | in-process CPU ms/sent | CPU ratio |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for i, (c, r) in enumerate(results.items()):
-        baseline = (references[i] + references[i + 1]) / 2
-        print(f"| {c} | {r['rate']:.1f} | {baseline:.1f} | {r['rate'] / baseline:.2f} | {r['mean_batch']:.1f} "
-              f"| {r['p50_ms']:.1f} |")
+        rate = (references[i][0] + references[i + 1][0]) / 2
+        cpu = (references[i][1] + references[i + 1][1]) / 2
+        print(f"| {c} | {r['rate']:.1f} | {rate:.1f} | {r['rate'] / rate:.2f} | {r['mean_batch']:.1f} "
+              f"| {r['p50_ms']:.0f} | {r['cpu_ms']:.1f} | {cpu:.1f} | {cpu / r['cpu_ms']:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -185,8 +185,7 @@ class AdapterRegistry:
     @contextmanager
     def lease(self, name: str):
         """Hold `name` for the length of one request, so an unload waits for it; yields the per-row name."""
-        row_name = self.require(name)
-        if row_name == BASE:
+        if not name:
             yield BASE
             return
         with self._lock:
@@ -194,7 +193,7 @@ class AdapterRegistry:
                 raise NotFound(self._unknown(name))
             self._in_use[name] = self._in_use.get(name, 0) + 1
         try:
-            yield row_name
+            yield name
         finally:
             with self._lock:
                 self._in_use[name] -= 1

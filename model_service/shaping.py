@@ -107,7 +107,7 @@ def parse_specs(request, available: list[str], defaults: list[str], pooling: dic
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:
     """[B, L, H] + [B, L] mask -> [B, H], as sentence-transformers' Pooling (+ Normalize)."""
-    mask_f = mask.unsqueeze(-1).to(hidden.dtype)
+    mask_f = mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
     if mode == "cls":
         pooled = hidden[:, 0]
     elif mode == "max":

@@ -18,7 +18,8 @@ PIPELINE_DEFAULTS: dict[str, dict] = {
     # transformers 4.x QuestionAnsweringPipeline defaults (preprocess/postprocess signatures).
     "question-answering": {"top_k": 1, "doc_stride": None, "max_answer_len": 15, "max_seq_len": None,
                            "max_question_len": 64, "handle_impossible_answer": False, "align_to_words": True},
-    "zero-shot-classification": {"hypothesis_template": "This example is {}.", "multi_label": False},
+    "zero-shot-classification": {"candidate_labels": None, "hypothesis_template": "This example is {}.",
+                                 "multi_label": False},
     "feature-extraction": {"pooling": None, "normalize": None, "float16": False, "truncation": True},
 }
 

@@ -27,6 +27,7 @@ from preproc_service.tasks import (
     token_classification,
     zero_shot_classification,
 )
+from preproc_service.tokenization import EncodeOptions
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, ServiceError, grpc_errors, status_of
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
@@ -141,8 +142,7 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         call = self._begin("ZeroShotClassify", context, request.adapter)
         params = self.dep.params.resolve("zero-shot-classification", explicit_fields(
             request, ["hypothesis_template", "multi_label"]))
-        labels = list(request.candidate_labels) or self.dep.params.defaults("zero-shot-classification").get(
-            "candidate_labels") or []
+        labels = list(request.candidate_labels) or params.get("candidate_labels") or []
         params["candidate_labels"] = zero_shot_classification.parse_labels(labels)
         results = await zero_shot_classification.run(self.dep, call, list(request.texts), labels, params)
         return pb.ZeroShotClassifyResponse(results=[pb.ZeroShotResult(**r) for r in results],
@@ -262,8 +262,6 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
 
     @grpc_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context):
-        from preproc_service.tokenization import EncodeOptions
-
         if request.HasField("max_length") and request.max_length <= 0:
             raise InvalidArgument(f"max_length must be >= 1, got {request.max_length}")
         truncation = request.truncation if request.HasField("truncation") else False

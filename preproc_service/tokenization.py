@@ -47,6 +47,7 @@ class Tokenization:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
         self._pending: list[_Job] = []
         self._draining = False
+        self._drain_task: asyncio.Future | None = None
 
     @property
     def pad_token_id(self) -> int:
@@ -62,7 +63,7 @@ class Tokenization:
         self._pending.append(_Job(list(texts), options, future))
         if not self._draining:
             self._draining = True
-            asyncio.ensure_future(self._drain())
+            self._drain_task = asyncio.ensure_future(self._drain())  # keep a reference: tasks are weakly held
         encodings = await future
         if overflow:
             return [[enc, *enc.overflowing] for enc in encodings]

@@ -81,6 +81,13 @@ def adapters_stub(address):
     return adapters_pb2_grpc.AdaptersStub(grpc.insecure_channel(address))
 
 
+def ensure_loaded(fixture, name):
+    """Load `name` unless an earlier test did (so each test also runs alone)."""
+    stub = adapters_stub(fixture["server"].address)
+    if name not in [a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters]:
+        stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name=name, path=str(fixture["dirs"][name])))
+
+
 def test_startup_adapter_and_runtime_loads_are_listed(encoder_server):
     stub = adapters_stub(encoder_server["server"].address)
     assert [a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters] == ["alpha"]
@@ -99,6 +106,8 @@ def test_startup_adapter_and_runtime_loads_are_listed(encoder_server):
 def test_interleaved_concurrent_infer_matches_peft(encoder_server):
     """Requests for three adapters and the base in flight together; each answer equals its PeftModel."""
     tok, refs = encoder_server["tok"], encoder_server["refs"]
+    for name in ("beta", "gamma"):
+        ensure_loaded(encoder_server, name)
     names = ["alpha", "", "beta", "gamma"]
     jobs = []
     for i in range(24):
@@ -264,11 +273,12 @@ def test_adapter_through_preproc_and_client(encoder_server):
 
     model_dir = encoder_server["root"] / "model"
     texts = SENTENCES[:3]
+    ensure_loaded(encoder_server, "gamma")
     id2label = encoder_server["base"].config.id2label
     with servers.preproc_service(model_dir, encoder_server["server"].address, "--metrics-port", "0") as preproc:
         with PreprocClient(preproc.address) as client:
             for name in ["alpha", "", "gamma"]:
-                results = client.classify(texts, top_k=None, adapter=name)
+                results = client.classify(texts, top_k=len(id2label), adapter=name)
                 _, enc = infer_request(encoder_server["tok"], texts)
                 probs = torch.softmax(torch.from_numpy(expected_logits(encoder_server["refs"][name], enc)), -1)
                 for row, expected in zip(results, probs, strict=True):

@@ -5,6 +5,8 @@ cancelled stream frees its slot while the other streams go on unchanged."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import threading
 import time
 
@@ -45,8 +47,9 @@ def scripted(tmp_path_factory):
     model, tok = positional_gpt2(sequence, len(prompt_ids), n_positions=n_positions)
     root = mf.save_components(tmp_path_factory.mktemp("gen") / "scripted", model, tok, "text-generation",
                               instance_type="TextGenerationPipeline")
-    # At most 2 sequences run at once, so the cancellation test can see a request wait for a slot.
-    with servers.model_service(root, "--gen-max-sequences", "2", *QUIET) as ms, \
+    # At most 2 sequences run at once, so the cancellation test can see a request wait for a slot;
+    # tokens go out 3 per message after the first.
+    with servers.model_service(root, "--gen-max-sequences", "2", "--gen-stream-interval", "3", *QUIET) as ms, \
             servers.preproc_service(root, ms.address, *QUIET) as pp:
         yield {"tokenizer": tok, "script": script, "gen": generation_stub(ms.address), "pre": preproc_stub(pp.address),
                "max_new": n_positions - len(prompt_ids), "prompt_ids": prompt_ids, "sequence": sequence}
@@ -67,6 +70,16 @@ def test_emoji_and_cjk_stream_whole_characters(scripted):
     assert scripted["pre"].GenerateText(request).generated_text == SCRIPT_TEXT
 
 
+def test_stream_interval_groups_tokens_after_the_first(scripted):
+    n = len(scripted["script"])
+    steps = list(scripted["gen"].Generate(gpb.GenerateRequest(
+        input_ids=scripted["prompt_ids"], settings=gpb.GenerationSettings(max_new_tokens=n))))
+    assert [t for s in steps for t in s.token_ids] == scripted["script"]
+    assert len(steps[0].token_ids) == 1  # time to first token is not traded away
+    assert len(steps) <= 1 + math.ceil((n - 1) / 3)
+    assert [s.generated_tokens for s in steps] == list(itertools.accumulate(len(s.token_ids) for s in steps))
+
+
 @pytest.mark.parametrize("stop", ["END", "D of r", "の 首"])
 def test_stop_string_spanning_tokens_cuts_and_stops_the_model(scripted, stop):
     tok = scripted["tokenizer"]
@@ -78,7 +91,10 @@ def test_stop_string_spanning_tokens_cuts_and_stops_the_model(scripted, stop):
     response = scripted["pre"].GenerateText(pb.GenerateTextRequest(prompt=PROMPT, parameters=params))
     assert response.generated_text == SCRIPT_TEXT[:SCRIPT_TEXT.index(stop)]
     assert response.finish_reason == "stop"
-    assert response.usage.completion_tokens < len(scripted["script"]) + 2
+    # Usage counts the tokens up to the one that completed the stop string.
+    script = scripted["script"]
+    assert response.usage.completion_tokens == next(k for k in range(1, len(script) + 1)
+                                                    if stop in tok.decode(script[:k]))
     chunks = list(scripted["pre"].GenerateTextStream(pb.GenerateTextRequest(prompt=PROMPT, parameters=params)))
     assert "".join(c.text for c in chunks) == response.generated_text and chunks[-1].finish_reason == "stop"
     # preproc cancelled both model streams long before their ~1000 tokens: the slots are free again.

@@ -40,10 +40,11 @@ def env(tmp_path_factory):
     peft_dir = model_factory.save_peft_components(root / "peft", peft_model, tokenizer, "text-classification",
                                                   "TextClassificationPipeline")
     specs = {task: (directory, []) for task, (directory, _, _) in models.items()}
+    # Long wait and a small batch limit here: concurrent calls surely share batches.
+    specs["text-classification"] = (specs["text-classification"][0], ["--max-wait-us", "150000",
+                                                                       "--max-batch-size", "8"])
     specs["peft"] = (peft_dir, [])
     specs["minilm"] = (model_factory.minilm_dir(), ["--model-name", "minilm"])
-    # Long wait and small limits: concurrent calls surely share batches; bad batches are easy to make.
-    specs["batching"] = (models["text-classification"][0], ["--max-wait-us", "200000", "--max-batch-size", "8"])
     with model_services(specs, log_dir=root / "logs") as handles:
         yield {"models": models, "handles": handles, "peft": (peft_model, tokenizer)}
 
@@ -79,6 +80,19 @@ def test_default_outputs_follow_the_task(env):
         meta = client.metadata()
     assert sorted(out) == ["end_logits", "start_logits"]
     assert meta["parameters"]["task"] == "question-answering"
+
+
+def test_typed_contents_accepted(env):
+    _, model, tokenizer = env["models"]["fill-mask"]
+    ids = np.asarray([tokenizer("the river is long")["input_ids"]], dtype=np.int64)
+    request = pb.ModelInferRequest()
+    tensor = request.inputs.add(name="input_ids", datatype="INT64", shape=list(ids.shape))
+    tensor.contents.int64_contents.extend(ids.ravel().tolist())
+    request.outputs.add(name="logits")
+    with grpc.insecure_channel(address(env, "fill-mask")) as channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    logits = np.frombuffer(reply.raw_output_contents[0], dtype="<f4").reshape(tuple(reply.outputs[0].shape))
+    np.testing.assert_allclose(logits, reference(model, {"input_ids": ids})["logits"], atol=TOL, rtol=0)
 
 
 def test_unpadded_rows_without_mask_equal_padded(env):
@@ -197,12 +211,10 @@ def test_concurrent_requests_share_batches_and_match_unbatched(env):
     _, model, tokenizer = env["models"]["text-classification"]
     texts = [" ".join(model_factory.WORDS[i:i + 3 + (i % 9)]) for i in range(16)]
     rows = [np.asarray([tokenizer(t)["input_ids"]], dtype=np.int64) for t in texts]
-    with TensorClient(address(env, "text-classification")) as client:
-        alone = [client.infer({"input_ids": r}, outputs=["logits"]) for r in rows]
-    assert all(r.parameters["batch_size"] == 1 for r in alone)
+    alone = [reference(model, {"input_ids": r})["logits"] for r in rows]
 
     async def concurrently():
-        async with AsyncTensorClient(address(env, "batching")) as client:
+        async with AsyncTensorClient(address(env, "text-classification")) as client:
             unary = [client.infer({"input_ids": r}, outputs=["logits"], request_id=str(i))
                      for i, r in enumerate(rows[:12])]
             streamed = [build_request({"input_ids": r}, ["logits"], request_id=str(12 + i))
@@ -222,7 +234,11 @@ def test_concurrent_requests_share_batches_and_match_unbatched(env):
     sizes = [r.parameters["batch_size"] for r in results.values()]
     assert max(sizes) > 1 and max(sizes) <= 8
     for i, result in results.items():
-        np.testing.assert_allclose(result["logits"], alone[int(i)]["logits"], atol=TOL, rtol=0)
+        np.testing.assert_allclose(result["logits"], alone[int(i)], atol=TOL, rtol=0)
+    with TensorClient(address(env, "text-classification")) as client:
+        single = client.infer({"input_ids": rows[0]}, outputs=["logits"])
+    assert single.parameters["batch_size"] == 1
+    np.testing.assert_allclose(single["logits"], alone[0], atol=TOL, rtol=0)
 
 
 def test_stream_reports_errors_per_request_and_goes_on(env):
@@ -276,8 +292,8 @@ BAD_REQUESTS = {
     "wrong rank": (_request(mutate=_set("shape", [5])), grpc.StatusCode.INVALID_ARGUMENT, "rank 2"),
     "too long": (build_request({"input_ids": np.full((1, 65), 5)}), grpc.StatusCode.INVALID_ARGUMENT,
                  "longer than the model's 64 positions"),
-    "batch over limit": (build_request({"input_ids": np.full((33, 4), 5)}), grpc.StatusCode.INVALID_ARGUMENT,
-                         "over the limit of 32"),
+    "batch over limit": (build_request({"input_ids": np.full((9, 4), 5)}), grpc.StatusCode.INVALID_ARGUMENT,
+                         "over the limit of 8"),
     "mask shape": (build_request({"input_ids": np.full((2, 4), 5), "attention_mask": np.ones((2, 3))
                                   .astype(np.int64)}), grpc.StatusCode.INVALID_ARGUMENT, "attention_mask"),
     "left padding": (build_request({"input_ids": np.full((1, 4), 5), "attention_mask": np.array([[0, 1, 1, 1]])}),

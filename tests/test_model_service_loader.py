@@ -149,3 +149,17 @@ def test_refusal_at_startup_names_the_flag(tc):
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode != 0
     assert "--allow-pickle" in done.stderr
+
+
+def test_every_setting_is_a_flag_and_env_var_with_default_in_help(monkeypatch):
+    from model_service import cli
+    from splitserve_common.settings import build_parser
+
+    help_text = " ".join(build_parser("model-service", "", cli.OPTIONS, cli.ENV_PREFIX).format_help().split())
+    for opt in cli.MODEL_OPTIONS:
+        assert f"--{opt.name}" in help_text
+        assert f"env {opt.env_var(cli.ENV_PREFIX)}; default: {opt.default!r}" in help_text
+    monkeypatch.setenv("MODEL_SERVICE_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("MODEL_SERVICE_MODEL_DIR", "/models/x")
+    args = cli.parse_args(["--max-wait-us", "5"])
+    assert (args.max_batch_size, args.max_wait_us, args.model_dir, args.port) == (7, 5, "/models/x", 8001)

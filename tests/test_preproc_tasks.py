@@ -134,6 +134,17 @@ class TestTextClassification:
                 want = tc["pipe"](list(item.classify.texts), top_k=2)[0]
                 assert [x.label for x in reply.classify.results[0].labels] == [x["label"] for x in want]
 
+    def test_deadline_and_cancelled_stream_leave_the_service_serving(self, tc):
+        with pytest.raises(grpc.RpcError) as exc:
+            tc["client"].stub.Classify(pb.ClassifyRequest(texts=h.SENTENCES * 20), timeout=0.001)
+        assert _code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED
+        items = (pb.PredictRequest(id=str(i), classify=pb.ClassifyRequest(texts=[h.SENTENCES[i % 5]]))
+                 for i in range(10_000))
+        stream = tc["client"].predict_stream(items)
+        assert next(stream).id == "0"
+        stream.cancel()  # the caller leaves mid-stream: the service stops that work
+        assert len(tc["client"].classify(h.SENTENCES)) == len(h.SENTENCES)
+
     def test_tokenize_detokenize_info(self, tc):
         tok = tc["tokenizer"]
         got = tc["client"].tokenize(h.SENTENCES)

@@ -31,6 +31,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH_REASONS = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP}
 
 
+def _last(event) -> bool:
+    """An error or a sequence's final token: nothing follows it on the queue."""
+    return isinstance(event, Exception) or bool(event.finish_reason)
+
+
 def limits_from_args(args) -> Limits:
     return Limits(max_sequences=getattr(args, "gen_max_sequences", Limits.max_sequences),
                   max_tokens=getattr(args, "gen_max_tokens", Limits.max_tokens),
@@ -50,9 +55,10 @@ def saved_defaults(source_dir: Path, weights_dir: Path) -> dict:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, runtime, limits: Limits = Limits()):
+    def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 1):
         self.runtime = runtime
         self.limits = limits
+        self.stream_interval = max(1, stream_interval)
         self.scheduler: Scheduler | None = None
 
     async def on_ready(self, runtime) -> None:
@@ -114,12 +120,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 yield step
 
     async def _stream(self, seq: Sequence):
+        """GenerateSteps of `seq`: the first token at once, then every `stream_interval` tokens (or
+        whatever piled up meanwhile), the last one with the finish reason."""
         try:
             finished, sent = False, 0
             while not finished:
                 events = [await seq.events.get()]
-                while not seq.events.empty():
-                    events.append(seq.events.get_nowait())
+                while not _last(events[-1]) and (
+                        not seq.events.empty() or (sent and len(events) < self.stream_interval)):
+                    events.append(await seq.events.get())
                 step = pb.GenerateStep(prompt_tokens=len(seq.prompt_ids))
                 for event in events:
                     if isinstance(event, Exception):
@@ -160,7 +169,8 @@ def _lease(adapters, name: str):
 
 def register(server, runtime) -> list[str]:
     """Plug-in hook of model_service.server: serve splitserve.v1.Generation."""
-    servicer = GenerationServicer(runtime, limits_from_args(runtime.args))
+    servicer = GenerationServicer(runtime, limits_from_args(runtime.args),
+                                  getattr(runtime.args, "gen_stream_interval", 1))
     generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
     runtime.on_ready.append(servicer.on_ready)
     return [SERVICE_NAME]

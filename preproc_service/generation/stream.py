@@ -43,15 +43,23 @@ async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, cont
     generated = 0
     try:
         async for step in call:
-            generated += len(step.token_ids)
-            text = matcher.feed(detok.add(step.token_ids))
+            ids, logprobs = list(step.token_ids), list(step.logprobs)
+            if matcher.stops:  # token by token, so the answer and its count end at the stop string
+                text = ""
+                for k, token in enumerate(ids):
+                    text += matcher.feed(detok.add([token]))
+                    if matcher.stopped:
+                        ids, logprobs = ids[:k + 1], logprobs[:k + 1]
+                        break
+            else:
+                text = detok.add(ids)
+            generated += len(ids)
             last = step.finish_reason != gpb.FINISH_REASON_UNSPECIFIED
             if last and not matcher.stopped:
                 text += matcher.feed(detok.flush())
                 if not matcher.stopped:
                     text += matcher.flush()
-            piece = Piece(text, list(step.token_ids), list(step.logprobs), prompt_tokens=step.prompt_tokens,
-                          completion_tokens=generated)
+            piece = Piece(text, ids, logprobs, prompt_tokens=step.prompt_tokens, completion_tokens=generated)
             if matcher.stopped:
                 piece.finish_reason = "stop"
                 yield piece
