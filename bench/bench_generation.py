@@ -87,8 +87,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-words", type=int, default=8, help="words of each sentence used as the prompt")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch CPU threads, the same for the reference and model_service")
-    parser.add_argument("--stream-interval", type=int, default=1,
-                        help="model_service --gen-stream-interval: tokens per streamed message")
+    parser.add_argument("--stream-interval", type=int, default=0,
+                        help="model_service --gen-stream-interval: tokens per streamed message (0: adaptive)")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
 

@@ -1,7 +1,7 @@
 """What security costs: text-classification through client -> preproc -> model_service with
 plaintext, with the bearer token, and with mutual TLS + token on both hops, vs in process, same run.
 
-    python bench/bench_ops.py [SENTENCES] [--concurrency 1,16] [--limit 384]
+    python bench/bench_ops.py [SENTENCES] [--concurrency 1,16] [--limit 128]
 
 SENTENCES defaults to ../shared/bench/sentences.txt (relative to the repo root). The model is the
 real all-MiniLM-L6-v2 body with a seeded 3-label head (MLflow components layout); certificates
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sentences", nargs="?", type=Path, default=DEFAULT_SENTENCES)
     parser.add_argument("--concurrency", default="1,16")
-    parser.add_argument("--limit", type=int, default=384)
+    parser.add_argument("--limit", type=int, default=128)
     args = parser.parse_args(argv)
     sentences = [s.strip() for s in args.sentences.read_text().splitlines() if s.strip()][:args.limit]
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -136,6 +136,7 @@ def main(argv=None) -> None:
                     wait_serving(p, security)
                     for level in levels:
                         rows.append((name, level, asyncio.run(measure(p.address, security, sentences, level))))
+                        print(f"measured {name} at concurrency {level}", file=sys.stderr)
         reference = (reference + pipeline_rate(model, tokenizer, sentences)) / 2  # before and after the services
 
     print(f"{len(sentences)} sentences from {args.sentences}; "

@@ -4,8 +4,9 @@ Access (`--adapter-management`):
 - `enabled`: anyone who may call the server may manage adapters (the server-wide
   `--auth-token`, when set, already applies to every call);
 - `disabled`: LoadAdapter/UnloadAdapter answer PERMISSION_DENIED;
-- `token`: LoadAdapter/UnloadAdapter need `authorization: Bearer <token>` with
-  `--adapter-token` (or `--auth-token` when no adapter token is set).
+- `token`: LoadAdapter/UnloadAdapter need the token `--adapter-token` (or `--auth-token`
+  when no adapter token is set) as `authorization: Bearer <token>` or, when the server-wide
+  `--auth-token` already takes `authorization`, as `x-adapter-token: <token>`.
 ListAdapters is always allowed: the same names are in the model metadata.
 
 Model changes run on the engine's worker thread; reading the adapter files runs in a
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name
 MANAGEMENT_MODES = ("enabled", "disabled", "token")
+ADAPTER_TOKEN_HEADER = "x-adapter-token"
 
 ADAPTER_OPTIONS = [
     Option("adapter", [], "PEFT adapter to load at start, as NAME=DIR (repeat the flag for several)",
@@ -87,10 +89,15 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         if self.mode == "disabled":
             raise PermissionDenied("adapter management is disabled on this server (--adapter-management disabled)")
         if self.mode == "token":
-            header = dict(context.invocation_metadata() or ()).get("authorization", "")
-            scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-                raise Unauthenticated("adapter management needs 'authorization: Bearer <adapter token>'")
+            metadata = dict(context.invocation_metadata() or ())
+            scheme, _, bearer = metadata.get("authorization", "").partition(" ")
+            offered = [bearer.strip()] if scheme.lower() == "bearer" else []
+            # With a server-wide --auth-token, `authorization` carries that one: the adapter token
+            # then travels in its own header.
+            offered.append(metadata.get(ADAPTER_TOKEN_HEADER, "").strip())
+            if not any(hmac.compare_digest(given.encode(), self.token.encode()) for given in offered if given):
+                raise Unauthenticated("adapter management needs the adapter token: 'authorization: Bearer <token>' "
+                                      f"or '{ADAPTER_TOKEN_HEADER}: <token>'")
 
     @grpc_errors
     async def LoadAdapter(self, request, context):

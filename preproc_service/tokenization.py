@@ -17,6 +17,8 @@ from tokenizers import Encoding, Tokenizer
 
 from splitserve_common.errors import InvalidArgument
 
+_MAX_BACKENDS = 16
+
 
 @dataclass(frozen=True)
 class EncodeOptions:
@@ -127,6 +129,8 @@ class Tokenization:
     def _backend(self, options: EncodeOptions) -> Tokenizer:
         backend = self._backends.get(options)
         if backend is None:
+            if len(self._backends) >= _MAX_BACKENDS:  # callers choose max_length: keep the cache bounded
+                self._backends.clear()
             backend = Tokenizer.from_str(self._backend_json)
             backend.no_padding()
             if options.max_length is None:

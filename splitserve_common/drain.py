@@ -8,9 +8,10 @@ happens in two steps:
 1. `DrainGate.close()`: from now on every new call (health checks excepted, they
    answer NOT_SERVING) is refused with UNAVAILABLE, which clients may safely retry
    on another replica, while the server keeps running and the calls in flight go on;
-2. once none is left in flight and no call has arrived for a moment (a call
-   already on the wire is then refused cleanly instead of dropped), or the drain
-   time is up, the server stops, and whatever still runs is cancelled.
+2. once none is left in flight and no call has arrived or finished for a moment
+   (a client answered just now may already be sending its next call, which is then
+   refused cleanly instead of dropped), or the drain time is up, the server stops,
+   and whatever still runs is cancelled.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from splitserve_common.metrics import wrap_handler
 
 # Health stays answerable while draining: probes and watchers see NOT_SERVING, not a refused call.
 ALWAYS_ALLOWED = ("/grpc.health.v1.Health/",)
-# How long no call may have arrived before the server stops.
-QUIET_SECONDS = 0.3
+# How long no call may have arrived or finished before the server stops.
+QUIET_SECONDS = 0.5
 
 
 class DrainGate(grpc.aio.ServerInterceptor):
@@ -35,16 +36,16 @@ class DrainGate(grpc.aio.ServerInterceptor):
     def __init__(self):
         self.closed = False
         self.in_flight = 0
-        self.last_arrival = time.monotonic()
+        self.last_activity = time.monotonic()
 
     def close(self) -> None:
         self.closed = True
 
     async def wait_idle(self, timeout: float, quiet: float = QUIET_SECONDS) -> bool:
-        """Wait until no call is in flight and none arrived for `quiet` seconds; False on timeout."""
+        """Wait until no call is in flight and none arrived or finished for `quiet` seconds; False on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.in_flight == 0 and time.monotonic() - self.last_arrival >= quiet:
+            if self.in_flight == 0 and time.monotonic() - self.last_activity >= quiet:
                 return True
             await asyncio.sleep(0.05)
         return False
@@ -53,7 +54,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(ALWAYS_ALLOWED):
             return handler
-        self.last_arrival = time.monotonic()
+        self.last_activity = time.monotonic()
         if self.closed:
             return wrap_handler(handler, lambda _behavior: _refuse)
         return wrap_handler(handler, self._counted)
@@ -63,6 +64,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
 
     def _leave(self) -> None:
         self.in_flight -= 1
+        self.last_activity = time.monotonic()
 
     def _counted(self, behavior):
         if inspect.isasyncgenfunction(behavior):

@@ -28,10 +28,14 @@ def build_task_model(root: Path, task: str, seed: int = 0, **mlmodel):
 
 @contextmanager
 def stack(model_dir, *preproc_args: str, model_args=(), preproc_env=None):
-    """model_service and preproc_service on loopback for `model_dir`; yields (model, preproc) handles."""
-    with servers.model_service(model_dir, "--metrics-port", "0", *model_args) as model:
+    """model_service and preproc_service on loopback for `model_dir`; yields (model, preproc) handles.
+
+    Both start at once: preproc's handshake waits for the model service by itself.
+    """
+    with servers.model_service(model_dir, "--metrics-port", "0", *model_args, wait=False) as model:
         with servers.preproc_service(model_dir, model.address, "--metrics-port", "0", *preproc_args,
                                      env=preproc_env) as preproc:
+            model.wait_serving()
             yield model, preproc
 
 

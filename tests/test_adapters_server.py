@@ -234,7 +234,9 @@ def test_management_needs_the_token(gpt2_server):
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="again"))
     assert excinfo.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="again"), metadata=good).unloaded.name == "again"
+    own_header = (("x-adapter-token", TOKEN),)  # how it travels when --auth-token holds `authorization`
+    assert stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="again"),
+                              metadata=own_header).unloaded.name == "again"
     # listing stays open
     assert sorted(a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters) == [
         "alpha", "beta", "gamma"]
@@ -290,3 +292,40 @@ def test_adapter_through_preproc_and_client(encoder_server):
             with pytest.raises(grpc.RpcError) as excinfo:
                 client.classify(texts, adapter="nobody")
             assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unload_waits_for_a_generation_in_flight(gpt2_server):
+    """UnloadAdapter during a stream that uses the adapter: new requests for it are refused at once,
+    the stream still finishes with the adapter's tokens, then the adapter is gone (and loaded back)."""
+    tok, address = gpt2_server["tok"], gpt2_server["server"].address
+    good = (("authorization", f"Bearer {TOKEN}"),)
+    ids = tok("the river")["input_ids"]
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(address) as channel:
+            gen = generation_pb2_grpc.GenerationStub(channel)
+            adapters = adapters_pb2_grpc.AdaptersStub(channel)
+            settings = generation_pb2.GenerationSettings(max_new_tokens=64, ignore_eos=True, do_sample=False)
+            request = generation_pb2.GenerateRequest(input_ids=ids, adapter="beta", settings=settings)
+            tokens, unload, probe_code = [], None, None
+            async for step in gen.Generate(request):
+                tokens += list(step.token_ids)
+                if unload is None:  # the stream holds the adapter now: ask for the unload
+                    unload = asyncio.ensure_future(adapters.UnloadAdapter(
+                        adapters_pb2.UnloadAdapterRequest(name="beta"), metadata=good))
+                    await asyncio.sleep(0.05)
+                    try:
+                        async for _ in gen.Generate(request):
+                            pass
+                    except grpc.aio.AioRpcError as exc:
+                        probe_code = exc.code()
+            return tokens, await unload, probe_code
+
+    tokens, reply, probe_code = asyncio.run(scenario())
+    assert probe_code == grpc.StatusCode.NOT_FOUND  # unloading: new requests are refused
+    assert reply.unloaded.name == "beta"
+    assert tokens == greedy_reference(gpt2_server["refs"]["beta"], ids, 64)  # the stream kept its adapter
+    stub = adapters_stub(address)
+    assert "beta" not in [a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters]
+    stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="beta", path=str(gpt2_server["dirs"]["beta"])),
+                     metadata=good)

@@ -14,6 +14,7 @@ import yaml
 from splitserve_pb import generation_pb2 as gpb
 from splitserve_pb import preproc_pb2 as pb
 from tests import servers
+from tests.adapter_helpers import GPT2_ADAPTERS, reference_models, save_adapters
 from tests.generation_helpers import BUILDERS, generation_stub, preproc_stub, reference_generate, save_generative
 
 PROMPTS = ["the river of", "Alice walk to the market in Paris with a friend and", "東京 🙂 music", "why"]
@@ -22,10 +23,16 @@ QUIET = ("--metrics-port", "0")
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    root = save_generative(tmp_path_factory.mktemp("gen") / "gpt2", "gpt2")
+    base = tmp_path_factory.mktemp("gen")
+    root = save_generative(base / "gpt2", "gpt2")
     model, tokenizer = BUILDERS["gpt2"]()
-    with servers.model_service(root, *QUIET) as ms, servers.preproc_service(root, ms.address, *QUIET) as pp:
+    # Two PEFT adapters loaded at start, for generation with per-request adapters.
+    adapter_dirs = save_adapters(model, base / "adapters", {k: GPT2_ADAPTERS[k] for k in ("alpha", "gamma")})
+    adapter_flags = [f for name, path in adapter_dirs.items() for f in ("--adapter", f"{name}={path}")]
+    with servers.model_service(root, *adapter_flags, *QUIET) as ms, \
+            servers.preproc_service(root, ms.address, *QUIET) as pp:
         yield {"root": root, "model": model, "tokenizer": tokenizer, "gen": generation_stub(ms.address),
+               "adapter_dirs": adapter_dirs,
                "pre": preproc_stub(pp.address), "model_address": ms.address, "pre_address": pp.address}
 
 
@@ -258,3 +265,26 @@ def test_logprobs_match_in_process_scores(gpt2):
                                                  GenerateTextParameters(max_new_tokens=8, logprobs=True))))
     assert [t for c in chunks for t in c.token_ids] == tokens
     assert [lp for c in chunks for lp in c.logprobs] == pytest.approx(expected, abs=1e-4)
+
+
+def test_adapters_mix_in_one_running_batch(gpt2):
+    """Streams for the base model and two LoRA adapters share the batch; each equals its own PeftModel."""
+    tok = gpt2["tokenizer"]
+    references = reference_models(gpt2["model"], gpt2["adapter_dirs"])
+    jobs = [(name, tok(prompt)["input_ids"]) for name in ("", "alpha", "gamma") for prompt in PROMPTS[:2]]
+
+    def run(job):
+        name, ids = job
+        steps = gpt2["gen"].Generate(gpb.GenerateRequest(input_ids=ids, adapter=name,
+                                                         settings=gpb.GenerationSettings(max_new_tokens=12)))
+        return [t for step in steps for t in step.token_ids]
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    outputs = {}
+    for (name, ids), tokens in zip(jobs, results, strict=True):
+        assert tokens == reference_generate(references[name], tok, ids, max_new_tokens=12, do_sample=False)
+        outputs.setdefault(name, []).append(tokens)
+    assert outputs[""] != outputs["alpha"] and outputs[""] != outputs["gamma"]  # the adapters matter
+    code, details = _code(lambda: gpt2["gen"].Generate(gpb.GenerateRequest(input_ids=[5], adapter="nope")))
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in details

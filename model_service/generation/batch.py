@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache, EncoderDecoderCache
 
 from model_service.generation.sampling import SamplingParams, TokenChooser, choose_tokens
 
@@ -126,14 +127,17 @@ class DecodeBatch:
         ids, mask = ids.to(dev), mask.to(dev)
         if gm.is_encoder_decoder:
             start = torch.full((len(seqs), 1), gm.decoder_start_token_id, dtype=torch.long, device=dev)
-            out = gm.forward(input_ids=ids, attention_mask=mask, decoder_input_ids=start)
+            out = gm.forward(input_ids=ids, attention_mask=mask, decoder_input_ids=start,
+                             past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
             batch = cls(seqs, out.past_key_values, torch.ones_like(start), None,
                         torch.ones(len(seqs), dtype=torch.long, device=dev),
                         out.encoder_last_hidden_state, mask)
             for seq in seqs:
                 seq.seen = torch.tensor([gm.decoder_start_token_id], dtype=torch.long, device=dev)
         else:
-            inputs = {"input_ids": ids, "attention_mask": mask}
+            # A plain DynamicCache (full-length layers) whatever the config says: rows are padded,
+            # merged and trimmed by the operations below; masks still follow the model's config.
+            inputs = {"input_ids": ids, "attention_mask": mask, "past_key_values": DynamicCache()}
             if gm.takes_position_ids:
                 inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
             out = gm.forward(**inputs)

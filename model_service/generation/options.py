@@ -7,6 +7,6 @@ GENERATION_OPTIONS = [
     Option("gen-max-tokens", 65536, "generation: most positions (prompt + max_new_tokens) reserved by the running "
            "sequences together", int),
     Option("gen-max-waiting", 1024, "generation: most requests queued for a slot before RESOURCE_EXHAUSTED", int),
-    Option("gen-stream-interval", 1, "generation: tokens per streamed message (the first token always goes out at "
-           "once); more means fewer messages and more throughput, less smooth streams", int),
+    Option("gen-stream-interval", 0, "generation: tokens per streamed message after the first, which always goes "
+           "out at once; 0 = adapt to the load: 1 up to 15 running sequences, then 1 more per 8 (at most 8)", int),
 ]

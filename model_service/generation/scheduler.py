@@ -146,6 +146,10 @@ class Scheduler:
         self.counters["cancelled"] += 1
         self._wakeup.set()
 
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
     def stats(self) -> dict:
         return {
             "active_sequences": len(self._active),

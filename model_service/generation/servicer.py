@@ -55,10 +55,10 @@ def saved_defaults(source_dir: Path, weights_dir: Path) -> dict:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 1):
+    def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 0):
         self.runtime = runtime
         self.limits = limits
-        self.stream_interval = max(1, stream_interval)
+        self.stream_interval = stream_interval  # 0: adapt to the load (see tokens_per_message)
         self.scheduler: Scheduler | None = None
 
     async def on_ready(self, runtime) -> None:
@@ -119,15 +119,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             async for step in self._stream(self.scheduler.submit(seq)):
                 yield step
 
+    def tokens_per_message(self) -> int:
+        """With many streams, per-message overhead dominates: group tokens (about 1 per 8 streams)."""
+        if self.stream_interval > 0:
+            return self.stream_interval
+        return min(8, max(1, self.scheduler.active_count // 8))
+
     async def _stream(self, seq: Sequence):
-        """GenerateSteps of `seq`: the first token at once, then every `stream_interval` tokens (or
-        whatever piled up meanwhile), the last one with the finish reason."""
+        """GenerateSteps of `seq`: the first token at once, then every `tokens_per_message()` tokens
+        (or whatever piled up meanwhile), the last one with the finish reason."""
         try:
             finished, sent = False, 0
             while not finished:
                 events = [await seq.events.get()]
-                while not _last(events[-1]) and (
-                        not seq.events.empty() or (sent and len(events) < self.stream_interval)):
+                group = self.tokens_per_message() if sent else 1
+                while not _last(events[-1]) and (not seq.events.empty() or len(events) < group):
                     events.append(await seq.events.get())
                 step = pb.GenerateStep(prompt_tokens=len(seq.prompt_ids))
                 for event in events:
@@ -170,7 +176,7 @@ def _lease(adapters, name: str):
 def register(server, runtime) -> list[str]:
     """Plug-in hook of model_service.server: serve splitserve.v1.Generation."""
     servicer = GenerationServicer(runtime, limits_from_args(runtime.args),
-                                  getattr(runtime.args, "gen_stream_interval", 1))
+                                  getattr(runtime.args, "gen_stream_interval", 0))
     generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
     runtime.on_ready.append(servicer.on_ready)
     return [SERVICE_NAME]
