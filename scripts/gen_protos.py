@@ -56,7 +56,9 @@ def main() -> int:
         fresh = generate(Path(tmp))
         target = ROOT / PACKAGE
         if args.check:
-            committed = sorted(p.relative_to(ROOT) for p in target.glob("*") if p.is_file() and p.suffix in (".py", ".pyi"))
+            committed = sorted(
+                p.relative_to(ROOT) for p in target.glob("*") if p.is_file() and p.suffix in (".py", ".pyi")
+            )
             drift = set(fresh) ^ set(committed)
             drift |= {p for p in set(fresh) & set(committed) if not filecmp.cmp(Path(tmp) / p, ROOT / p, shallow=False)}
             if drift:

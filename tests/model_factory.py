@@ -136,7 +136,7 @@ def build_encoder(task: str, seed: int = 0, model_max_length: int = 64):
 
 def build_gpt2(seed: int = 0):
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GenerationConfig
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     tokenizer = bytelevel_bpe_tokenizer()
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,

@@ -19,7 +19,6 @@ from tests.servers import model_service, preproc_service
 # nothing, and a loaded CI machine may take a while to finish the streams.
 DRAIN_SECONDS = 60.0
 NEW_TOKENS = 64
-LOGS = "/tmp/opsd/logs"
 
 
 def _refused_after(address: str, call, limit: float = 10.0) -> float | None:
@@ -45,7 +44,7 @@ def _exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
 
 
 def test_sigterm_finishes_in_flight_generation_and_refuses_new_calls():
-    with model_service(tiny_model("gpt2"), "--drain-seconds", str(DRAIN_SECONDS), log_dir=LOGS) as model, \
+    with model_service(tiny_model("gpt2"), "--drain-seconds", str(DRAIN_SECONDS)) as model, \
             grpc.insecure_channel(model.address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
@@ -94,8 +93,8 @@ def test_sigterm_finishes_in_flight_generation_and_refuses_new_calls():
 def test_sigterm_during_load_loses_no_accepted_request():
     model_dir = tiny_model("classifier")
     texts = sentences(16)
-    with model_service(model_dir, log_dir=LOGS) as model, \
-            preproc_service(model_dir, model.address, "--drain-seconds", str(DRAIN_SECONDS), log_dir=LOGS) as preproc:
+    with model_service(model_dir) as model, \
+            preproc_service(model_dir, model.address, "--drain-seconds", str(DRAIN_SECONDS)) as preproc:
         outcomes: list[str] = []
         details: list[str] = []
         lock = threading.Lock()
