@@ -81,8 +81,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=Path, default=DEFAULT_SENTENCES, help="one request per line")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated stream counts")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
     parser.add_argument("--sequential-requests", type=int, default=16, help="requests for the in-process reference")
     parser.add_argument("--prompt-words", type=int, default=8, help="words of each sentence used as the prompt")
     parser.add_argument("--torch-threads", type=int, default=1,

@@ -1,12 +1,13 @@
 """What security costs: text-classification through client -> preproc -> model_service with
 plaintext, with the bearer token, and with mutual TLS + token on both hops, vs in process, same run.
 
-    python bench/bench_ops.py [SENTENCES] [--concurrency 1,16] [--limit 128]
+    python bench/bench_ops.py [SENTENCES] [--concurrency 1,16] [--limit 96] [--rounds 3]
 
 SENTENCES defaults to ../shared/bench/sentences.txt (relative to the repo root). The model is the
 real all-MiniLM-L6-v2 body with a seeded 3-label head (MLflow components layout); certificates
 are made on the spot. Each configuration starts its own pair of services (metrics on, as in
-production) and answers one sentence per request from N concurrent asyncio callers.
+production) and answers one sentence per request from N concurrent asyncio callers; all three
+pairs run at once and the rounds interleave them, so background load hits every row alike.
 
 The in-process reference, measured in this process in the same run, is
 `pipeline("text-classification")(sentences, batch_size=32)` (sentences/s).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -115,39 +117,48 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sentences", nargs="?", type=Path, default=DEFAULT_SENTENCES)
     parser.add_argument("--concurrency", default="1,16")
-    parser.add_argument("--limit", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     sentences = [s.strip() for s in args.sentences.read_text().splitlines() if s.strip()][:args.limit]
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model_dir, model, tokenizer = build_model(Path(tmp))
         pki = make_pki(Path(tmp) / "pki")
-        reference = pipeline_rate(model, tokenizer, sentences)
-        rows = []
+        # Every configuration runs at once (idle but for its own turn); rounds interleave them, so a
+        # change in the machine's background load hits every row alike. Medians over the rounds.
+        addresses = {}
         for name, (server_flags, hop_flags, security) in configurations(pki).items():
-            with servers.service("model_service", ["--model-dir", str(model_dir), "--metrics-port",
-                                                   str(servers.free_port()), *server_flags], wait=False) as m:
-                wait_serving(m, security)
-                with servers.service("preproc_service",
-                                     ["--model-dir", str(model_dir), "--model-service", m.address,
-                                      "--metrics-port", str(servers.free_port()), *server_flags, *hop_flags],
-                                     wait=False) as p:
-                    wait_serving(p, security)
-                    for level in levels:
-                        rows.append((name, level, asyncio.run(measure(p.address, security, sentences, level))))
-                        print(f"measured {name} at concurrency {level}", file=sys.stderr)
-        reference = (reference + pipeline_rate(model, tokenizer, sentences)) / 2  # before and after the services
+            m = stack.enter_context(servers.service(
+                "model_service", ["--model-dir", str(model_dir), "--metrics-port", str(servers.free_port()),
+                                  *server_flags], wait=False))
+            wait_serving(m, security)
+            p = stack.enter_context(servers.service(
+                "preproc_service", ["--model-dir", str(model_dir), "--model-service", m.address, "--metrics-port",
+                                    str(servers.free_port()), *server_flags, *hop_flags], wait=False))
+            wait_serving(p, security)
+            addresses[name] = (p.address, security)
+        references, results = [], {}
+        for round_number in range(args.rounds):
+            references.append(pipeline_rate(model, tokenizer, sentences))
+            for name, (address, security) in addresses.items():
+                for level in levels:
+                    results.setdefault((name, level), []).append(
+                        asyncio.run(measure(address, security, sentences, level)))
+            print(f"round {round_number + 1} done", file=sys.stderr)
 
-    print(f"{len(sentences)} sentences from {args.sentences}; "
+    reference = statistics.median(references)
+    print(f"{len(sentences)} sentences from {args.sentences}, median of {args.rounds} interleaved rounds; "
           f"in-process pipeline batch 32: {reference:.1f} sentences/s")
     print()
     print("| configuration | concurrency | sentences/s | p50 ms | vs in-process pipeline | vs plaintext |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    plain = {level: r["rate"] for name, level, r in rows if name == "plaintext"}
-    for name, level, r in rows:
-        print(f"| {name} | {level} | {r['rate']:.1f} | {r['p50_ms']:.2f} | {r['rate'] / reference:.2f} | "
-              f"{r['rate'] / plain[level]:.2f} |")
+    rates = {key: statistics.median(r["rate"] for r in runs) for key, runs in results.items()}
+    for (name, level), runs in results.items():
+        p50 = statistics.median(r["p50_ms"] for r in runs)
+        print(f"| {name} | {level} | {rates[name, level]:.1f} | {p50:.2f} | {rates[name, level] / reference:.2f} | "
+              f"{rates[name, level] / rates['plaintext', level]:.2f} |")
 
 
 if __name__ == "__main__":

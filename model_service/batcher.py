@@ -25,6 +25,7 @@ import torch
 
 from model_service import shaping
 from model_service.requests import InferJob
+from splitserve_common import metrics
 from splitserve_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,8 @@ class Batcher:
         batch = [r for r in batch if id(r.pending) not in stale]
         if not batch:
             return [], list(stale.values()), 0
+        for row in {id(r.pending): r for r in batch}.values():  # arrival -> forward start, per request
+            metrics.observe_stage("queue", now - row.arrived)
         device = self.engine.device
         length = max(r.length for r in batch)
         pad = self.info.loaded.pad_token_id
@@ -249,7 +252,9 @@ class Batcher:
             inputs["token_type_ids"] = torch.from_numpy(types).to(device)
         needs_hidden = any(r.pending.needs_hidden for r in batch)
         adapters = [r.pending.job.adapter for r in batch]
+        started = time.perf_counter()
         outputs = self.engine.forward(inputs, adapters=adapters, hidden_states=needs_hidden)
+        metrics.observe_stage("forward", time.perf_counter() - started)
 
         finished = []
         for i, row in enumerate(batch):

@@ -16,6 +16,7 @@ from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import ModelDir, canonical_task
 from preproc_service.params import ParameterResolver
 from preproc_service.tokenization import Tokenization
+from splitserve_common import metrics
 from splitserve_common.errors import Unavailable
 
 
@@ -88,7 +89,10 @@ class _Stage:
         self.start = time.perf_counter()
 
     def __exit__(self, *exc):
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + (time.perf_counter() - self.start) * 1e3
+        seconds = time.perf_counter() - self.start
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + seconds * 1e3
+        # Prometheus stage histogram; the "model" stage is the hop to model_service.
+        metrics.observe_stage("hop" if self.name == "model" else self.name, seconds)
 
 
 class Deployment:

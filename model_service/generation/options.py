@@ -8,5 +8,5 @@ GENERATION_OPTIONS = [
            "sequences together", int),
     Option("gen-max-waiting", 1024, "generation: most requests queued for a slot before RESOURCE_EXHAUSTED", int),
     Option("gen-stream-interval", 0, "generation: tokens per streamed message after the first, which always goes "
-           "out at once; 0 = adapt to the load: 1 up to 15 running sequences, then 1 more per 8 (at most 8)", int),
+           "out at once; 0 = adapt to the load: 1 up to 7 running sequences, then 1 more per 4 (at most 8)", int),
 ]

@@ -120,10 +120,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 yield step
 
     def tokens_per_message(self) -> int:
-        """With many streams, per-message overhead dominates: group tokens (about 1 per 8 streams)."""
+        """With many streams, per-message overhead dominates: group tokens (about 1 per 4 streams)."""
         if self.stream_interval > 0:
             return self.stream_interval
-        return min(8, max(1, self.scheduler.active_count // 8))
+        return min(8, max(1, self.scheduler.active_count // 4))
 
     async def _stream(self, seq: Sequence):
         """GenerateSteps of `seq`: the first token at once, then every `tokens_per_message()` tokens

@@ -101,8 +101,8 @@ class GenerationHandlers:
         specific = (config.get("task_specific_params") or {}).get(task) or {}
         return specific.get("prefix") or config.get("prefix") or ""
 
-    async def generate_text_stream(self, request, call):
-        ids, params, head, context, collapse = await self._text_plan(request, call)
+    async def generate_text_stream(self, request, call, plan=None):
+        ids, params, head, context, collapse = plan or await self._text_plan(request, call)
         collapser = WhitespaceCollapser() if collapse else None
         if head:
             text = collapser.feed(head) if collapser else head
@@ -118,14 +118,14 @@ class GenerationHandlers:
                 yield chunk
 
     async def generate_text(self, request, call):
+        plan = await self._text_plan(request, call)
         parts, last = [], None
-        async for chunk in self.generate_text_stream(request, call):
+        async for chunk in self.generate_text_stream(request, call, plan):
             parts.append(chunk.text)
             last = chunk
         response = pb.GenerateTextResponse(generated_text="".join(parts), finish_reason=last.finish_reason,
                                            usage=last.usage)
-        params = self._params(explicit_values(request.parameters, TEXT_KEYS))
-        response.meta.applied_parameters.update({k: json.dumps(v) for k, v in params.applied.items()})
+        response.meta.applied_parameters.update({k: json.dumps(v) for k, v in plan[1].applied.items()})
         response.meta.timings_ms.update(call.timings_ms)
         return response
 
