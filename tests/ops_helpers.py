@@ -61,9 +61,10 @@ def _make_ca(directory: Path, name: str):
 
 def _issue(directory: Path, name: str, ca_cert, ca_key, usage, hosts=()) -> CertPair:
     key = ec.generate_private_key(ec.SECP256R1())
+    usages = list(usage) if isinstance(usage, (list, tuple)) else [usage]
     builder = (_builder(name, ca_cert.subject, key.public_key())
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+               .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
     if hosts:
         alt = [x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
@@ -83,6 +84,20 @@ def make_pki(directory: Path) -> TestPKI:
     client = _issue(directory, "client", ca_cert, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH)
     rogue = _issue(directory, "rogue-client", rogue_cert, rogue_key, ExtendedKeyUsageOID.CLIENT_AUTH)
     return TestPKI(ca=ca_path, server=server, client=client, rogue_client=rogue)
+
+
+def make_compose_certs(directory: Path) -> dict[str, Path]:
+    """The ./certs directory deploy/compose.tls.yaml expects: ca.pem, model-service.pem/.key,
+    preproc.pem/.key (server and client usage), health-probe.pem/.key; plus client.pem/.key for
+    callers. Server names: the compose service name, 127.0.0.1 and localhost."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_cert, ca_key, ca_path = _make_ca(directory, "ca")
+    both = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+    for service in ("model-service", "preproc"):
+        _issue(directory, service, ca_cert, ca_key, both, hosts=(service, "127.0.0.1", "localhost"))
+    for client in ("health-probe", "client"):
+        _issue(directory, client, ca_cert, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH)
+    return {"ca": ca_path, "client_cert": directory / "client.pem", "client_key": directory / "client.key"}
 
 
 def scrape(port: int) -> str:

@@ -3,10 +3,12 @@
 There is no Docker engine here, so this test does what compose would: for each
 service (in depends_on order) it runs the image's ENTRYPOINT (from the Dockerfile
 the service builds) plus the service's command, with exactly the environment the
-file declares; host names become 127.0.0.1, each published port a free one, the
-read-only model volume the directory of a tiny model. It waits for health by
-running the healthcheck the file declares, sends requests through the client SDK,
-and stops the stack with SIGTERM within each service's stop_grace_period.
+file declares; host names become 127.0.0.1, each published port a free one, each
+volume a directory the test made (a tiny model; certificates). It waits for health
+by running the healthcheck the file declares, sends requests through the client
+SDK, and stops the stack with SIGTERM within each service's stop_grace_period.
+Two stacks: the CPU one (docker-compose.yml + deploy/compose.cpu.yaml) and the same
+with deploy/compose.tls.yaml (mutual TLS and the bearer token on both hops).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from client.preproc_client import PreprocClient
-from tests.ops_helpers import sample, scrape, sentences, tiny_model
+from splitserve_common.channels import ChannelSecurity, sync_channel
+from tests.ops_helpers import make_compose_certs, sample, scrape, sentences, tiny_model
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +34,7 @@ _spec = importlib.util.spec_from_file_location("validate_deploy", ROOT / "script
 validate_deploy = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(validate_deploy)
 
-# What a CPU-only host runs: docker-compose.yml + deploy/compose.cpu.yaml.
-CPU_STACK = f"{validate_deploy.COMPOSE_FILE.name} + deploy/compose.cpu.yaml"
+TOKEN = "compose-test-token"
 
 
 def interpolate(text: str, variables: dict) -> str:
@@ -49,9 +51,10 @@ def interpolate(text: str, variables: dict) -> str:
 
 
 class ComposeAsProcesses:
-    def __init__(self, stack: dict, variables: dict, log_dir: Path):
+    def __init__(self, stack: dict, variables: dict, mounts: dict[str, Path], log_dir: Path):
         self.services = stack["services"]
         self.variables = variables
+        self.mounts = mounts  # volume target -> directory standing in for its source
         self.log_dir = log_dir
         # (service, container port) -> free host port; compose would publish these.
         self.ports = {(name, int(str(p).split(":")[-1])): free_port()
@@ -70,8 +73,9 @@ class ComposeAsProcesses:
                 text = str(host_port) if text == str(port) else text
         for volume in self.services[service].get("volumes", []):
             target = volume["target"]
+            interpolate(volume["source"], self.variables)  # the variables compose requires are set
             if text == target or text.startswith(target + "/"):
-                text = interpolate(volume["source"], self.variables) + text[len(target):]
+                text = str(self.mounts[target]) + text[len(target):]
         return "127.0.0.1" if text == "0.0.0.0" else text
 
     def _map_argv(self, service: str, argv: list) -> list[str]:
@@ -140,11 +144,29 @@ class ComposeAsProcesses:
         return (self.log_dir / f"{service}.log").read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def compose(tmp_path_factory):
-    stack = validate_deploy.compose_variants()[CPU_STACK]
-    runner = ComposeAsProcesses(stack, {"SPLITSERVE_MODEL_DIR": str(tiny_model("classifier"))},
-                                tmp_path_factory.mktemp("compose-logs"))
+def _merged(*overrides: str) -> dict:
+    stack = validate_deploy.load_compose(validate_deploy.COMPOSE_FILE)
+    for override in overrides:
+        stack = validate_deploy.merge_compose(stack, validate_deploy.load_compose(ROOT / override))
+    return stack
+
+
+@pytest.fixture(scope="module", params=["cpu", "cpu+tls"])
+def compose(request, tmp_path_factory):
+    """The stack a CPU-only host runs, without and with deploy/compose.tls.yaml."""
+    mounts = {"/models/model": tiny_model("classifier")}
+    variables = {"SPLITSERVE_MODEL_DIR": "/anywhere"}  # only its presence matters: the mount stands in
+    if request.param == "cpu":
+        stack, client_security = _merged("deploy/compose.cpu.yaml"), ChannelSecurity()
+    else:
+        certs = make_compose_certs(tmp_path_factory.mktemp("certs"))
+        mounts["/certs"] = certs["ca"].parent
+        variables["SPLITSERVE_AUTH_TOKEN"] = TOKEN
+        stack = _merged("deploy/compose.cpu.yaml", "deploy/compose.tls.yaml")
+        client_security = ChannelSecurity(ca=str(certs["ca"]), cert=str(certs["client_cert"]),
+                                          key=str(certs["client_key"]), token=TOKEN)
+    runner = ComposeAsProcesses(stack, variables, mounts, tmp_path_factory.mktemp("compose-logs"))
+    runner.client_security = client_security
     try:
         for service in runner.start_order():
             runner.start(service)
@@ -161,7 +183,8 @@ def test_start_order_follows_depends_on(compose):
 
 def test_requests_through_the_client(compose):
     texts = sentences(8)
-    with PreprocClient(f"127.0.0.1:{compose.host_port('preproc', 8011)}") as client:
+    address = f"127.0.0.1:{compose.host_port('preproc', 8011)}"
+    with PreprocClient(address, channel=sync_channel(address, compose.client_security)) as client:
         results = client.classify(texts)
         info = client.info()
     assert info.task == "text-classification"
@@ -180,6 +203,26 @@ def test_requests_through_the_client(compose):
                   code="OK") >= 1
     assert sample(model_metrics, "splitserve_requests_total", method="inference.GRPCInferenceService/ModelInfer",
                   code="OK") >= 1
+
+
+def test_security_is_what_the_stack_declares(compose):
+    import grpc
+
+    address = f"127.0.0.1:{compose.host_port('preproc', 8011)}"
+    security = compose.client_security
+    if not security.uses_tls:  # the plain stack: security is off by default
+        with PreprocClient(address) as client:
+            assert len(client.classify(["the river"])) == 1
+        return
+    # deploy/compose.tls.yaml: mutual TLS and the token, or nothing.
+    for wrong, code in ((ChannelSecurity(), grpc.StatusCode.UNAVAILABLE),  # plaintext: no handshake
+                        (ChannelSecurity(ca=security.ca, token=TOKEN), grpc.StatusCode.UNAVAILABLE),  # no client cert
+                        (ChannelSecurity(ca=security.ca, cert=security.cert, key=security.key),
+                         grpc.StatusCode.UNAUTHENTICATED)):  # no token
+        with PreprocClient(address, channel=sync_channel(address, wrong)) as client:
+            with pytest.raises(grpc.RpcError) as failure:
+                client.classify(["the river"])
+        assert failure.value.code() == code
 
 
 def test_sigterm_stops_the_stack_within_the_grace_period(compose):
