@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     if not args.model_dir:
         print("preproc-service: --model-dir (or PREPROC_MODEL_DIR) is required", file=sys.stderr)
         return 2
+    from preproc_service.torch_guard import hide_torch
+
+    hide_torch()
     from preproc_service.server import serve
 
     asyncio.run(serve(args))

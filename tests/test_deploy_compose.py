@@ -106,9 +106,9 @@ class ComposeAsProcesses:
         return order
 
     def start(self, service: str) -> None:
-        log = open(self.log_dir / f"{service}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.procs[service] = subprocess.Popen(self.command(service), cwd=ROOT, env=self.environment(service),
-                                               stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_dir / f"{service}.log", "wb") as log:  # the child keeps its own descriptor
+            self.procs[service] = subprocess.Popen(self.command(service), cwd=ROOT, env=self.environment(service),
+                                                   stdout=log, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, service: str) -> None:
         """Run the declared healthcheck until it passes, within start_period + retries x interval."""

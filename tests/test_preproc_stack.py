@@ -19,33 +19,13 @@ from tests import preproc_helpers as h
 # ones hides torch (import torch -> ModuleNotFoundError, find_spec("torch") -> None, no torch
 # distribution), as on a CPU node without torch installed.
 NO_TORCH_LAUNCHER = '''
-import importlib.abc
+import importlib.util
 import sys
 
+from preproc_service.torch_guard import hide_torch
 
-class HideTorch(importlib.abc.MetaPathFinder):
-    def __init__(self, finders):
-        self.finders = finders
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            return None
-        for finder in self.finders:
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                return spec
-        return None
-
-    def find_distributions(self, *args, **kwargs):
-        for finder in self.finders:
-            find = getattr(finder, "find_distributions", None)
-            if find is not None:
-                for dist in find(*args, **kwargs):
-                    if (dist.metadata["Name"] or "").lower() != "torch":
-                        yield dist
-
-
-sys.meta_path[:] = [HideTorch(list(sys.meta_path))]
+hide_torch()
+assert importlib.util.find_spec("torch") is None
 try:
     import torch  # noqa: F401
 except ImportError:
