@@ -32,7 +32,7 @@ MODEL_OPTIONS = [
     Option("batch-overhead-tokens", 64, "fixed cost of one forward pass in padded-token equivalents: higher "
            "merges rows of different lengths into fewer, more padded batches", int),
     Option("max-queue-rows", 1024, "rows waiting beyond this are refused with RESOURCE_EXHAUSTED", int),
-    Option("torch-threads", 0, "CPU threads torch may use (0: all CPUs but one, kept for the event loop)", int),
+    Option("torch-threads", 0, "CPU threads torch may use (0: every CPU of this process)", int),
 ]
 OPTIONS = MODEL_OPTIONS + serving.SERVER_OPTIONS + ADAPTER_OPTIONS + GENERATION_OPTIONS
 
