@@ -24,7 +24,8 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 
-from client.preproc_client import PreprocClient
+from client.preproc_client import PreprocClient, _channel_options
+from splitserve_common.channels import ChannelSecurity, sync_channel
 
 # name -> (help, configure(parser) -> run(client, args) -> JSON-able result)
 COMMANDS: dict[str, tuple[str, Callable]] = {}
@@ -151,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", default=os.environ.get("SPLITSERVE_ADDRESS", "127.0.0.1:8011"),
                         help="preproc_service HOST:PORT [env SPLITSERVE_ADDRESS]")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds")
+    # TLS / mutual TLS / bearer token towards preproc_service (docs/operations.md).
+    for flag, env, help_text in (
+            ("--tls-ca", "SPLITSERVE_TLS_CA", "PEM CA that signed the server's certificate (turns TLS on)"),
+            ("--tls-cert", "SPLITSERVE_TLS_CERT", "PEM client certificate (mutual TLS)"),
+            ("--tls-key", "SPLITSERVE_TLS_KEY", "private key of --tls-cert"),
+            ("--tls-server-name", "SPLITSERVE_TLS_SERVER_NAME", "name expected in the server's certificate"),
+            ("--token", "SPLITSERVE_TOKEN", "bearer token")):
+        parser.add_argument(flag, default=os.environ.get(env, ""), help=f"{help_text} [env {env}]")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, configure) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text)
@@ -160,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    with PreprocClient(args.address, timeout=args.timeout) as client:
+    security = ChannelSecurity(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, token=args.token,
+                               server_name=args.tls_server_name)
+    channel = sync_channel(args.address, security, options=_channel_options())
+    with PreprocClient(args.address, timeout=args.timeout, channel=channel) as client:
         try:
             result = args.run(client, args)
         except grpc.RpcError as exc:

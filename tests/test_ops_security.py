@@ -5,6 +5,9 @@ client --mTLS+token--> preproc --mTLS+token--> model_service, with certificates 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import grpc
@@ -128,3 +131,15 @@ def test_streaming_calls_need_the_token_too(secure_stack):
     with sync_channel(secure_stack["preproc"], secure_stack["good"]) as channel:
         replies = list(preproc_pb2_grpc.PreprocStub(channel).PredictStream(iter([request]), timeout=10))
     assert len(replies) == 1
+
+
+def test_cli_speaks_mtls_and_token(secure_stack):
+    pki = secure_stack["pki"]
+    base = [sys.executable, "-m", "client", "--address", secure_stack["preproc"], "--tls-ca", str(pki.ca),
+            "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)]
+    ok = subprocess.run([*base, "--token", TOKEN, "info"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["task"] == "text-classification"
+    refused = subprocess.run([*base, "info"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert json.loads(refused.stderr.strip().splitlines()[-1])["error"]["code"] == "UNAUTHENTICATED"
