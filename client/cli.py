@@ -146,13 +146,11 @@ def _load_plugins() -> None:
                 raise
 
 
-def build_parser() -> argparse.ArgumentParser:
-    _load_plugins()
-    parser = argparse.ArgumentParser(prog="splitserve", description="Call a splitserve preproc_service.")
-    parser.add_argument("--address", default=os.environ.get("SPLITSERVE_ADDRESS", "127.0.0.1:8011"),
-                        help="preproc_service HOST:PORT [env SPLITSERVE_ADDRESS]")
+def add_connection_flags(parser: argparse.ArgumentParser, address_env: str, default: str, service: str) -> None:
+    """--address, --timeout and the TLS / mutual TLS / bearer token flags (docs/operations.md)."""
+    parser.add_argument("--address", default=os.environ.get(address_env, default),
+                        help=f"{service} HOST:PORT [env {address_env}]")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds")
-    # TLS / mutual TLS / bearer token towards preproc_service (docs/operations.md).
     for flag, env, help_text in (
             ("--tls-ca", "SPLITSERVE_TLS_CA", "PEM CA that signed the server's certificate (turns TLS on)"),
             ("--tls-cert", "SPLITSERVE_TLS_CERT", "PEM client certificate (mutual TLS)"),
@@ -160,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
             ("--tls-server-name", "SPLITSERVE_TLS_SERVER_NAME", "name expected in the server's certificate"),
             ("--token", "SPLITSERVE_TOKEN", "bearer token")):
         parser.add_argument(flag, default=os.environ.get(env, ""), help=f"{help_text} [env {env}]")
+
+
+def channel_from_flags(args) -> grpc.Channel:
+    security = ChannelSecurity(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, token=args.token,
+                               server_name=args.tls_server_name)
+    return sync_channel(args.address, security, options=_channel_options())
+
+
+def print_error(exc: grpc.RpcError) -> int:
+    """One JSON line on stderr naming the gRPC status; exit status 1."""
+    print(json.dumps({"error": {"code": exc.code().name, "message": exc.details()}}), file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_plugins()
+    parser = argparse.ArgumentParser(prog="splitserve", description="Call a splitserve preproc_service.")
+    add_connection_flags(parser, "SPLITSERVE_ADDRESS", "127.0.0.1:8011", "preproc_service")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, configure) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text)
@@ -169,15 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    security = ChannelSecurity(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, token=args.token,
-                               server_name=args.tls_server_name)
-    channel = sync_channel(args.address, security, options=_channel_options())
-    with PreprocClient(args.address, timeout=args.timeout, channel=channel) as client:
+    with PreprocClient(args.address, timeout=args.timeout, channel=channel_from_flags(args)) as client:
         try:
             result = args.run(client, args)
         except grpc.RpcError as exc:
-            print(json.dumps({"error": {"code": exc.code().name, "message": exc.details()}}), file=sys.stderr)
-            return 1
+            return print_error(exc)
     if hasattr(result, "__iter__") and not isinstance(result, (dict, str)):
         result = list(result)
     print(json.dumps(to_json(result), ensure_ascii=False, indent=2))

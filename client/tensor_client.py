@@ -77,9 +77,12 @@ class TensorClient:
     """Blocking client. `address` is host:port (or any grpc target such as dns:///name:port)."""
 
     def __init__(self, address: str, *, timeout: float | None = 30.0, options=(), credentials=None,
-                 metadata=()):
-        self.channel = (grpc.secure_channel(address, credentials, options=list(options)) if credentials
-                        else grpc.insecure_channel(address, options=list(options)))
+                 metadata=(), channel: grpc.Channel | None = None):
+        if channel is not None:  # a prepared channel (e.g. splitserve_common.channels.sync_channel with TLS)
+            self.channel = channel
+        else:
+            self.channel = (grpc.secure_channel(address, credentials, options=list(options)) if credentials
+                            else grpc.insecure_channel(address, options=list(options)))
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.timeout = timeout
         self.metadata_pairs = tuple(metadata)

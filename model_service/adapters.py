@@ -28,6 +28,7 @@ from pathlib import Path
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 BASE = "__base__"  # peft's name for "no adapter" in per-row adapter_names
+BASE_REQUEST_NAME = "base"  # what a request names to get the base model when a default adapter is set
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
@@ -123,6 +124,8 @@ def read_weights(path: Path, allow_pickle: bool) -> dict:
 
 
 def check_name(name: str) -> None:
+    if name == BASE_REQUEST_NAME:
+        raise InvalidArgument(f"adapter name {name!r} is reserved: requests name it to get the base model")
     if not NAME_PATTERN.fullmatch(name or "") or name == BASE:
         raise InvalidArgument(f"adapter name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
                               "starting with a letter or digit")
@@ -156,6 +159,7 @@ class AdapterRegistry:
         self._in_use: dict[str, int] = {}
         self._lock = threading.Lock()
         self._hooked_layers: list = []  # modules that take adapter_names, refreshed on load/unload
+        self.default = ""  # adapter for requests that name none ("" = the base model); see set_default
 
     # --- queries (any thread) -------------------------------------------------------------
 
@@ -173,8 +177,21 @@ class AdapterRegistry:
                 raise NotFound(self._unknown(name))
             return self._infos[name]
 
+    def set_default(self, name: str) -> None:
+        """Requests that name no adapter use `name` (a loaded adapter; "" = the base model)."""
+        if name and name not in self.names():
+            raise NotFound(self._unknown(name))
+        self.default = name
+
+    def _requested(self, name: str) -> str:
+        """A request's adapter name -> the adapter meant ("" = base): none named = the default."""
+        if not name:
+            return self.default
+        return "" if name in (BASE_REQUEST_NAME, BASE) else name
+
     def require(self, name: str) -> str:
-        """The canonical per-row name for a request's adapter ("" = base); NOT_FOUND when unknown."""
+        """The canonical per-row name for a request's adapter (BASE = the base model); NOT_FOUND when unknown."""
+        name = self._requested(name)
         if not name:
             return BASE
         with self._lock:
@@ -185,6 +202,7 @@ class AdapterRegistry:
     @contextmanager
     def lease(self, name: str):
         """Hold `name` for the length of one request, so an unload waits for it; yields the per-row name."""
+        name = self._requested(name)
         if not name:
             yield BASE
             return
@@ -206,6 +224,9 @@ class AdapterRegistry:
 
     def begin_unload(self, name: str) -> AdapterInfo:
         """Refuse new requests for `name` (NOT_FOUND) while the ones in flight finish."""
+        if name and name == self.default:
+            raise FailedPrecondition(f"adapter {name!r} serves the requests that name no adapter "
+                                     "(--default-adapter); restart with another default to unload it")
         with self._lock:
             if name not in self._infos or name in self._draining:
                 raise NotFound(self._unknown(name))

@@ -21,7 +21,7 @@ import logging
 import time
 from pathlib import Path
 
-from model_service.adapters import AdapterInfo, AdapterRegistry, check_name, read_adapter_dir
+from model_service.adapters import BASE_REQUEST_NAME, AdapterInfo, AdapterRegistry, check_name, read_adapter_dir
 from splitserve_common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -46,6 +46,8 @@ ADAPTER_OPTIONS = [
            "(needs the bearer token: --adapter-token, else --auth-token)", choices=MANAGEMENT_MODES),
     Option("adapter-token", "", "bearer token for adapter management when --adapter-management token"),
     Option("adapter-unload-wait", 30.0, "seconds an unload waits for requests still using the adapter", float),
+    Option("default-adapter", "auto", "adapter for requests that name none: auto (the MLflow model's own peft/ "
+           "adapter when it has one, else the base model), base, or a loaded adapter's name"),
 ]
 
 
@@ -155,6 +157,14 @@ def startup_adapters(args, loaded) -> list[tuple[str, str]]:
     return named
 
 
+def default_adapter(setting: str, loaded, started: list[tuple[str, str]]) -> str:
+    """--default-adapter -> the adapter name for requests that name none ("" = the base model)."""
+    if setting == "auto":
+        own_peft = getattr(loaded, "peft_dir", "")
+        return started[0][0] if own_peft and started else ""
+    return "" if setting in ("", BASE_REQUEST_NAME) else setting
+
+
 def register(server, runtime) -> list[str]:
     """Plug-in hook of model_service.server: serve splitserve.v1.Adapters and, once the model is
     loaded, put an AdapterRegistry on the engine and load the adapters named at start."""
@@ -172,12 +182,20 @@ def register(server, runtime) -> list[str]:
         engine = runtime.engine
         registry = AdapterRegistry(engine.model, allow_pickle=bool(getattr(args, "allow_pickle", False)))
         engine.adapters = registry
-        for name, path in startup_adapters(args, engine.loaded):
+        started = startup_adapters(args, engine.loaded)
+        for name, path in started:
             try:
                 info = await engine.run(registry.load, name, path)
             except ServiceError as exc:
                 raise SystemExit(f"cannot load adapter {name}={path}: {exc.message}") from exc
             log.info("adapter %s loaded from %s (%s, rank %d)", name, path, info.method, info.rank)
+        default = default_adapter(getattr(args, "default_adapter", "auto"), engine.loaded, started)
+        try:
+            registry.set_default(default)
+        except ServiceError as exc:
+            raise SystemExit(f"--default-adapter {default}: {exc.message}") from exc
+        if default:
+            log.info("requests that name no adapter use adapter %s (--default-adapter)", default)
 
     # First: the other plug-ins (generation) pick up engine.adapters when they get ready.
     runtime.on_ready.insert(0, on_ready)

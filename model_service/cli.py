@@ -20,6 +20,8 @@ MODEL_OPTIONS = [
            choices=["auto", "float32", "float16", "bfloat16"]),
     Option("device", "auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N"),
     Option("base-model-path", "", "directory of the base weights, overriding MLmodel local_base_model_path"),
+    Option("merge-peft", False, "fold the MLflow model's own peft/ adapter into the weights at load (fastest; "
+           "the base alone is then not servable) instead of serving it as a named adapter", bool),
     Option("allow-pickle", False, "allow pickle (.bin) weights, which can run code on load", bool),
     Option("trust-remote-code", False, "allow models whose code ships with the weights", bool),
     Option("port", 8001, "gRPC port", int),

@@ -99,7 +99,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         info = runtime.info
         job = requests.parse(request, info)
         lease = getattr(runtime.engine.adapters, "lease", None)  # an adapter unload waits for this request
-        with lease(job.adapter) if lease else contextlib.nullcontext():
+        with lease(job.adapter) if lease else contextlib.nullcontext() as row_adapter:
+            job.adapter = row_adapter or job.adapter  # the adapter meant (a request naming none gets the default)
             result = await runtime.batcher.submit(job, timeout)
         response = pb.ModelInferResponse(model_name=info.name, model_version=info.versions[0],
                                          id=request.id)

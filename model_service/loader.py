@@ -73,6 +73,7 @@ class LoadOptions:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     base_model_path: str = ""  # overrides MLmodel local_base_model_path
+    merge_peft: bool = False  # fold an MLflow peft/ adapter into the weights instead of leaving it to the registry
 
 
 @dataclass
@@ -99,7 +100,8 @@ class LoadedModel:
     pooling: Pooling
     source_dir: Path
     weights_dir: Path
-    peft_merged: str = ""                 # adapter dir folded into the weights at load (MLflow peft/)
+    peft_merged: str = ""                 # adapter dir folded into the weights at load (--merge-peft)
+    peft_dir: str = ""                    # MLflow peft/ left unmerged: model_service.adapters loads it by name
     special_ids: dict = field(default_factory=dict)
 
     @property
@@ -318,13 +320,12 @@ def load(opts: LoadOptions) -> LoadedModel:
     if peft_dir is not None:
         if not (peft_dir / "adapter_config.json").is_file():
             raise LoadError(f"MLmodel names a PEFT adapter but {peft_dir}/adapter_config.json is missing")
-        from peft import PeftModel
+        if opts.merge_peft:
+            from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(model, str(peft_dir))
-        # The artifact's adapter is part of what this directory serves: fold it into the weights,
-        # so run-time adapters (model_service.adapters) start from the artifact's own model.
-        model = peft_model.merge_and_unload()
-        peft_merged = str(peft_dir)
+            # Folded into the weights: fastest, but the base alone can no longer be served.
+            model = PeftModel.from_pretrained(model, str(peft_dir)).merge_and_unload()
+            peft_merged = str(peft_dir)
 
     model.to(device).eval()
     return LoadedModel(
@@ -332,5 +333,6 @@ def load(opts: LoadOptions) -> LoadedModel:
         architecture=type(model).__name__, device=device, dtype=str(dtype).removeprefix("torch."),
         max_positions=max_positions_of(config),
         pooling=sentence_transformers_pooling(root) or Pooling(), source_dir=root, weights_dir=weights_dir,
-        peft_merged=peft_merged, special_ids=special_ids_of(model, config),
+        peft_merged=peft_merged, peft_dir=str(peft_dir) if peft_dir is not None and not peft_merged else "",
+        special_ids=special_ids_of(model, config),
     )

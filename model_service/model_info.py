@@ -41,6 +41,7 @@ class ModelInfo:
     default_outputs: list[str] = field(default_factory=list)
     versions: tuple[str, ...] = ("1",)
     adapter_names: callable = list  # () -> list of loaded adapter names (engine.adapters.names)
+    default_adapter: callable = str  # () -> adapter of requests that name none ("" = base)
 
     @property
     def output_names(self) -> list[str]:
@@ -66,7 +67,8 @@ def discover(engine, name: str, max_batch_size: int) -> ModelInfo:
     """Run the warm-up forward (worker thread) and record what the model returns."""
     loaded = engine.loaded
     info = ModelInfo(name=name, loaded=loaded, max_batch_size=max_batch_size,
-                     adapter_names=lambda: engine.adapters.names())
+                     adapter_names=lambda: engine.adapters.names(),
+                     default_adapter=lambda: getattr(engine.adapters, "default", ""))
     if loaded.config.is_encoder_decoder:
         # Seq2seq models are served by generation; ModelInfer has no outputs for them.
         return info
@@ -111,6 +113,7 @@ def metadata_parameters(info: ModelInfo) -> dict:
         "type_vocab_size": loaded.type_vocab_size,
         "pooling": json.dumps(loaded.pooling.as_dict()),
         "adapters": json.dumps(list(info.adapter_names())),
+        "default_adapter": info.default_adapter(),
         "max_batch_size": int(info.max_batch_size),
         "default_outputs": ",".join(info.default_outputs),
     }

@@ -32,7 +32,7 @@ INFERENCE_SERVICE = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenc
 def load_options(args) -> LoadOptions:
     return LoadOptions(model_dir=args.model_dir, task=args.task, dtype=args.dtype, device=args.device,
                        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                       base_model_path=args.base_model_path)
+                       base_model_path=args.base_model_path, merge_peft=getattr(args, "merge_peft", False))
 
 
 def served_name(args) -> str:
@@ -72,6 +72,10 @@ async def load_runtime(runtime: Runtime) -> None:
     runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
     for callback in runtime.on_ready:
         await callback(runtime)
+    if loaded.peft_dir and loaded.peft_dir not in {i.source for i in getattr(engine.adapters, "list", list)()}:
+        # Never serve the base silently in place of the fine-tuned model the directory holds.
+        raise LoadError(f"{loaded.peft_dir} is not loaded (the adapters plug-in is missing); "
+                        "pass --merge-peft to fold it into the weights")
     runtime.ready.set()
     log.info("serving %s (%s, %s) on %s/%s; outputs: %s", info.name, loaded.task, loaded.architecture,
              loaded.device, loaded.dtype, ", ".join(info.output_names))

@@ -9,6 +9,8 @@ from splitserve_common.channels import client_options
 from splitserve_common.serving import SERVER_OPTIONS
 from splitserve_common.settings import Option, parse
 
+ENV_PREFIX = "PREPROC_"
+
 OPTIONS = [
     Option("model-dir", "", "model directory (MLflow components layout or save_pretrained); only the tokenizer, "
                             "MLmodel and configs are read"),
@@ -31,7 +33,7 @@ OPTIONS = [
 
 def main(argv=None) -> int:
     args = parse("preproc-service", "splitserve preproc_service: tokenizer and task logic, text in, answers out.",
-                 OPTIONS, "PREPROC_", argv)
+                 OPTIONS, ENV_PREFIX, argv)
     if not args.model_dir:
         print("preproc-service: --model-dir (or PREPROC_MODEL_DIR) is required", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from client.tensor_client import AsyncTensorClient, TensorClient, build_request
+from splitserve_pb import adapters_pb2, adapters_pb2_grpc
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
 from tests import model_factory
@@ -216,6 +217,31 @@ def test_mlflow_peft_artifact_equals_peft_model(env):
     with peft_model.disable_adapter():
         base = reference(peft_model, inputs)["logits"]
     assert np.abs(base - expected).max() > 1e-2
+
+
+def test_mlflow_peft_adapter_is_a_named_default_adapter(env):
+    """The artifact's peft/ is served under the model's name and answers requests that name none;
+    `adapter: base` reaches the base model; the default cannot be unloaded under its users."""
+    peft_model, tokenizer = env["peft"]
+    inputs = {k: v.astype(np.int64) for k, v in tokenizer(["the old market"], return_tensors="np").items()}
+    with peft_model.disable_adapter():
+        base = reference(peft_model, inputs)["logits"]
+    tuned = reference(peft_model, inputs)["logits"]
+    with TensorClient(address(env, "peft")) as client:
+        meta = client.metadata()
+        assert json.loads(meta["parameters"]["adapters"]) == ["peft"]
+        assert meta["parameters"]["default_adapter"] == "peft"
+        by_name = client.infer(inputs, outputs=["logits"], parameters={"adapter": "peft"})["logits"]
+        as_base = client.infer(inputs, outputs=["logits"], parameters={"adapter": "base"})["logits"]
+    np.testing.assert_allclose(by_name, tuned, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(as_base, base, atol=TOL, rtol=TOL)
+    channel = grpc.insecure_channel(address(env, "peft"))
+    with pytest.raises(grpc.RpcError) as refused:
+        adapters_pb2_grpc.AdaptersStub(channel).UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="peft"),
+                                                              timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--default-adapter" in refused.value.details()
+    channel.close()
 
 
 # ---------------------------------------------------------------- batching

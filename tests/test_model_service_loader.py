@@ -125,9 +125,14 @@ def test_injected_lora_base_loads_like_peft_model(tmp_path):
     directory = model_factory.save_peft_components(tmp_path / "peft", peft_model, tokenizer, "text-classification",
                                                    "TextClassificationPipeline")
     expected = logits(peft_model, IDS)
-    loaded = load(LoadOptions(str(directory)))
+    loaded = load(LoadOptions(str(directory), merge_peft=True))
     np.testing.assert_allclose(logits(loaded.model, IDS), expected, atol=1e-5)
-    assert loaded.peft_merged
+    assert loaded.peft_merged and not loaded.peft_dir
+    # By default the adapter is left to model_service.adapters (served by name): the model is the clean base.
+    unmerged = load(LoadOptions(str(directory)))
+    assert unmerged.peft_dir == str(directory / "peft") and not unmerged.peft_merged
+    with peft_model.disable_adapter():
+        np.testing.assert_allclose(logits(unmerged.model, IDS), logits(peft_model, IDS), atol=1e-5)
     # What a naive loader gets: base_layer weights missing, randomly initialised -> different outputs.
     naive = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(directory / "model"),
                                       str(directory / "peft"))

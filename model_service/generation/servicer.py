@@ -115,7 +115,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request, context):
         self._ready()
         seq = self.sequence_of(request)
-        with _lease(self.engine.adapters, request.adapter):
+        with _lease(self.engine.adapters, request.adapter) as row_adapter:
+            seq.adapter = row_adapter or seq.adapter  # the adapter meant (a request naming none gets the default)
             async for step in self._stream(self.scheduler.submit(seq)):
                 yield step
 
@@ -167,10 +168,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 def _lease(adapters, name: str):
     """Hold the adapter for the whole generation (an unload waits for it), where the switch supports it."""
     if hasattr(adapters, "lease"):
-        with adapters.lease(name):
-            yield
+        with adapters.lease(name) as row_name:
+            yield row_name
     else:
-        yield
+        yield name
 
 
 def register(server, runtime) -> list[str]:

@@ -1,0 +1,141 @@
+"""`splitserve-model` / `python -m client.model_cli`: call model_service from the shell, JSON out.
+
+    splitserve-model health                                # grpc.health.v1 status, live, ready
+    splitserve-model metadata                              # inputs, outputs, task, labels, adapters, ...
+    splitserve-model infer --input input_ids='[[101, 7592, 102]]' --output sentence_embedding
+    splitserve-model infer --input input_ids=@ids.npy --output logits --param top_k=3
+    splitserve-model adapters list | load NAME PATH | unload NAME
+
+An input is NAME=JSON (nested lists; integers travel as INT64, floats as FP32), NAME:DATATYPE=JSON
+to choose the v2 datatype (e.g. attention_mask:INT32=...), or NAME=@FILE.npy. A parameter is
+KEY=VALUE with VALUE read as JSON when it parses (3, true, "mean"), else as a string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.cli import add_connection_flags, channel_from_flags, print_error, to_json
+from client.tensor_client import TensorClient
+from splitserve_common import tensors
+from splitserve_pb import adapters_pb2, adapters_pb2_grpc
+from splitserve_pb import open_inference_pb2 as pb
+
+
+def parse_input(text: str) -> tuple[str, np.ndarray]:
+    """NAME[:DATATYPE]=JSON or NAME[:DATATYPE]=@FILE.npy -> (name, array)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--input {text!r}: expected NAME=JSON or NAME=@FILE.npy")
+    name, _, datatype = name.partition(":")
+    try:
+        array = np.load(value[1:]) if value.startswith("@") else np.asarray(json.loads(value))
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"--input {name}: {exc}") from exc
+    if datatype:
+        datatype = datatype.upper()
+        if datatype not in tensors.NUMPY_DTYPES or datatype == "BF16":  # BF16 has no numpy dtype to cast to
+            choices = ", ".join(d for d in tensors.NUMPY_DTYPES if d != "BF16")
+            raise argparse.ArgumentTypeError(f"--input {name}: datatype {datatype!r} is not one of {choices}")
+        array = array.astype(tensors.NUMPY_DTYPES[datatype])
+    elif array.dtype.kind == "f":
+        array = array.astype(np.float32)
+    return name, array
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _health(channel, args) -> dict:
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                        timeout=args.timeout)
+    client = TensorClient(args.address, timeout=args.timeout, channel=channel)
+    return {"status": health_pb2.HealthCheckResponse.ServingStatus.Name(status.status),
+            "live": client.stub.ServerLive(pb.ServerLiveRequest(), timeout=args.timeout).live,
+            "ready": client.stub.ServerReady(pb.ServerReadyRequest(), timeout=args.timeout).ready}
+
+
+def _metadata(channel, args) -> dict:
+    return TensorClient(args.address, timeout=args.timeout, channel=channel).metadata(args.model)
+
+
+def _infer(channel, args) -> dict:
+    client = TensorClient(args.address, timeout=args.timeout, channel=channel)
+    result = client.infer(dict(args.input), outputs=args.output, parameters=dict(args.param or []),
+                          model_name=args.model)
+    outputs = {name: {"datatype": tensors.v2_datatype(array), "shape": list(array.shape), "data": array.tolist()}
+               for name, array in result.items()}
+    return {"outputs": outputs, "parameters": result.parameters}
+
+
+def _adapters(channel, args) -> dict:
+    stub = adapters_pb2_grpc.AdaptersStub(channel)
+    if args.action == "load":
+        if not args.path:
+            raise SystemExit("splitserve-model adapters load NAME PATH: PATH is missing")
+        reply = stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name=args.name, path=args.path), timeout=args.timeout)
+    elif args.action == "unload":
+        reply = stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name=args.name), timeout=args.timeout)
+    else:
+        reply = stub.ListAdapters(adapters_pb2.ListAdaptersRequest(), timeout=args.timeout)
+    return json_format.MessageToDict(reply, preserving_proto_field_name=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve-model", description="Call a splitserve model_service.")
+    add_connection_flags(parser, "SPLITSERVE_MODEL_ADDRESS", "127.0.0.1:8001", "model_service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    health = sub.add_parser("health", help="grpc.health.v1 status and the v2 live/ready answers")
+    health.add_argument("--service", default="", help="health service name ('' = the whole server)")
+    health.set_defaults(run=_health)
+
+    metadata = sub.add_parser("metadata", help="model metadata: inputs, outputs and parameters")
+    metadata.add_argument("--model", default="", help="model name ('' = the one served)")
+    metadata.set_defaults(run=_metadata)
+
+    infer = sub.add_parser("infer", help="one ModelInfer call")
+    infer.add_argument("--input", action="append", type=parse_input, required=True,
+                       help="NAME[:DATATYPE]=JSON or NAME=@FILE.npy (repeatable)")
+    infer.add_argument("--output", action="append", help="output to return (repeatable; default: the model's)")
+    infer.add_argument("--param", action="append", type=parse_param, help="request parameter KEY=VALUE")
+    infer.add_argument("--model", default="", help="model name ('' = the one served)")
+    infer.set_defaults(run=_infer)
+
+    adapters = sub.add_parser("adapters", help="list, load or unload PEFT adapters")
+    adapters.add_argument("action", choices=["list", "load", "unload"])
+    adapters.add_argument("name", nargs="?", default="")
+    adapters.add_argument("path", nargs="?", default="", help="adapter directory on the model_service host (load)")
+    adapters.set_defaults(run=_adapters)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    channel = channel_from_flags(args)
+    try:
+        result = args.run(channel, args)
+    except grpc.RpcError as exc:
+        return print_error(exc)
+    finally:
+        channel.close()
+    print(json.dumps(to_json(result), ensure_ascii=False, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
