@@ -1,7 +1,8 @@
 """Dynamic batching: rows from concurrent requests (unary and streamed alike) share forward passes.
 
-Each request is split into rows (unpadded sequences). The collector waits up to `max_wait_us`
-(counted from the oldest row's arrival) for `max_batch_size` rows, then sorts the waiting rows
+Each request is split into rows (unpadded sequences). While a batch is computing, the collector
+waits up to `max_wait_us` (counted from the oldest row's arrival) for `max_batch_size` rows; with
+the worker idle it goes at once, as waiting would only add latency. It then sorts the waiting rows
 by length and cuts them into groups that minimise padded tokens plus a per-forward overhead
 (`plan_groups`), within `token_budget` padded tokens; the group holding the oldest row runs
 next. Padding a mixed batch to its longest row costs up to ~3x on real text. Rows of
@@ -140,8 +141,9 @@ class Batcher:
             while not self._rows:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # max_wait counts from the oldest row's arrival: under load nobody waits on purpose.
-            wait_until = self._rows[0].arrived + self.max_wait
+            # max_wait counts from the oldest row's arrival: under load nobody waits on purpose. With no
+            # batch computing, waiting would only add latency (nothing else is using the worker): go now.
+            wait_until = self._rows[0].arrived + (self.max_wait if self._running else 0.0)
             while len(self._rows) < self.max_batch_size and (left := wait_until - loop.time()) > 0:
                 self._wakeup.clear()
                 try:

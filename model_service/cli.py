@@ -29,7 +29,8 @@ MODEL_OPTIONS = [
     else Option("metrics-port", 8002, "port of the Prometheus /metrics HTTP endpoint (0: off)", int),
     Option("max-batch-size", 32, "most rows in one forward pass (also the largest batch one request may send)",
            int),
-    Option("max-wait-us", 2000, "how long the batcher waits for more rows before a forward pass, in µs", int),
+    Option("max-wait-us", 2000, "while a batch computes, how long the next one waits for more rows, in µs "
+           "(an idle worker starts at once)", int),
     Option("token-budget", 16384, "most padded tokens (rows x longest row) in one forward pass", int),
     Option("batch-overhead-tokens", 64, "fixed cost of one forward pass in padded-token equivalents: higher "
            "merges rows of different lengths into fewer, more padded batches", int),

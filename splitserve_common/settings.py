@@ -91,5 +91,6 @@ def settings_table(options: Sequence[Option], env_prefix: str) -> str:
     rows = ["| flag | variable | default | meaning |", "| --- | --- | --- | --- |"]
     for opt in options:
         default = ",".join(map(str, opt.default)) if opt.repeated else opt.default
-        rows.append(f"| `--{opt.name}` | `{opt.env_var(env_prefix)}` | `{default}` | {opt.help} |")
+        shown = f"`{default}`" if default != "" else "(none)"
+        rows.append(f"| `--{opt.name}` | `{opt.env_var(env_prefix)}` | {shown} | {opt.help} |")
     return "\n".join(rows)
