@@ -7,6 +7,7 @@ handlers and the generation handlers receive it; `forward` is their one way to t
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ class ModelInfo:
     eos_token_ids: list[int] = field(default_factory=list)
     pooling: dict = field(default_factory=dict)
     adapters: list[str] = field(default_factory=list)
+    max_batch_size: int = 0  # most rows model_service takes in one request (0: no limit known)
 
     @classmethod
     def from_metadata(cls, meta: dict) -> ModelInfo:
@@ -56,7 +58,7 @@ class ModelInfo:
             vocab_size=opt_int("vocab_size"), pad_token_id=opt_int("pad_token_id"),
             bos_token_id=opt_int("bos_token_id"), eos_token_ids=eos_list,
             pooling=meta.get("pooling") if isinstance(meta.get("pooling"), dict) else {},
-            adapters=list(meta.get("adapters") or []),
+            adapters=list(meta.get("adapters") or []), max_batch_size=opt_int("max_batch_size") or 0,
         )
 
     @property
@@ -143,8 +145,19 @@ class Deployment:
         parameters = dict(parameters or {})
         if call.adapter:
             parameters["adapter"] = call.adapter
+        rows = len(inputs["input_ids"])
+        limit = self.info.max_batch_size if self.info is not None else 0
         with call.stage("model"):
-            return await self.model.infer(inputs, parameters, outputs, output_parameters, timeout=call.remaining())
+            if not limit or rows <= limit:
+                return await self.model.infer(inputs, parameters, outputs, output_parameters,
+                                              timeout=call.remaining())
+            # More rows than model_service takes in one request: send them in slices at once (its
+            # batcher recombines them with other traffic) and stack the answers in row order.
+            slices = [{name: array[start:start + limit] for name, array in inputs.items()}
+                      for start in range(0, rows, limit)]
+            answers = await asyncio.gather(*(self.model.infer(part, parameters, outputs, output_parameters,
+                                                              timeout=call.remaining()) for part in slices))
+            return {name: np.concatenate([answer[name] for answer in answers]) for name in answers[0]}
 
     def close(self) -> None:
         self.tokenization.close()

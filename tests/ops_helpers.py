@@ -155,4 +155,4 @@ def sentences(limit: int = 64) -> list[str]:
             return lines[:limit]
     from tests.model_factory import corpus
 
-    return corpus(limit)
+    return corpus(limit)[:limit]

@@ -146,3 +146,15 @@ def test_handshake_refuses_a_mismatched_model_and_async_client_works(tc_model):
     want = h.pipeline("text-classification", model, tokenizer)(h.SENTENCES * 4)
     assert [r[0][0].label for r in results] == [w["label"] for w in want]
     assert np.allclose([r[0][0].score for r in results], [w["score"] for w in want], atol=1e-4)
+
+
+def test_requests_over_the_model_batch_limit_are_sliced(tc_model):
+    """model_service refuses requests over --max-batch-size rows (INVALID_ARGUMENT): preproc slices them."""
+    directory, model, tokenizer = tc_model
+    texts = [f"{text} number {i}" for i, text in enumerate(h.SENTENCES * 2)]  # 10 texts
+    with h.stack(directory, model_args=("--max-batch-size", "4")) as (_, preproc):
+        with PreprocClient(preproc.address, timeout=60) as client:
+            results = client.classify(texts, top_k=2)
+    want = h.pipeline("text-classification", model, tokenizer)(texts, top_k=2)
+    assert [[x.label for x in r] for r in results] == [[x["label"] for x in w] for w in want]
+    assert np.allclose([[x.score for x in r] for r in results], [[x["score"] for x in w] for w in want], atol=1e-4)
