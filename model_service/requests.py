@@ -78,11 +78,11 @@ def decode_inputs(request) -> dict[str, np.ndarray]:
 def row_lengths(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     if mask is None:
         return np.full(shape[0], shape[1], dtype=np.int64)
-    if not np.isin(mask, (0, 1)).all():
-        raise InvalidArgument("attention_mask must hold only 0 and 1")
     lengths = mask.sum(axis=1)
     expected = (np.arange(shape[1])[None, :] < lengths[:, None]).astype(mask.dtype)
-    if not np.array_equal(mask, expected):
+    if not np.array_equal(mask, expected):  # a valid mask is exactly its row lengths' ones then zeros
+        if not ((mask == 0) | (mask == 1)).all():
+            raise InvalidArgument("attention_mask must hold only 0 and 1")
         raise InvalidArgument("attention_mask must be right-padded: ones for the tokens, then zeros")
     if (lengths == 0).any():
         raise InvalidArgument(f"row(s) {np.flatnonzero(lengths == 0).tolist()} have no tokens (attention_mask all 0)")

@@ -337,6 +337,8 @@ BAD_REQUESTS = {
                                   .astype(np.int64)}), grpc.StatusCode.INVALID_ARGUMENT, "attention_mask"),
     "left padding": (build_request({"input_ids": np.full((1, 4), 5), "attention_mask": np.array([[0, 1, 1, 1]])}),
                      grpc.StatusCode.INVALID_ARGUMENT, "right-padded"),
+    "mask not 0/1": (build_request({"input_ids": np.full((1, 4), 5), "attention_mask": np.array([[1, 2, 1, 0]])}),
+                     grpc.StatusCode.INVALID_ARGUMENT, "only 0 and 1"),
     "id outside vocab": (build_request({"input_ids": np.array([[2, 100000, 3]])}), grpc.StatusCode.INVALID_ARGUMENT,
                          "outside the vocabulary"),
     "unknown input": (build_request({"input_ids": np.full((1, 4), 5), "pixel_values": np.full((1, 4), 5)}),
