@@ -288,3 +288,28 @@ def test_adapters_mix_in_one_running_batch(gpt2):
     assert outputs[""] != outputs["alpha"] and outputs[""] != outputs["gamma"]  # the adapters matter
     code, details = _code(lambda: gpt2["gen"].Generate(gpb.GenerateRequest(input_ids=[5], adapter="nope")))
     assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+
+
+def test_mlflow_peft_generation_model_answers_with_its_own_adapter(tmp_path):
+    """An MLflow PEFT text-generation model: requests naming no adapter get the fine-tuned model
+    (its peft/ adapter, served under the model's name), `adapter: base` gets the base."""
+    from tests import model_factory
+
+    model, tok = BUILDERS["gpt2"]()
+    peft_model = model_factory.build_lora(model, seed=4, task_type="CAUSAL_LM")
+    root = model_factory.save_peft_components(tmp_path / "tuned", peft_model, tok, "text-generation",
+                                              "TextGenerationPipeline")
+    ids = tok(PROMPTS[1])["input_ids"]
+    tuned = reference_generate(peft_model, tok, ids, max_new_tokens=12, do_sample=False)
+    with peft_model.disable_adapter():
+        base = reference_generate(peft_model, tok, ids, max_new_tokens=12, do_sample=False)
+    assert tuned != base  # the adapter changes the answer
+    with servers.model_service(root, *QUIET) as ms:
+        stub = generation_stub(ms.address)
+        assert generate_ids(stub, ids, max_new_tokens=12)[0] == tuned
+        steps = list(stub.Generate(gpb.GenerateRequest(input_ids=ids, adapter="tuned",
+                                                       settings=gpb.GenerationSettings(max_new_tokens=12))))
+        assert [t for step in steps for t in step.token_ids] == tuned
+        steps = list(stub.Generate(gpb.GenerateRequest(input_ids=ids, adapter="base",
+                                                       settings=gpb.GenerationSettings(max_new_tokens=12))))
+        assert [t for step in steps for t in step.token_ids] == base
