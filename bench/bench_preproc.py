@@ -7,7 +7,6 @@ real all-MiniLM-L6-v2 body with a seeded 3-label classification head, saved in t
 components layout (a realistic encoder size; the tiny test models cost less than the wire).
 
 References, measured in this process before and after the services run (the mean is used):
-- pipeline single call: `pipeline("text-classification")(sentence)`, one at a time (p50 latency);
 - pipeline batch 32: `pipeline(sentences, batch_size=32)` (sentences/s);
 - forward limit: tokenized once, length-sorted batches of 32, forward only (sentences/s): the
   most any server could do with this model on this machine.
@@ -71,16 +70,13 @@ def make_pipeline(model, tokenizer, threads: int):
     return pipeline("text-classification", model=model, tokenizer=tokenizer, device="cpu")
 
 
-def in_process(model, tokenizer, sentences: list[str], batch_size: int, singles: int, threads: int) -> dict:
+def in_process(model, tokenizer, sentences: list[str], batch_size: int, threads: int) -> dict:
+    """Throughput references: the pipeline with batch_size, and the forward limit.
+    (Single-call latency is measured paired with the services: paired_single_calls.)"""
     import torch
 
     pipe = make_pipeline(model, tokenizer, threads)
     pipe(sentences[:4])  # warm up
-    latencies = []
-    for sentence in sentences[:singles]:
-        t0 = time.perf_counter()
-        pipe(sentence, truncation=True)
-        latencies.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     pipe(sentences, batch_size=batch_size, truncation=True)
     pipeline_rate = len(sentences) / (time.perf_counter() - t0)
@@ -99,8 +95,7 @@ def in_process(model, tokenizer, sentences: list[str], batch_size: int, singles:
                 mask[j, :len(r)] = 1
             model(input_ids=ids, attention_mask=mask).logits.numpy()
     forward_rate = len(rows) / (time.perf_counter() - t0)
-    return {"single_p50_ms": 1000 * statistics.median(latencies), "pipeline_rate": pipeline_rate,
-            "forward_rate": forward_rate}
+    return {"pipeline_rate": pipeline_rate, "forward_rate": forward_rate}
 
 
 def paired_single_calls(pipe, address: str, sentences: list[str]) -> dict:
@@ -156,7 +151,8 @@ def main(argv=None) -> None:
     parser.add_argument("sentences", nargs="?", default=str(ROOT.parent / "shared" / "bench" / "sentences.txt"))
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--limit", type=int, default=256, help="first N sentences (0: all)")
-    parser.add_argument("--singles", type=int, default=256, help="sentences for the paired single-call latencies")
+    parser.add_argument("--singles", type=int, default=256, help="sentences for concurrency 1 and the paired "
+                        "single-call latencies")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch threads, in process and in model_service alike (the other cores are left to "
                              "the services' own work and the client)")
@@ -172,7 +168,7 @@ def main(argv=None) -> None:
         print(f"{len(sentences)} sentences, {min(lengths)}-{max(lengths)} tokens "
               f"(mean {statistics.fmean(lengths):.0f}); MiniLM-L6 body + 3-label head; {os.cpu_count()} CPUs, "
               f"{args.torch_threads} torch thread(s)")
-        before = in_process(model, tokenizer, sentences, args.batch_size, args.singles, args.torch_threads)
+        before = in_process(model, tokenizer, sentences, args.batch_size, args.torch_threads)
         results = {}
         model_flags = ["--max-batch-size", str(args.batch_size), "--torch-threads", str(args.torch_threads),
                        "--metrics-port", "0", *args.model_args.split()]
@@ -184,20 +180,18 @@ def main(argv=None) -> None:
             if 1 in levels:
                 paired = paired_single_calls(make_pipeline(model, tokenizer, args.torch_threads), preproc.address,
                                              sentences[:args.singles])
-        after = in_process(model, tokenizer, sentences, args.batch_size, args.singles, args.torch_threads)
+        after = in_process(model, tokenizer, sentences, args.batch_size, args.torch_threads)
 
     ref = {key: (before[key] + after[key]) / 2 for key in before}
-    print(f"in process: pipeline single call p50 {ref['single_p50_ms']:.2f} ms; pipeline batch {args.batch_size} "
+    print(f"in process: pipeline batch {args.batch_size} "
           f"{ref['pipeline_rate']:.1f} sentences/s; forward limit {ref['forward_rate']:.1f} sentences/s "
           f"(before/after: {before['forward_rate']:.1f}/{after['forward_rate']:.1f})")
     print()
-    print("| concurrency | services sentences/s | p50 ms | p99 ms | vs forward limit | vs pipeline batch 32 "
-          "| p50 - in-process single p50 |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| concurrency | services sentences/s | p50 ms | p99 ms | vs forward limit | vs pipeline batch 32 |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for c, r in results.items():
         print(f"| {c} | {r['rate']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r['rate'] / ref['forward_rate']:.2f} | {r['rate'] / ref['pipeline_rate']:.2f} | "
-              f"{r['p50_ms'] - ref['single_p50_ms']:+.2f} ms |")
+              f"{r['rate'] / ref['forward_rate']:.2f} | {r['rate'] / ref['pipeline_rate']:.2f} |")
     print()
     if max(levels) >= 32:
         ratio = results[max(levels)]["rate"] / ref["forward_rate"]

@@ -60,21 +60,19 @@ def parse_param(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _health(channel, args) -> dict:
-    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
-                                                        timeout=args.timeout)
-    client = TensorClient(args.address, timeout=args.timeout, channel=channel)
+def _health(client: TensorClient, args) -> dict:
+    status = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                               timeout=args.timeout)
     return {"status": health_pb2.HealthCheckResponse.ServingStatus.Name(status.status),
             "live": client.stub.ServerLive(pb.ServerLiveRequest(), timeout=args.timeout).live,
             "ready": client.stub.ServerReady(pb.ServerReadyRequest(), timeout=args.timeout).ready}
 
 
-def _metadata(channel, args) -> dict:
-    return TensorClient(args.address, timeout=args.timeout, channel=channel).metadata(args.model)
+def _metadata(client: TensorClient, args) -> dict:
+    return client.metadata(args.model)
 
 
-def _infer(channel, args) -> dict:
-    client = TensorClient(args.address, timeout=args.timeout, channel=channel)
+def _infer(client: TensorClient, args) -> dict:
     result = client.infer(dict(args.input), outputs=args.output, parameters=dict(args.param or []),
                           model_name=args.model)
     outputs = {name: {"datatype": tensors.v2_datatype(array), "shape": list(array.shape), "data": array.tolist()}
@@ -82,8 +80,8 @@ def _infer(channel, args) -> dict:
     return {"outputs": outputs, "parameters": result.parameters}
 
 
-def _adapters(channel, args) -> dict:
-    stub = adapters_pb2_grpc.AdaptersStub(channel)
+def _adapters(client: TensorClient, args) -> dict:
+    stub = adapters_pb2_grpc.AdaptersStub(client.channel)
     if args.action == "load":
         if not args.path:
             raise SystemExit("splitserve-model adapters load NAME PATH: PATH is missing")
@@ -126,13 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    channel = channel_from_flags(args)
-    try:
-        result = args.run(channel, args)
-    except grpc.RpcError as exc:
-        return print_error(exc)
-    finally:
-        channel.close()
+    with TensorClient(args.address, timeout=args.timeout, channel=channel_from_flags(args)) as client:
+        try:
+            result = args.run(client, args)
+        except grpc.RpcError as exc:
+            return print_error(exc)
     print(json.dumps(to_json(result), ensure_ascii=False, indent=2))
     return 0
 

@@ -19,7 +19,6 @@ import asyncio
 import hmac
 import logging
 import time
-from pathlib import Path
 
 from model_service.adapters import BASE_REQUEST_NAME, AdapterInfo, AdapterRegistry, check_name, read_adapter_dir
 from splitserve_common.errors import (
@@ -143,25 +142,30 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         return adapters_pb2.ListAdaptersResponse(adapters=[to_proto(i) for i in self._registry().list()])
 
 
+def own_adapter(args, loaded) -> tuple[str, str] | None:
+    """(name, dir) of the model directory's own `peft/` when the loader left it unmerged
+    (`loaded.peft_dir`): it is served under the model's name."""
+    from model_service.server import served_name  # the server imports this module's plug-in hook
+
+    own_peft = getattr(loaded, "peft_dir", "")
+    return (served_name(args), str(own_peft)) if own_peft else None
+
+
 def startup_adapters(args, loaded) -> list[tuple[str, str]]:
-    """(name, dir) to load at start: the model directory's own `peft/` when the loader left it
-    unmerged (`loaded.peft_dir`), under the model's name, then every `--adapter NAME=DIR`."""
+    """(name, dir) to load at start: the model's own adapter (own_adapter), then every `--adapter NAME=DIR`."""
     try:
         named = [parse_adapter_flag(text) for text in getattr(args, "adapter", None) or []]
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
-    own_peft = getattr(loaded, "peft_dir", None)
-    if own_peft:
-        model_name = getattr(args, "model_name", "") or Path(getattr(args, "model_dir", "")).resolve().name
-        named.insert(0, (model_name, str(own_peft)))
-    return named
+    own = own_adapter(args, loaded)
+    return [own, *named] if own else named
 
 
-def default_adapter(setting: str, loaded, started: list[tuple[str, str]]) -> str:
+def default_adapter(setting: str, args, loaded) -> str:
     """--default-adapter -> the adapter name for requests that name none ("" = the base model)."""
     if setting == "auto":
-        own_peft = getattr(loaded, "peft_dir", "")
-        return started[0][0] if own_peft and started else ""
+        own = own_adapter(args, loaded)
+        return own[0] if own else ""
     return "" if setting in ("", BASE_REQUEST_NAME) else setting
 
 
@@ -182,14 +186,13 @@ def register(server, runtime) -> list[str]:
         engine = runtime.engine
         registry = AdapterRegistry(engine.model, allow_pickle=bool(getattr(args, "allow_pickle", False)))
         engine.adapters = registry
-        started = startup_adapters(args, engine.loaded)
-        for name, path in started:
+        for name, path in startup_adapters(args, engine.loaded):
             try:
                 info = await engine.run(registry.load, name, path)
             except ServiceError as exc:
                 raise SystemExit(f"cannot load adapter {name}={path}: {exc.message}") from exc
             log.info("adapter %s loaded from %s (%s, rank %d)", name, path, info.method, info.rank)
-        default = default_adapter(getattr(args, "default_adapter", "auto"), engine.loaded, started)
+        default = default_adapter(getattr(args, "default_adapter", "auto"), args, engine.loaded)
         try:
             registry.set_default(default)
         except ServiceError as exc:

@@ -20,7 +20,8 @@ Adapters: `engine.adapters` decides what a request's `adapter` name means. The d
 (BaseOnly) serves only the base model (""); model_service.adapters installs a richer one
 with the same methods: `names()` (loaded adapter names, for metadata), `check(name)`
 (event loop: raise errors.NotFound for an unknown name), `lease(name)` (event loop: a
-context manager held for a request's life, so an adapter is not unloaded under it) and
+context manager held for a request's life, so an adapter is not unloaded under it; it yields
+the adapter the request means, which may be a default when it named none) and
 `use(row_names)` (worker
 thread: a context manager that applies row i's adapter to row i of the batch around a
 forward pass; "" = base). A batch may mix rows of several adapters.
@@ -65,7 +66,7 @@ class BaseOnly:
 
     def lease(self, name: str):
         self.check(name)
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(name)
 
     def use(self, row_names: list[str]):
         return contextlib.nullcontext()

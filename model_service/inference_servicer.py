@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from model_service import requests
@@ -98,9 +97,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         runtime = self.runtime.require()
         info = runtime.info
         job = requests.parse(request, info)
-        lease = getattr(runtime.engine.adapters, "lease", None)  # an adapter unload waits for this request
-        with lease(job.adapter) if lease else contextlib.nullcontext() as row_adapter:
-            job.adapter = row_adapter or job.adapter  # the adapter meant (a request naming none gets the default)
+        # The lease makes an adapter unload wait for this request, and names the adapter meant.
+        with runtime.engine.adapters.lease(job.adapter) as job.adapter:
             result = await runtime.batcher.submit(job, timeout)
         response = pb.ModelInferResponse(model_name=info.name, model_version=info.versions[0],
                                          id=request.id)

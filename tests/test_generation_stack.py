@@ -45,8 +45,9 @@ def t5(tmp_path_factory):
                "pre": preproc_stub(pp.address)}
 
 
-def generate_ids(stub, ids, **settings):
-    steps = list(stub.Generate(gpb.GenerateRequest(input_ids=ids, settings=gpb.GenerationSettings(**settings))))
+def generate_ids(stub, ids, adapter="", **settings):
+    steps = list(stub.Generate(gpb.GenerateRequest(input_ids=ids, adapter=adapter,
+                                                   settings=gpb.GenerationSettings(**settings))))
     tokens = [t for step in steps for t in step.token_ids]
     return tokens, steps[-1]
 
@@ -307,9 +308,5 @@ def test_mlflow_peft_generation_model_answers_with_its_own_adapter(tmp_path):
     with servers.model_service(root, *QUIET) as ms:
         stub = generation_stub(ms.address)
         assert generate_ids(stub, ids, max_new_tokens=12)[0] == tuned
-        steps = list(stub.Generate(gpb.GenerateRequest(input_ids=ids, adapter="tuned",
-                                                       settings=gpb.GenerationSettings(max_new_tokens=12))))
-        assert [t for step in steps for t in step.token_ids] == tuned
-        steps = list(stub.Generate(gpb.GenerateRequest(input_ids=ids, adapter="base",
-                                                       settings=gpb.GenerationSettings(max_new_tokens=12))))
-        assert [t for step in steps for t in step.token_ids] == base
+        assert generate_ids(stub, ids, adapter="tuned", max_new_tokens=12)[0] == tuned
+        assert generate_ids(stub, ids, adapter="base", max_new_tokens=12)[0] == base

@@ -21,7 +21,8 @@ def stack(tmp_path_factory):
     model_dir = model_factory.save_components(root / "model", model, tokenizer, "text-classification")
     adapter_dir = save_lora(model, root / "adapter", seed=5, r=4, target_modules=["query", "value"])
     with servers.model_service(model_dir, log_dir=root / "logs") as service:
-        yield {"address": service.address, "model": model, "tokenizer": tokenizer, "adapter": adapter_dir}
+        yield {"address": service.address, "model": model, "tokenizer": tokenizer, "adapter": adapter_dir,
+               "model_dir": model_dir}
 
 
 def cli(stack, *args: str) -> subprocess.CompletedProcess:
@@ -82,14 +83,13 @@ def test_adapters_load_list_unload(stack):
     assert json.loads(missing.stderr.strip().splitlines()[-1])["error"]["code"] == "NOT_FOUND"
 
 
-def test_reserved_and_unknown_adapter_names(stack, tmp_path):
+def test_reserved_and_unknown_adapter_names(stack):
     reserved = cli(stack, "adapters", "load", "base", str(stack["adapter"]))
     assert reserved.returncode == 1
     assert "reserved" in json.loads(reserved.stderr.strip().splitlines()[-1])["error"]["message"]
     # A default adapter that is not loaded stops the start-up, naming the flag.
-    model_dir = tmp_path / "model"
-    model_factory.save_components(model_dir, stack["model"], stack["tokenizer"], "text-classification")
-    started = subprocess.run([sys.executable, "-m", "model_service", "--model-dir", str(model_dir), "--port", "0",
+    started = subprocess.run([sys.executable, "-m", "model_service", "--model-dir", str(stack["model_dir"]),
+                              "--port", "0",
                               "--metrics-port", "0", "--default-adapter", "nope"],
                              capture_output=True, text=True, timeout=180)
     assert started.returncode != 0

@@ -235,13 +235,11 @@ def test_mlflow_peft_adapter_is_a_named_default_adapter(env):
         as_base = client.infer(inputs, outputs=["logits"], parameters={"adapter": "base"})["logits"]
     np.testing.assert_allclose(by_name, tuned, atol=TOL, rtol=TOL)
     np.testing.assert_allclose(as_base, base, atol=TOL, rtol=TOL)
-    channel = grpc.insecure_channel(address(env, "peft"))
-    with pytest.raises(grpc.RpcError) as refused:
+    with grpc.insecure_channel(address(env, "peft")) as channel, pytest.raises(grpc.RpcError) as refused:
         adapters_pb2_grpc.AdaptersStub(channel).UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="peft"),
                                                               timeout=10)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "--default-adapter" in refused.value.details()
-    channel.close()
 
 
 # ---------------------------------------------------------------- batching

@@ -11,7 +11,6 @@ and the scheduler frees its slot at the next step. `Stats` shows the scheduler's
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -115,8 +114,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request, context):
         self._ready()
         seq = self.sequence_of(request)
-        with _lease(self.engine.adapters, request.adapter) as row_adapter:
-            seq.adapter = row_adapter or seq.adapter  # the adapter meant (a request naming none gets the default)
+        # The lease makes an adapter unload wait for this generation, and names the adapter meant.
+        with self.engine.adapters.lease(request.adapter) as seq.adapter:
             async for step in self._stream(self.scheduler.submit(seq)):
                 yield step
 
@@ -162,16 +161,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def stop(self) -> None:
         if self.scheduler is not None:
             await self.scheduler.stop()
-
-
-@contextlib.contextmanager
-def _lease(adapters, name: str):
-    """Hold the adapter for the whole generation (an unload waits for it), where the switch supports it."""
-    if hasattr(adapters, "lease"):
-        with adapters.lease(name) as row_name:
-            yield row_name
-    else:
-        yield name
 
 
 def register(server, runtime) -> list[str]:
