@@ -12,7 +12,8 @@ References, measured in this process before and after the services run (the mean
   most any server could do with this model on this machine.
 The services answer one sentence per request from N concurrent asyncio callers. The c=1 latency
 target is checked on paired calls: sentence by sentence, one pipeline call in this process and
-one call through the services, alternating which goes first (`paired_single_calls`).
+one call through the services, in rotating order with a bare gRPC round trip (a health Check) that
+shows what the transport alone costs on the machine (`paired_single_calls`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from client.preproc_client import AsyncPreprocClient, PreprocClient  # noqa: E402
 from tests import model_factory, servers  # noqa: E402
@@ -101,26 +105,33 @@ def in_process(model, tokenizer, sentences: list[str], batch_size: int, threads:
 def paired_single_calls(pipe, address: str, sentences: list[str]) -> dict:
     """Single-call latency, in process and through the services, measured in alternation.
 
-    Sentence by sentence, one call each way (which goes first alternates), so drift in the
-    machine's speed hits both sides alike: the median of the paired differences is the
-    services' added latency.
+    Sentence by sentence, one call each way in rotating order, so drift in the machine's speed
+    hits both sides alike: the median of the paired differences is the services' added latency.
+    A health Check on preproc_service rotates with them: one gRPC round trip to a service idle
+    for as long as a forward pass, with no work behind it (the path makes two such round trips).
     """
-    inside, through, extra = [], [], []
-    with PreprocClient(address, timeout=60) as client:
-        for sentence in sentences[:8]:  # warm up both
-            pipe(sentence, truncation=True)
-            client.classify([sentence])
+    inside, through, extra, round_trips = [], [], [], []
+    with PreprocClient(address, timeout=60) as client, grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        calls = {"pipe": lambda s: pipe(s, truncation=True), "service": lambda s: client.classify([s]),
+                 "round trip": lambda s: health.Check(health_pb2.HealthCheckRequest(), timeout=60)}
+        for sentence in sentences[:8]:  # warm up all three
+            for call in calls.values():
+                call(sentence)
+        order = list(calls)
         for i, sentence in enumerate(sentences):
             timed = {}
-            for side in (("pipe", "service") if i % 2 == 0 else ("service", "pipe")):
+            for side in order[i % 3:] + order[:i % 3]:
                 t0 = time.perf_counter()
-                pipe(sentence, truncation=True) if side == "pipe" else client.classify([sentence])
+                calls[side](sentence)
                 timed[side] = 1000 * (time.perf_counter() - t0)
             inside.append(timed["pipe"])
             through.append(timed["service"])
             extra.append(timed["service"] - timed["pipe"])
+            round_trips.append(timed["round trip"])
     return {"pipe_p50": statistics.median(inside), "service_p50": statistics.median(through),
-            "extra_p50": statistics.median(extra), "n": len(sentences)}
+            "extra_p50": statistics.median(extra), "round_trip_p50": statistics.median(round_trips),
+            "n": len(sentences)}
 
 
 async def through_services(address: str, sentences: list[str], concurrency: int) -> dict:
@@ -203,6 +214,9 @@ def main(argv=None) -> None:
               f"{paired['service_p50']:.2f} ms; median added latency {paired['extra_p50']:+.2f} ms")
         print(f"target c=1: p50 <= in-process single call + 2 ms -> {paired['extra_p50']:+.2f} ms "
               f"({'met' if paired['extra_p50'] <= 2.0 else 'NOT met'})")
+        print(f"transport on this machine: one gRPC round trip to the idle preproc_service (health Check, "
+              f"nothing behind it) p50 {paired['round_trip_p50']:.2f} ms; the path makes two "
+              f"(client -> preproc -> model): ~{2 * paired['round_trip_p50']:.2f} ms of the above")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,12 @@ class Batcher:
         pending = _Pending(job, future, deadline, needs_hidden)
         now = asyncio.get_running_loop().time()
         self._rows.extend(_Row(pending, i, now) for i in range(job.batch))
-        self._wakeup.set()
+        if not self._running and not self._slots.locked():
+            # The worker is idle: start the batch here rather than wake the collector (a loop turn less).
+            await self._slots.acquire()  # a free slot: returns without suspending
+            self._dispatch()
+        else:
+            self._wakeup.set()
         try:
             return await future
         finally:
@@ -150,14 +155,20 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), left)
                 except asyncio.TimeoutError:  # not the builtin before Python 3.11
                     break
-            self._drop_stale()
-            batch = self._take_batch()
-            if not batch:
-                self._slots.release()
-                continue
-            task = loop.create_task(self._run(batch))
-            self._running.add(task)
-            task.add_done_callback(self._batch_done)
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start the next batch in the slot just acquired (or give the slot back when nothing is left)."""
+        self._drop_stale()
+        batch = self._take_batch()
+        if not batch:
+            self._slots.release()
+            return
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._running.add(task)
+        task.add_done_callback(self._batch_done)
+        if self._rows:
+            self._wakeup.set()  # more rows wait: let the collector see them
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._running.discard(task)
@@ -258,6 +269,15 @@ class Batcher:
         outputs = self.engine.forward(inputs, adapters=adapters, hidden_states=needs_hidden)
         metrics.observe_stage("forward", time.perf_counter() - started)
 
+        if _is_whole_request(batch, length):  # one request, as sent: its outputs need no cutting and restacking
+            p = batch[0].pending
+            p.batch_size = len(batch)
+            try:
+                return [(p, Result(shape_outputs(p.job, outputs, inputs["attention_mask"]), len(batch)))], \
+                    list(stale.values()), len(batch)
+            except InvalidArgument as exc:
+                return [(p, exc)], list(stale.values()), len(batch)
+
         finished = []
         for i, row in enumerate(batch):
             p = row.pending
@@ -307,6 +327,13 @@ def plan_groups(lengths: list[int], max_rows: int, token_budget: int, overhead_t
     return groups[::-1]
 
 
+def _is_whole_request(batch: list[_Row], length: int) -> bool:
+    """The batch is exactly one request's rows, in order, padded to the request's own length."""
+    pending = batch[0].pending
+    return (len(batch) == pending.job.batch and length == pending.job.padded_length
+            and all(row.pending is pending and row.index == i for i, row in enumerate(batch)))
+
+
 def assemble(job: InferJob, row_outputs: list[dict]) -> dict:
     """Stack a request's rows back to [B, L, ...] (zeros past each row's length) and shape its outputs."""
     lengths = [len(r) for r in job.rows]
@@ -314,18 +341,33 @@ def assemble(job: InferJob, row_outputs: list[dict]) -> dict:
     for i, n in enumerate(lengths):
         mask[i, :n] = 1
     stacked: dict = {}
+    for source in {spec.source for spec in job.outputs}:
+        first = row_outputs[0][source]
+        if shaping.has_sequence_axis(source, first.ndim + 1):
+            full = first.new_zeros((job.batch, job.padded_length, *first.shape[1:]))
+            for i, row in enumerate(row_outputs):
+                full[i, : lengths[i]] = row[source]
+        else:
+            full = torch.stack([row[source] for row in row_outputs])
+        stacked[source] = full
+    return _shape_all(job, stacked, mask)
+
+
+def shape_outputs(job: InferJob, outputs: dict, mask: torch.Tensor) -> dict:
+    """A whole request's outputs straight from its forward pass: zeros past each row's length, then shaped."""
+    padded = not bool(mask.all())
+    stacked: dict = {}
+    for source in {spec.source for spec in job.outputs}:
+        tensor = outputs[source]
+        if padded and shaping.has_sequence_axis(source, tensor.ndim):
+            tensor = tensor.masked_fill((mask == 0).view(*mask.shape, *[1] * (tensor.ndim - 2)), 0)
+        stacked[source] = tensor
+    return _shape_all(job, stacked, mask)
+
+
+def _shape_all(job: InferJob, stacked: dict, mask: torch.Tensor) -> dict:
     result: dict = {}
     for spec in job.outputs:
-        source = spec.source
-        if source not in stacked:
-            first = row_outputs[0][source]
-            if shaping.has_sequence_axis(source, first.ndim + 1):
-                full = first.new_zeros((job.batch, job.padded_length, *first.shape[1:]))
-                for i, row in enumerate(row_outputs):
-                    full[i, : lengths[i]] = row[source]
-            else:
-                full = torch.stack([row[source] for row in row_outputs])
-            stacked[source] = full
-        result.update(shaping.shape(spec, stacked[source], mask))
+        result.update(shaping.shape(spec, stacked[spec.source], mask))
     return result
 

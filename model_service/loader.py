@@ -13,6 +13,7 @@ runs unless `trust_remote_code`; a refusal raises LoadError naming the flag to o
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -109,11 +110,12 @@ class LoadedModel:
         pad = self.special_ids.get("pad_token_id")
         return 0 if pad is None else int(pad)
 
-    @property
+    # Cached: every request's checks read these, and a transformers config attribute read is slow.
+    @functools.cached_property
     def vocab_size(self) -> int:
         return int(getattr(self.config, "vocab_size", 0) or 0)
 
-    @property
+    @functools.cached_property
     def type_vocab_size(self) -> int:
         return int(getattr(self.config, "type_vocab_size", 0) or 0)
 

@@ -76,7 +76,7 @@ def decode_inputs(request) -> dict[str, np.ndarray]:
 
 
 def row_lengths(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
-    if mask is None:
+    if mask is None or mask.all():  # no padding: the common single-sequence case, one reduction
         return np.full(shape[0], shape[1], dtype=np.int64)
     lengths = mask.sum(axis=1)
     expected = (np.arange(shape[1])[None, :] < lengths[:, None]).astype(mask.dtype)
@@ -106,14 +106,14 @@ def parse(request, info) -> InferJob:
         raise InvalidArgument(f"sequence of {longest} tokens is longer than the model's {info.max_positions} "
                               "positions: truncate it")
     vocab = info.loaded.vocab_size
-    if vocab and ((ids < 0) | (ids >= vocab)).any():
+    if vocab and (ids.min() < 0 or ids.max() >= vocab):
         raise InvalidArgument(f"input_ids hold token ids outside the vocabulary [0, {vocab})")
     type_ids = arrays.get("token_type_ids")
     if type_ids is not None:
         limit = info.loaded.type_vocab_size
         if not limit:
             raise InvalidArgument("this model takes no token_type_ids")
-        if ((type_ids < 0) | (type_ids >= limit)).any():
+        if type_ids.min() < 0 or type_ids.max() >= limit:
             raise InvalidArgument(f"token_type_ids must be in [0, {limit})")
     specs = parse_specs(request, info.output_names, info.default_outputs, info.loaded.pooling.as_dict(), length)
     adapter = typed(to_dict(request.parameters), "adapter", str, "")

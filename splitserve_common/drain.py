@@ -22,7 +22,7 @@ import time
 
 import grpc
 
-from splitserve_common.metrics import wrap_handler
+from splitserve_common.metrics import WrappedHandlers, wrap_handler
 
 # Health stays answerable while draining: probes and watchers see NOT_SERVING, not a refused call.
 ALWAYS_ALLOWED = ("/grpc.health.v1.Health/",)
@@ -37,6 +37,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
         self.closed = False
         self.in_flight = 0
         self.last_activity = time.monotonic()
+        self._handlers = WrappedHandlers(lambda behavior, _method: self._counted(behavior))
 
     def close(self) -> None:
         self.closed = True
@@ -57,7 +58,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
         self.last_activity = time.monotonic()
         if self.closed:
             return wrap_handler(handler, lambda _behavior: _refuse)
-        return wrap_handler(handler, self._counted)
+        return self._handlers.get(handler_call_details.method, handler)
 
     def _enter(self) -> None:
         self.in_flight += 1

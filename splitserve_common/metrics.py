@@ -130,20 +130,23 @@ def _code_name(context, exc: BaseException | None) -> str:
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every call by method and final status code, times it, and tracks calls in flight."""
 
+    def __init__(self):
+        self._handlers = WrappedHandlers(lambda behavior, method: _measured(behavior, _short_method(method)))
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = _short_method(handler_call_details.method)
-        return wrap_handler(handler, lambda behavior: _measured(behavior, method))
+        return self._handlers.get(handler_call_details.method, handler)
 
 
 def _measured(behavior, method: str):
     in_flight = IN_FLIGHT.labels(method)
+    duration = REQUEST_DURATION.labels(method)
 
     def finish(context, start: float, exc: BaseException | None) -> None:
         in_flight.dec()
-        REQUEST_DURATION.labels(method).observe(time.perf_counter() - start)
+        duration.observe(time.perf_counter() - start)
         REQUESTS.labels(method, _code_name(context, exc)).inc()
 
     if inspect.isasyncgenfunction(behavior):
@@ -191,3 +194,23 @@ def wrap_handler(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
         factory, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
     return factory(wrap(behavior), request_deserializer=handler.request_deserializer,
                    response_serializer=handler.response_serializer)
+
+
+class WrappedHandlers:
+    """`wrap_handler` results kept per method, so a call does not rebuild its handler.
+
+    An entry is rebuilt when the handler underneath changes (an inner interceptor's refusal
+    is a new handler for each call), so there is at most one entry per served method.
+    `wrap(behavior, method)` returns the wrapped behavior.
+    """
+
+    def __init__(self, wrap):
+        self._wrap = wrap
+        self._by_method: dict[str, tuple] = {}  # method -> (handler, wrapped handler)
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        entry = self._by_method.get(method)
+        if entry is None or entry[0] is not handler:
+            entry = (handler, wrap_handler(handler, lambda behavior: self._wrap(behavior, method)))
+            self._by_method[method] = entry
+        return entry[1]

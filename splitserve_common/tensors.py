@@ -7,6 +7,8 @@ use them. Every check that a client can fail raises InvalidArgument naming the t
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from splitserve_common.errors import InvalidArgument
@@ -69,7 +71,7 @@ def decode(name: str, datatype: str, shape, raw: bytes | None = None, contents=N
     shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"tensor '{name}' has a negative dimension in shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if raw is not None:
         expected = count * dtype.itemsize
         if len(raw) != expected:

@@ -278,6 +278,33 @@ def test_concurrent_requests_share_batches_and_match_unbatched(env):
     np.testing.assert_allclose(single["logits"], alone[0], atol=TOL, rtol=TOL)
 
 
+def test_padded_requests_come_back_in_their_own_layout_batched_or_alone(env):
+    """A padded multi-row request's rows either share forward passes with other requests' rows (cut
+    back and restacked) or form a batch alone (returned as computed): either way its caller gets its
+    own [B, L, H] with zeros past each row's length."""
+    _, model, tokenizer = env["models"]["text-classification"]
+    groups = [[" ".join(model_factory.WORDS[i + j:i + j + 2 + 3 * j]) for j in range(3)] for i in range(6)]
+    requests = [{k: v.astype(np.int64) for k, v in tokenizer(g, padding=True, return_tensors="np").items()}
+                for g in groups]
+    expected = []
+    for inputs in requests:
+        with torch.inference_mode():
+            out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, output_hidden_states=True)
+        expected.append(masked(out.hidden_states[-1].numpy(), inputs["attention_mask"]))
+
+    async def concurrently():
+        async with AsyncTensorClient(address(env, "text-classification")) as client:
+            return await asyncio.gather(*(client.infer(r, outputs=["last_hidden_state"]) for r in requests))
+
+    results = asyncio.run(concurrently())
+    assert max(r.parameters["batch_size"] for r in results) > 3  # rows of several requests shared a pass
+    with TensorClient(address(env, "text-classification")) as client:
+        alone = client.infer(requests[0], outputs=["last_hidden_state"])
+    assert alone.parameters["batch_size"] == 3
+    for result, want in zip([*results, alone], [*expected, expected[0]], strict=True):
+        np.testing.assert_allclose(result["last_hidden_state"], want, atol=TOL, rtol=TOL)
+
+
 def test_stream_reports_errors_per_request_and_goes_on(env):
     good = build_request({"input_ids": np.array([[2, 10, 11, 3]])}, ["logits"], request_id="good")
     bad = build_request({"input_ids": np.array([[2, 10, 11, 3]])}, ["nope"], request_id="bad")
