@@ -124,12 +124,7 @@ class Batcher:
         pending = _Pending(job, future, deadline, needs_hidden)
         now = asyncio.get_running_loop().time()
         self._rows.extend(_Row(pending, i, now) for i in range(job.batch))
-        if not self._running and not self._slots.locked():
-            # The worker is idle: start the batch here rather than wake the collector (a loop turn less).
-            await self._slots.acquire()  # a free slot: returns without suspending
-            self._dispatch()
-        else:
-            self._wakeup.set()
+        self._wakeup.set()
         try:
             return await future
         finally:
@@ -155,20 +150,14 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), left)
                 except asyncio.TimeoutError:  # not the builtin before Python 3.11
                     break
-            self._dispatch()
-
-    def _dispatch(self) -> None:
-        """Start the next batch in the slot just acquired (or give the slot back when nothing is left)."""
-        self._drop_stale()
-        batch = self._take_batch()
-        if not batch:
-            self._slots.release()
-            return
-        task = asyncio.get_running_loop().create_task(self._run(batch))
-        self._running.add(task)
-        task.add_done_callback(self._batch_done)
-        if self._rows:
-            self._wakeup.set()  # more rows wait: let the collector see them
+            self._drop_stale()
+            batch = self._take_batch()
+            if not batch:
+                self._slots.release()
+                continue
+            task = loop.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._running.discard(task)

@@ -2,17 +2,13 @@
 
 Requests await `Tokenization.encode(...)`; everything queued while the tokenizer
 thread is busy goes into the next `encode_batch` call (Rust, releases the GIL).
-A small request that arrives after a quiet spell, with nothing queued, is encoded
-at once on the event loop instead: batching has nothing to gain then, and the hand-off
-to the tokenizer thread and back cost ~0.3 ms of a single call's latency (measured,
-bench/bench_preproc.py). Each truncation setting has its own copy of the Rust
-tokenizer, so no call ever mutates a tokenizer another thread is using.
+Each truncation setting has its own copy of the Rust tokenizer, so no call ever
+mutates a tokenizer another thread is using.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,11 +18,6 @@ from tokenizers import Encoding, Tokenizer
 from splitserve_common.errors import InvalidArgument
 
 _MAX_BACKENDS = 16
-# A request is encoded inline (on the event loop) when the previous one began at least this long
-# ago, nothing is queued, and it is small: it blocks the loop for tens of microseconds at most.
-INLINE_QUIET_S = 0.002
-INLINE_MAX_TEXTS = 4
-INLINE_MAX_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -42,7 +33,7 @@ class EncodeOptions:
 class _Job:
     texts: list
     options: EncodeOptions
-    future: asyncio.Future | None  # None: encoded inline, nobody awaits it
+    future: asyncio.Future
 
 
 class Tokenization:
@@ -59,7 +50,6 @@ class Tokenization:
         self._pending: list[_Job] = []
         self._draining = False
         self._drain_task: asyncio.Future | None = None
-        self._last_request = float("-inf")  # time.monotonic() of the previous encode call
 
     @property
     def pad_token_id(self) -> int:
@@ -71,20 +61,12 @@ class Tokenization:
 
         Without `overflow` each list holds one encoding; with it, the overflow windows follow.
         """
-        texts = list(texts)
-        now = time.monotonic()
-        quiet, self._last_request = now - self._last_request >= INLINE_QUIET_S, now
-        if quiet and not self._draining and _is_small(texts):
-            encodings = self._encode_jobs([_Job(texts, options, None)])[0]
-            if isinstance(encodings, BaseException):
-                raise encodings
-        else:
-            future = asyncio.get_running_loop().create_future()
-            self._pending.append(_Job(texts, options, future))
-            if not self._draining:
-                self._draining = True
-                self._drain_task = asyncio.ensure_future(self._drain())  # keep a reference: tasks are weakly held
-            encodings = await future
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Job(list(texts), options, future))
+        if not self._draining:
+            self._draining = True
+            self._drain_task = asyncio.ensure_future(self._drain())  # keep a reference: tasks are weakly held
+        encodings = await future
         if overflow:
             return [[enc, *enc.overflowing] for enc in encodings]
         return [[enc] for enc in encodings]
@@ -120,7 +102,7 @@ class Tokenization:
             self._draining = False
 
     def _encode_jobs(self, jobs: list[_Job]) -> list:
-        """One encode_batch per option set (chunks of max_batch texts): on the tokenizer thread, or inline."""
+        """Runs on the tokenizer thread: one encode_batch per option set (chunks of max_batch texts)."""
         results: list = [None] * len(jobs)
         by_options: dict[EncodeOptions, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -160,13 +142,6 @@ class Tokenization:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _is_small(texts: list) -> bool:
-    if len(texts) > INLINE_MAX_TEXTS:
-        return False
-    chars = sum(len(t) if isinstance(t, str) else sum(len(part) for part in t) for t in texts)
-    return chars <= INLINE_MAX_CHARS
 
 
 def pad_batch(encodings: list[Encoding], pad_id: int, with_type_ids: bool = True) -> dict[str, np.ndarray]:

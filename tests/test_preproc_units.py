@@ -67,34 +67,6 @@ def test_concurrent_requests_share_tokenizer_batches(tokenizer):
         assert groups[0][0].ids == tokenizer(text)["input_ids"]
 
 
-def test_lone_small_request_is_encoded_inline_and_a_burst_is_batched(tokenizer):
-    """After a quiet spell a small request skips the tokenizer thread; requests close together do not."""
-    threaded = []
-
-    class Watching(Tokenization):
-        def _encode_jobs(self, jobs):
-            if any(job.future is not None for job in jobs):
-                threaded.append(len(jobs))
-            return super()._encode_jobs(jobs)
-
-    async def run():
-        tok = Watching(tokenizer, max_length=64)
-        try:
-            lone = await tok.encode(["anna walked to the river"], EncodeOptions(max_length=64))
-            inline_only = list(threaded)
-            burst = await asyncio.gather(*(tok.encode([f"{name} walked"], EncodeOptions(max_length=64))
-                                           for name in model_factory.NAMES))
-            return lone, inline_only, burst
-        finally:
-            tok.close()
-
-    lone, inline_only, burst = asyncio.run(run())
-    assert inline_only == [] and lone[0][0].ids == tokenizer("anna walked to the river")["input_ids"]
-    assert threaded and max(threaded) > 1  # the burst went through the thread, several requests per call
-    for name, groups in zip(model_factory.NAMES, burst, strict=True):
-        assert groups[0][0].ids == tokenizer(f"{name} walked")["input_ids"]
-
-
 def test_truncation_and_padding(tokenizer):
     long_text = " ".join(["river"] * 100)
 
