@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from preproc_service import metrics
 from preproc_service.deployment import Deployment, ModelInfo
 from preproc_service.handshake import disagreements
 from preproc_service.model_client import ModelClient
@@ -90,7 +89,6 @@ async def serve(args) -> None:
     await health.set(False)
     enable_reflection(server, [SERVICE_NAME])
     port = add_port(server, args, args.port)
-    metrics.serve_metrics(args.metrics_port)
     await server.start()
     log.info("preproc_service listening on %s:%d (model service %s)", args.host, port, args.model_service)
     checker = asyncio.ensure_future(

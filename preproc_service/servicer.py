@@ -15,7 +15,6 @@ import time
 import grpc
 import numpy as np
 
-from preproc_service import metrics
 from preproc_service.deployment import Call, Deployment
 from preproc_service.params import as_json, explicit_fields
 from preproc_service.tasks import (
@@ -29,6 +28,7 @@ from preproc_service.tasks import (
 )
 from preproc_service.tokenization import EncodeOptions
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, ServiceError, grpc_errors, status_of
+from splitserve_common.metrics import count_stream_item
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
@@ -159,49 +159,42 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
 
     @grpc_errors
     async def Classify(self, request, context):
-        with metrics.observe("Classify"):
-            return await self._classify(request, context)
+        return await self._classify(request, context)
 
     @grpc_errors
     async def ClassifyTokens(self, request, context):
-        with metrics.observe("ClassifyTokens"):
-            return await self._classify_tokens(request, context)
+        return await self._classify_tokens(request, context)
 
     @grpc_errors
     async def FillMask(self, request, context):
-        with metrics.observe("FillMask"):
-            return await self._fill_mask(request, context)
+        return await self._fill_mask(request, context)
 
     @grpc_errors
     async def AnswerQuestion(self, request, context):
-        with metrics.observe("AnswerQuestion"):
-            return await self._answer_question(request, context)
+        return await self._answer_question(request, context)
 
     @grpc_errors
     async def ZeroShotClassify(self, request, context):
-        with metrics.observe("ZeroShotClassify"):
-            return await self._zero_shot(request, context)
+        return await self._zero_shot(request, context)
 
     @grpc_errors
     async def Embed(self, request, context):
-        with metrics.observe("Embed"):
-            return await self._embed(request, context)
+        return await self._embed(request, context)
 
     @grpc_errors
     async def Embeddings(self, request: pb.EmbeddingsRequest, context):
         """llm/v1/embeddings: pooled (sentence-transformers config, else mean) vectors in OpenAI's shape."""
-        with metrics.observe("Embeddings"):
-            call = self._begin("Embeddings", context, request.adapter)
-            params = self.dep.params.resolve("feature-extraction", {})
-            if (params.get("pooling") or self.dep.model_dir.pooling or "none") == "none":
-                params["pooling"] = "mean"
-            vectors, prompt_tokens = await feature_extraction.run(self.dep, call, list(request.input), params)
-            return pb.EmbeddingsResponse(
-                object="list",
-                data=[pb.EmbeddingData(object="embedding", index=i, embedding=np.asarray(v, np.float32).tolist())
-                      for i, v in enumerate(vectors)],
-                model=request.model or self.dep.model_name,
-                usage=pb.EmbeddingsUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))
+        call = self._begin("Embeddings", context, request.adapter)
+        params = self.dep.params.resolve("feature-extraction", {})
+        if (params.get("pooling") or self.dep.model_dir.pooling or "none") == "none":
+            params["pooling"] = "mean"
+        vectors, prompt_tokens = await feature_extraction.run(self.dep, call, list(request.input), params)
+        return pb.EmbeddingsResponse(
+            object="list",
+            data=[pb.EmbeddingData(object="embedding", index=i, embedding=np.asarray(v, np.float32).tolist())
+                  for i, v in enumerate(vectors)],
+            model=request.model or self.dep.model_name,
+            usage=pb.EmbeddingsUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))
 
     # ------------------------------------------------------------ many items over one stream
 
@@ -246,16 +239,18 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     async def _predict_item(self, item: pb.PredictRequest, context) -> pb.PredictResponse:
         kind = item.WhichOneof("task")
         if kind is None:
+            count_stream_item("PredictStream", grpc.StatusCode.INVALID_ARGUMENT.name)
             return pb.PredictResponse(error=pb.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
                                                          message="item has no task request"))
         try:
-            with metrics.observe(f"PredictStream.{kind}"):
-                result = await self._items[kind](getattr(item, kind), context)
+            result = await self._items[kind](getattr(item, kind), context)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bad item is answered, the stream goes on
             code, message = status_of(exc)
+            count_stream_item(f"PredictStream.{kind}", code.name)
             return pb.PredictResponse(error=pb.ItemError(code=code.value[0], message=message))
+        count_stream_item(f"PredictStream.{kind}", grpc.StatusCode.OK.name)
         return pb.PredictResponse(**{kind: result})
 
     # ------------------------------------------------------------ tokenizer and info
@@ -311,21 +306,18 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
 
     @grpc_errors
     async def GenerateText(self, request, context):
-        with metrics.observe("GenerateText"):
-            handler, call = self._generation("GenerateText", request, context)
-            return await handler(request, call)
+        handler, call = self._generation("GenerateText", request, context)
+        return await handler(request, call)
 
     @grpc_errors
     async def Chat(self, request, context):
-        with metrics.observe("Chat"):
-            handler, call = self._generation("Chat", request, context)
-            return await handler(request, call)
+        handler, call = self._generation("Chat", request, context)
+        return await handler(request, call)
 
     @grpc_errors
     async def Complete(self, request, context):
-        with metrics.observe("Complete"):
-            handler, call = self._generation("Complete", request, context)
-            return await handler(request, call)
+        handler, call = self._generation("Complete", request, context)
+        return await handler(request, call)
 
     @grpc_errors
     async def GenerateTextStream(self, request, context):

@@ -12,6 +12,7 @@ Names (all prefixed `splitserve_`):
 | `splitserve_requests_total` | counter | `method`, `code` |
 | `splitserve_request_duration_seconds` | histogram | `method` |
 | `splitserve_requests_in_flight` | gauge | `method` |
+| `splitserve_stream_items_total` | counter | `method`, `code` (items of a request stream, each answered alone) |
 | `splitserve_stage_duration_seconds` | histogram | `stage` (tokenize, queue, forward, postprocess, hop, ...) |
 | `splitserve_batch_size` | histogram | |
 | `splitserve_queue_depth` | gauge | |
@@ -41,6 +42,9 @@ REQUESTS = Counter("splitserve_requests_total", "gRPC calls finished, by method 
 REQUEST_DURATION = Histogram("splitserve_request_duration_seconds", "gRPC call duration, by method",
                              ["method"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("splitserve_requests_in_flight", "gRPC calls being served now, by method", ["method"])
+STREAM_ITEMS = Counter("splitserve_stream_items_total",
+                       "items of request streams answered, each on its own, by method and status code",
+                       ["method", "code"])
 STAGE_DURATION = Histogram("splitserve_stage_duration_seconds",
                            "time spent per stage (tokenize, queue, forward, postprocess, hop, ...)",
                            ["stage"], buckets=LATENCY_BUCKETS)
@@ -64,6 +68,10 @@ def stage_timer(stage: str):
         yield
     finally:
         observe_stage(stage, time.perf_counter() - start)
+
+
+def count_stream_item(method: str, code: str) -> None:
+    STREAM_ITEMS.labels(method, code).inc()
 
 
 def observe_batch_size(rows: int) -> None:

@@ -49,6 +49,22 @@ def test_requests_are_counted_by_method_and_code(stack):
     assert sample(after_model, "splitserve_queue_depth") == 0
 
 
+def test_stream_items_are_counted_each_with_its_own_code(stack):
+    before = scrape(stack["preproc_metrics"])
+    items = [preproc_pb2.PredictRequest(classify=preproc_pb2.ClassifyRequest(texts=[text])) for text in sentences(3)]
+    items.append(preproc_pb2.PredictRequest(classify=preproc_pb2.ClassifyRequest(texts=[])))  # empty: refused
+    answers = list(stack["stub"].PredictStream(iter(items), timeout=30))
+    assert [a.WhichOneof("result") for a in answers] == ["classify"] * 3 + ["error"]
+    after = scrape(stack["preproc_metrics"])
+
+    def delta(name, **labels):
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert delta("splitserve_stream_items_total", method="PredictStream.classify", code="OK") == 3
+    assert delta("splitserve_stream_items_total", method="PredictStream.classify", code="INVALID_ARGUMENT") == 1
+    assert delta("splitserve_requests_total", method="splitserve.v1.Preproc/PredictStream", code="OK") == 1
+
+
 def test_stage_latencies_are_recorded_on_both_sides(stack):
     before_pre, before_model = scrape(stack["preproc_metrics"]), scrape(stack["model_metrics"])
     reply = stack["stub"].Classify(preproc_pb2.ClassifyRequest(texts=sentences(3)), timeout=30)
