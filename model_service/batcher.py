@@ -262,10 +262,10 @@ class Batcher:
             p = batch[0].pending
             p.batch_size = len(batch)
             try:
-                return [(p, Result(shape_outputs(p.job, outputs, inputs["attention_mask"]), len(batch)))], \
-                    list(stale.values()), len(batch)
+                outcome = Result(shape_outputs(p.job, outputs, inputs["attention_mask"]), len(batch))
             except InvalidArgument as exc:
-                return [(p, exc)], list(stale.values()), len(batch)
+                outcome = exc
+            return [(p, outcome)], list(stale.values()), len(batch)
 
         finished = []
         for i, row in enumerate(batch):
