@@ -183,14 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    with PreprocClient(args.address, timeout=args.timeout, channel=channel_from_flags(args)) as client:
+def run_command(client_class, args) -> int:
+    """`args.run(client, args)` on a `client_class` built from the connection flags: the result as
+    JSON on stdout (exit 0), or a gRPC error as JSON on stderr (exit 1). Shared by both CLIs."""
+    with client_class(args.address, timeout=args.timeout, channel=channel_from_flags(args)) as client:
         try:
             result = args.run(client, args)
+            if hasattr(result, "__iter__") and not isinstance(result, (dict, str)):
+                result = list(result)  # while the channel is open: a streamed result may still be arriving
         except grpc.RpcError as exc:
             return print_error(exc)
-    if hasattr(result, "__iter__") and not isinstance(result, (dict, str)):
-        result = list(result)
     print(json.dumps(to_json(result), ensure_ascii=False, indent=2))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(PreprocClient, build_parser().parse_args(argv))

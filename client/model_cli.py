@@ -17,12 +17,11 @@ import argparse
 import json
 import sys
 
-import grpc
 import numpy as np
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.cli import add_connection_flags, channel_from_flags, print_error, to_json
+from client.cli import add_connection_flags, run_command
 from client.tensor_client import TensorClient
 from splitserve_common import tensors
 from splitserve_pb import adapters_pb2, adapters_pb2_grpc
@@ -123,14 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    with TensorClient(args.address, timeout=args.timeout, channel=channel_from_flags(args)) as client:
-        try:
-            result = args.run(client, args)
-        except grpc.RpcError as exc:
-            return print_error(exc)
-    print(json.dumps(to_json(result), ensure_ascii=False, indent=2))
-    return 0
+    return run_command(TensorClient, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

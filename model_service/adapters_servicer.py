@@ -147,8 +147,7 @@ def own_adapter(args, loaded) -> tuple[str, str] | None:
     (`loaded.peft_dir`): it is served under the model's name."""
     from model_service.server import served_name  # the server imports this module's plug-in hook
 
-    own_peft = getattr(loaded, "peft_dir", "")
-    return (served_name(args), str(own_peft)) if own_peft else None
+    return (served_name(args), loaded.peft_dir) if loaded.peft_dir else None
 
 
 def startup_adapters(args, loaded) -> list[tuple[str, str]]:

@@ -32,7 +32,7 @@ INFERENCE_SERVICE = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenc
 def load_options(args) -> LoadOptions:
     return LoadOptions(model_dir=args.model_dir, task=args.task, dtype=args.dtype, device=args.device,
                        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                       base_model_path=args.base_model_path, merge_peft=getattr(args, "merge_peft", False))
+                       base_model_path=args.base_model_path, merge_peft=args.merge_peft)
 
 
 def served_name(args) -> str:
