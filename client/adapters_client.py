@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from client.channel_client import AsyncChannelClient, ChannelClient
 from splitserve_pb import adapters_pb2 as pb
 from splitserve_pb import adapters_pb2_grpc
 
@@ -44,7 +45,7 @@ def _metadata(token: str, header: str) -> tuple:
     return ((header, f"Bearer {token}" if header == "authorization" else token),)
 
 
-class AdaptersClient:
+class AdaptersClient(ChannelClient):
     """Blocking client. `timeout` (seconds) is each call's deadline."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 60.0, channel=None, token: str = "",
@@ -53,15 +54,6 @@ class AdaptersClient:
         self.channel = channel or grpc.insecure_channel(address)
         self.stub = adapters_pb2_grpc.AdaptersStub(self.channel)
         self.metadata = _metadata(token, header)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def list(self) -> list[AdapterInfo]:
         reply = self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout)
@@ -80,7 +72,7 @@ class AdaptersClient:
         return _info(reply.unloaded)
 
 
-class AsyncAdaptersClient:
+class AsyncAdaptersClient(AsyncChannelClient):
     """asyncio client: the same methods as AdaptersClient, as coroutines."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 60.0, channel=None, token: str = "",
@@ -89,15 +81,6 @@ class AsyncAdaptersClient:
         self.channel = channel or grpc.aio.insecure_channel(address)
         self.stub = adapters_pb2_grpc.AdaptersStub(self.channel)
         self.metadata = _metadata(token, header)
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
 
     async def list(self) -> list[AdapterInfo]:
         reply = await self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from client.channel_client import AsyncChannelClient, ChannelClient
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
@@ -143,22 +144,13 @@ class AsyncTextStream(TextStream):
             self.call.cancel()
 
 
-class GenerationClient:
+class GenerationClient(ChannelClient):
     """Blocking client. `timeout` (seconds) is each call's deadline, passed on to the model service."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 120.0, channel=None):
         self.timeout = timeout
         self.channel = channel or grpc.insecure_channel(address)
         self.stub = preproc_pb2_grpc.PreprocStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def generate(self, prompt: str, adapter: str = "", **settings) -> Generated:
         return _generated(self.stub.GenerateText(_text_request(prompt, adapter, settings), timeout=self.timeout))
@@ -186,22 +178,13 @@ class GenerationClient:
         return TextStream(call, _completion_chunk)
 
 
-class AsyncGenerationClient:
+class AsyncGenerationClient(AsyncChannelClient):
     """asyncio client: the same methods as GenerationClient; streams are `async for` iterables."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 120.0, channel=None):
         self.timeout = timeout
         self.channel = channel or grpc.aio.insecure_channel(address)
         self.stub = preproc_pb2_grpc.PreprocStub(self.channel)
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
 
     async def generate(self, prompt: str, adapter: str = "", **settings) -> Generated:
         return _generated(await self.stub.GenerateText(_text_request(prompt, adapter, settings),
