@@ -35,20 +35,22 @@ class StringList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("texts", "text_pairs", "function_to_apply", "top_k", "truncation", "adapter")
+    __slots__ = ("texts", "text_pairs", "function_to_apply", "top_k", "truncation", "adapter", "all_labels")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TEXT_PAIRS_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_TO_APPLY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ALL_LABELS_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     text_pairs: _containers.RepeatedScalarFieldContainer[str]
     function_to_apply: str
     top_k: int
     truncation: bool
     adapter: str
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., text_pairs: _Optional[_Iterable[str]] = ..., function_to_apply: _Optional[str] = ..., top_k: _Optional[int] = ..., truncation: _Optional[bool] = ..., adapter: _Optional[str] = ...) -> None: ...
+    all_labels: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., text_pairs: _Optional[_Iterable[str]] = ..., function_to_apply: _Optional[str] = ..., top_k: _Optional[int] = ..., truncation: _Optional[bool] = ..., adapter: _Optional[str] = ..., all_labels: _Optional[bool] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "score")
