@@ -441,7 +441,7 @@ class InfoResponse(_message.Message):
     def __init__(self, task: _Optional[str] = ..., inference_task: _Optional[str] = ..., model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tokenizer_class: _Optional[str] = ..., special_tokens: _Optional[_Mapping[str, str]] = ..., has_chat_template: _Optional[bool] = ..., adapters: _Optional[_Iterable[str]] = ..., default_parameters: _Optional[_Mapping[str, str]] = ..., model_service: _Optional[str] = ...) -> None: ...
 
 class GenerateTextParameters(_message.Message):
-    __slots__ = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "return_full_text", "include_prompt", "collapse_whitespace", "logprobs")
+    __slots__ = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "return_full_text", "include_prompt", "collapse_whitespace", "logprobs", "num_beams", "num_return_sequences", "length_penalty", "no_repeat_ngram_size", "early_stopping")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DO_SAMPLE_FIELD_NUMBER: _ClassVar[int]
@@ -455,6 +455,11 @@ class GenerateTextParameters(_message.Message):
     INCLUDE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     COLLAPSE_WHITESPACE_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BEAMS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RETURN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     min_new_tokens: int
     do_sample: bool
@@ -468,7 +473,12 @@ class GenerateTextParameters(_message.Message):
     include_prompt: bool
     collapse_whitespace: bool
     logprobs: bool
-    def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., return_full_text: _Optional[bool] = ..., include_prompt: _Optional[bool] = ..., collapse_whitespace: _Optional[bool] = ..., logprobs: _Optional[bool] = ...) -> None: ...
+    num_beams: int
+    num_return_sequences: int
+    length_penalty: float
+    no_repeat_ngram_size: int
+    early_stopping: bool
+    def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., return_full_text: _Optional[bool] = ..., include_prompt: _Optional[bool] = ..., collapse_whitespace: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., num_beams: _Optional[int] = ..., num_return_sequences: _Optional[int] = ..., length_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., early_stopping: _Optional[bool] = ...) -> None: ...
 
 class GenerateTextRequest(_message.Message):
     __slots__ = ("prompt", "parameters", "adapter")

@@ -29,7 +29,8 @@ from splitserve_pb import generation_pb2 as gpb
 from splitserve_pb import preproc_pb2 as pb
 
 TEXT_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-             "seed", "stop", "return_full_text", "include_prompt", "collapse_whitespace", "logprobs")
+             "seed", "stop", "return_full_text", "include_prompt", "collapse_whitespace", "logprobs", "num_beams",
+             "num_return_sequences", "length_penalty", "no_repeat_ngram_size", "early_stopping")
 LLM_KEYS = ("temperature", "top_p", "top_k", "stop", "seed", "do_sample", "repetition_penalty")
 SEQ2SEQ_TASKS = ("text2text-generation", "summarization", "translation")
 
