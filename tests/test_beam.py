@@ -33,8 +33,6 @@ def test_plain_requests_stay_in_the_continuous_batch():
 def test_beams_and_ngram_blocking_leave_it():
     assert search_of(num_beams=4, length_penalty=0.5, early_stopping=True) == SearchParams(4, 0.5, True, 0)
     assert search_of(no_repeat_ngram_size=2) == SearchParams(1, 1.0, False, 2)
-    assert search_of(no_repeat_ngram_size=2).applied() == {"no_repeat_ngram_size": 2}
-    assert search_of(num_beams=2).applied() == {"num_beams": 2, "length_penalty": 1.0, "early_stopping": False}
 
 
 def test_saved_model_config_beams_are_not_served_greedy():

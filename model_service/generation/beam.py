@@ -44,14 +44,6 @@ class SearchParams:
     early_stopping: bool
     no_repeat_ngram_size: int
 
-    def applied(self) -> dict:
-        """What this search applies: no_repeat_ngram_size when on, the beam options with beams."""
-        values = {"no_repeat_ngram_size": self.no_repeat_ngram_size} if self.no_repeat_ngram_size else {}
-        if self.num_beams > 1:
-            values.update(num_beams=self.num_beams, length_penalty=self.length_penalty,
-                          early_stopping=self.early_stopping)
-        return values
-
 
 def resolve_search(settings, defaults: dict, params: SamplingParams, max_beams: int) -> SearchParams | None:
     """The search a GenerateRequest's settings ask for (over the model's saved defaults), or None
