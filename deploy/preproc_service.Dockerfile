@@ -2,6 +2,9 @@
 #   docker build -f deploy/preproc_service.Dockerfile -t splitserve/preproc-service .
 # Every setting comes from PREPROC_* variables (see docs/operations.md).
 FROM python:3.11-slim
+# pip's own variables, empty unless given (a CA bundle for a TLS-inspecting proxy, a wheel directory).
+ARG PIP_CERT=""
+ARG PIP_FIND_LINKS=""
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
