@@ -51,6 +51,8 @@ def test_saved_model_config_beams_are_not_served_greedy():
     ({"no_repeat_ngram_size": 2, "do_sample": True}, None, "do_sample with no_repeat_ngram_size"),
     ({"num_beams": 2, "logprobs": True}, None, "logprobs with num_beams > 1"),
     ({"no_repeat_ngram_size": -1}, None, "no_repeat_ngram_size must be >= 0"),
+    ({"num_beams": 2, "presence_penalty": 0.5}, None, "presence_penalty with num_beams > 1 is not supported"),
+    ({"no_repeat_ngram_size": 2, "frequency_penalty": 0.5}, None, "frequency_penalty with no_repeat_ngram_size"),
     ({"num_beams": 2}, {"early_stopping": "never"}, "early_stopping='never'"),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(settings, defaults, words):
@@ -98,8 +100,9 @@ def test_search_equals_model_generate_token_for_token(runner, options):
 def test_greedy_ngram_blocking_reports_logprobs(runner):
     search_runner, tokenizer, eos = runner
     ids = tokenizer("the river of")["input_ids"]
-    settings = gpb.GenerationSettings(max_new_tokens=8, no_repeat_ngram_size=2, logprobs=True)
+    settings = gpb.GenerationSettings(max_new_tokens=8, no_repeat_ngram_size=2, logprobs=True, top_logprobs=3)
     params = resolve(settings, model_defaults({}, {}), prompt_len=len(ids), context_len=0, eos_token_ids=eos)
     tokens, logprobs = search_runner.generate(Sequence("t", ids, params),
                                               resolve_search(settings, {}, params, 8))
     assert len(logprobs) == len(tokens) > 0 and all(lp <= 0 for lp in logprobs)
+    assert all(len(lp.top_ids) == 3 and lp.top_logprobs[0] >= lp for lp in logprobs)

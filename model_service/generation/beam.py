@@ -11,9 +11,10 @@ context and `--gen-max-tokens` bound its length.
 
 What a request may combine (anything else is refused by name, never dropped):
 - num_beams > 1 with length_penalty, early_stopping, no_repeat_ngram_size, min_new_tokens,
-  repetition_penalty, stop ids; greedy only (beam sampling is refused), no logprobs;
-- num_beams 1 with no_repeat_ngram_size > 0: greedy decoding with n-gram blocking (logprobs
-  allowed); length_penalty and early_stopping set on a num_beams 1 request are refused;
+  repetition_penalty, stop ids; greedy only (beam sampling is refused), no logprobs, no
+  presence / frequency penalties (transformers' generate has none);
+- num_beams 1 with no_repeat_ngram_size > 0: greedy decoding with n-gram blocking (logprobs and
+  top_logprobs allowed); length_penalty and early_stopping set on a num_beams 1 request are refused;
 - num_return_sequences 1 only: a request returns one sequence.
 """
 
@@ -27,7 +28,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from model_service.generation.batch import Sequence
-from model_service.generation.sampling import SamplingParams
+from model_service.generation.sampling import ChosenLogprob, SamplingParams
 from model_service.generation.scheduler import StepEvent
 from splitserve_common.errors import InvalidArgument, ResourceExhausted, Unavailable
 
@@ -76,6 +77,10 @@ def resolve_search(settings, defaults: dict, params: SamplingParams, max_beams: 
     why = "num_beams > 1" if num_beams > 1 else "no_repeat_ngram_size"
     if params.do_sample:
         raise InvalidArgument(f"do_sample with {why} is not supported: beam search and n-gram blocking are greedy")
+    penalties = [name for name in ("presence_penalty", "frequency_penalty") if getattr(params, name)]
+    if penalties:
+        raise InvalidArgument(f"{', '.join(penalties)} with {why} is not supported: transformers' generate has no "
+                              "OpenAI penalties")
     if params.logprobs and num_beams > 1:
         raise InvalidArgument("logprobs with num_beams > 1 is not supported: a beam's tokens have no single "
                               "log-probability; use num_beams 1")
@@ -157,6 +162,6 @@ class SearchRunner:
         if ends:  # a finished beam is padded to the longest one
             tokens = tokens[: ends[0] + 1]
         # Greedy (num_beams 1): the processed scores of each step, as the continuous batch reports them.
-        logprobs = [float(out.scores[i][0].float().log_softmax(-1)[token]) for i, token in enumerate(tokens)] \
-            if p.logprobs else []
+        logprobs = [ChosenLogprob.of(out.scores[i][0].float().log_softmax(-1), token, p.top_logprobs)
+                    for i, token in enumerate(tokens)] if p.logprobs else []
         return tokens, logprobs

@@ -13,8 +13,8 @@ from splitserve_common.errors import InvalidArgument
 from splitserve_pb import generation_pb2
 
 GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                   "repetition_penalty", "seed", "num_beams", "num_return_sequences", "length_penalty",
-                   "no_repeat_ngram_size", "early_stopping")
+                   "repetition_penalty", "seed", "presence_penalty", "frequency_penalty", "num_beams",
+                   "num_return_sequences", "length_penalty", "no_repeat_ngram_size", "early_stopping")
 PREPROC_DEFAULTS = {"return_full_text": True, "include_prompt": None, "collapse_whitespace": False, "stop": []}
 
 
@@ -47,6 +47,7 @@ class GenerationParams:
             self.options["stop"] = [self.options["stop"]]
         if explicit.get("logprobs"):
             self.settings.logprobs = True
+            self.settings.top_logprobs = int(explicit.get("top_logprobs") or 0)
 
     def __getitem__(self, key):
         return self.options[key]
@@ -60,7 +61,8 @@ def _typed(key: str, value):
             if not isinstance(value, bool):
                 raise ValueError
             return value
-        if key in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+        if key in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                   "length_penalty"):
             return float(value)
         return int(value)
     except (TypeError, ValueError):
