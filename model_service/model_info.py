@@ -133,6 +133,7 @@ def metadata_parameters(info: ModelInfo) -> dict:
         "default_outputs": ",".join(info.default_outputs),
         "main_input": next(iter(info.input_specs), "input_ids"),
         "max_input_values": int(info.max_input_values),
+        "inputs_to_logits_ratio": int(getattr(config, "inputs_to_logits_ratio", 1) or 1),
     }
     return params
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from preproc_service.audio import AudioSettings
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import ModelDir, canonical_task
 from preproc_service.params import ParameterResolver
@@ -39,6 +40,8 @@ class ModelInfo:
     pooling: dict = field(default_factory=dict)
     adapters: list[str] = field(default_factory=list)
     max_batch_size: int = 0  # most rows model_service takes in one request (0: no limit known)
+    inputs_to_logits_ratio: int = 1  # audio models: input samples per output frame
+    max_input_values: int = 0  # audio models: most samples per row model_service takes (0: no limit)
 
     @classmethod
     def from_metadata(cls, meta: dict) -> ModelInfo:
@@ -59,6 +62,8 @@ class ModelInfo:
             bos_token_id=opt_int("bos_token_id"), eos_token_ids=eos_list,
             pooling=meta.get("pooling") if isinstance(meta.get("pooling"), dict) else {},
             adapters=list(meta.get("adapters") or []), max_batch_size=opt_int("max_batch_size") or 0,
+            inputs_to_logits_ratio=opt_int("inputs_to_logits_ratio") or 1,
+            max_input_values=opt_int("max_input_values") or 0,
         )
 
     @property
@@ -99,15 +104,19 @@ class _Stage:
 
 class Deployment:
     def __init__(self, model_dir: ModelDir, tokenizer, model: ModelClient, task_override: str = "",
-                 tokenize_batch: int = 512):
+                 tokenize_batch: int = 512, feature_extractor=None, audio: AudioSettings | None = None):
         self.model_dir = model_dir
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer          # None for models without one (audio-classification)
+        self.feature_extractor = feature_extractor  # audio models
+        self.audio = audio or AudioSettings()
         self.model = model
         self.task_override = canonical_task(task_override)
         self.info: ModelInfo | None = None
         self.params = ParameterResolver(model_dir.model_config, model_dir.signature_params)
         self._tokenize_batch = tokenize_batch
-        self.tokenization = Tokenization(tokenizer, self._local_max_length(), tokenize_batch)
+        # Micro-batched Rust tokenization for fast tokenizers; slow ones (TAPAS, CTC) are called directly.
+        fast = getattr(tokenizer, "is_fast", False)
+        self.tokenization = Tokenization(tokenizer, self._local_max_length(), tokenize_batch) if fast else None
 
     @property
     def task(self) -> str:
@@ -120,16 +129,18 @@ class Deployment:
 
     @property
     def max_length(self) -> int:
-        return self.tokenization.max_length
+        return self.tokenization.max_length if self.tokenization else self._local_max_length(
+            self.info.max_length if self.info else None)
 
     def _local_max_length(self, model_limit: int | None = None) -> int:
-        limits = [self.tokenizer.model_max_length, self.model_dir.max_seq_length, model_limit]
+        limits = [getattr(self.tokenizer, "model_max_length", None), self.model_dir.max_seq_length, model_limit]
         usable = [int(x) for x in limits if x and 0 < x < 1_000_000]
         return min(usable) if usable else 512
 
     def set_model_info(self, info: ModelInfo) -> None:
         self.info = info
-        self.tokenization.max_length = self._local_max_length(info.max_length)
+        if self.tokenization:
+            self.tokenization.max_length = self._local_max_length(info.max_length)
 
     def require_info(self) -> ModelInfo:
         if self.info is None:
@@ -145,7 +156,7 @@ class Deployment:
         parameters = dict(parameters or {})
         if call.adapter:
             parameters["adapter"] = call.adapter
-        rows = len(inputs["input_ids"])
+        rows = len(next(iter(inputs.values())))
         limit = self.info.max_batch_size if self.info is not None else 0
         with call.stage("model"):
             if not limit or rows <= limit:
@@ -160,4 +171,5 @@ class Deployment:
             return {name: np.concatenate([answer[name] for answer in answers]) for name in answers[0]}
 
     def close(self) -> None:
-        self.tokenization.close()
+        if self.tokenization:
+            self.tokenization.close()
