@@ -134,8 +134,16 @@ def metadata_parameters(info: ModelInfo) -> dict:
         "main_input": next(iter(info.input_specs), "input_ids"),
         "max_input_values": int(info.max_input_values),
         "inputs_to_logits_ratio": int(getattr(config, "inputs_to_logits_ratio", 1) or 1),
+        # TAPAS: the aggregation head's labels (JSON object id -> name) and the "no aggregation" index.
+        "aggregation_labels": json.dumps({str(k): v for k, v in (getattr(config, "aggregation_labels", None)
+                                                                   or {}).items()}),
+        "no_aggregation_label_index": _int_or(getattr(config, "no_aggregation_label_index", None), -1),
     }
     return params
+
+
+def _int_or(value, default: int) -> int:
+    return default if value is None else int(value)
 
 
 def metadata_response(info: ModelInfo) -> pb.ModelMetadataResponse:

@@ -42,6 +42,8 @@ class ModelInfo:
     max_batch_size: int = 0  # most rows model_service takes in one request (0: no limit known)
     inputs_to_logits_ratio: int = 1  # audio models: input samples per output frame
     max_input_values: int = 0  # audio models: most samples per row model_service takes (0: no limit)
+    aggregation_labels: dict[int, str] = field(default_factory=dict)  # TAPAS aggregation head
+    no_aggregation_label_index: int | None = None
 
     @classmethod
     def from_metadata(cls, meta: dict) -> ModelInfo:
@@ -64,6 +66,8 @@ class ModelInfo:
             adapters=list(meta.get("adapters") or []), max_batch_size=opt_int("max_batch_size") or 0,
             inputs_to_logits_ratio=opt_int("inputs_to_logits_ratio") or 1,
             max_input_values=opt_int("max_input_values") or 0,
+            aggregation_labels={int(k): v for k, v in (meta.get("aggregation_labels") or {}).items()},
+            no_aggregation_label_index=opt_int("no_aggregation_label_index"),
         )
 
     @property

@@ -78,7 +78,7 @@ class ModelClient:
         """The model's metadata parameters as plain values (JSON strings decoded where the contract says)."""
         reply = await self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=self.model_name), timeout)
         meta = v2params.to_dict(reply.parameters)
-        for key in ("id2label", "eos_token_id", "pooling", "adapters"):
+        for key in ("id2label", "eos_token_id", "pooling", "adapters", "aggregation_labels"):
             if isinstance(meta.get(key), str) and meta[key]:
                 try:
                     meta[key] = json.loads(meta[key])
