@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from client.channel_client import AsyncChannelClient, ChannelClient
+from splitserve_common.v2_codec import from_preproc_tensor
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
@@ -100,9 +101,13 @@ def _opt(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def classify_request(texts, text_pairs=None, *, top_k=None, function_to_apply=None, truncation=None, adapter=""):
+def classify_request(texts, text_pairs=None, *, top_k=None, all_labels=None, function_to_apply=None,
+                     truncation=None, adapter=""):
+    """top_k: that many labels per text (unset: the best one); all_labels=True: every label, sorted
+    (the pipeline's explicit top_k=None)."""
     return pb.ClassifyRequest(texts=_texts(texts), text_pairs=_texts(text_pairs or []), adapter=adapter,
-                              **_opt(top_k=top_k, function_to_apply=function_to_apply, truncation=truncation))
+                              **_opt(top_k=top_k, all_labels=all_labels, function_to_apply=function_to_apply,
+                                     truncation=truncation))
 
 
 def classify_tokens_request(texts, *, aggregation_strategy=None, ignore_labels=None, truncation=None, adapter=""):
@@ -221,13 +226,8 @@ def parse_zero_shot(reply: pb.ZeroShotClassifyResponse) -> Results:
     return Results([ZeroShotResult(r.sequence, list(r.labels), list(r.scores)) for r in reply.results], reply.meta)
 
 
-def tensor_to_numpy(tensor: pb.Tensor) -> np.ndarray:
-    dtype = {"FP16": "<f2", "FP32": "<f4"}[tensor.datatype]
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
-
-
 def parse_embed(reply: pb.EmbedResponse) -> Results:
-    results = Results([tensor_to_numpy(t) for t in reply.embeddings], reply.meta)
+    results = Results([from_preproc_tensor(t) for t in reply.embeddings], reply.meta)
     results.prompt_tokens = reply.prompt_tokens
     return results
 

@@ -12,12 +12,10 @@ import numpy as np
 
 from model_service.inputs import InputSpec
 from model_service.shaping import SEQUENCE_OUTPUTS, OutputSpec, parse_specs
-from splitserve_common import tensors
+from splitserve_common import v2_codec
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound
-from splitserve_common.params import to_dict, typed
 
-INTEGER_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
-FLOAT_TYPES = {"FP16", "BF16", "FP32", "FP64"}
+FLOAT_DATATYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
 
 
 @dataclass
@@ -39,10 +37,6 @@ class InferJob:
     def batch(self) -> int:
         return len(self.rows)
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(r) for r in self.rows)
-
 
 def check_model_name(info, name: str, version: str = "") -> None:
     if name and name != info.name:
@@ -52,30 +46,24 @@ def check_model_name(info, name: str, version: str = "") -> None:
 
 
 def decode_inputs(request, specs: dict[str, InputSpec]) -> dict[str, np.ndarray]:
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidArgument(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: "
-                              "send one raw entry per input, in input order")
-    main = next(iter(specs))
-    arrays = {}
-    for i, tensor in enumerate(request.inputs):
+    """The request's inputs checked against the model's `specs` (main input first)."""
+    for tensor in request.inputs:  # names and datatypes first, before any decoding
         spec = specs.get(tensor.name)
         if spec is None:
             raise InvalidArgument(f"unknown input '{tensor.name}'; expected {', '.join(specs)}")
-        if tensor.name in arrays:
-            raise InvalidArgument(f"input '{tensor.name}' given twice")
-        tensors.numpy_dtype(tensor.datatype, tensor.name)  # unknown datatype -> INVALID_ARGUMENT
-        if spec.floating and tensor.datatype not in FLOAT_TYPES:
+        v2_codec.numpy_dtype(tensor.datatype, tensor.name)  # unknown datatype -> INVALID_ARGUMENT
+        if spec.floating and tensor.datatype not in FLOAT_DATATYPES:
             raise InvalidArgument(f"input '{tensor.name}' must be a float tensor (FP32), got {tensor.datatype}")
-        if not spec.floating and tensor.datatype not in INTEGER_TYPES:
+        if not spec.floating and tensor.datatype not in v2_codec.INTEGER_DATATYPES:
             raise InvalidArgument(f"input '{tensor.name}' must be an integer tensor (INT64), got {tensor.datatype}")
-        array = tensors.decode(tensor.name, tensor.datatype, tensor.shape, raw[i] if raw else None,
-                               tensor.contents)
-        wanted = list(spec.shape)
+    arrays = v2_codec.decode_request_inputs(request)
+    for name, array in arrays.items():
+        wanted = list(specs[name].shape)
         if array.ndim != len(wanted) or any(w != -1 and w != d for w, d in zip(wanted, array.shape, strict=True)):
-            raise InvalidArgument(f"input '{tensor.name}' must have rank {len(wanted)} (shape {wanted}, -1: any "
+            raise InvalidArgument(f"input '{name}' must have rank {len(wanted)} (shape {wanted}, -1: any "
                                   f"size), got shape {list(array.shape)}")
-        arrays[tensor.name] = array.astype(np.float32 if spec.floating else np.int64, copy=False)
+        arrays[name] = array.astype(np.float32 if specs[name].floating else np.int64, copy=False)
+    main = next(iter(specs))
     if main not in arrays:
         raise InvalidArgument(f"input '{main}' is required")
     shape = arrays[main].shape
@@ -150,7 +138,7 @@ def parse(request, info) -> InferJob:
     if type_ids is not None:
         check_token_types(type_ids, info.loaded.config, info.loaded.type_vocab_size)
     specs = parse_specs(request, info.output_names, info.default_outputs, info.loaded.pooling.as_dict(), length)
-    adapter = typed(to_dict(request.parameters), "adapter", str, "")
+    adapter = v2_codec.typed(v2_codec.params_to_dict(request.parameters), "adapter", str, "")
     return InferJob(
         request_id=request.id,
         rows=[ids[i, : lengths[i]] for i in range(batch)],

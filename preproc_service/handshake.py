@@ -7,18 +7,18 @@ the task preproc serves is the model's.
 
 from __future__ import annotations
 
-from preproc_service.deployment import ModelInfo
+from splitserve_common.v2_codec import ModelMetadata
 
 # A zero-shot model is a sequence classifier; a plain directory reports it as text-classification.
 _NLI_PAIR = {"zero-shot-classification", "text-classification"}
 
 
-def disagreements(tokenizer, local_task: str, info: ModelInfo) -> list[str]:
+def disagreements(tokenizer, local_task: str, info: ModelMetadata) -> list[str]:
     problems = []
     if tokenizer is None:  # e.g. audio-classification: only the task can disagree
         return _task_disagreement(local_task, info)
     vocab = len(tokenizer)
-    if info.vocab_size is not None and vocab > info.vocab_size:
+    if info.vocab_size and vocab > info.vocab_size:
         problems.append(f"tokenizer has {vocab} tokens but the model's embedding has only {info.vocab_size} rows")
     pad = tokenizer.pad_token_id
     if pad is not None and info.pad_token_id is not None and pad != info.pad_token_id:
@@ -32,7 +32,7 @@ def disagreements(tokenizer, local_task: str, info: ModelInfo) -> list[str]:
     return problems + _task_disagreement(local_task, info)
 
 
-def _task_disagreement(local_task: str, info: ModelInfo) -> list[str]:
+def _task_disagreement(local_task: str, info: ModelMetadata) -> list[str]:
     if local_task and info.task and local_task != info.task and {local_task, info.task} != _NLI_PAIR:
         return [f"task differs: preproc serves {local_task}, the model service {info.task}"]
     return []
