@@ -7,6 +7,7 @@ import logging
 
 from preproc_service.deployment import Deployment, ModelInfo
 from preproc_service.handshake import disagreements
+from preproc_service.http.app import build_front
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import read_model_dir
 from preproc_service.servicer import PreprocServicer, load_generation_handlers
@@ -83,25 +84,35 @@ async def serve(args) -> None:
     configure_logging(args.log_level, args.log_format)
     dep = build_deployment(args)
     server = create_server(args)
-    servicer = PreprocServicer(dep, args.stream_window, load_generation_handlers(dep))
+    servicer = PreprocServicer(dep, args.stream_window, load_generation_handlers(dep, max_choices=args.max_choices))
     preproc_pb2_grpc.add_PreprocServicer_to_server(servicer, server)
     health = HealthReporter(server, [SERVICE_NAME])
     await health.set(False)
     enable_reflection(server, [SERVICE_NAME])
     port = add_port(server, args, args.port)
+    http = build_front(args, servicer, health) if args.http_port else None
     await server.start()
+    if http is not None:
+        http_port = await http.start()
+        log.info("preproc_service HTTP (OpenAI, MLflow scoring) on %s:%d", args.host, http_port)
     log.info("preproc_service listening on %s:%d (model service %s)", args.host, port, args.model_service)
     checker = asyncio.ensure_future(
         handshake(dep, health, args.handshake_retry_seconds, args.handshake_recheck_seconds))
+    loop = asyncio.get_running_loop()
+    drain_started = loop.time()
+
+    async def on_drain():
+        nonlocal drain_started
+        drain_started = loop.time()
+        checker.cancel()
+        if http is not None:
+            http.begin_drain()
+
     try:
-        await wait_for_termination(server, health, args.drain_seconds, on_drain=_cancel(checker))
+        await wait_for_termination(server, health, args.drain_seconds, on_drain=on_drain)
+        if http is not None:
+            await http.stop(max(0.0, args.drain_seconds - (loop.time() - drain_started)))
     finally:
         checker.cancel()
         await dep.model.close()
         dep.close()
-
-
-def _cancel(task: asyncio.Task):
-    async def cancel():
-        task.cancel()
-    return cancel

@@ -17,6 +17,7 @@ import numpy as np
 
 from preproc_service.deployment import Call, Deployment
 from preproc_service.params import as_json, explicit_fields
+from preproc_service.served_models import resolve_model
 from preproc_service.tasks import (
     TASK_OF_METHOD,
     feature_extraction,
@@ -44,11 +45,12 @@ class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
-def load_generation_handlers(deployment: Deployment):
-    """preproc_service.generation.GenerationHandlers(deployment) when that package is present and sound."""
+def load_generation_handlers(deployment: Deployment, **options):
+    """preproc_service.generation.GenerationHandlers(deployment, **options) when that package is present
+    and sound (options: max_choices)."""
     try:
         module = importlib.import_module("preproc_service.generation")
-        return module.GenerationHandlers(deployment)
+        return module.GenerationHandlers(deployment, **options)
     except Exception:  # noqa: BLE001 - encoder tasks must keep serving without generation
         log.warning("generation handlers unavailable; GenerateText/Chat/Complete answer UNIMPLEMENTED",
                     exc_info=True)
@@ -184,16 +186,22 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     @grpc_errors
     async def Embeddings(self, request: pb.EmbeddingsRequest, context):
         """llm/v1/embeddings: pooled (sentence-transformers config, else mean) vectors in OpenAI's shape."""
-        call = self._begin("Embeddings", context, request.adapter)
+        model, adapter = await resolve_model(self.dep, request.model, request.adapter)
+        call = self._begin("Embeddings", context, adapter)
         params = self.dep.params.resolve("feature-extraction", {})
         if (params.get("pooling") or self.dep.model_dir.pooling or "none") == "none":
             params["pooling"] = "mean"
+        dimensions = request.dimensions if request.HasField("dimensions") else None
+        if dimensions is not None:
+            feature_extraction.check_dimensions(self.dep, dimensions)
         vectors, prompt_tokens = await feature_extraction.run(self.dep, call, list(request.input), params)
+        vectors = [np.asarray(v, np.float32) for v in vectors]
+        if dimensions is not None:
+            vectors = feature_extraction.shorten(vectors, dimensions, params["normalize"])
         return pb.EmbeddingsResponse(
             object="list",
-            data=[pb.EmbeddingData(object="embedding", index=i, embedding=np.asarray(v, np.float32).tolist())
-                  for i, v in enumerate(vectors)],
-            model=request.model or self.dep.model_name,
+            data=[pb.EmbeddingData(object="embedding", index=i, embedding=v.tolist()) for i, v in enumerate(vectors)],
+            model=model,
             usage=pb.EmbeddingsUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))
 
     # ------------------------------------------------------------ many items over one stream

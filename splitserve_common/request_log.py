@@ -41,6 +41,7 @@ _VALID_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 access_log = logging.getLogger("splitserve.access")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def _begin(method: str, request, context) -> RequestInfo:
             match = _TRACEPARENT.fullmatch(value.strip())
             trace_id = match.group(1) if match else ""
     info = RequestInfo(method, request_id or uuid.uuid4().hex, trace_id)
-    _describe_request(info, request)
+    _safely(_describe_request, info, request)
     return info
 
 
@@ -133,9 +134,22 @@ def _describe_response(info: RequestInfo, response) -> None:
     if not fields:
         return
     if "usage" in fields and response.HasField("usage"):
-        info.tokens = response.usage.completion_tokens
+        usage = response.usage
+        counted = usage.DESCRIPTOR.fields_by_name
+        for name in ("completion_tokens", "total_tokens", "prompt_tokens"):  # generated, else what was read
+            if name in counted:
+                info.tokens = getattr(usage, name)
+                break
     elif "generated_tokens" in fields:
         info.tokens = response.generated_tokens
+
+
+def _safely(describe, info: RequestInfo, message) -> None:
+    """The access line is a side channel: a message it cannot read never fails the call."""
+    try:
+        describe(info, message)
+    except Exception:  # noqa: BLE001
+        log.debug("access line: cannot describe %s", type(message).__name__, exc_info=True)
 
 
 def _product(shape) -> int:
@@ -170,7 +184,7 @@ def _logged(behavior, method: str):
             try:
                 await context.send_initial_metadata(((REQUEST_ID_KEY, info.request_id),))
                 async for item in behavior(request_or_iterator, context):
-                    _describe_response(info, item)
+                    _safely(_describe_response, info, item)
                     yield item
             except BaseException as exc:
                 error = exc
@@ -191,7 +205,7 @@ def _logged(behavior, method: str):
             result = behavior(request_or_iterator, context)
             if inspect.isawaitable(result):
                 result = await result
-            _describe_response(info, result)
+            _safely(_describe_response, info, result)
             return result
         except BaseException as exc:
             error = exc

@@ -137,15 +137,18 @@ class HealthReporter:
     def __init__(self, server: grpc.aio.Server, service_names: Iterable[str]):
         self.servicer = DrainingHealthServicer()
         self.names = ["", *service_names]
+        self.serving = False  # what the HTTP doors' health routes answer
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     async def set(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.serving = serving and not self.servicer.draining
         for name in self.names:
             await self.servicer.set(name, status)
 
     async def drain(self) -> None:
         """NOT_SERVING for good: later `set` calls are ignored and Watch streams end."""
+        self.serving = False
         await self.servicer.drain()
 
 

@@ -142,6 +142,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     step.token_ids.append(event.token)
                     if seq.params.logprobs:
                         step.logprobs.append(event.logprob)
+                    if seq.params.top_logprobs:
+                        step.top_logprobs.add(token_ids=event.logprob.top_ids,
+                                              logprobs=event.logprob.top_logprobs)
                     if event.finish_reason:
                         step.finish_reason = FINISH_REASONS[event.finish_reason]
                         finished = True
