@@ -20,7 +20,7 @@ async def adapter_names(dep, refresh: bool = False) -> list[str]:
     info = dep.info
     if refresh:
         try:
-            return list((await dep.model.metadata()).get("adapters") or [])
+            return list((await dep.model.metadata()).adapters)
         except Exception:  # noqa: BLE001 - fall back to what the last handshake said
             log.debug("adapter list refresh failed", exc_info=True)
     return list(info.adapters) if info else []

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from preproc_service.deployment import Deployment, ModelInfo
+from preproc_service.deployment import Deployment
 from preproc_service.handshake import disagreements
 from preproc_service.http.app import build_front
 from preproc_service.model_client import ModelClient
-from preproc_service.model_dir import read_model_dir
+from preproc_service.model_dir import canonical_task, read_model_dir
 from preproc_service.servicer import PreprocServicer, load_generation_handlers
 from splitserve_common.channels import ChannelSecurity
 from splitserve_common.serving import (
@@ -52,7 +52,8 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
     last_problem = None
     while True:
         try:
-            info = ModelInfo.from_metadata(await dep.model.metadata())
+            info = await dep.model.metadata()
+            info.task = canonical_task(info.task)
         except Exception as exc:  # noqa: BLE001 - unreachable or not ready yet: retry
             if not serving and str(exc) != last_problem:
                 log.warning("waiting for the model service at %s: %s", dep.model.address, exc)

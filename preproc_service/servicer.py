@@ -30,6 +30,7 @@ from preproc_service.tasks import (
 from preproc_service.tokenization import EncodeOptions
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, ServiceError, grpc_errors, status_of
 from splitserve_common.metrics import count_stream_item
+from splitserve_common.v2_codec import to_preproc_tensor
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
@@ -156,7 +157,7 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         params = self.dep.params.resolve("feature-extraction", explicit_fields(
             request, ["pooling", "normalize", "float16", "truncation"]))
         vectors, prompt_tokens = await feature_extraction.run(self.dep, call, list(request.texts), params)
-        return pb.EmbedResponse(embeddings=[_tensor(v) for v in vectors], prompt_tokens=prompt_tokens,
+        return pb.EmbedResponse(embeddings=[to_preproc_tensor(v) for v in vectors], prompt_tokens=prompt_tokens,
                                 meta=self._meta(call, params, started))
 
     @grpc_errors
@@ -355,9 +356,3 @@ def _entity(e: dict) -> pb.Entity:
     if "index" in e:
         entity.index = int(e["index"])
     return entity
-
-
-def _tensor(array: np.ndarray) -> pb.Tensor:
-    datatype = "FP16" if array.dtype == np.float16 else "FP32"
-    little = np.ascontiguousarray(array.astype("<f2" if datatype == "FP16" else "<f4", copy=False))
-    return pb.Tensor(datatype=datatype, shape=list(array.shape), data=little.tobytes())

@@ -29,7 +29,6 @@ import asyncio
 import inspect
 import logging
 import time
-from contextlib import contextmanager
 
 import grpc
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
@@ -64,16 +63,6 @@ def observe_stage(stage: str, seconds: float) -> None:
     STAGE_DURATION.labels(stage).observe(seconds)
 
 
-@contextmanager
-def stage_timer(stage: str):
-    """`with stage_timer("tokenize"): ...` records the block's wall time under that stage."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        observe_stage(stage, time.perf_counter() - start)
-
-
 def count_stream_item(method: str, code: str) -> None:
     STREAM_ITEMS.labels(method, code).inc()
 
@@ -84,14 +73,6 @@ def observe_batch_size(rows: int) -> None:
 
 def set_queue_depth(depth: int) -> None:
     QUEUE_DEPTH.set(depth)
-
-
-def add_generated_tokens(count: int) -> None:
-    GENERATED_TOKENS.inc(count)
-
-
-def observe_time_to_first_token(seconds: float) -> None:
-    TIME_TO_FIRST_TOKEN.observe(seconds)
 
 
 _serving_ports: dict[int, int] = {}

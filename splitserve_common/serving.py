@@ -38,16 +38,16 @@ def metrics_port_option(default_port: int) -> Option:
 def create_server(args, interceptors=()) -> grpc.aio.Server:
     """A grpc.aio server with the shared options (message limits, keepalive policy).
 
-    `args` carries the SERVER_OPTIONS values (and `metrics_port` when the service
-    has it). Every call is counted by the metrics interceptor (outermost, so refused
-    calls are counted too), gets its request id and access line (request_log.py), then
-    is checked for the bearer token when one is set, then passes the drain gate
+    `args` carries the SERVER_OPTIONS values and `metrics_port` (metrics_port_option).
+    Every call is counted by the metrics interceptor (outermost, so refused calls are
+    counted too), gets its request id and access line (request_log.py), then is
+    checked for the bearer token when one is set, then passes the drain gate
     (wait_for_termination closes it); the /metrics HTTP endpoint starts here.
     """
     gate = DrainGate()
     chain = [metrics.MetricsInterceptor(), request_log.AccessLogInterceptor(), *security.server_interceptors(args),
              gate, *interceptors]
-    metrics.start_metrics_server(getattr(args, "metrics_port", 0), getattr(args, "host", "0.0.0.0"))
+    metrics.start_metrics_server(args.metrics_port, args.host)
     server = grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=chain)
     _drain_gates[id(server)] = gate
     return server
