@@ -1,6 +1,6 @@
 """One access line per request, the request id, and the log format (text or JSON).
 
-`AccessLogInterceptor` (installed by `serving.create_server`, right inside the metrics one,
+`AccessLogInterceptor` (installed by `serving.create_server` as the outermost interceptor,
 so calls refused for a missing token or while draining are logged too) does, per call:
 
 - takes the request id from the caller's `x-request-id` metadata (visible ASCII, at most

@@ -39,13 +39,14 @@ def create_server(args, interceptors=()) -> grpc.aio.Server:
     """A grpc.aio server with the shared options (message limits, keepalive policy).
 
     `args` carries the SERVER_OPTIONS values and `metrics_port` (metrics_port_option).
-    Every call is counted by the metrics interceptor (outermost, so refused calls are
-    counted too), gets its request id and access line (request_log.py), then is
-    checked for the bearer token when one is set, then passes the drain gate
-    (wait_for_termination closes it); the /metrics HTTP endpoint starts here.
+    Every call gets its request id and access line (request_log.py; outermost, so refused
+    calls are logged too), is counted by the metrics interceptor (counted as soon as it
+    ends: an aborted call's status reaches the caller at once), then checked for the
+    bearer token when one is set, then passes the drain gate (wait_for_termination
+    closes it); the /metrics HTTP endpoint starts here.
     """
     gate = DrainGate()
-    chain = [metrics.MetricsInterceptor(), request_log.AccessLogInterceptor(), *security.server_interceptors(args),
+    chain = [request_log.AccessLogInterceptor(), metrics.MetricsInterceptor(), *security.server_interceptors(args),
              gate, *interceptors]
     metrics.start_metrics_server(args.metrics_port, args.host)
     server = grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=chain)
