@@ -7,9 +7,9 @@ every route but the health probes), `--max-message-mb` (largest request body), t
 Prometheus request metrics under `protocol="http"`, and the drain on SIGTERM (new requests
 get 503 while the ones in flight finish).
 
-The guard also gives every request an id: the caller's `x-request-id` header, or a new one;
-it is answered in the `x-request-id` response header and handed to the handlers as the
-`x-request-id` metadata entry, as a gRPC caller would send it.
+The guard also gives every request an id as gRPC calls get one (splitserve_common.request_log):
+the caller's `x-request-id` header, or a new one; it is answered in the `x-request-id` response
+header, sent on with the calls made on the request's behalf, and written in the access line.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ import hmac
 import logging
 import ssl
 import time
-import uuid
 from collections.abc import Callable
 
 import grpc
 import uvicorn
 
-from splitserve_common import metrics, security
+from splitserve_common import metrics, request_log, security
 from splitserve_common.settings import Option
 
 log = logging.getLogger(__name__)
@@ -91,11 +90,13 @@ class HttpGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["request_id"], state["max_body"] = request_id, self.max_body
         path = scope["path"]
         name = self.route_name(scope["method"], path)
+        access = request_log.HttpAccess(name, headers.get(b"x-request-id", b"").decode("latin-1"),
+                                        headers.get(b"traceparent", b"").decode("latin-1"))
+        request_id = access.info.request_id
+        state = scope.setdefault("state", {})
+        state["request_id"], state["max_body"] = request_id, self.max_body
         measured = self._metrics.get(name)
         if measured is None:
             measured = self._metrics[name] = metrics.HttpRequestMetrics(name)
@@ -123,6 +124,7 @@ class HttpGuard:
             if not self.in_flight:
                 self._idle.set()
             measured.finish(start, status[0])
+            access.finish(status[0])
 
     def _refusal(self, path: str, headers: dict):
         if self.draining:

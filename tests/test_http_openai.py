@@ -306,6 +306,9 @@ def test_request_id_and_metrics_protocol_label(tmp_path):
                                          {"content-type": "application/json", "x-request-id": "req-42"})
         with urllib.request.urlopen(request, timeout=30) as reply:
             assert reply.headers["x-request-id"] == "req-42"
+        # The same id on the access lines of both services (sent on with preproc's model call).
+        assert "POST /v1/embeddings 200" in pp.log() and "request_id=req-42" in pp.log()
+        assert "request_id=req-42" in ms.log()
         bad = urllib.request.Request(pp.http_url + "/v1/embeddings", b"{not json", {"content-type": "x"})
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(bad, timeout=30)
