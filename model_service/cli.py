@@ -8,6 +8,7 @@ import sys
 from model_service.adapters_servicer import ADAPTER_OPTIONS
 from model_service.generation.options import GENERATION_OPTIONS
 from splitserve_common import serving
+from splitserve_common.http_front import http_port_option
 from splitserve_common.settings import Option, parse
 
 ENV_PREFIX = "MODEL_SERVICE_"
@@ -25,6 +26,7 @@ MODEL_OPTIONS = [
     Option("allow-pickle", False, "allow pickle (.bin) weights, which can run code on load", bool),
     Option("trust-remote-code", False, "allow models whose code ships with the weights", bool),
     Option("port", 8001, "gRPC port", int),
+    http_port_option(8000, "the v2 REST API (KServe / Triton HTTP: tritonclient.http)"),
     serving.metrics_port_option(8002),
     Option("max-batch-size", 32, "most rows in one forward pass (also the largest batch one request may send)",
            int),

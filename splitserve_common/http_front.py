@@ -54,6 +54,48 @@ def http_status(code: grpc.StatusCode) -> int:
     return HTTP_STATUS.get(code, 500)
 
 
+class CallFailed(Exception):
+    """A call that ended with a gRPC status other than OK (see HttpCallContext)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return http_status(self.code)
+
+
+class HttpCallContext:
+    """The part of grpc.aio.ServicerContext a servicer uses (deadline, metadata, abort), for an HTTP request.
+
+    HTTP routes call the very servicer methods gRPC calls, so the servicer's error mapping
+    (`splitserve_common.errors.grpc_errors`) applies unchanged: it ends a failed call with
+    `context.abort(code, message)`, which here raises `CallFailed` for the route to answer in
+    its protocol's error shape.
+    """
+
+    def __init__(self, request_id: str, timeout: float | None = None):
+        self.request_id = request_id
+        self._timeout = timeout
+
+    def time_remaining(self) -> float | None:
+        return self._timeout
+
+    def invocation_metadata(self):
+        return ((REQUEST_ID_HEADER, self.request_id),)
+
+    def peer(self) -> str:
+        return "http"
+
+    async def send_initial_metadata(self, _metadata) -> None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str = ""):
+        raise CallFailed(code, details)
+
+
 def http_port_option(default_port: int, what: str) -> Option:
     """`--http-port`: each service has its own default; 0 turns the HTTP door off."""
     return Option("http-port", default_port, f"HTTP port of {what} (0 turns HTTP off)", int)

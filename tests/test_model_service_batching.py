@@ -29,7 +29,7 @@ def row(n: int) -> dict:
 
 async def with_server(model_dir, *flags, scenario):
     args = cli.parse_args(["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-                           "--metrics-port", "0", *flags])
+                           "--metrics-port", "0", "--http-port", "0", *flags])
     running = await server.start(args)
     try:
         async with AsyncTensorClient(f"127.0.0.1:{running.port}", timeout=60) as client:

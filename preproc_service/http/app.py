@@ -15,13 +15,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from preproc_service.http.context import CallFailed, HttpCallContext
 from preproc_service.http.json_io import BadRequest, dumps, read_body
 from preproc_service.http.mlflow_api import MlflowRoutes
 from preproc_service.http.mlflow_api import error_body as mlflow_error_body
 from preproc_service.http.openai_api import OpenAIRoutes
 from preproc_service.http.openai_api import error_body as openai_error_body
-from splitserve_common.http_front import HttpFront, HttpGuard
+from splitserve_common.http_front import CallFailed, HttpCallContext, HttpFront, HttpGuard
 from splitserve_pb import preproc_pb2
 
 SERVICE = preproc_pb2.DESCRIPTOR.services_by_name["Preproc"]

@@ -26,9 +26,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from preproc_service.http.context import CallFailed, HttpCallContext
 from preproc_service.http.json_io import BadRequest, dumps, read_body
 from preproc_service.http.openai_api import chat_request, completion_request
+from splitserve_common.http_front import CallFailed, HttpCallContext
 from splitserve_pb import preproc_pb2 as pb
 
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")

@@ -17,9 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from preproc_service.http.context import CallFailed, HttpCallContext
 from preproc_service.http.json_io import BadRequest, Fields, dumps, read_json_object
 from preproc_service.served_models import adapter_names
+from splitserve_common.http_front import CallFailed, HttpCallContext
 from splitserve_pb import preproc_pb2 as pb
 
 # Sampling and length fields chat and completions share: name -> (kind, low, high).
