@@ -76,7 +76,7 @@ def row_lengths(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
 
 
 def parse(request, info) -> InferJob:
-    """Validate `request` against the served model `info` (model_service.model_info.ModelInfo)."""
+    """Validate `request` against the served model `info` (model_service.served_model.ServedModel)."""
     check_model_name(info, request.model_name, request.model_version)
     if not info.outputs:
         raise FailedPrecondition(f"model '{info.name}' ({info.loaded.architecture}) has no ModelInfer outputs: "

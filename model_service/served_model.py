@@ -30,7 +30,9 @@ DEFAULT_OUTPUTS = {
 
 
 @dataclass
-class ModelInfo:
+class ServedModel:
+    """The model as this service serves it: its name, the loaded weights, the output catalog and limits.
+    `metadata()` turns it into the published contract (splitserve_common.v2_codec.ModelMetadata)."""
     name: str
     loaded: LoadedModel
     max_batch_size: int
@@ -61,10 +63,10 @@ def warmup_inputs(loaded: LoadedModel, length: int = 8) -> dict[str, torch.Tenso
     return {"input_ids": ids.to(loaded.device), "attention_mask": torch.ones_like(ids).to(loaded.device)}
 
 
-def discover(engine, name: str, max_batch_size: int) -> ModelInfo:
+def discover(engine, name: str, max_batch_size: int) -> ServedModel:
     """Run the warm-up forward (worker thread) and record what the model returns."""
     loaded = engine.loaded
-    info = ModelInfo(name=name, loaded=loaded, max_batch_size=max_batch_size,
+    info = ServedModel(name=name, loaded=loaded, max_batch_size=max_batch_size,
                      adapter_names=lambda: engine.adapters.names(),
                      default_adapter=lambda: getattr(engine.adapters, "default", ""))
     if loaded.config.is_encoder_decoder:
@@ -86,7 +88,7 @@ def discover(engine, name: str, max_batch_size: int) -> ModelInfo:
     return info
 
 
-def metadata(info: ModelInfo) -> ModelMetadata:
+def metadata(info: ServedModel) -> ModelMetadata:
     """The served model as the metadata contract (splitserve_common.v2_codec.ModelMetadata)."""
     loaded, config = info.loaded, info.loaded.config
     ids = loaded.special_ids
