@@ -95,8 +95,9 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     async def _classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         started = time.perf_counter()
         call = self._begin("Classify", context, request.adapter)
-        params = self.dep.params.resolve("text-classification", explicit_fields(
-            request, ["function_to_apply", "top_k", "truncation"]))
+        explicit = explicit_fields(request, ["function_to_apply", "top_k", "truncation", "all_labels"])
+        params = self.dep.params.resolve("text-classification", explicit)
+        text_classification.every_label(explicit, params)
         results = await text_classification.run(self.dep, call, list(request.texts), list(request.text_pairs),
                                                  params)
         return pb.ClassifyResponse(
