@@ -10,6 +10,8 @@ ENCODER_TASKS = (
     "question-answering",
     "zero-shot-classification",
     "feature-extraction",
+    "audio-classification",
+    "automatic-speech-recognition",
 )
 
 TASK_OF_METHOD = {
@@ -20,4 +22,7 @@ TASK_OF_METHOD = {
     "ZeroShotClassify": "zero-shot-classification",
     "Embed": "feature-extraction",
     "Embeddings": "feature-extraction",
+    "ClassifyAudio": "audio-classification",
+    "Transcribe": "automatic-speech-recognition",
+    "TranscribeStream": "automatic-speech-recognition",
 }
