@@ -180,6 +180,31 @@ def transcribe_request(inputs, *, chunk_length_s=None, stride_length_s=None, ret
                                 **_opt(chunk_length_s=chunk_length_s, return_timestamps=return_timestamps))
 
 
+def table_question_request(inputs, *, sequential=None, truncation=None, adapter=""):
+    """`inputs`: (table, queries) pairs or {"table": ..., "query": ...} dicts (MLflow's shape); a table is
+    a dict of columns, a list of row dicts or its JSON text; queries one str or a list."""
+    items = []
+    for item in inputs:
+        table, queries = (item["table"], item["query"]) if isinstance(item, dict) else item
+        items.append(pb.TableQuery(table=table if isinstance(table, str) else json.dumps(table),
+                                   queries=[queries] if isinstance(queries, str) else list(queries)))
+    return pb.TableQuestionRequest(inputs=items, adapter=adapter, **_opt(sequential=sequential, truncation=truncation))
+
+
+@dataclass
+class TableAnswer:
+    answer: str
+    coordinates: list[tuple[int, int]]
+    cells: list[str]
+    aggregator: str = ""
+
+
+def parse_table_answers(reply: pb.TableQuestionResponse) -> Results:
+    """Per table, one TableAnswer per query."""
+    return Results([[TableAnswer(a.answer, [(c.row, c.column) for c in a.coordinates], list(a.cells), a.aggregator)
+                     for a in row.answers] for row in reply.results], reply.meta)
+
+
 @dataclass
 class Transcription:
     text: str
@@ -268,6 +293,7 @@ _CALLS = {
     "detokenize": (detokenize_request, "Detokenize", lambda reply: list(reply.texts)),
     "classify_audio": (classify_audio_request, "ClassifyAudio", parse_classify),
     "transcribe": (transcribe_request, "Transcribe", parse_transcribe),
+    "answer_table_question": (table_question_request, "AnswerTableQuestion", parse_table_answers),
 }
 
 
@@ -318,6 +344,10 @@ class PreprocClient(ChannelClient):
 
     def info(self) -> Info:
         return parse_info(self.stub.Info(pb.InfoRequest(), timeout=self.timeout))
+
+    def answer_table_question(self, inputs, **options) -> Results:
+        """table-question-answering: per (table, queries) input, one TableAnswer per query."""
+        return self._call("answer_table_question", inputs, **options)
 
     def classify_audio(self, inputs, **options) -> Results:
         """audio-classification: one list of LabelScore per clip (see audio_message for the inputs)."""
@@ -386,6 +416,9 @@ class AsyncPreprocClient(AsyncChannelClient):
 
     async def info(self) -> Info:
         return parse_info(await self.stub.Info(pb.InfoRequest(), timeout=self.timeout))
+
+    async def answer_table_question(self, inputs, **options) -> Results:
+        return await self._call("answer_table_question", inputs, **options)
 
     async def classify_audio(self, inputs, **options) -> Results:
         return await self._call("classify_audio", inputs, **options)

@@ -24,6 +24,13 @@ from splitserve_common.errors import Unavailable
 from splitserve_common.v2_codec import ModelMetadata
 
 
+@dataclass(frozen=True)
+class TableLimits:
+    """table-question-answering request sizes (--max-table-cells, --max-table-queries)."""
+    max_cells: int = 10000
+    max_queries: int = 64
+
+
 @dataclass
 class Call:
     """Per-request facts handed to a task: adapter, time left, stage timings."""
@@ -57,11 +64,13 @@ class _Stage:
 
 class Deployment:
     def __init__(self, model_dir: ModelDir, tokenizer, model: ModelClient, task_override: str = "",
-                 tokenize_batch: int = 512, feature_extractor=None, audio: AudioSettings | None = None):
+                 tokenize_batch: int = 512, feature_extractor=None, audio: AudioSettings | None = None,
+                 table_limits: TableLimits | None = None):
         self.model_dir = model_dir
         self.tokenizer = tokenizer          # None for models without one (audio-classification)
         self.feature_extractor = feature_extractor  # audio models
         self.audio = audio or AudioSettings()
+        self.table_limits = table_limits or TableLimits()
         self.model = model
         self.task_override = canonical_task(task_override)
         self.info: ModelMetadata | None = None

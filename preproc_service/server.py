@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from preproc_service.audio import AudioSettings
-from preproc_service.deployment import Deployment
+from preproc_service.deployment import Deployment, TableLimits
 from preproc_service.handshake import disagreements
 from preproc_service.http.app import build_front
 from preproc_service.model_client import ModelClient
@@ -55,7 +55,8 @@ def build_deployment(args) -> Deployment:
     audio = AudioSettings(root=args.audio_root, max_seconds=args.max_audio_seconds,
                           max_bytes=args.max_message_mb * 1024 * 1024)
     return Deployment(model_dir, tokenizer, model, task_override=args.task, tokenize_batch=args.tokenize_batch,
-                      feature_extractor=feature_extractor, audio=audio)
+                      feature_extractor=feature_extractor, audio=audio,
+                      table_limits=TableLimits(args.max_table_cells, args.max_table_queries))
 
 
 async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: float, recheck_seconds: float) -> None:

@@ -26,6 +26,7 @@ from preproc_service.tasks import (
     fill_mask,
     question_answering,
     speech_recognition,
+    table_question_answering,
     text_classification,
     token_classification,
     zero_shot_classification,
@@ -179,6 +180,18 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         if request.stride_length_s:
             explicit["stride_length_s"] = list(request.stride_length_s)
         return self.dep.params.resolve("automatic-speech-recognition", explicit)
+
+    @grpc_errors
+    async def AnswerTableQuestion(self, request: pb.TableQuestionRequest, context):
+        started = time.perf_counter()
+        call = self._begin("AnswerTableQuestion", context, request.adapter)
+        params = self.dep.params.resolve("table-question-answering", explicit_fields(
+            request, ["sequential", "truncation"]))
+        items = [(item.table, list(item.queries)) for item in request.inputs]
+        results = await table_question_answering.run(self.dep, call, items, params, self.dep.table_limits)
+        return pb.TableQuestionResponse(results=[pb.TableAnswers(answers=[_table_answer(a) for a in answers])
+                                                 for answers in results],
+                                        meta=self._meta(call, params, started))
 
     @grpc_errors
     async def ClassifyAudio(self, request, context):
@@ -419,6 +432,11 @@ def _audio_inputs(inputs) -> list[AudioInput]:
         else:
             raise InvalidArgument(f"audio {i} is empty: set data, samples or location")
     return items
+
+
+def _table_answer(answer: dict) -> pb.TableAnswer:
+    return pb.TableAnswer(answer=answer["answer"], cells=answer["cells"], aggregator=answer.get("aggregator", ""),
+                          coordinates=[pb.CellCoordinate(row=int(r), column=int(c)) for r, c in answer["coordinates"]])
 
 
 def _transcription(result: dict) -> pb.Transcription:

@@ -290,6 +290,60 @@ class EmbedResponse(_message.Message):
     prompt_tokens: int
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., meta: _Optional[_Union[ResponseMeta, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
+class TableQuery(_message.Message):
+    __slots__ = ("table", "queries")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    queries: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, table: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TableQuestionRequest(_message.Message):
+    __slots__ = ("inputs", "sequential", "truncation", "adapter")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[TableQuery]
+    sequential: bool
+    truncation: str
+    adapter: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[TableQuery, _Mapping]]] = ..., sequential: _Optional[bool] = ..., truncation: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+
+class CellCoordinate(_message.Message):
+    __slots__ = ("row", "column")
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    row: int
+    column: int
+    def __init__(self, row: _Optional[int] = ..., column: _Optional[int] = ...) -> None: ...
+
+class TableAnswer(_message.Message):
+    __slots__ = ("answer", "coordinates", "cells", "aggregator")
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    COORDINATES_FIELD_NUMBER: _ClassVar[int]
+    CELLS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    answer: str
+    coordinates: _containers.RepeatedCompositeFieldContainer[CellCoordinate]
+    cells: _containers.RepeatedScalarFieldContainer[str]
+    aggregator: str
+    def __init__(self, answer: _Optional[str] = ..., coordinates: _Optional[_Iterable[_Union[CellCoordinate, _Mapping]]] = ..., cells: _Optional[_Iterable[str]] = ..., aggregator: _Optional[str] = ...) -> None: ...
+
+class TableAnswers(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[TableAnswer]
+    def __init__(self, answers: _Optional[_Iterable[_Union[TableAnswer, _Mapping]]] = ...) -> None: ...
+
+class TableQuestionResponse(_message.Message):
+    __slots__ = ("results", "meta")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[TableAnswers]
+    meta: ResponseMeta
+    def __init__(self, results: _Optional[_Iterable[_Union[TableAnswers, _Mapping]]] = ..., meta: _Optional[_Union[ResponseMeta, _Mapping]] = ...) -> None: ...
+
 class Audio(_message.Message):
     __slots__ = ("data", "samples", "location")
     DATA_FIELD_NUMBER: _ClassVar[int]

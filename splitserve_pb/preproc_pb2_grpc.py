@@ -79,6 +79,11 @@ class PreprocStub:
                 request_serializer=splitserve__pb_dot_preproc__pb2.TranscribeRequest.SerializeToString,
                 response_deserializer=splitserve__pb_dot_preproc__pb2.TranscribeChunk.FromString,
                 _registered_method=True)
+        self.AnswerTableQuestion = channel.unary_unary(
+                '/splitserve.v1.Preproc/AnswerTableQuestion',
+                request_serializer=splitserve__pb_dot_preproc__pb2.TableQuestionRequest.SerializeToString,
+                response_deserializer=splitserve__pb_dot_preproc__pb2.TableQuestionResponse.FromString,
+                _registered_method=True)
         self.PredictStream = channel.stream_stream(
                 '/splitserve.v1.Preproc/PredictStream',
                 request_serializer=splitserve__pb_dot_preproc__pb2.PredictRequest.SerializeToString,
@@ -190,6 +195,12 @@ class PreprocServicer:
     def TranscribeStream(self, request, context):
         """One clip; text as it is recognised, then the whole transcription.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnswerTableQuestion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -311,6 +322,11 @@ def add_PreprocServicer_to_server(servicer, server):
                     servicer.TranscribeStream,
                     request_deserializer=splitserve__pb_dot_preproc__pb2.TranscribeRequest.FromString,
                     response_serializer=splitserve__pb_dot_preproc__pb2.TranscribeChunk.SerializeToString,
+            ),
+            'AnswerTableQuestion': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnswerTableQuestion,
+                    request_deserializer=splitserve__pb_dot_preproc__pb2.TableQuestionRequest.FromString,
+                    response_serializer=splitserve__pb_dot_preproc__pb2.TableQuestionResponse.SerializeToString,
             ),
             'PredictStream': grpc.stream_stream_rpc_method_handler(
                     servicer.PredictStream,
@@ -611,6 +627,33 @@ class Preproc:
             '/splitserve.v1.Preproc/TranscribeStream',
             splitserve__pb_dot_preproc__pb2.TranscribeRequest.SerializeToString,
             splitserve__pb_dot_preproc__pb2.TranscribeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerTableQuestion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Preproc/AnswerTableQuestion',
+            splitserve__pb_dot_preproc__pb2.TableQuestionRequest.SerializeToString,
+            splitserve__pb_dot_preproc__pb2.TableQuestionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -308,6 +308,36 @@ def save_peft_components(root: Path, peft_model, tokenizer, task: str, instance_
     return root
 
 
+# ---------------------------------------------------------------- TAPAS
+
+TAPAS_AGGREGATIONS = {0: "NONE", 1: "SUM", 2: "AVERAGE", 3: "COUNT"}
+
+
+def tapas_tokenizer(root: Path, model_max_length: int = 256):
+    """A TapasTokenizer over the WordPiece vocabulary of `wordpiece_tokenizer` (+ TAPAS' [EMPTY])."""
+    from transformers import TapasTokenizer
+
+    vocab = sorted(wordpiece_tokenizer(model_max_length).get_vocab().items(), key=lambda item: item[1])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab) + "[EMPTY]\n")
+    return TapasTokenizer(str(root / "vocab.txt"), model_max_length=model_max_length)
+
+
+def build_tapas(tmp: Path, seed: int = 0, aggregation: bool = True):
+    """(model, tokenizer): a tiny TapasForQuestionAnswering with cell selection (+ an aggregation head)."""
+    import torch
+    from transformers import TapasConfig, TapasForQuestionAnswering
+
+    tokenizer = tapas_tokenizer(Path(tmp) / "tapas_vocab")
+    heads = ({"num_aggregation_labels": len(TAPAS_AGGREGATIONS), "aggregation_labels": TAPAS_AGGREGATIONS,
+              "no_aggregation_label_index": 0} if aggregation else {"num_aggregation_labels": 0})
+    config = TapasConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=tokenizer.model_max_length,
+                         initializer_range=0.5, **heads)
+    torch.manual_seed(seed)
+    return TapasForQuestionAnswering(config).eval(), tokenizer
+
+
 # ---------------------------------------------------------------- audio models
 
 CTC_CHARS = "abcdefghijklmnopqrstuvwxyz'"

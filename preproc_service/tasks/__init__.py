@@ -12,6 +12,7 @@ ENCODER_TASKS = (
     "feature-extraction",
     "audio-classification",
     "automatic-speech-recognition",
+    "table-question-answering",
 )
 
 TASK_OF_METHOD = {
@@ -25,4 +26,5 @@ TASK_OF_METHOD = {
     "ClassifyAudio": "audio-classification",
     "Transcribe": "automatic-speech-recognition",
     "TranscribeStream": "automatic-speech-recognition",
+    "AnswerTableQuestion": "table-question-answering",
 }

@@ -20,7 +20,7 @@ import json
 
 import numpy as np
 
-from preproc_service.deployment import Call, Deployment
+from preproc_service.deployment import Call, Deployment, TableLimits
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
 TRUNCATIONS = ("drop_rows_to_fit", "do_not_truncate")
@@ -61,8 +61,6 @@ def parse_table(table_json: str, max_cells: int, index: int = 0):
 
 
 async def preprocess(dep: Deployment, call: Call, table, queries: list[str], truncation: str) -> dict:
-    if not queries or any(not q for q in queries):
-        raise InvalidArgument("query is empty: send at least one non-empty query per table")
     with call.stage("tokenize"):
         encoded = await asyncio.to_thread(dep.tokenizer, table, queries, return_tensors="np",
                                           truncation=truncation, padding=True)
@@ -176,13 +174,19 @@ def require_tapas(dep: Deployment):
 
 
 async def run(dep: Deployment, call: Call, items: list[tuple[str, list[str]]], params: dict,
-              max_cells: int) -> list[list[dict]]:
+              limits: TableLimits) -> list[list[dict]]:
     """One list of answers (one per query) for every (table JSON, queries) item."""
     info = require_tapas(dep)
     truncation, sequential = sanitize_parameters(params)
     if not items:
         raise InvalidArgument("inputs is empty: send at least one table with its queries")
-    tables = [parse_table(table_json, max_cells, i) for i, (table_json, _) in enumerate(items)]
+    for i, (_, queries) in enumerate(items):
+        if not queries or any(not q for q in queries):
+            raise InvalidArgument(f"input {i}: query is empty: send at least one non-empty query per table")
+        if len(queries) > limits.max_queries:
+            raise InvalidArgument(f"input {i}: {len(queries)} queries, more than the limit of {limits.max_queries} "
+                                  "(--max-table-queries)")
+    tables = [parse_table(table_json, limits.max_cells, i) for i, (table_json, _) in enumerate(items)]
     aggregate = bool(info.aggregation_labels)
 
     async def answer(table, queries):
