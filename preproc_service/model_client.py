@@ -18,7 +18,7 @@ import json
 import grpc
 import numpy as np
 
-from splitserve_common import request_log, v2_codec
+from splitserve_common import call_context, v2_codec
 from splitserve_common.channels import ChannelSecurity, aio_channel
 from splitserve_common.errors import DeadlineExceeded, Unavailable
 from splitserve_pb import open_inference_pb2 as pb
@@ -92,7 +92,7 @@ class ModelClient:
             raise DeadlineExceeded("deadline exceeded before the model service was called")
         async with self._slots:
             try:
-                return await method(request, timeout=timeout, metadata=request_log.outgoing_metadata())
+                return await method(request, timeout=timeout, metadata=call_context.outgoing_metadata())
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     raise Unavailable(f"model service at {self.address} is unavailable: {exc.details()}") from None

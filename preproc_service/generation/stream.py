@@ -7,13 +7,14 @@ at its next step) and ends with a piece that carries the finish reason and token
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import grpc
 
 from preproc_service.generation.detokenizer import IncrementalDetokenizer
 from preproc_service.generation.text_filters import StopMatcher
-from splitserve_common import request_log
+from splitserve_common import call_context, metrics
 from splitserve_common.errors import DeadlineExceeded, Unavailable
 from splitserve_pb import generation_pb2 as gpb
 from splitserve_pb import generation_pb2_grpc
@@ -41,10 +42,12 @@ async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, cont
                           timeout: float | None = None, address: str = "model service"):
     detok = IncrementalDetokenizer(tokenizer, context_ids)
     matcher = StopMatcher(stops)
-    call = stub.Generate(request, timeout=timeout, metadata=request_log.outgoing_metadata())
+    call = stub.Generate(request, timeout=timeout, metadata=call_context.outgoing_metadata())
     generated = 0
+    seconds = {"hop": 0.0, "detokenize": 0.0}  # waiting for model_service's steps, turning them into text
     try:
-        async for step in call:
+        async for step in _timed(call, seconds):
+            started = time.perf_counter()
             ids, logprobs, tops = list(step.token_ids), list(step.logprobs), list(step.top_logprobs)
             if matcher.stops:  # token by token, so the answer and its count end at the stop string
                 text = ""
@@ -61,6 +64,7 @@ async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, cont
                 text += matcher.feed(detok.flush())
                 if not matcher.stopped:
                     text += matcher.flush()
+            seconds["detokenize"] += time.perf_counter() - started
             piece = Piece(text, ids, logprobs, tops, prompt_tokens=step.prompt_tokens, completion_tokens=generated)
             if matcher.stopped:
                 piece.finish_reason = "stop"
@@ -81,3 +85,19 @@ async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, cont
     finally:
         # A stop string, an error or the caller going away: tell the model to stop generating.
         call.cancel()
+        for stage, spent in seconds.items():
+            metrics.observe_stage(stage, spent)
+
+
+async def _timed(call, seconds: dict):
+    """The call's steps, adding the time spent waiting for each to seconds["hop"]."""
+    steps = call.__aiter__()
+    while True:
+        started = time.perf_counter()
+        try:
+            step = await steps.__anext__()
+        except StopAsyncIteration:
+            return
+        finally:
+            seconds["hop"] += time.perf_counter() - started
+        yield step

@@ -38,13 +38,16 @@ async def run(dep: Deployment, call: Call, texts: list[str], params: dict) -> tu
     prompt_tokens = int(inputs["attention_mask"].sum())
     if pooling == "none":
         hidden = (await dep.forward(call, inputs, ["last_hidden_state"], {"datatype": datatype}))["last_hidden_state"]
-        vectors = [hidden[i, :len(enc.ids)] for i, enc in enumerate(encodings)]
-        if normalize:
-            vectors = [_l2_normalize(v) for v in vectors]
+        with call.stage("postprocess"):
+            vectors = [hidden[i, :len(enc.ids)] for i, enc in enumerate(encodings)]
+            if normalize:
+                vectors = [_l2_normalize(v) for v in vectors]
         return vectors, prompt_tokens
     request = {"pooling": pooling, "normalize": normalize, "datatype": datatype}
     pooled = (await dep.forward(call, inputs, ["sentence_embedding"], request))["sentence_embedding"]
-    return list(pooled), prompt_tokens
+    with call.stage("postprocess"):
+        vectors = list(pooled)
+    return vectors, prompt_tokens
 
 
 def _l2_normalize(v: np.ndarray) -> np.ndarray:
