@@ -40,12 +40,18 @@ AUTO_CLASS_OF_TASK = {
     "text2text-generation": "AutoModelForSeq2SeqLM",
     "summarization": "AutoModelForSeq2SeqLM",
     "translation": "AutoModelForSeq2SeqLM",
+    "audio-classification": "AutoModelForAudioClassification",
+    "table-question-answering": "AutoModelForTableQuestionAnswering",
+    # automatic-speech-recognition: CTC or encoder-decoder; MLmodel's pipeline_model_type or the
+    # config's architecture says which.
 }
 
 # Suffix of config.architectures[0] -> task, for plain directories given no --task.
 TASK_OF_ARCHITECTURE_SUFFIX = [
     ("ForSequenceClassification", "text-classification"),
     ("ForTokenClassification", "token-classification"),
+    ("ForCTC", "automatic-speech-recognition"),
+    ("ForAudioClassification", "audio-classification"),
     ("ForMaskedLM", "fill-mask"),
     ("ForQuestionAnswering", "question-answering"),
     ("ForCausalLM", "text-generation"),

@@ -21,6 +21,9 @@ PIPELINE_DEFAULTS: dict[str, dict] = {
     "zero-shot-classification": {"candidate_labels": None, "hypothesis_template": "This example is {}.",
                                  "multi_label": False},
     "feature-extraction": {"pooling": None, "normalize": None, "float16": False, "truncation": True},
+    "audio-classification": {"top_k": None, "function_to_apply": None},
+    "automatic-speech-recognition": {"chunk_length_s": 0, "stride_length_s": None, "return_timestamps": None},
+    "table-question-answering": {"sequential": False, "truncation": "drop_rows_to_fit"},
 }
 
 

@@ -10,6 +10,9 @@ ENCODER_TASKS = (
     "question-answering",
     "zero-shot-classification",
     "feature-extraction",
+    "audio-classification",
+    "automatic-speech-recognition",
+    "table-question-answering",
 )
 
 TASK_OF_METHOD = {
@@ -20,4 +23,8 @@ TASK_OF_METHOD = {
     "ZeroShotClassify": "zero-shot-classification",
     "Embed": "feature-extraction",
     "Embeddings": "feature-extraction",
+    "ClassifyAudio": "audio-classification",
+    "Transcribe": "automatic-speech-recognition",
+    "TranscribeStream": "automatic-speech-recognition",
+    "AnswerTableQuestion": "table-question-answering",
 }
