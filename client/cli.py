@@ -20,12 +20,14 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
 
 from client.preproc_client import PreprocClient, _channel_options
 from splitserve_common.channels import ChannelSecurity, sync_channel
+from splitserve_common.errors import ConfigurationError
 
 # name -> (help, configure(parser) -> run(client, args) -> JSON-able result)
 COMMANDS: dict[str, tuple[str, Callable]] = {}
@@ -185,8 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(client_class, args) -> int:
     """`args.run(client, args)` on a `client_class` built from the connection flags: the result as
-    JSON on stdout (exit 0), or a gRPC error as JSON on stderr (exit 1). Shared by both CLIs."""
-    with client_class(args.address, timeout=args.timeout, channel=channel_from_flags(args)) as client:
+    JSON on stdout (exit 0), or a gRPC error as JSON on stderr (exit 1); a bad TLS setting is one line on
+    stderr (exit 2). Shared by both CLIs."""
+    try:
+        channel = channel_from_flags(args)
+    except ConfigurationError as exc:
+        print(f"{Path(sys.argv[0]).name}: {exc}", file=sys.stderr)
+        return 2
+    with client_class(args.address, timeout=args.timeout, channel=channel) as client:
         try:
             result = args.run(client, args)
             if hasattr(result, "__iter__") and not isinstance(result, (dict, str)):

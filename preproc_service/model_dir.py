@@ -1,7 +1,9 @@
 """Read preproc's half of a model directory: tokenizer, task, MLflow defaults, pooling config.
 
-Two layouts are accepted (see shared/reference/mlflow-layout.md):
-- MLflow transformers "components": `MLmodel` + `components/tokenizer/`;
+Two layouts are accepted:
+- MLflow transformers "components": `MLmodel` (YAML: `flavors.transformers.task`,
+  `flavors.python_function.config`, `signature.params`, `metadata.prompt_template`) +
+  `components/tokenizer/`;
 - a plain save_pretrained directory, optionally with sentence-transformers
   `modules.json` / `1_Pooling/config.json` / `sentence_bert_config.json`.
 Weights are never opened here.
@@ -16,20 +18,14 @@ from pathlib import Path
 
 import yaml
 
+from splitserve_common import tasks
 from splitserve_common.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
-# Pipeline task aliases -> canonical name.
-TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
-
 # sentence-transformers pooling config keys -> our pooling names.
 _ST_POOLING_KEYS = [("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
                     ("pooling_mode_max_tokens", "max")]
-
-
-def canonical_task(task: str | None) -> str:
-    return TASK_ALIASES.get(task or "", task or "")
 
 
 @dataclass
@@ -70,7 +66,7 @@ def _read_mlflow(root: Path, doc: dict) -> ModelDir:
             signature_params[spec["name"]] = spec.get("default")
     config = _read_json(root / "model" / "config.json") or _read_json(root / "pipeline" / "config.json") or {}
     return ModelDir(
-        path=root, tokenizer_path=tokenizer_path, task=canonical_task(flavor.get("task")),
+        path=root, tokenizer_path=tokenizer_path, task=tasks.canonical(flavor.get("task")),
         inference_task=flavor.get("inference_task") or "", model_config=dict(pyfunc.get("config") or {}),
         signature_params=signature_params, prompt_template=(doc.get("metadata") or {}).get("prompt_template"),
         config=config,

@@ -6,10 +6,11 @@ import asyncio
 import logging
 
 from preproc_service.deployment import Deployment, ModelInfo
+from preproc_service.generation import GenerationHandlers
 from preproc_service.handshake import disagreements
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import read_model_dir
-from preproc_service.servicer import PreprocServicer, load_generation_handlers
+from preproc_service.servicer import PreprocServicer
 from splitserve_common.channels import ChannelSecurity
 from splitserve_common.serving import (
     HealthReporter,
@@ -83,7 +84,7 @@ async def serve(args) -> None:
     configure_logging(args.log_level)
     dep = build_deployment(args)
     server = create_server(args)
-    servicer = PreprocServicer(dep, args.stream_window, load_generation_handlers(dep))
+    servicer = PreprocServicer(dep, GenerationHandlers(dep), args.stream_window)
     preproc_pb2_grpc.add_PreprocServicer_to_server(servicer, server)
     health = HealthReporter(server, [SERVICE_NAME])
     await health.set(False)

@@ -2,7 +2,7 @@
 
 Tokenizers are trained here with `tokenizers` on a generated corpus; models
 are built from small configs with random (seeded) weights and saved either in
-MLflow's transformers "components" layout (see shared/reference/mlflow-layout.md)
+MLflow's transformers "components" layout (as mlflow.transformers.save_model writes it)
 or as a plain save_pretrained directory. Nothing is fetched from a hub.
 """
 
