@@ -28,6 +28,15 @@ PLACES = ["paris", "london", "berlin", "tokyo"]
 # Text the byte-level tokenizer must round-trip: accents, CJK, emoji.
 UNICODE_SAMPLES = ["café naïve résumé", "東京 は 日本 の 首都 です", "你好 世界", "🙂 🚀 👍🏽 emoji", "Ünïcödé ßtraße"]
 
+# The test inputs every test uses: mixed case, punctuation, one word, a long question, accents.
+SENTENCES = [
+    "Alice walked to the river in Paris.",
+    "the old market",
+    "Why does the gentle worker build a modern system every summer morning with Bob in Tokyo?",
+    "Bob",
+    "café naïve résumé",
+]
+
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TOKEN_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
@@ -120,6 +129,10 @@ ENCODER_TASKS = {
                                  _labels(NLI_LABELS)),
     "feature-extraction": ("BertModel", "FeatureExtractionPipeline", {}),
 }
+
+
+# The encoder tasks the tests serve, one tiny model each.
+TASKS = list(ENCODER_TASKS)
 
 
 def build_encoder(task: str, seed: int = 0, model_max_length: int = 64):
