@@ -59,15 +59,40 @@ def local_deployment(task: str, model, tokenizer, **model_dir) -> Deployment:
     return deployment
 
 
-def run_task(deployment: Deployment, task: str, inputs, explicit: dict, forward) -> tuple[object, dict]:
-    """(results, parameters) of `task`'s sanitize_parameters -> preprocess -> postprocess, with
-    `forward(model_inputs) -> model_outputs` in place of the model service."""
-    handler = task_handlers.HANDLERS[task]
-    params = deployment.precedence.resolve(tasks.TASKS[task].pipeline_defaults, explicit).values
-    params.update(handler.sanitize_parameters(deployment, params))
-    model_inputs = asyncio.run(handler.preprocess(deployment, inputs, params))
-    outputs = forward(model_inputs)
-    return handler.postprocess(deployment, model_inputs, outputs, params), params
+class LocalTask:
+    """One task module run in process on a tiny model, no servers: `run` does the module's
+    sanitize_parameters -> preprocess -> postprocess with the model called in process."""
+
+    def __init__(self, task: str, seed: int, with_pipeline: bool = True, **model_dir):
+        self.task = task
+        self.model, self.tokenizer = model_factory.build_encoder(task, seed=seed)
+        self.deployment = local_deployment(task, self.model, self.tokenizer, **model_dir)
+        self.pipe = pipeline(task, self.model, self.tokenizer) if with_pipeline else None
+
+    def run(self, inputs, explicit: dict, forward=None) -> tuple[object, dict]:
+        """(results, parameters applied); `forward(model_inputs) -> model_outputs` stands where the
+        model service is called (default: the model on model_inputs["batch"])."""
+        handler = task_handlers.HANDLERS[self.task]
+        params = self.deployment.precedence.resolve(tasks.TASKS[self.task].pipeline_defaults, explicit).values
+        params.update(handler.sanitize_parameters(self.deployment, params))
+        model_inputs = asyncio.run(handler.preprocess(self.deployment, inputs, params))
+        outputs = (forward or self.forward_batch)(model_inputs)
+        return handler.postprocess(self.deployment, model_inputs, outputs, params), params
+
+    def forward_batch(self, model_inputs: dict) -> dict:
+        return torch_forward(self.model, model_inputs["batch"])
+
+    def close(self) -> None:
+        self.deployment.close()
+
+
+@contextmanager
+def local_task(task: str, seed: int, **kwargs):
+    local = LocalTask(task, seed, **kwargs)
+    try:
+        yield local
+    finally:
+        local.close()
 
 
 def torch_forward(model, batch: dict) -> dict:

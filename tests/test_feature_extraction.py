@@ -16,35 +16,27 @@ TASK = "feature-extraction"
 
 
 @pytest.fixture(scope="module")
-def built():
-    model, tokenizer = mf.build_encoder(TASK, seed=5)
-    deployment = h.local_deployment(TASK, model, tokenizer)
-    yield model, tokenizer, h.pipeline(TASK, model, tokenizer), deployment
-    deployment.close()
+def local():
+    with h.local_task(TASK, seed=5) as local:
+        yield local
 
 
-def test_token_vectors_equal_pipeline(built):
-    model, _, pipe, deployment = built
-    got, params = h.run_task(deployment, TASK, mf.SENTENCES, {},
-                             lambda model_inputs: h.torch_forward(model, model_inputs["batch"]))
-    vectors, prompt_tokens = got
+def test_token_vectors_equal_pipeline(local):
+    (vectors, prompt_tokens), params = local.run(mf.SENTENCES, {})
     for text, vector in zip(mf.SENTENCES, vectors, strict=True):
-        want = np.array(pipe(text))[0]
+        want = np.array(local.pipe(text))[0]
         assert vector.shape == want.shape and np.allclose(vector, want, atol=1e-5)
     assert prompt_tokens == sum(len(v) for v in vectors)
     assert (params["pooling"], params["normalize"]) == ("none", False)
 
 
-def test_normalized_token_vectors_have_unit_length(built):
-    model, _, _, deployment = built
-    (vectors, _), _ = h.run_task(deployment, TASK, mf.SENTENCES[:2], {"normalize": True},
-                                 lambda model_inputs: h.torch_forward(model, model_inputs["batch"]))
+def test_normalized_token_vectors_have_unit_length(local):
+    (vectors, _), _ = local.run(mf.SENTENCES[:2], {"normalize": True})
     assert all(np.allclose(np.linalg.norm(v, axis=-1), 1.0, atol=1e-5) for v in vectors)
 
 
-def test_pooling_from_the_request_then_the_sentence_transformers_config(built):
-    model, tokenizer, _, _ = built
-    configured = h.local_deployment(TASK, model, tokenizer, pooling="cls", normalize=True)
+def test_pooling_from_the_request_then_the_sentence_transformers_config(local):
+    configured = h.local_deployment(TASK, local.model, local.tokenizer, pooling="cls", normalize=True)
     try:
         assert fe.sanitize_parameters(configured, {"pooling": None, "normalize": None}) == \
                {"pooling": "cls", "normalize": True}

@@ -9,7 +9,6 @@ import pytest
 from preproc_service.tasks import fill_mask
 from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import InvalidArgument
-from tests import model_factory as mf
 from tests import preproc_helpers as h
 
 TASK = "fill-mask"
@@ -17,24 +16,22 @@ TEXTS = ["Alice walked to the [MASK] in Paris.", "the [MASK] market", "[MASK] is
 
 
 @pytest.fixture(scope="module")
-def built():
-    model, tokenizer = mf.build_encoder(TASK, seed=3)
-    deployment = h.local_deployment(TASK, model, tokenizer)
-    yield model, h.pipeline(TASK, model, tokenizer), deployment
-    deployment.close()
+def local():
+    with h.local_task(TASK, seed=3) as local:
+        yield local
 
 
-def _run(built, texts, explicit):
-    model, _, deployment = built
+def _run(local, texts, explicit):
+    deployment = local.deployment
 
     def forward(model_inputs):  # what model_service's gather_positions returns: logits at the masks
         logits = []
         for enc, positions in zip(model_inputs["encodings"], model_inputs["masks"], strict=True):
             batch = pad_batch([enc], deployment.tokenization.pad_token_id, deployment.uses_token_type_ids)
-            logits.append(h.torch_forward(model, batch)["logits"][0, positions])
+            logits.append(h.torch_forward(local.model, batch)["logits"][0, positions])
         return {"logits": logits}
 
-    return h.run_task(deployment, TASK, texts, explicit, forward)
+    return local.run(texts, explicit, forward)
 
 
 def _same(got_masks, want):
@@ -47,25 +44,25 @@ def _same(got_masks, want):
 
 
 @pytest.mark.parametrize("top_k", [None, 1, 3])
-def test_candidates_equal_pipeline(built, top_k):
+def test_candidates_equal_pipeline(local, top_k):
     options = {} if top_k is None else {"top_k": top_k}
-    got, params = _run(built, TEXTS, options)
+    got, params = _run(local, TEXTS, options)
     for text, masks in zip(TEXTS, got, strict=True):
-        _same(masks, built[1](text, **options))
+        _same(masks, local.pipe(text, **options))
     assert params["top_k"] == (top_k or 5)
 
 
-def test_targets_equal_pipeline(built):
+def test_targets_equal_pipeline(local):
     targets = ["river", "market", "paris", "zzzzunknown"]
-    got, _ = _run(built, TEXTS[:2], {"targets": targets, "top_k": 3})
+    got, _ = _run(local, TEXTS[:2], {"targets": targets, "top_k": 3})
     for text, masks in zip(TEXTS[:2], got, strict=True):
-        _same(masks, built[1](text, targets=targets, top_k=3))
+        _same(masks, local.pipe(text, targets=targets, top_k=3))
 
 
-def test_refusals(built):
+def test_refusals(local):
     with pytest.raises(InvalidArgument, match=r"no mask token \(\[MASK\]\)"):
-        _run(built, ["no mask here"], {})
+        _run(local, ["no mask here"], {})
     with pytest.raises(InvalidArgument, match="top_k"):
-        fill_mask.sanitize_parameters(built[2], {"top_k": 0})
+        fill_mask.sanitize_parameters(local.deployment, {"top_k": 0})
     with pytest.raises(InvalidArgument, match="none of the targets"):
-        fill_mask.sanitize_parameters(built[2], {"top_k": 5, "targets": ["", " "]})
+        fill_mask.sanitize_parameters(local.deployment, {"top_k": 5, "targets": ["", " "]})

@@ -9,7 +9,6 @@ import pytest
 
 from preproc_service.tasks import question_answering as qa
 from splitserve_common.errors import InvalidArgument
-from tests import model_factory as mf
 from tests import preproc_helpers as h
 
 TASK = "question-answering"
@@ -20,17 +19,9 @@ LONG_CONTEXT = " ".join(
 
 
 @pytest.fixture(scope="module")
-def built():
-    model, tokenizer = mf.build_encoder(TASK, seed=6)
-    deployment = h.local_deployment(TASK, model, tokenizer)
-    yield model, tokenizer, deployment
-    deployment.close()
-
-
-def _run(built, inputs, explicit):
-    model, _, deployment = built
-    return h.run_task(deployment, TASK, inputs, explicit, lambda model_inputs: h.torch_forward(model,
-                                                                                               model_inputs["batch"]))
+def local():
+    with h.local_task(TASK, seed=6, with_pipeline=False) as local:
+        yield local
 
 
 def _same(got, want):
@@ -39,27 +30,28 @@ def _same(got, want):
 
 
 @pytest.mark.parametrize("top_k", [1, 3])
-def test_short_contexts(built, top_k):
-    got, params = _run(built, SHORT, {"top_k": top_k})
+def test_short_contexts(local, top_k):
+    got, params = local.run(SHORT, {"top_k": top_k})
     for (question, context), answers in zip(SHORT, got, strict=True):
-        _same(answers, h.qa_reference(built[0], built[1], question, context, top_k=top_k))
+        _same(answers, h.qa_reference(local.model, local.tokenizer, question, context, top_k=top_k))
         assert all(a["answer"] == context[a["start"]:a["end"]] for a in answers)
     assert (params["max_seq_len"], params["doc_stride"]) == (64, 32)  # min(64, 384), min(64 // 2, 128)
 
 
-def test_long_context_over_doc_stride_windows(built):
+def test_long_context_over_doc_stride_windows(local):
     question = "who reads history?"
-    windows = built[1](question, LONG_CONTEXT, truncation="only_second", max_length=64, stride=20,
+    windows = local.tokenizer(question, LONG_CONTEXT, truncation="only_second", max_length=64, stride=20,
                        return_overflowing_tokens=True)["input_ids"]
     assert len(windows) > 3
-    got, _ = _run(built, [(question, LONG_CONTEXT)], {"top_k": 2, "doc_stride": 20, "max_answer_len": 5})
-    _same(got[0], h.qa_reference(built[0], built[1], question, LONG_CONTEXT, top_k=2, stride=20, max_answer_len=5))
+    got, _ = local.run([(question, LONG_CONTEXT)], {"top_k": 2, "doc_stride": 20, "max_answer_len": 5})
+    _same(got[0], h.qa_reference(local.model, local.tokenizer, question, LONG_CONTEXT, top_k=2, stride=20,
+                                 max_answer_len=5))
 
 
-def test_handle_impossible_answer(built):
+def test_handle_impossible_answer(local):
     question, context = SHORT[0]
-    got, _ = _run(built, [SHORT[0]], {"top_k": 3, "handle_impossible_answer": True})
-    _same(got[0], h.qa_reference(built[0], built[1], question, context, top_k=3, impossible=True))
+    got, _ = local.run([SHORT[0]], {"top_k": 3, "handle_impossible_answer": True})
+    _same(got[0], h.qa_reference(local.model, local.tokenizer, question, context, top_k=3, impossible=True))
 
 
 def test_decode_spans_keeps_the_best_allowed_spans():
@@ -79,6 +71,6 @@ def test_decode_spans_keeps_the_best_allowed_spans():
     ([("who?", "Alice")], {"max_answer_len": 0}, "max_answer_len"),
     ([("who?", "Alice")], {"doc_stride": 100, "max_seq_len": 50}, "doc_stride"),
 ])
-def test_bad_input_is_refused(built, inputs, params, fragment):
+def test_bad_input_is_refused(local, inputs, params, fragment):
     with pytest.raises(InvalidArgument, match=fragment):
-        _run(built, inputs, params)
+        local.run(inputs, params)

@@ -15,17 +15,9 @@ TASK = "text-classification"
 
 
 @pytest.fixture(scope="module")
-def built():
-    model, tokenizer = mf.build_encoder(TASK, seed=1)
-    deployment = h.local_deployment(TASK, model, tokenizer)
-    yield model, h.pipeline(TASK, model, tokenizer), deployment
-    deployment.close()
-
-
-def _run(built, inputs, explicit):
-    model, _, deployment = built
-    return h.run_task(deployment, TASK, inputs, explicit, lambda model_inputs: h.torch_forward(model,
-                                                                                               model_inputs["batch"]))
+def local():
+    with h.local_task(TASK, seed=1) as local:
+        yield local
 
 
 def _same(got, want):
@@ -35,23 +27,23 @@ def _same(got, want):
 
 
 @pytest.mark.parametrize("function", ["softmax", "sigmoid", "none"])
-def test_scores_equal_pipeline(built, function):
-    got, params = _run(built, mf.SENTENCES, {"top_k": 3, "function_to_apply": function})
-    _same(got, built[1](mf.SENTENCES, top_k=3, function_to_apply=function))
+def test_scores_equal_pipeline(local, function):
+    got, params = local.run(mf.SENTENCES, {"top_k": 3, "function_to_apply": function})
+    _same(got, local.pipe(mf.SENTENCES, top_k=3, function_to_apply=function))
     assert params["function_to_apply"] == function
 
 
-def test_default_is_the_best_label_with_the_models_function(built):
-    got, params = _run(built, mf.SENTENCES, {})
-    want = built[1](mf.SENTENCES)
+def test_default_is_the_best_label_with_the_models_function(local):
+    got, params = local.run(mf.SENTENCES, {})
+    want = local.pipe(mf.SENTENCES)
     _same(got, [[w] for w in want])
     assert params["function_to_apply"] == "softmax"  # three labels, no problem_type
 
 
-def test_text_pairs_equal_pipeline(built):
+def test_text_pairs_equal_pipeline(local):
     texts, pairs = ["who lives in paris", "the river"], ["Alice lives in Paris.", "is long"]
-    got, _ = _run(built, tc.pair_inputs(texts, pairs), {"top_k": 2})
-    _same(got, built[1]([{"text": t, "text_pair": p} for t, p in zip(texts, pairs, strict=True)], top_k=2))
+    got, _ = local.run(tc.pair_inputs(texts, pairs), {"top_k": 2})
+    _same(got, local.pipe([{"text": t, "text_pair": p} for t, p in zip(texts, pairs, strict=True)], top_k=2))
     with pytest.raises(InvalidArgument, match="text_pairs has 1 entries but texts has 2"):
         tc.pair_inputs(texts, pairs[:1])
 
@@ -66,11 +58,11 @@ def test_default_function_follows_the_pipeline(problem_type, num_labels, functio
 
 @pytest.mark.parametrize("params, fragment", [
     ({"top_k": 0}, "top_k"), ({"top_k": -1}, "top_k"), ({"function_to_apply": "tanh"}, "function_to_apply")])
-def test_bad_parameters_are_refused(built, params, fragment):
+def test_bad_parameters_are_refused(local, params, fragment):
     with pytest.raises(InvalidArgument, match=fragment):
-        tc.sanitize_parameters(built[2], {"function_to_apply": None, "top_k": None, **params})
+        tc.sanitize_parameters(local.deployment, {"function_to_apply": None, "top_k": None, **params})
 
 
-def test_empty_input_is_refused(built):
+def test_empty_input_is_refused(local):
     with pytest.raises(InvalidArgument, match="empty"):
-        _run(built, [], {})
+        local.run([], {})

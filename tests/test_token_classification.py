@@ -14,23 +14,15 @@ TASK = "token-classification"
 
 
 @pytest.fixture(scope="module")
-def built():
-    model, tokenizer = mf.build_encoder(TASK, seed=2)
-    deployment = h.local_deployment(TASK, model, tokenizer)
-    yield model, h.pipeline(TASK, model, tokenizer), deployment
-    deployment.close()
-
-
-def _run(built, texts, explicit):
-    model, _, deployment = built
-    return h.run_task(deployment, TASK, texts, explicit, lambda model_inputs: h.torch_forward(model,
-                                                                                               model_inputs["batch"]))
+def local():
+    with h.local_task(TASK, seed=2) as local:
+        yield local
 
 
 @pytest.mark.parametrize("strategy", ["none", "simple", "first", "average", "max"])
-def test_entities_equal_pipeline(built, strategy):
-    got, _ = _run(built, mf.SENTENCES, {"aggregation_strategy": strategy.upper(), "ignore_labels": []})
-    want = built[1](mf.SENTENCES, aggregation_strategy=strategy, ignore_labels=[])
+def test_entities_equal_pipeline(local, strategy):
+    got, _ = local.run(mf.SENTENCES, {"aggregation_strategy": strategy.upper(), "ignore_labels": []})
+    want = local.pipe(mf.SENTENCES, aggregation_strategy=strategy, ignore_labels=[])
     key = "entity" if strategy == "none" else "entity_group"
     fields = (key, "word", "start", "end", "index") if strategy == "none" else (key, "word", "start", "end")
     for g, w in zip(got, want, strict=True):
@@ -40,9 +32,9 @@ def test_entities_equal_pipeline(built, strategy):
             assert ge["score"] == pytest.approx(float(we["score"]), abs=1e-5)
 
 
-def test_ignored_labels_are_dropped_as_the_pipeline_does(built):
-    got, params = _run(built, mf.SENTENCES, {"aggregation_strategy": "simple"})
-    want = built[1](mf.SENTENCES, aggregation_strategy="simple")
+def test_ignored_labels_are_dropped_as_the_pipeline_does(local):
+    got, params = local.run(mf.SENTENCES, {"aggregation_strategy": "simple"})
+    want = local.pipe(mf.SENTENCES, aggregation_strategy="simple")
     assert [[(e["entity_group"], e["start"], e["end"]) for e in g] for g in got] == \
            [[(e["entity_group"], e["start"], e["end"]) for e in w] for w in want]
     assert params["ignore_labels"] == ["O"] and params["aggregation_strategy"] == "simple"
@@ -53,6 +45,6 @@ def test_get_tag(entity, tag):
     assert tok_cls.TokenClassifier.get_tag(entity) == tag
 
 
-def test_unknown_strategy_is_refused(built):
+def test_unknown_strategy_is_refused(local):
     with pytest.raises(InvalidArgument, match="aggregation_strategy must be one of"):
-        tok_cls.sanitize_parameters(built[2], {"aggregation_strategy": "median", "ignore_labels": ["O"]})
+        tok_cls.sanitize_parameters(local.deployment, {"aggregation_strategy": "median", "ignore_labels": ["O"]})
