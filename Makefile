@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: setup demo test protos lint bench
+.PHONY: setup demo test test-fast protos lint bench
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,10 @@ test: setup
 	.venv/bin/python scripts/gen_protos.py --check
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -q tests
+
+# The unit tier while developing: no servers, no processes, no soak tests; well under a minute.
+test-fast:
+	.venv/bin/python -m pytest -q -m "not server and not slow" tests
 
 protos:
 	.venv/bin/python scripts/gen_protos.py

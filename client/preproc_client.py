@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from client.channel_client import AsyncChannelClient, ChannelClient
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
@@ -227,7 +228,7 @@ def _channel_options(max_message_mb: int = 64):
 
 # ---------------------------------------------------------------- blocking client
 
-class PreprocClient:
+class PreprocClient(ChannelClient):
     """Blocking client. `timeout` (seconds) is each call's deadline, passed on to the model service."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 30.0,
@@ -236,15 +237,6 @@ class PreprocClient:
         self.timeout = timeout
         self.channel = channel or grpc.insecure_channel(address, options=_channel_options())
         self.stub = preproc_pb2_grpc.PreprocStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _call(self, name, *args, **kwargs):
         build, method, parse = _CALLS[name]
@@ -290,7 +282,7 @@ class PreprocClient:
 
 # ---------------------------------------------------------------- asyncio client
 
-class AsyncPreprocClient:
+class AsyncPreprocClient(AsyncChannelClient):
     """asyncio client with the same methods as PreprocClient, as coroutines."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 30.0,
@@ -299,15 +291,6 @@ class AsyncPreprocClient:
         self.timeout = timeout
         self.channel = channel or grpc.aio.insecure_channel(address, options=_channel_options())
         self.stub = preproc_pb2_grpc.PreprocStub(self.channel)
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
 
     async def _call(self, name, *args, **kwargs):
         build, method, parse = _CALLS[name]

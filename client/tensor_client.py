@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client.channel_client import AsyncChannelClient, ChannelClient
 from splitserve_common import tensors
 from splitserve_common.params import set_param, to_dict
 from splitserve_pb import open_inference_pb2 as pb
@@ -73,7 +74,7 @@ def metadata_dict(response: pb.ModelMetadataResponse) -> dict:
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-class TensorClient:
+class TensorClient(ChannelClient):
     """Blocking client. `address` is host:port (or any grpc target such as dns:///name:port)."""
 
     def __init__(self, address: str, *, timeout: float | None = 30.0, options=(), credentials=None,
@@ -86,15 +87,6 @@ class TensorClient:
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.timeout = timeout
         self.metadata_pairs = tuple(metadata)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self) -> None:
-        self.channel.close()
 
     def wait_ready(self, timeout: float = 60.0, service: str = "") -> None:
         """Block until grpc.health.v1 says SERVING (raises TimeoutError after `timeout` s)."""
@@ -121,7 +113,7 @@ class TensorClient:
         return parse_response(response)
 
 
-class AsyncTensorClient:
+class AsyncTensorClient(AsyncChannelClient):
     """asyncio client (grpc.aio); same methods as TensorClient, awaited."""
 
     def __init__(self, address: str, *, timeout: float | None = 30.0, options=(), credentials=None,
@@ -131,15 +123,6 @@ class AsyncTensorClient:
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.timeout = timeout
         self.metadata_pairs = tuple(metadata)
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
 
     async def wait_ready(self, timeout: float = 60.0, service: str = "") -> None:
         health = health_pb2_grpc.HealthStub(self.channel)

@@ -92,6 +92,7 @@ def test_server_rss_returns_after_50_load_use_unload_cycles(minilm_adapter):
         np.testing.assert_allclose(hidden(infer.ModelInfer(embed_request(tok))), base_out, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # a soak: 50 load/unload cycles in-process
 def test_parameters_and_modules_return_after_50_cycles(tmp_path):
     base, tok = mf.build_encoder("text-classification")
     dirs = ah.save_adapters(base, tmp_path, ah.ENCODER_ADAPTERS)

@@ -23,6 +23,7 @@ from tests import servers
 SENTENCES = mf.SENTENCES
 PROMPTS = ["the river", "alice walks in", "the", "music of the", "who is", "a large city"]
 TOKEN = "s3cret-adapter-token"
+GPT2_RANKS = {name: spec[1] for name, spec in ah.GPT2_ADAPTERS.items()}
 # One torch thread: on a small shared CPU, intra-op threads spinning on each other slow the
 # many small LoRA matmuls by orders of magnitude.
 SERVER_ARGS = ("--metrics-port", "0", "--torch-threads", "1")
@@ -239,6 +240,37 @@ def test_management_needs_the_token(gpt2_server):
     # listing stays open
     assert sorted(a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters) == [
         "alpha", "beta", "gamma"]
+
+
+def test_sdk_adapters_client_lists_loads_and_unloads_with_the_token(gpt2_server):
+    import asyncio
+
+    from client.adapters_client import AdaptersClient, AsyncAdaptersClient
+
+    address, alpha = gpt2_server["server"].address, gpt2_server["dirs"]["alpha"]
+    with AdaptersClient(address) as anonymous:
+        assert sorted(a.name for a in anonymous.list()) == ["alpha", "beta", "gamma"]
+        with pytest.raises(grpc.RpcError) as excinfo:
+            anonymous.load("sdk", alpha)
+        assert excinfo.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with AdaptersClient(address, token=TOKEN) as adapters:
+        loaded = adapters.load("sdk", alpha)
+        assert (loaded.name, loaded.method, loaded.rank) == ("sdk", "LORA", GPT2_RANKS["alpha"])
+        assert loaded.target_modules == ["c_attn"] and loaded.weight_bytes > 0 and loaded.source == str(alpha)
+        assert "sdk" in [a.name for a in adapters.list()]
+        assert adapters.unload("sdk").name == "sdk"
+        with pytest.raises(grpc.RpcError) as excinfo:
+            adapters.unload("sdk")
+        assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND
+
+    async def use_async():
+        async with AsyncAdaptersClient(address, token=TOKEN, header="x-adapter-token") as adapters:
+            await adapters.load("sdk-async", alpha)
+            names = [a.name for a in await adapters.list()]
+            return names, (await adapters.unload("sdk-async")).name
+
+    names, unloaded = asyncio.run(use_async())
+    assert "sdk-async" in names and unloaded == "sdk-async"
 
 
 def test_management_disabled_refuses_load_and_unload(tmp_path):

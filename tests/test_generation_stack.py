@@ -4,6 +4,7 @@ non-streamed answers, OpenAI shapes and usage, settings precedence, and clear st
 
 from __future__ import annotations
 
+import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -244,12 +245,49 @@ def test_clients_and_cli_stream_and_answer(gpt2):
     out = subprocess.run([*cli, "generate", "--max-new-tokens", "12", "--no-full-text", "the river of"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(answer.text + "\n")
-    assert json.loads(out.stdout[len(answer.text) + 1:])["usage"]["completion_tokens"] == 12
+    assert out.stdout == answer.text + "\n"  # the text alone on stdout; the summary on stderr
+    assert json.loads(out.stderr)["usage"]["completion_tokens"] == 12
     out = subprocess.run([*cli, "chat", "--no-stream", "--max-tokens", "6", "hi"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["text"] == chat.text
+    assert json.loads(out.stdout)["text"] == chat.text and out.stdout.count("\n") == 1
+
+
+def test_generation_results_carry_token_ids_logprobs_and_applied_parameters(gpt2):
+    from client.generation_client import GenerationClient
+
+    tok, model = gpt2["tokenizer"], gpt2["model"]
+    want = reference_generate(model, tok, tok("the river of")["input_ids"], max_new_tokens=6, do_sample=False)
+    with GenerationClient(gpt2["pre_address"]) as client:
+        answer = client.generate("the river of", max_new_tokens=6, logprobs=True, return_full_text=False)
+        stream = client.generate_stream("the river of", max_new_tokens=6, logprobs=True, return_full_text=False)
+        assert "".join(stream) == answer.text
+    for result in (answer, stream.result):
+        assert result.token_ids == want and len(result.logprobs) == 6 and all(lp <= 0 for lp in result.logprobs)
+        assert result.applied_parameters == {"max_new_tokens": 6, "return_full_text": False}
+    assert stream.result.logprobs == pytest.approx(answer.logprobs)
+
+
+def test_cli_prints_no_prompt_before_an_error_and_names_the_generation_commands(gpt2):
+    import subprocess
+    import sys
+
+    from tests.servers import ROOT
+
+    cli = [sys.executable, "-m", "client", "--address", gpt2["pre_address"]]
+    refused = subprocess.run([*cli, "generate", "--full-text", "--max-new-tokens", "5000", "the river of"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert refused.returncode == 1 and refused.stdout == ""
+    error = json.loads(refused.stderr)["error"]
+    assert error["code"] == "INVALID_ARGUMENT" and "context" in error["message"]
+    predicted = subprocess.run([*cli, "predict", "the river of"], capture_output=True, text=True, cwd=ROOT,
+                               timeout=120)
+    assert predicted.returncode == 2 and predicted.stdout == ""
+    message = json.loads(predicted.stderr)["error"]["message"]
+    assert "`splitserve generate`" in message and "`splitserve chat`" in message
+    full = subprocess.run([*cli, "generate", "--full-text", "--max-new-tokens", "4", "the river of"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert full.returncode == 0 and full.stdout.startswith("the river of")
 
 
 def test_logprobs_match_in_process_scores(gpt2):

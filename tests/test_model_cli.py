@@ -75,9 +75,12 @@ def test_adapters_load_list_unload(stack):
     loaded = cli(stack, "adapters", "load", "tone", str(stack["adapter"]))
     assert loaded.returncode == 0, loaded.stderr
     assert json.loads(loaded.stdout)["name"] == "tone"
-    listed = json.loads(cli(stack, "adapters", "list").stdout)
-    assert [a["name"] for a in listed["adapters"]] == ["tone"]
-    assert json.loads(cli(stack, "adapters", "unload", "tone").stdout)["unloaded"]["name"] == "tone"
+    listed = [json.loads(line) for line in cli(stack, "adapters", "list").stdout.splitlines()]  # one per line
+    assert [a["name"] for a in listed] == ["tone"] and listed[0]["method"] == "LORA"
+    assert json.loads(cli(stack, "adapters", "unload", "tone").stdout)["name"] == "tone"
+    no_path = cli(stack, "adapters", "load", "tone")
+    assert no_path.returncode == 2 and no_path.stdout == ""
+    assert "PATH is missing" in json.loads(no_path.stderr)["error"]["message"]
     missing = cli(stack, "adapters", "unload", "tone")
     assert missing.returncode == 1
     assert json.loads(missing.stderr.strip().splitlines()[-1])["error"]["code"] == "NOT_FOUND"

@@ -5,6 +5,7 @@ checked against a brute-force search over the model's own start/end logits)."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -172,14 +173,16 @@ class TestTextClassification:
             done = subprocess.run([sys.executable, "-m", "client", "--address", address, *args], input=stdin,
                                   capture_output=True, text=True, timeout=60, cwd=servers.ROOT)
             assert done.returncode == 0, done.stderr
-            return json.loads(done.stdout)
+            return [json.loads(line) for line in done.stdout.splitlines()]  # one JSON line per input
 
         got = cli("predict", "--top-k", "3", "--function-to-apply", "softmax", h.SENTENCES[0], h.SENTENCES[1])
         want = tc["pipe"](h.SENTENCES[:2], top_k=3)
         assert [[x["label"] for x in row] for row in got] == [[x["label"] for x in row] for row in want]
         tokens = cli("tokenize", stdin="hello world\nthe river\n")
         assert [t["ids"] for t in tokens] == [tc["tokenizer"](t)["input_ids"] for t in ["hello world", "the river"]]
-        assert cli("info")["task"] == "text-classification"
+        assert cli("info")[0]["task"] == "text-classification"
+        whole = cli("--format", "json", "tokenize", "a", "b")  # one line holding the list
+        assert len(whole) == 1 and [t["ids"] for t in whole[0]] == [tc["tokenizer"](t)["input_ids"] for t in "ab"]
         failed = subprocess.run([sys.executable, "-m", "client", "--address", address, "predict", "--top-k", "0",
                                  "x"], capture_output=True, text=True, timeout=60, cwd=servers.ROOT)
         assert failed.returncode == 1 and json.loads(failed.stderr)["error"]["code"] == "INVALID_ARGUMENT"
@@ -316,6 +319,20 @@ class TestFeatureExtraction:
         assert all(g.dtype == np.float16 and g.shape == (32,) for g in got)
         assert np.allclose(np.stack(got).astype(np.float32), want, atol=2e-3)
         assert got.prompt_tokens == int(enc["attention_mask"].sum())
+
+    def test_cli_one_compact_line_per_embedding_and_quiet_when_the_reader_leaves(self, fe):
+        cli = [sys.executable, "-m", "client", "--address", fe["preproc_proc"].address, "embed", "--pooling", "mean"]
+        done = subprocess.run([*cli, *h.SENTENCES[:2]], capture_output=True, text=True, timeout=60,
+                              cwd=servers.ROOT)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert len(lines) == 2 and " " not in lines[0]
+        assert np.allclose(json.loads(lines[1]), fe["client"].embed(h.SENTENCES[1:2], pooling="mean")[0], atol=1e-6)
+        # Far more output than a pipe holds, read by `head -n 1`: no BrokenPipe traceback.
+        texts = "\n".join(h.SENTENCES * 80) + "\n"
+        piped = subprocess.run(f"{shlex.join(cli)} | head -n 1", shell=True, input=texts, capture_output=True,
+                               text=True, timeout=120, cwd=servers.ROOT)
+        assert len(piped.stdout.splitlines()) == 1 and piped.stderr == ""
 
 
 # ---------------------------------------------------------------- question-answering

@@ -116,17 +116,21 @@ class GenerationHandlers:
                 if piece.finish_reason:
                     chunk.finish_reason = piece.finish_reason
                     chunk.usage.CopyFrom(_usage(len(ids), piece))
+                    chunk.meta.applied_parameters.update({k: json.dumps(v) for k, v in params.applied.items()})
                 yield chunk
 
     async def generate_text(self, request, scope):
         plan = await self._text_plan(request, scope)
         parts, last = [], None
+        response = pb.GenerateTextResponse()
         async for chunk in self.generate_text_stream(request, scope, plan):
             parts.append(chunk.text)
+            response.token_ids.extend(chunk.token_ids)
+            response.logprobs.extend(chunk.logprobs)
             last = chunk
-        response = pb.GenerateTextResponse(generated_text="".join(parts), finish_reason=last.finish_reason,
-                                           usage=last.usage)
-        response.meta.applied_parameters.update({k: json.dumps(v) for k, v in plan[1].applied.items()})
+        response.generated_text, response.finish_reason = "".join(parts), last.finish_reason
+        response.usage.CopyFrom(last.usage)
+        response.meta.CopyFrom(last.meta)
         response.meta.timings_ms.update(scope.timings_ms)
         return response
 
