@@ -15,6 +15,7 @@ Output and errors as for `splitserve` (client/cli_common.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ from client.adapters_client import AdaptersClient
 from client.cli_common import UsageError, add_common_flags, entry
 from client.preproc_client import _channel_options
 from client.tensor_client import TensorClient
-from splitserve_common import tensors
+from splitserve_common import v2_codec
 from splitserve_pb import open_inference_pb2 as pb
 
 
@@ -42,10 +43,11 @@ def parse_input(text: str) -> tuple[str, np.ndarray]:
         raise argparse.ArgumentTypeError(f"--input {name}: {exc}") from exc
     if datatype:
         datatype = datatype.upper()
-        if datatype not in tensors.NUMPY_DTYPES or datatype == "BF16":  # BF16 has no numpy dtype to cast to
-            choices = ", ".join(d for d in tensors.NUMPY_DTYPES if d != "BF16")
+        castable = [d for d in v2_codec.NUMPY_DTYPES if d not in ("BF16", "BYTES")]  # JSON strings go as BYTES
+        if datatype not in castable:
+            choices = ", ".join(castable)
             raise argparse.ArgumentTypeError(f"--input {name}: datatype {datatype!r} is not one of {choices}")
-        array = array.astype(tensors.NUMPY_DTYPES[datatype])
+        array = array.astype(v2_codec.NUMPY_DTYPES[datatype])
     elif array.dtype.kind == "f":
         array = array.astype(np.float32)
     return name, array
@@ -70,13 +72,13 @@ def _health(client: TensorClient, args) -> dict:
 
 
 def _metadata(client: TensorClient, args) -> dict:
-    return client.metadata(args.model)
+    return dataclasses.asdict(client.metadata(args.model))
 
 
 def _infer(client: TensorClient, args) -> dict:
     result = client.infer(dict(args.input), outputs=args.output, parameters=dict(args.param or []),
                           model_name=args.model)
-    outputs = {name: {"datatype": tensors.v2_datatype(array), "shape": list(array.shape), "data": array.tolist()}
+    outputs = {name: {"datatype": v2_codec.v2_datatype(array), "shape": list(array.shape), "data": array.tolist()}
                for name, array in result.items()}
     return {"outputs": outputs, "parameters": result.parameters}
 

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 
 from client.channel_client import AsyncChannelClient, ChannelClient
+from splitserve_common.v2_codec import from_preproc_tensor
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
@@ -173,13 +173,8 @@ def parse_zero_shot(reply: pb.ZeroShotClassifyResponse) -> Results:
     return Results([ZeroShotResult(r.sequence, list(r.labels), list(r.scores)) for r in reply.results], reply.meta)
 
 
-def tensor_to_numpy(tensor: pb.Tensor) -> np.ndarray:
-    dtype = {"FP16": "<f2", "FP32": "<f4"}[tensor.datatype]
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
-
-
 def parse_embed(reply: pb.EmbedResponse) -> Results:
-    results = Results([tensor_to_numpy(t) for t in reply.embeddings], reply.meta)
+    results = Results([from_preproc_tensor(t) for t in reply.embeddings], reply.meta)
     results.prompt_tokens = reply.prompt_tokens
     return results
 

@@ -7,14 +7,14 @@ the task preproc serves runs on the model's head.
 
 from __future__ import annotations
 
-from preproc_service.deployment import ModelInfo
 from splitserve_common import tasks
+from splitserve_common.v2_codec import ModelMetadata
 
 
-def disagreements(tokenizer, local_task: str, info: ModelInfo) -> list[str]:
+def disagreements(tokenizer, local_task: str, info: ModelMetadata) -> list[str]:
     problems = []
     vocab = len(tokenizer)
-    if info.vocab_size is not None and vocab > info.vocab_size:
+    if info.vocab_size and vocab > info.vocab_size:
         problems.append(f"tokenizer has {vocab} tokens but the model's embedding has only {info.vocab_size} rows")
     pad = tokenizer.pad_token_id
     if pad is not None and info.pad_token_id is not None and pad != info.pad_token_id:

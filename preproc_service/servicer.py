@@ -17,12 +17,14 @@ from preproc_service import tasks as task_handlers
 from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.generation import GenerationHandlers
 from preproc_service.precedence import as_json, explicit_fields
-from preproc_service.tasks import text_classification
+from preproc_service.served_models import resolve_model
+from preproc_service.tasks import feature_extraction, text_classification
 from preproc_service.tokenization import EncodeOptions
 from splitserve_common import tasks
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, grpc_errors, status_of
 from splitserve_common.metrics import count_stream_item
 from splitserve_common.streams import ordered_stream
+from splitserve_common.v2_codec import to_preproc_tensor
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
@@ -130,7 +132,7 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         (vectors, prompt_tokens), applied = await self._run("feature-extraction", scope, list(request.texts),
                                                             explicit_fields(request, ["pooling", "normalize",
                                                                                       "float16", "truncation"]))
-        return pb.EmbedResponse(embeddings=[_tensor(v) for v in vectors], prompt_tokens=prompt_tokens,
+        return pb.EmbedResponse(embeddings=[to_preproc_tensor(v) for v in vectors], prompt_tokens=prompt_tokens,
                                 meta=self._meta(scope, applied, started))
 
     @grpc_errors
@@ -160,16 +162,23 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     @grpc_errors
     async def Embeddings(self, request: pb.EmbeddingsRequest, context):
         """llm/v1/embeddings: pooled (sentence-transformers config, else mean) vectors in OpenAI's shape."""
-        scope = self._begin("Embeddings", context, request.adapter)
+        model, adapter = await resolve_model(self.dep, request.model, request.adapter)
+        scope = self._begin("Embeddings", context, adapter)
+        dimensions = request.dimensions if request.HasField("dimensions") else None
+        if dimensions is not None:
+            feature_extraction.check_dimensions(self.dep, dimensions)
         configured = self.dep.precedence.resolve(tasks.TASKS["feature-extraction"].pipeline_defaults).values
         pooled = (configured["pooling"] or self.dep.model_dir.pooling or "none") != "none"
         explicit = {} if pooled else {"pooling": "mean"}
-        (vectors, prompt_tokens), _ = await self._run("feature-extraction", scope, list(request.input), explicit)
+        (vectors, prompt_tokens), applied = await self._run("feature-extraction", scope, list(request.input),
+                                                            explicit)
+        vectors = [np.asarray(v, np.float32) for v in vectors]
+        if dimensions is not None:
+            vectors = feature_extraction.shorten(vectors, dimensions, applied["normalize"])
         return pb.EmbeddingsResponse(
             object="list",
-            data=[pb.EmbeddingData(object="embedding", index=i, embedding=np.asarray(v, np.float32).tolist())
-                  for i, v in enumerate(vectors)],
-            model=request.model or self.dep.model_name,
+            data=[pb.EmbeddingData(object="embedding", index=i, embedding=v.tolist()) for i, v in enumerate(vectors)],
+            model=model,
             usage=pb.EmbeddingsUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))
 
     # ------------------------------------------------------------ many items over one stream
@@ -287,9 +296,3 @@ def _entity(e: dict) -> pb.Entity:
     if "index" in e:
         entity.index = int(e["index"])
     return entity
-
-
-def _tensor(array: np.ndarray) -> pb.Tensor:
-    datatype = "FP16" if array.dtype == np.float16 else "FP32"
-    little = np.ascontiguousarray(array.astype("<f2" if datatype == "FP16" else "<f4", copy=False))
-    return pb.Tensor(datatype=datatype, shape=list(array.shape), data=little.tobytes())

@@ -36,15 +36,15 @@ def metrics_port_option(default_port: int) -> Option:
 def create_server(args, interceptors=()) -> grpc.aio.Server:
     """A grpc.aio server with the shared options (message limits, keepalive policy).
 
-    `args` carries the SERVER_OPTIONS values (and `metrics_port` when the service
-    has it). Every call is counted by the metrics interceptor (outermost, so refused
-    calls are counted too), then checked for the bearer token when one is set, then
+    `args` carries the SERVER_OPTIONS values and `metrics_port` (metrics_port_option).
+    Every call is counted by the metrics interceptor (outermost, so refused calls are
+    counted too), then checked for the bearer token when one is set, then
     passes the drain gate (wait_for_termination closes it); the /metrics HTTP
     endpoint starts here.
     """
     gate = DrainGate()
     chain = [metrics.MetricsInterceptor(), *security.server_interceptors(args), gate, *interceptors]
-    metrics.start_metrics_server(getattr(args, "metrics_port", 0), getattr(args, "host", "0.0.0.0"))
+    metrics.start_metrics_server(args.metrics_port, args.host)
     server = grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=chain)
     _drain_gates[id(server)] = gate
     return server
@@ -132,15 +132,18 @@ class HealthReporter:
     def __init__(self, server: grpc.aio.Server, service_names: Iterable[str]):
         self.servicer = DrainingHealthServicer()
         self.names = ["", *service_names]
+        self.serving = False  # what the HTTP doors' health routes answer
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     async def set(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.serving = serving and not self.servicer.draining
         for name in self.names:
             await self.servicer.set(name, status)
 
     async def drain(self) -> None:
         """NOT_SERVING for good: later `set` calls are ignored and Watch streams end."""
+        self.serving = False
         await self.servicer.drain()
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from preproc_service import tasks as task_handlers
-from preproc_service.deployment import Deployment, ModelInfo
+from preproc_service.deployment import Deployment
 from preproc_service.model_dir import ModelDir
 from splitserve_common import tasks
+from splitserve_common.v2_codec import ModelMetadata
 from tests import model_factory, servers
 
 TASKS = model_factory.TASKS
@@ -53,9 +54,10 @@ def local_deployment(task: str, model, tokenizer, **model_dir) -> Deployment:
     deployment = Deployment(ModelDir(path=Path("."), tokenizer_path=Path("."), task=task, **model_dir), tokenizer,
                             model=None)
     id2label = {int(k): v for k, v in (config.id2label or {}).items()}
-    deployment.set_model_info(ModelInfo(
-        task=task, id2label=id2label, problem_type=config.problem_type, num_labels=len(id2label),
-        max_length=config.max_position_embeddings, vocab_size=config.vocab_size, pad_token_id=config.pad_token_id))
+    deployment.set_model_info(ModelMetadata(
+        task=task, id2label=id2label, problem_type=config.problem_type or "", num_labels=len(id2label),
+        max_position_embeddings=config.max_position_embeddings, vocab_size=config.vocab_size,
+        pad_token_id=config.pad_token_id))
     return deployment
 
 

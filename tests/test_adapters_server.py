@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitserve_common import tensors
-from splitserve_common.params import set_param
+from splitserve_common import v2_codec
 from splitserve_pb import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 from splitserve_pb import open_inference_pb2 as v2
 from splitserve_pb import open_inference_pb2_grpc as v2_grpc
@@ -56,20 +55,13 @@ def gpt2_server(tmp_path_factory):
 
 def infer_request(tok, texts, adapter=""):
     enc = tok(texts, padding=True, return_tensors="np")
-    request = v2.ModelInferRequest(model_name="")
-    for name in ("input_ids", "attention_mask"):
-        datatype, shape, raw = tensors.to_raw(enc[name].astype(np.int64))
-        request.inputs.add(name=name, datatype=datatype, shape=shape)
-        request.raw_input_contents.append(raw)
-    request.outputs.add(name="logits")
-    if adapter:
-        set_param(request.parameters, "adapter", adapter)
+    inputs = {name: enc[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+    request = v2_codec.encode_request(inputs, ["logits"], {"adapter": adapter or None})
     return request, enc
 
 
 def logits_of(response) -> np.ndarray:
-    out = response.outputs[0]
-    return tensors.decode(out.name, out.datatype, out.shape, response.raw_output_contents[0])
+    return v2_codec.decode_response(response)["logits"]
 
 
 def expected_logits(ref, enc) -> np.ndarray:

@@ -35,7 +35,7 @@ def test_health_and_metadata(stack):
     assert health.returncode == 0, health.stderr
     assert json.loads(health.stdout) == {"status": "SERVING", "live": True, "ready": True}
     metadata = json.loads(cli(stack, "metadata").stdout)
-    assert metadata["parameters"]["task"] == "text-classification"
+    assert metadata["task"] == "text-classification"
     assert "logits" in [o["name"] for o in metadata["outputs"]]
 
 

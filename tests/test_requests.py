@@ -10,7 +10,7 @@ from model_service import loader, requests
 from model_service.engine import Engine
 from model_service.model_info import discover
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound
-from splitserve_common.params import set_param
+from splitserve_common.v2_codec import set_param
 from splitserve_pb import open_inference_pb2 as pb
 from tests import model_factory
 

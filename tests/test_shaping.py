@@ -10,7 +10,7 @@ import torch
 from model_service import shaping
 from model_service.shaping import OutputSpec
 from splitserve_common.errors import InvalidArgument
-from splitserve_common.params import set_param
+from splitserve_common.v2_codec import set_param
 from splitserve_pb import open_inference_pb2 as pb
 
 AVAILABLE = ["logits", "last_hidden_state", "start_logits", "sentence_embedding"]

@@ -1,7 +1,7 @@
 """splitserve.v1.Generation: streamed generation over the continuous-batching scheduler.
 
-Plug-in of model_service.server: `register(server, runtime)` adds the servicer; the
-scheduler is built once the model is loaded (calls before that get UNAVAILABLE).
+model_service.server adds the servicer before the server starts and calls `on_ready` once the
+model is loaded; the scheduler is built then (calls before that get UNAVAILABLE).
 
 `Generate` validates the request, queues a sequence and streams its tokens; tokens that
 pile up while the client is slow go out together in one GenerateStep. When the caller goes
@@ -26,19 +26,12 @@ from splitserve_pb import generation_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH_REASONS = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP}
 
 
 def _last(event) -> bool:
     """An error or a sequence's final token: nothing follows it on the queue."""
     return isinstance(event, Exception) or bool(event.finish_reason)
-
-
-def limits_from_args(args) -> Limits:
-    return Limits(max_sequences=getattr(args, "gen_max_sequences", Limits.max_sequences),
-                  max_tokens=getattr(args, "gen_max_tokens", Limits.max_tokens),
-                  max_waiting=getattr(args, "gen_max_waiting", Limits.max_waiting))
 
 
 def saved_defaults(source_dir: Path, weights_dir: Path) -> dict:
@@ -58,14 +51,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.runtime = runtime
         self.limits = limits
         self.stream_interval = stream_interval  # 0: adapt to the load (see tokens_per_message)
+        # Set by on_ready, once the model is loaded:
+        self.engine = None
+        self.model_name = ""
+        self.can_generate = False
+        self.gm: GenerationModel | None = None
+        self.vocab_size = 0
+        self.max_positions = 0
+        self.eos_ids: list[int] = []
+        self.defaults: dict = {}
         self.scheduler: Scheduler | None = None
 
     async def on_ready(self, runtime) -> None:
-        """Build the scheduler around the loaded model (model_service's on-ready callback)."""
+        """Build the scheduler around the loaded model (model_service.server calls it once loaded)."""
         engine, loaded = runtime.engine, runtime.engine.loaded
         self.engine = engine
-        self.model_name = runtime.info.name if runtime.info is not None else ""
-        self.can_generate = bool(getattr(loaded.model, "can_generate", lambda: False)())
+        self.model_name = runtime.info.name
+        self.can_generate = loaded.model.can_generate()
         if self.can_generate and loaded.config.is_encoder_decoder and \
                 loaded.special_ids.get("decoder_start_token_id") is None:
             log.warning("encoder-decoder model without decoder_start_token_id: generation is off")
@@ -81,16 +83,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.scheduler = Scheduler(engine, self.gm, self.limits)
 
     def _ready(self) -> Scheduler:
-        self.runtime.require()
+        runtime = self.runtime.require()
         if self.scheduler is None:
-            if getattr(self, "can_generate", None) is False:
+            if runtime.is_ready and not self.can_generate:
                 raise FailedPrecondition("the served model cannot generate text (no language-model head)")
             raise Unavailable("generation is still starting; wait for health SERVING")
         return self.scheduler
 
     def sequence_of(self, request) -> Sequence:
         """Check a GenerateRequest and turn it into a Sequence (raises InvalidArgument / NotFound)."""
-        if request.model_name and self.model_name and request.model_name != self.model_name:
+        if request.model_name and request.model_name != self.model_name:
             raise NotFound(f"model '{request.model_name}' is not served here (this is '{self.model_name}')")
         ids = list(request.input_ids)
         if not ids:
@@ -142,6 +144,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     step.token_ids.append(event.token)
                     if seq.params.logprobs:
                         step.logprobs.append(event.logprob)
+                    if seq.params.top_logprobs:
+                        step.top_logprobs.add(token_ids=event.logprob.top_ids,
+                                              logprobs=event.logprob.top_logprobs)
                     if event.finish_reason:
                         step.finish_reason = FINISH_REASONS[event.finish_reason]
                         finished = True
@@ -162,11 +167,3 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if self.scheduler is not None:
             await self.scheduler.stop()
 
-
-def register(server, runtime) -> list[str]:
-    """Plug-in hook of model_service.server: serve splitserve.v1.Generation."""
-    servicer = GenerationServicer(runtime, limits_from_args(runtime.args),
-                                  getattr(runtime.args, "gen_stream_interval", 0))
-    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-    runtime.on_ready.append(servicer.on_ready)
-    return [SERVICE_NAME]

@@ -15,7 +15,7 @@ from splitserve_common.errors import InvalidArgument
 from splitserve_pb import generation_pb2
 
 GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                   "repetition_penalty", "seed")
+                   "repetition_penalty", "seed", "presence_penalty", "frequency_penalty")
 _FALLBACKS = {"max_new_tokens": ("max_tokens",)}
 
 
@@ -36,6 +36,7 @@ class GenerationParams:
             self.options["stop"] = [self.options["stop"]]
         if explicit.get("logprobs"):
             self.settings.logprobs = True
+            self.settings.top_logprobs = int(explicit.get("top_logprobs") or 0)
 
     def __getitem__(self, key):
         return self.options[key]
@@ -45,7 +46,7 @@ def _typed(key: str, value):
     try:
         if key in ("do_sample",):
             return bool(value)
-        if key in ("temperature", "top_p", "repetition_penalty"):
+        if key in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             return float(value)
         return int(value)
     except (TypeError, ValueError):
