@@ -41,6 +41,8 @@ def _predict(parser):
     parser.add_argument("--top-k", type=int,
                         help="text-classification: labels per text; fill-mask: candidates per mask; "
                              "question-answering: answers per question (default: the model's)")
+    parser.add_argument("--all-labels", action="store_true", default=None,
+                        help="text-classification: every label, best first (the pipeline's top_k=None)")
     parser.add_argument("--function-to-apply", choices=["softmax", "sigmoid", "none"],
                         help="text-classification: scores from logits (default: the model's problem type)")
     parser.add_argument("--text-pair", action="append", help="text-classification: second segment, per text "
@@ -65,7 +67,7 @@ def _predict(parser):
         texts = read_texts(args)
         task = client.info().task
         if task == "text-classification":
-            return client.classify(texts, args.text_pair, top_k=args.top_k,
+            return client.classify(texts, args.text_pair, top_k=args.top_k, all_labels=args.all_labels,
                                    function_to_apply=args.function_to_apply, truncation=args.truncation)
         if task == "token-classification":
             return client.classify_tokens(texts, aggregation_strategy=args.aggregation_strategy,

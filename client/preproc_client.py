@@ -100,9 +100,13 @@ def _opt(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def classify_request(texts, text_pairs=None, *, top_k=None, function_to_apply=None, truncation=None, adapter=""):
+def classify_request(texts, text_pairs=None, *, top_k=None, all_labels=None, function_to_apply=None,
+                     truncation=None, adapter=""):
+    """top_k: that many labels per text (unset: the best one); all_labels=True: every label, sorted
+    (the pipeline's explicit top_k=None)."""
     return pb.ClassifyRequest(texts=_texts(texts), text_pairs=_texts(text_pairs or []), adapter=adapter,
-                              **_opt(top_k=top_k, function_to_apply=function_to_apply, truncation=truncation))
+                              **_opt(top_k=top_k, all_labels=all_labels, function_to_apply=function_to_apply,
+                                     truncation=truncation))
 
 
 def classify_tokens_request(texts, *, aggregation_strategy=None, ignore_labels=None, truncation=None, adapter=""):

@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     from model_service.server import serve
 
     args = parse_args(argv)
-    serving.configure_logging(args.log_level)
+    serving.configure_logging(args.log_level, args.log_format)
     try:
         asyncio.run(serve(args))
     except ConfigurationError as exc:

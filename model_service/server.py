@@ -88,7 +88,8 @@ def generation_servicer(runtime: Runtime) -> GenerationServicer:
     args = runtime.args
     limits = Limits(max_sequences=args.gen_max_sequences, max_tokens=args.gen_max_tokens,
                     max_waiting=args.gen_max_waiting)
-    return GenerationServicer(runtime, limits, stream_interval=args.gen_stream_interval)
+    return GenerationServicer(runtime, limits, stream_interval=args.gen_stream_interval,
+                              max_beams=args.gen_max_beams)
 
 
 async def start(args) -> RunningServer:

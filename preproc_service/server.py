@@ -84,7 +84,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
 
 
 async def serve(args) -> None:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     dep = build_deployment(args)
     server = create_server(args)
     servicer = PreprocServicer(dep, GenerationHandlers(dep, max_choices=args.max_choices), args.stream_window)

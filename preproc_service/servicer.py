@@ -61,12 +61,15 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         remaining = context.time_remaining() if context is not None else None
         return RequestScope(adapter=adapter, timeout=remaining)
 
-    async def _run(self, task: str, scope: RequestScope, inputs, explicit: dict) -> tuple[object, dict]:
+    def _params(self, task: str, explicit: dict) -> dict:
+        """The task's parameters after MLflow's precedence; `explicit`: what the request set."""
+        return self.dep.precedence.resolve(tasks.TASKS[task].pipeline_defaults, explicit).values
+
+    async def _run(self, task: str, scope: RequestScope, inputs, params: dict) -> tuple[object, dict]:
         """(the task's results, the parameters it applied) for one request."""
-        params = self.dep.precedence.resolve(tasks.TASKS[task].pipeline_defaults, explicit).values
         applied_keys = list(params)
         results = await task_handlers.run(task, self.dep, scope, inputs, params)
-        return results, {key: params[key] for key in applied_keys}
+        return results, {key: params[key] for key in applied_keys if key in params}
 
     @staticmethod
     def _meta(scope: RequestScope, applied: dict, started: float) -> pb.ResponseMeta:
@@ -80,8 +83,10 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         started = time.perf_counter()
         scope = self._begin("Classify", context, request.adapter)
         inputs = text_classification.pair_inputs(list(request.texts), list(request.text_pairs))
-        results, applied = await self._run("text-classification", scope, inputs, explicit_fields(
-            request, ["function_to_apply", "top_k", "truncation"]))
+        explicit = explicit_fields(request, ["function_to_apply", "top_k", "truncation", "all_labels"])
+        params = self._params("text-classification", explicit)
+        text_classification.every_label(explicit, params)
+        results, applied = await self._run("text-classification", scope, inputs, params)
         return pb.ClassifyResponse(
             results=[pb.LabelScores(labels=[pb.LabelScore(**r) for r in row]) for row in results],
             meta=self._meta(scope, applied, started))
@@ -92,7 +97,8 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         explicit = explicit_fields(request, ["aggregation_strategy", "truncation"])
         if request.HasField("ignore_labels"):
             explicit["ignore_labels"] = list(request.ignore_labels.values)
-        results, applied = await self._run("token-classification", scope, list(request.texts), explicit)
+        results, applied = await self._run("token-classification", scope, list(request.texts),
+                                           self._params("token-classification", explicit))
         return pb.ClassifyTokensResponse(
             results=[pb.Entities(entities=[_entity(e) for e in row]) for row in results],
             meta=self._meta(scope, applied, started))
@@ -100,8 +106,8 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     async def _fill_mask(self, request: pb.FillMaskRequest, context) -> pb.FillMaskResponse:
         started = time.perf_counter()
         scope = self._begin("FillMask", context, request.adapter)
-        results, applied = await self._run("fill-mask", scope, list(request.texts), explicit_fields(
-            request, ["top_k", "truncation", "targets"]))
+        explicit = explicit_fields(request, ["top_k", "truncation", "targets"])
+        results, applied = await self._run("fill-mask", scope, list(request.texts), self._params("fill-mask", explicit))
         return pb.FillMaskResponse(
             results=[pb.FillMaskResult(masks=[pb.MaskCandidates(candidates=[pb.MaskPrediction(**c) for c in mask])
                                               for mask in masks]) for masks in results],
@@ -111,9 +117,10 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         started = time.perf_counter()
         scope = self._begin("AnswerQuestion", context, request.adapter)
         inputs = [(item.question, item.context) for item in request.inputs]
-        results, applied = await self._run("question-answering", scope, inputs, explicit_fields(request, [
-            "top_k", "doc_stride", "max_answer_len", "max_seq_len", "max_question_len", "handle_impossible_answer",
-            "align_to_words"]))
+        explicit = explicit_fields(request, ["top_k", "doc_stride", "max_answer_len", "max_seq_len", "max_question_len",
+                                             "handle_impossible_answer", "align_to_words"])
+        results, applied = await self._run("question-answering", scope, inputs,
+                                           self._params("question-answering", explicit))
         return pb.AnswerQuestionResponse(
             results=[pb.Answers(answers=[pb.Answer(**a) for a in row]) for row in results],
             meta=self._meta(scope, applied, started))
@@ -121,17 +128,18 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     async def _zero_shot(self, request: pb.ZeroShotClassifyRequest, context) -> pb.ZeroShotClassifyResponse:
         started = time.perf_counter()
         scope = self._begin("ZeroShotClassify", context, request.adapter)
-        results, applied = await self._run("zero-shot-classification", scope, list(request.texts), explicit_fields(
-            request, ["candidate_labels", "hypothesis_template", "multi_label"]))
+        explicit = explicit_fields(request, ["candidate_labels", "hypothesis_template", "multi_label"])
+        results, applied = await self._run("zero-shot-classification", scope, list(request.texts),
+                                           self._params("zero-shot-classification", explicit))
         return pb.ZeroShotClassifyResponse(results=[pb.ZeroShotResult(**r) for r in results],
                                            meta=self._meta(scope, applied, started))
 
     async def _embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         started = time.perf_counter()
         scope = self._begin("Embed", context, request.adapter)
+        explicit = explicit_fields(request, ["pooling", "normalize", "float16", "truncation"])
         (vectors, prompt_tokens), applied = await self._run("feature-extraction", scope, list(request.texts),
-                                                            explicit_fields(request, ["pooling", "normalize",
-                                                                                      "float16", "truncation"]))
+                                                            self._params("feature-extraction", explicit))
         return pb.EmbedResponse(embeddings=[to_preproc_tensor(v) for v in vectors], prompt_tokens=prompt_tokens,
                                 meta=self._meta(scope, applied, started))
 
@@ -167,11 +175,10 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         dimensions = request.dimensions if request.HasField("dimensions") else None
         if dimensions is not None:
             feature_extraction.check_dimensions(self.dep, dimensions)
-        configured = self.dep.precedence.resolve(tasks.TASKS["feature-extraction"].pipeline_defaults).values
-        pooled = (configured["pooling"] or self.dep.model_dir.pooling or "none") != "none"
-        explicit = {} if pooled else {"pooling": "mean"}
-        (vectors, prompt_tokens), applied = await self._run("feature-extraction", scope, list(request.input),
-                                                            explicit)
+        params = self._params("feature-extraction", {})
+        if (params["pooling"] or self.dep.model_dir.pooling or "none") == "none":
+            params["pooling"] = "mean"
+        (vectors, prompt_tokens), applied = await self._run("feature-extraction", scope, list(request.input), params)
         vectors = [np.asarray(v, np.float32) for v in vectors]
         if dimensions is not None:
             vectors = feature_extraction.shorten(vectors, dimensions, applied["normalize"])

@@ -35,20 +35,22 @@ class StringList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("texts", "text_pairs", "function_to_apply", "top_k", "truncation", "adapter")
+    __slots__ = ("texts", "text_pairs", "function_to_apply", "top_k", "truncation", "adapter", "all_labels")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TEXT_PAIRS_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_TO_APPLY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ALL_LABELS_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     text_pairs: _containers.RepeatedScalarFieldContainer[str]
     function_to_apply: str
     top_k: int
     truncation: bool
     adapter: str
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., text_pairs: _Optional[_Iterable[str]] = ..., function_to_apply: _Optional[str] = ..., top_k: _Optional[int] = ..., truncation: _Optional[bool] = ..., adapter: _Optional[str] = ...) -> None: ...
+    all_labels: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., text_pairs: _Optional[_Iterable[str]] = ..., function_to_apply: _Optional[str] = ..., top_k: _Optional[int] = ..., truncation: _Optional[bool] = ..., adapter: _Optional[str] = ..., all_labels: _Optional[bool] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "score")
@@ -439,7 +441,7 @@ class InfoResponse(_message.Message):
     def __init__(self, task: _Optional[str] = ..., inference_task: _Optional[str] = ..., model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tokenizer_class: _Optional[str] = ..., special_tokens: _Optional[_Mapping[str, str]] = ..., has_chat_template: _Optional[bool] = ..., adapters: _Optional[_Iterable[str]] = ..., default_parameters: _Optional[_Mapping[str, str]] = ..., model_service: _Optional[str] = ...) -> None: ...
 
 class GenerateTextParameters(_message.Message):
-    __slots__ = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "return_full_text", "include_prompt", "collapse_whitespace", "logprobs", "presence_penalty", "frequency_penalty")
+    __slots__ = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "return_full_text", "include_prompt", "collapse_whitespace", "logprobs", "presence_penalty", "frequency_penalty", "num_beams", "num_return_sequences", "length_penalty", "no_repeat_ngram_size", "early_stopping")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DO_SAMPLE_FIELD_NUMBER: _ClassVar[int]
@@ -455,6 +457,11 @@ class GenerateTextParameters(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
     FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    NUM_BEAMS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RETURN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     min_new_tokens: int
     do_sample: bool
@@ -470,7 +477,12 @@ class GenerateTextParameters(_message.Message):
     logprobs: bool
     presence_penalty: float
     frequency_penalty: float
-    def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., return_full_text: _Optional[bool] = ..., include_prompt: _Optional[bool] = ..., collapse_whitespace: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ...) -> None: ...
+    num_beams: int
+    num_return_sequences: int
+    length_penalty: float
+    no_repeat_ngram_size: int
+    early_stopping: bool
+    def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., return_full_text: _Optional[bool] = ..., include_prompt: _Optional[bool] = ..., collapse_whitespace: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., num_beams: _Optional[int] = ..., num_return_sequences: _Optional[int] = ..., length_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., early_stopping: _Optional[bool] = ...) -> None: ...
 
 class GenerateTextRequest(_message.Message):
     __slots__ = ("prompt", "parameters", "adapter")

@@ -26,7 +26,8 @@ from splitserve_common.errors import InvalidArgument
 # transformers' text-generation pipeline default.
 DEFAULT_MAX_NEW_TOKENS = 256
 SETTING_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                "repetition_penalty")
+                "repetition_penalty", "num_beams", "num_return_sequences", "length_penalty", "no_repeat_ngram_size",
+                "early_stopping")  # the last five: generation/beam.py
 BUILT_IN = {"min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
             "repetition_penalty": 1.0}
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from model_service.generation.batch import GenerationModel, Sequence
+from model_service.generation.beam import SearchRunner, resolve_search
 from model_service.generation.sampling import model_defaults, resolve
 from model_service.generation.scheduler import Limits, Scheduler
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, grpc_errors
@@ -47,9 +48,11 @@ def saved_defaults(source_dir: Path, weights_dir: Path) -> dict:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 0):
+    def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 0, max_beams: int = 8):
         self.runtime = runtime
         self.limits = limits
+        self.max_beams = max_beams
+        self.searches: SearchRunner | None = None  # beam search / n-gram blocking, apart from the batch
         self.stream_interval = stream_interval  # 0: adapt to the load (see tokens_per_message)
         # Set by on_ready, once the model is loaded:
         self.engine = None
@@ -81,6 +84,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.eos_ids = list(loaded.special_ids.get("eos_token_id") or [])
         self.defaults = saved_defaults(loaded.source_dir, loaded.weights_dir)
         self.scheduler = Scheduler(engine, self.gm, self.limits)
+        self.searches = SearchRunner(engine, loaded.model, self.gm.is_encoder_decoder, self.gm.pad_token_id,
+                                     self.limits.max_tokens, self.limits.max_waiting)
 
     def _ready(self) -> Scheduler:
         runtime = self.runtime.require()
@@ -116,9 +121,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request, context):
         self._ready()
         seq = self.sequence_of(request)
+        search = resolve_search(request.settings, self.defaults, seq.params, self.max_beams)
+        runner = self.scheduler if search is None else self.searches
         # The lease makes an adapter unload wait for this generation, and names the adapter meant.
         with self.engine.adapters.lease(request.adapter) as seq.adapter:
-            async for step in self._stream(self.scheduler.submit(seq)):
+            submitted = runner.submit(seq) if search is None else runner.submit(seq, search)
+            async for step in self._stream(submitted, runner):
                 yield step
 
     def tokens_per_message(self) -> int:
@@ -127,9 +135,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             return self.stream_interval
         return min(8, max(1, self.scheduler.active_count // 4))
 
-    async def _stream(self, seq: Sequence):
+    async def _stream(self, seq: Sequence, runner):
         """GenerateSteps of `seq`: the first token at once, then every `tokens_per_message()` tokens
-        (or whatever piled up meanwhile), the last one with the finish reason."""
+        (or whatever piled up meanwhile), the last one with the finish reason. `runner` (the
+        scheduler or the search runner) is told when the caller goes away."""
         try:
             finished, sent = False, 0
             while not finished:
@@ -154,7 +163,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 step.generated_tokens = sent
                 yield step
         finally:
-            self.scheduler.cancel(seq)
+            runner.cancel(seq)
 
     @grpc_errors
     async def Stats(self, request, context):
@@ -166,4 +175,3 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def stop(self) -> None:
         if self.scheduler is not None:
             await self.scheduler.stop()
-

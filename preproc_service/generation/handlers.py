@@ -33,7 +33,8 @@ from splitserve_pb import preproc_pb2 as pb
 
 TEXT_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
              "seed", "stop", "return_full_text", "include_prompt", "collapse_whitespace", "logprobs",
-             "presence_penalty", "frequency_penalty")
+             "presence_penalty", "frequency_penalty", "num_beams", "num_return_sequences", "length_penalty",
+             "no_repeat_ngram_size", "early_stopping")
 LLM_KEYS = ("temperature", "top_p", "top_k", "stop", "seed", "do_sample", "repetition_penalty", "presence_penalty",
             "frequency_penalty")
 DEFAULT_MAX_CHOICES = 8

@@ -15,7 +15,8 @@ from splitserve_common.errors import InvalidArgument
 from splitserve_pb import generation_pb2
 
 GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                   "repetition_penalty", "seed", "presence_penalty", "frequency_penalty")
+                   "repetition_penalty", "seed", "presence_penalty", "frequency_penalty", "num_beams",
+                   "num_return_sequences", "length_penalty", "no_repeat_ngram_size", "early_stopping")
 _FALLBACKS = {"max_new_tokens": ("max_tokens",)}
 
 
@@ -44,9 +45,14 @@ class GenerationParams:
 
 def _typed(key: str, value):
     try:
-        if key in ("do_sample",):
+        if key == "do_sample":
             return bool(value)
-        if key in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if key == "early_stopping":  # transformers' third value, "never", is not supported
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if key in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                   "length_penalty"):
             return float(value)
         return int(value)
     except (TypeError, ValueError):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from preproc_service.generation.detokenizer import IncrementalDetokenizer
 from preproc_service.generation.text_filters import StopMatcher
+from splitserve_common import request_log
 from splitserve_common.errors import Unavailable, peer_errors
 from splitserve_pb import generation_pb2 as gpb
 from splitserve_pb import generation_pb2_grpc
@@ -38,7 +39,7 @@ async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, cont
                           timeout: float | None = None, address: str = "model service"):
     detok = IncrementalDetokenizer(tokenizer, context_ids)
     matcher = StopMatcher(stops)
-    model_stream = stub.Generate(request, timeout=timeout)
+    model_stream = stub.Generate(request, timeout=timeout, metadata=request_log.outgoing_metadata())
     generated = 0
     try:
         with peer_errors(address, "finish generating"):

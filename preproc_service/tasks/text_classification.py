@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from preproc_service.deployment import Deployment, RequestScope
-from preproc_service.tasks.common import check_top_k, require_texts, softmax
+from preproc_service.tasks.common import require_texts, softmax
 from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import InvalidArgument
 
@@ -30,11 +30,25 @@ def pair_inputs(texts: list[str], text_pairs: list[str]) -> list:
     return list(zip(texts, text_pairs, strict=True)) if text_pairs else list(texts)
 
 
+def every_label(explicit: dict, params: dict) -> None:
+    """all_labels is the pipeline's explicit top_k=None: every label, sorted. Beside a top_k of the
+    same request it is refused; a top_k from the saved defaults gives way to it."""
+    if not params.get("all_labels"):
+        params.pop("all_labels", None)  # all_labels=false asks for nothing beyond top_k
+        return
+    if "top_k" in explicit:
+        raise InvalidArgument(f"top_k={explicit['top_k']} and all_labels both given: all_labels asks for every "
+                              "label; send one of them")
+    params["top_k"] = None
+
+
 def sanitize_parameters(dep: Deployment, params: dict) -> dict:
     function = params.get("function_to_apply")
     if function is not None and str(function).lower() not in FUNCTIONS:
         raise InvalidArgument(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}")
-    check_top_k(params.get("top_k"))
+    top_k = params.get("top_k")
+    if top_k is not None and top_k <= 0:
+        raise InvalidArgument(f"top_k must be >= 1 (all_labels asks for every label), got {top_k}")
     info = dep.require_info()
     function = str(function).lower() if function else default_function(info.problem_type, info.num_labels)
     return {"function_to_apply": function}
@@ -52,11 +66,13 @@ async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, para
 
 def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list:
     return label_scores(model_outputs["logits"], dep.require_info().id2label, params["function_to_apply"],
-                        params.get("top_k"))
+                        params.get("top_k"), bool(params.get("all_labels")))
 
 
-def label_scores(logits: np.ndarray, id2label: dict[int, str], function_to_apply: str, top_k: int | None) -> list:
-    """One list of {label, score} per row, best first; top_k None: best label only."""
+def label_scores(logits: np.ndarray, id2label: dict[int, str], function_to_apply: str, top_k: int | None,
+                 all_labels: bool = False) -> list:
+    """One list of {label, score} per row, best first: top_k of them, the best only when top_k is
+    None, every label with all_labels."""
     logits = logits.astype(np.float32)
     if function_to_apply == "sigmoid":
         scores = 1.0 / (1.0 + np.exp(-logits))
@@ -66,6 +82,6 @@ def label_scores(logits: np.ndarray, id2label: dict[int, str], function_to_apply
         scores = logits
     results = []
     for row in scores:
-        order = np.argsort(-row, kind="stable")[: (top_k or 1)]
+        order = np.argsort(-row, kind="stable")[: None if all_labels else (top_k or 1)]
         results.append([{"label": id2label.get(int(i), f"LABEL_{int(i)}"), "score": float(row[i])} for i in order])
     return results
