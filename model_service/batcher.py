@@ -184,8 +184,13 @@ class Batcher:
         """Rows for the next forward: the length group (see plan_groups) holding the oldest waiting row."""
         if not self._rows:
             return []
-        pool = sorted(self._rows[: 4 * self.max_batch_size], key=lambda r: r.length)
         oldest = self._rows[0]
+        if oldest.pending.job.exact_length:  # audio clips: only clips of the same length share a forward
+            window = [r for r in self._rows if r.length == oldest.length][: self.max_batch_size]
+            taken = {id(r) for r in window}
+            self._rows = [r for r in self._rows if id(r) not in taken]
+            return window
+        pool = sorted(self._rows[: 4 * self.max_batch_size], key=lambda r: r.length)
         for start, end in plan_groups([r.length for r in pool], self.max_batch_size, self.token_budget,
                                       self.overhead_tokens):
             window = pool[start:end]
@@ -235,34 +240,19 @@ class Batcher:
             return [], list(stale.values()), 0
         for row in {id(r.pending): r for r in batch}.values():  # arrival -> forward start, per request
             metrics.observe_stage("queue", now - row.arrived)
-        device = self.engine.device
-        length = max(r.length for r in batch)
-        pad = self.info.loaded.pad_token_id
-        ids = np.full((len(batch), length), pad, dtype=np.int64)
-        mask = np.zeros((len(batch), length), dtype=np.int64)
-        any_types = any(r.pending.job.type_rows is not None for r in batch)
-        types = np.zeros((len(batch), length), dtype=np.int64) if any_types else None
-        for i, row in enumerate(batch):
-            job = row.pending.job
-            n = row.length
-            ids[i, :n] = job.rows[row.index]
-            mask[i, :n] = 1
-            if types is not None and job.type_rows is not None:
-                types[i, :n] = job.type_rows[row.index]
-        inputs = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
-        if types is not None:
-            inputs["token_type_ids"] = torch.from_numpy(types).to(device)
+        inputs, mask = self._pad(batch)
         needs_hidden = any(r.pending.needs_hidden for r in batch)
         adapters = [r.pending.job.adapter for r in batch]
         started = time.perf_counter()
         outputs = self.engine.forward(inputs, adapters=adapters, hidden_states=needs_hidden)
         metrics.observe_stage("forward", time.perf_counter() - started)
 
+        length = max(r.length for r in batch)
         if _is_whole_request(batch, length):  # one request, as sent: its outputs need no cutting and restacking
             p = batch[0].pending
             p.batch_size = len(batch)
             try:
-                outcome = Result(shape_outputs(p.job, outputs, inputs["attention_mask"]), len(batch))
+                outcome = Result(shape_outputs(p.job, outputs, mask), len(batch))
             except InvalidArgument as exc:
                 outcome = exc
             return [(p, outcome)], list(stale.values()), len(batch)
@@ -270,8 +260,10 @@ class Batcher:
         finished = []
         for i, row in enumerate(batch):
             p = row.pending
+            cut = not p.job.exact_length
             p.row_outputs[row.index] = {
-                name: (t[i, : row.length] if shaping.has_sequence_axis(name, t.ndim) else t[i])
+                name: (t[i, : row.length] if cut and shaping.has_sequence_axis(name, t.ndim, p.job.per_token)
+                       else t[i])
                 for name, t in outputs.items()
             }
             p.batch_size = max(p.batch_size, len(batch))
@@ -283,6 +275,33 @@ class Batcher:
                     finished.append((p, exc))
                 p.row_outputs = []
         return finished, list(stale.values()), len(batch)
+
+    def _pad(self, batch: list[_Row]) -> tuple[dict, torch.Tensor]:
+        """The batch's rows right-padded into model inputs on the device (main input, mask, token types),
+        and the attention mask on the CPU."""
+        device = self.engine.device
+        job = batch[0].pending.job
+        length = max(r.length for r in batch)
+        first = job.rows[batch[0].index]
+        pad = 0 if job.exact_length else self.info.loaded.pad_token_id
+        main = np.full((len(batch), length, *first.shape[1:]), pad, dtype=first.dtype)
+        mask = np.zeros((len(batch), length), dtype=np.int64)
+        type_rows = [r.pending.job.type_rows for r in batch]
+        type_shape = next((t[0].shape[1:] for t in type_rows if t is not None), None)
+        types = None if type_shape is None else np.zeros((len(batch), length, *type_shape), dtype=np.int64)
+        for i, row in enumerate(batch):
+            n = row.length
+            main[i, :n] = row.pending.job.rows[row.index]
+            mask[i, :n] = 1
+            if types is not None and type_rows[i] is not None:
+                types[i, :n] = type_rows[i][row.index]
+        mask_tensor = torch.from_numpy(mask)
+        inputs = {job.main_input: torch.from_numpy(main).to(device)}
+        if any(r.pending.job.with_mask for r in batch):
+            inputs["attention_mask"] = mask_tensor.to(device)
+        if types is not None:
+            inputs["token_type_ids"] = torch.from_numpy(types).to(device)
+        return inputs, mask_tensor
 
 
 def _is_stale(pending: _Pending, now: float) -> bool:
@@ -332,7 +351,7 @@ def assemble(job: InferJob, row_outputs: list[dict]) -> dict:
     stacked: dict = {}
     for source in {spec.source for spec in job.outputs}:
         first = row_outputs[0][source]
-        if shaping.has_sequence_axis(source, first.ndim + 1):
+        if not job.exact_length and shaping.has_sequence_axis(source, first.ndim + 1, job.per_token):
             full = first.new_zeros((job.batch, job.padded_length, *first.shape[1:]))
             for i, row in enumerate(row_outputs):
                 full[i, : lengths[i]] = row[source]
@@ -348,7 +367,7 @@ def shape_outputs(job: InferJob, outputs: dict, mask: torch.Tensor) -> dict:
     stacked: dict = {}
     for source in {spec.source for spec in job.outputs}:
         tensor = outputs[source]
-        if padded and shaping.has_sequence_axis(source, tensor.ndim):
+        if padded and shaping.has_sequence_axis(source, tensor.ndim, job.per_token):
             tensor = tensor.masked_fill((mask == 0).view(*mask.shape, *[1] * (tensor.ndim - 2)), 0)
         stacked[source] = tensor
     return _shape_all(job, stacked, mask)
@@ -357,6 +376,6 @@ def shape_outputs(job: InferJob, outputs: dict, mask: torch.Tensor) -> dict:
 def _shape_all(job: InferJob, stacked: dict, mask: torch.Tensor) -> dict:
     result: dict = {}
     for spec in job.outputs:
-        result.update(shaping.shape(spec, stacked[spec.source], mask))
+        result.update(shaping.shape(spec, stacked[spec.source], mask, job.per_token))
     return result
 

@@ -31,6 +31,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TASK_OF_ARCHITECTURE_SUFFIX = [
     ("ForSequenceClassification", "text-classification"),
     ("ForTokenClassification", "token-classification"),
+    ("ForCTC", "automatic-speech-recognition"),
+    ("ForAudioClassification", "audio-classification"),
     ("ForMaskedLM", "fill-mask"),
     ("ForQuestionAnswering", "question-answering"),
     ("ForCausalLM", "text-generation"),
@@ -164,7 +166,7 @@ def resolve_model_class(flavor: dict, task: str, config, trust_remote_code: bool
     task_spec = tasks.spec(task)
     name = flavor.get("pipeline_model_type")
     if not name:
-        if task_spec is None:
+        if task_spec is None or not task_spec.auto_class:
             archs = getattr(config, "architectures", None) or []
             if not archs:
                 raise LoadError(f"no model class for task {task!r}: the config names no architecture")
@@ -174,7 +176,7 @@ def resolve_model_class(flavor: dict, task: str, config, trust_remote_code: bool
     cls = getattr(transformers, name, None)
     if cls is None:
         if trust_remote_code:
-            return getattr(transformers, task_spec.auto_class if task_spec else "AutoModel")
+            return getattr(transformers, task_spec.auto_class if task_spec and task_spec.auto_class else "AutoModel")
         raise LoadError(f"model class {name!r} is not part of transformers; running the model's own code "
                         "is refused unless --trust-remote-code")
     return cls

@@ -60,7 +60,8 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     args = runtime.args
     loaded = await asyncio.to_thread(loader.load, load_options(args))
     engine = Engine(loaded, torch_threads=args.torch_threads)
-    info = await engine.run(discover, engine, served_name(args), args.max_batch_size)  # the warm-up forward
+    info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
+                            args.max_input_values)
     batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
                       token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
                       overhead_tokens=args.batch_overhead_tokens)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from preproc_service.deployment import Deployment
+from preproc_service.audio import AudioSettings
+from preproc_service.deployment import Deployment, TableLimits
 from preproc_service.generation import GenerationHandlers
 from preproc_service.handshake import disagreements
 from preproc_service.http.app import build_front
@@ -30,18 +31,34 @@ SERVICE_NAME = preproc_pb2.DESCRIPTOR.services_by_name["Preproc"].full_name
 
 
 def load_tokenizer(path):
-    """The fast tokenizer from the directory's tokenizer files (transformers without torch)."""
+    """The tokenizer from the directory's tokenizer files (transformers without torch); None without any."""
+    if path is None:
+        return None
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def load_feature_extractor(path):
+    """An audio model's feature extractor (numpy implementations); None without one."""
+    if path is None:
+        return None
+    from transformers import AutoFeatureExtractor
+
+    return AutoFeatureExtractor.from_pretrained(str(path), local_files_only=True)
+
+
 def build_deployment(args) -> Deployment:
     model_dir = read_model_dir(args.model_dir)
     tokenizer = load_tokenizer(model_dir.tokenizer_path)
+    feature_extractor = load_feature_extractor(model_dir.feature_extractor_path)
     model = ModelClient(args.model_service, args.model_name, args.max_in_flight, args.model_timeout,
                         args.max_message_mb, security=ChannelSecurity.from_args(args, "model-service"))
-    return Deployment(model_dir, tokenizer, model, task_override=args.task, tokenize_batch=args.tokenize_batch)
+    audio = AudioSettings(root=args.audio_root, max_seconds=args.max_audio_seconds,
+                          max_bytes=args.max_message_mb * 1024 * 1024)
+    return Deployment(model_dir, tokenizer, model, task_override=args.task, tokenize_batch=args.tokenize_batch,
+                      feature_extractor=feature_extractor, audio=audio,
+                      table_limits=TableLimits(args.max_table_cells, args.max_table_queries))
 
 
 async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: float, recheck_seconds: float) -> None:

@@ -14,11 +14,18 @@ import grpc
 import numpy as np
 
 from preproc_service import tasks as task_handlers
+from preproc_service.audio import AudioInput
 from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.generation import GenerationHandlers
 from preproc_service.precedence import as_json, explicit_fields
 from preproc_service.served_models import resolve_model
-from preproc_service.tasks import feature_extraction, text_classification
+from preproc_service.tasks import (
+    audio_classification,
+    feature_extraction,
+    speech_recognition,
+    table_question_answering,
+    text_classification,
+)
 from preproc_service.tokenization import EncodeOptions
 from splitserve_common import tasks
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, grpc_errors, status_of
@@ -143,6 +150,59 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         return pb.EmbedResponse(embeddings=[to_preproc_tensor(v) for v in vectors], prompt_tokens=prompt_tokens,
                                 meta=self._meta(scope, applied, started))
 
+    async def _classify_audio(self, request: pb.ClassifyAudioRequest, context) -> pb.ClassifyAudioResponse:
+        started = time.perf_counter()
+        scope = self._begin("ClassifyAudio", context, request.adapter)
+        params = self._params("audio-classification", explicit_fields(request, ["top_k", "function_to_apply"]))
+        results = await audio_classification.run(self.dep, scope, _audio_inputs(request.inputs), params)
+        return pb.ClassifyAudioResponse(
+            results=[pb.LabelScores(labels=[pb.LabelScore(**r) for r in row]) for row in results],
+            meta=self._meta(scope, params, started))
+
+    def _transcribe_params(self, request: pb.TranscribeRequest) -> dict:
+        explicit = explicit_fields(request, ["chunk_length_s", "return_timestamps"])
+        if request.stride_length_s:
+            explicit["stride_length_s"] = list(request.stride_length_s)
+        return self._params("automatic-speech-recognition", explicit)
+
+    @grpc_errors
+    async def AnswerTableQuestion(self, request: pb.TableQuestionRequest, context):
+        started = time.perf_counter()
+        scope = self._begin("AnswerTableQuestion", context, request.adapter)
+        params = self._params("table-question-answering", explicit_fields(request, ["sequential", "truncation"]))
+        items = [(item.table, list(item.queries)) for item in request.inputs]
+        results = await table_question_answering.run(self.dep, scope, items, params, self.dep.table_limits)
+        return pb.TableQuestionResponse(results=[pb.TableAnswers(answers=[_table_answer(a) for a in answers])
+                                                 for answers in results],
+                                        meta=self._meta(scope, params, started))
+
+    @grpc_errors
+    async def ClassifyAudio(self, request, context):
+        return await self._classify_audio(request, context)
+
+    @grpc_errors
+    async def Transcribe(self, request: pb.TranscribeRequest, context):
+        started = time.perf_counter()
+        scope = self._begin("Transcribe", context, request.adapter)
+        params = self._transcribe_params(request)
+        results = await speech_recognition.run(self.dep, scope, _audio_inputs(request.inputs), params)
+        return pb.TranscribeResponse(results=[_transcription(r) for r in results],
+                                     meta=self._meta(scope, params, started))
+
+    @grpc_errors
+    async def TranscribeStream(self, request: pb.TranscribeRequest, context):
+        started = time.perf_counter()
+        scope = self._begin("TranscribeStream", context, request.adapter)
+        if len(request.inputs) != 1:
+            raise InvalidArgument(f"TranscribeStream takes exactly one audio input, got {len(request.inputs)}")
+        params = self._transcribe_params(request)
+        async for piece in speech_recognition.transcribe_stream(self.dep, scope, _audio_inputs(request.inputs)[0],
+                                                                params):
+            if isinstance(piece, str):
+                yield pb.TranscribeChunk(text=piece)
+            else:
+                yield pb.TranscribeChunk(result=_transcription(piece), meta=self._meta(scope, params, started))
+
     @grpc_errors
     async def Classify(self, request, context):
         return await self._classify(request, context)
@@ -220,6 +280,9 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
 
     @grpc_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context):
+        if self.dep.tokenization is None:
+            raise FailedPrecondition("Tokenize needs a fast (tokenizers-backed) tokenizer; this model has "
+                                     + ("a slow one" if self.dep.tokenizer is not None else "none"))
         if request.HasField("max_length") and request.max_length <= 0:
             raise InvalidArgument(f"max_length must be >= 1, got {request.max_length}")
         truncation = request.truncation if request.HasField("truncation") else False
@@ -234,6 +297,8 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     @grpc_errors
     async def Detokenize(self, request: pb.DetokenizeRequest, context):
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        if self.dep.tokenizer is None:
+            raise FailedPrecondition("this model has no tokenizer")
         vocab = len(self.dep.tokenizer)
         sequences = []
         for i, seq in enumerate(request.sequences):
@@ -248,12 +313,14 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     async def Info(self, request, context):
         dep, info = self.dep, self.dep.info
         tokenizer = dep.tokenizer
-        specials = {name: str(value) for name, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
+        specials = {name: str(value) for name, value in getattr(tokenizer, "special_tokens_map", {}).items()
+                    if isinstance(value, str)}
         return pb.InfoResponse(
             task=dep.task, inference_task=dep.model_dir.inference_task or (info.inference_task if info else ""),
             model_name=dep.model_name, model_type=info.model_type if info else "",
-            labels=info.labels if info else [], max_length=dep.max_length, vocab_size=len(tokenizer),
-            tokenizer_class=type(tokenizer).__name__, special_tokens=specials,
+            labels=info.labels if info else [], max_length=dep.max_length,
+            vocab_size=len(tokenizer) if tokenizer is not None else 0,
+            tokenizer_class=type(tokenizer).__name__ if tokenizer is not None else "", special_tokens=specials,
             has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
             adapters=info.adapters if info else [], default_parameters=as_json(self._default_parameters()),
             model_service=dep.model.address)
@@ -292,6 +359,37 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         scope = self._begin("CompleteStream", context, request.adapter)
         async for chunk in self.generation.complete_stream(request, scope):
             yield chunk
+
+
+def _audio_inputs(inputs) -> list[AudioInput]:
+    items = []
+    for i, audio in enumerate(inputs):
+        kind = audio.WhichOneof("source")
+        if kind == "samples":
+            raw = audio.samples.float32
+            if len(raw) % 4:
+                raise InvalidArgument(f"audio {i}: samples.float32 holds {len(raw)} bytes, not a whole number of "
+                                      "float32 values")
+            items.append(AudioInput(samples=np.frombuffer(raw, dtype="<f4"),
+                                    sampling_rate=audio.samples.sampling_rate))
+        elif kind == "data":
+            items.append(AudioInput(data=audio.data))
+        elif kind == "location":
+            items.append(AudioInput(location=audio.location))
+        else:
+            raise InvalidArgument(f"audio {i} is empty: set data, samples or location")
+    return items
+
+
+def _table_answer(answer: dict) -> pb.TableAnswer:
+    return pb.TableAnswer(answer=answer["answer"], cells=answer["cells"], aggregator=answer.get("aggregator", ""),
+                          coordinates=[pb.CellCoordinate(row=int(r), column=int(c)) for r, c in answer["coordinates"]])
+
+
+def _transcription(result: dict) -> pb.Transcription:
+    return pb.Transcription(text=result["text"], chunks=[
+        pb.TimedText(text=c["text"], start=float(c["timestamp"][0]), end=float(c["timestamp"][1]))
+        for c in result.get("chunks", [])])
 
 
 def _entity(e: dict) -> pb.Entity:

@@ -24,7 +24,7 @@ _GENERATION_DEFAULTS = {"return_full_text": True, "include_prompt": None, "colla
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    auto_class: str                      # transformers auto class for this task's head
+    auto_class: str                      # transformers auto class of its head ("": the config's architecture says)
     aliases: tuple[str, ...] = ()
     default_outputs: tuple[str, ...] = ()
     pipeline_defaults: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
@@ -73,6 +73,15 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in [
     _seq2seq("text2text-generation"),
     _seq2seq("summarization"),
     _seq2seq("translation"),  # also translation_xx_to_yy
+    _spec("audio-classification", "AutoModelForAudioClassification", default_outputs=("logits",),
+          rpcs=("ClassifyAudio",), handler="audio_classification", defaults={"top_k": None, "function_to_apply": None}),
+    # CTC or encoder-decoder: MLmodel's pipeline_model_type or the config's architecture says which.
+    _spec("automatic-speech-recognition", "", default_outputs=("logits",), rpcs=("Transcribe", "TranscribeStream"),
+          handler="speech_recognition",
+          defaults={"chunk_length_s": 0, "stride_length_s": None, "return_timestamps": None}),
+    _spec("table-question-answering", "AutoModelForTableQuestionAnswering",
+          default_outputs=("logits", "logits_aggregation"), rpcs=("AnswerTableQuestion",),
+          handler="table_question_answering", defaults={"sequential": False, "truncation": "drop_rows_to_fit"}),
 ]}
 
 _ALIASES = {alias: spec.name for spec in TASKS.values() for alias in spec.aliases}
@@ -92,4 +101,5 @@ def spec(task: str | None) -> TaskSpec | None:
 def same_model(a: str, b: str) -> bool:
     """Both tasks are served by the same model head (e.g. zero-shot runs on a sequence classifier)."""
     sa, sb = spec(a), spec(b)
-    return canonical(a) == canonical(b) or (sa is not None and sb is not None and sa.auto_class == sb.auto_class)
+    return canonical(a) == canonical(b) or (sa is not None and sb is not None and bool(sa.auto_class)
+                                            and sa.auto_class == sb.auto_class)

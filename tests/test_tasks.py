@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from preproc_service import tasks as task_handlers
 from preproc_service.servicer import TASKS_OF_RPC
 from splitserve_common import tasks
@@ -26,7 +28,10 @@ def test_tasks_on_the_same_head_agree():
 
 def test_every_handler_exists_and_every_encoder_rpc_is_served():
     for spec in tasks.TASKS.values():
-        assert spec.handler in ("", "generation") or task_handlers.HANDLERS[spec.name].__name__.endswith(spec.handler)
+        module = f"preproc_service.{spec.handler}" if spec.generates else f"preproc_service.tasks.{spec.handler}"
+        assert spec.handler == "" or importlib.util.find_spec(module) is not None, module
+        if spec.name in task_handlers.HANDLERS:
+            assert task_handlers.HANDLERS[spec.name].__name__ == module
         assert spec.generates == (spec.handler == "generation")
     served_rpcs = set(TASKS_OF_RPC)
     preproc_rpcs = set(preproc_pb2.DESCRIPTOR.services_by_name["Preproc"].methods_by_name)

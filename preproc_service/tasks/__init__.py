@@ -6,7 +6,9 @@
     postprocess(dep, model_inputs, model_outputs, params) -> results
 
 `run` drives the four in that order and times the stages. Which module serves which task is
-the task registry's `handler` (splitserve_common/tasks.py).
+the task registry's `handler` (splitserve_common/tasks.py). audio_classification,
+speech_recognition and table_question_answering (newer) still have a `run` of their own that the
+servicer calls directly; they are not in HANDLERS yet.
 """
 
 from __future__ import annotations
