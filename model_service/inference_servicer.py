@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from model_service import requests
-from model_service.model_info import metadata
+from model_service.served_model import metadata
 from splitserve_common import v2_codec
 from splitserve_common.errors import grpc_errors, status_of
 from splitserve_common.streams import ordered_stream

@@ -18,7 +18,9 @@ from splitserve_common.v2_codec import ModelMetadata, TensorSpec
 
 
 @dataclass
-class ModelInfo:
+class ServedModel:
+    """The model as this service serves it: its name, the loaded weights, the output catalog and limits.
+    `metadata()` turns it into the published contract (splitserve_common.v2_codec.ModelMetadata)."""
     name: str
     loaded: LoadedModel
     max_batch_size: int
@@ -59,10 +61,10 @@ def warmup_inputs(loaded: LoadedModel, length: int = 8) -> dict[str, torch.Tenso
     return {"input_ids": ids.to(loaded.device), "attention_mask": torch.ones_like(ids).to(loaded.device)}
 
 
-def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) -> ModelInfo:
+def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) -> ServedModel:
     """Run the warm-up forward (worker thread) and record what the model returns."""
     loaded = engine.loaded
-    info = ModelInfo(name=name, loaded=loaded, max_batch_size=max_batch_size,
+    info = ServedModel(name=name, loaded=loaded, max_batch_size=max_batch_size,
                      adapter_names=lambda: engine.adapters.names(),
                      default_adapter=lambda: getattr(engine.adapters, "default", ""),
                      input_specs=input_specs(loaded), max_input_values=max_input_values)
@@ -86,7 +88,7 @@ def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) 
     return info
 
 
-def metadata(info: ModelInfo) -> ModelMetadata:
+def metadata(info: ServedModel) -> ModelMetadata:
     """The served model as the metadata contract (splitserve_common.v2_codec.ModelMetadata)."""
     loaded, config = info.loaded, info.loaded.config
     ids = loaded.special_ids
