@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from model_service.adapters_servicer import ADAPTER_OPTIONS
@@ -49,16 +48,13 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     from model_service.server import serve
 
     args = parse_args(argv)
     serving.configure_logging(args.log_level)
-    try:
-        asyncio.run(serve(args))
-    except KeyboardInterrupt:
-        pass
+    return serving.run_service("model-service", serve(args))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from splitserve_common.channels import client_options
-from splitserve_common.serving import SERVER_OPTIONS
+from splitserve_common.serving import SERVER_OPTIONS, run_service
 from splitserve_common.settings import Option, parse
 
 ENV_PREFIX = "PREPROC_"
@@ -42,5 +41,4 @@ def main(argv=None) -> int:
     hide_torch()
     from preproc_service.server import serve
 
-    asyncio.run(serve(args))
-    return 0
+    return run_service("preproc-service", serve(args))

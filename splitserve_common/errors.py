@@ -16,6 +16,14 @@ import grpc
 log = logging.getLogger(__name__)
 
 
+class ConfigurationError(Exception):
+    """A setting the service cannot start with (busy port, unreadable file, bad flag value).
+
+    Raised by library code at start-up; only the command-line entry points turn it into a
+    message on stderr and a non-zero exit (serving.run_service).
+    """
+
+
 class ServiceError(Exception):
     code = grpc.StatusCode.INTERNAL
 
