@@ -117,6 +117,10 @@ class Batcher:
             self.stats.rejected_full += 1
             raise ResourceExhausted(f"queue full: {len(self._rows)} rows waiting (limit {self.max_queue_rows}, "
                                     "--max-queue-rows); retry later")
+        longest = max(len(row) for row in job.rows)
+        if longest > self.token_budget:  # it could never be computed
+            raise InvalidArgument(f"a row of {longest} tokens is over the {self.token_budget} padded tokens of "
+                                  "one forward pass (--token-budget)")
         self.engine.adapters.check(job.adapter)
         future = asyncio.get_running_loop().create_future()
         needs_hidden = any(s.source not in self.info.native_outputs for s in job.outputs)

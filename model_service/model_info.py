@@ -40,6 +40,7 @@ class ModelInfo:
     native_outputs: set[str] = field(default_factory=set)  # returned without output_hidden_states
     default_outputs: list[str] = field(default_factory=list)
     versions: tuple[str, ...] = ("1",)
+    max_message_bytes: int = 0  # the largest answer that can be sent (--max-message-mb); 0 = no limit
     adapter_names: callable = list  # () -> list of loaded adapter names (engine.adapters.names)
     default_adapter: callable = str  # () -> adapter of requests that name none ("" = base)
 

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_service.shaping import OutputSpec, parse_specs
+from model_service.shaping import OutputSpec, answer_bytes, parse_specs
 from splitserve_common import tensors
-from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from splitserve_common.params import to_dict, typed
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+MiB = 1024 * 1024
+# Room in the answer message for what is not tensor data (names, shapes, parameters).
+ANSWER_OVERHEAD_BYTES = 64 * 1024
 INTEGER_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 
 
@@ -89,6 +92,17 @@ def row_lengths(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     return lengths
 
 
+def check_answer_size(specs, info, batch: int, length: int) -> None:
+    """Refuse, before any compute, an answer that could not be sent (over the message limit)."""
+    size = answer_bytes(specs, info.outputs, batch, length)
+    limit = info.max_message_bytes
+    if limit and size + ANSWER_OVERHEAD_BYTES > limit:
+        raise ResourceExhausted(
+            f"the answer would hold {size} bytes of outputs, over the {limit // MiB} MiB message limit "
+            "(--max-message-mb): send fewer rows or shorter ones, or shrink the outputs (top_k, gather_positions, "
+            "pooling, datatype FP16)")
+
+
 def parse(request, info) -> InferJob:
     """Validate `request` against the served model `info` (model_service.model_info.ModelInfo)."""
     check_model_name(info, request.model_name, request.model_version)
@@ -116,6 +130,7 @@ def parse(request, info) -> InferJob:
         if type_ids.min() < 0 or type_ids.max() >= limit:
             raise InvalidArgument(f"token_type_ids must be in [0, {limit})")
     specs = parse_specs(request, info.output_names, info.default_outputs, info.loaded.pooling.as_dict(), length)
+    check_answer_size(specs, info, batch, length)
     adapter = typed(to_dict(request.parameters), "adapter", str, "")
     return InferJob(
         request_id=request.id,

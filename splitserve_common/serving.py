@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from splitserve_common import metrics, security
+from splitserve_common.decoding import DecodeErrorInterceptor
 from splitserve_common.drain import DrainGate
 from splitserve_common.errors import ConfigurationError
 from splitserve_common.settings import Option
@@ -43,11 +44,13 @@ def create_server(args, interceptors=()) -> grpc.aio.Server:
     `args` carries the SERVER_OPTIONS values (and `metrics_port` when the service
     has it). Every call is counted by the metrics interceptor (outermost, so refused
     calls are counted too), then checked for the bearer token when one is set, then
-    passes the drain gate (wait_for_termination closes it); the /metrics HTTP
+    passes the drain gate (wait_for_termination closes it); innermost, a request that
+    does not parse is answered INVALID_ARGUMENT (decoding.py). The /metrics HTTP
     endpoint starts here.
     """
     gate = DrainGate()
-    chain = [metrics.MetricsInterceptor(), *security.server_interceptors(args), gate, *interceptors]
+    chain = [metrics.MetricsInterceptor(), *security.server_interceptors(args), gate, *interceptors,
+             DecodeErrorInterceptor()]
     metrics.start_metrics_server(getattr(args, "metrics_port", 0), getattr(args, "host", "0.0.0.0"))
     server = grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=chain)
     _drain_gates[id(server)] = gate
@@ -158,10 +161,13 @@ class HealthReporter:
         self.names = ["", *service_names]
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
-    async def set(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    async def set(self, serving: bool, not_serving: Iterable[str] = ()) -> None:
+        """Every service SERVING (or not); the services named in `not_serving` NOT_SERVING whatever `serving`."""
+        left_out = set(not_serving)
         for name in self.names:
-            await self.servicer.set(name, status)
+            up = serving and name not in left_out
+            await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if up
+                                    else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def drain(self) -> None:
         """NOT_SERVING for good: later `set` calls are ignored and Watch streams end."""

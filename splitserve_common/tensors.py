@@ -32,6 +32,9 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 _V2_OF_NUMPY = {dt.str: name for name, dt in NUMPY_DTYPES.items() if name != "BF16"}
 _V2_OF_NUMPY[np.dtype(np.bool_).str] = "BOOL"
 
+# Largest byte count numpy allows an array's shape to describe.
+_MAX_BYTES = np.iinfo(np.intp).max
+
 # Which typed `contents` field carries each datatype.
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -72,6 +75,10 @@ def decode(name: str, datatype: str, shape, raw: bytes | None = None, contents=N
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"tensor '{name}' has a negative dimension in shape {list(shape)}")
     count = math.prod(shape)
+    # numpy refuses a shape whose nonzero dimensions alone overflow its byte count, even with
+    # a 0 among them ("array is too big").
+    if math.prod(d for d in shape if d) * dtype.itemsize > _MAX_BYTES:
+        raise InvalidArgument(f"tensor '{name}': shape {list(shape)} is too large")
     if raw is not None:
         expected = count * dtype.itemsize
         if len(raw) != expected:
@@ -88,7 +95,19 @@ def decode(name: str, datatype: str, shape, raw: bytes | None = None, contents=N
         raise InvalidArgument(
             f"tensor '{name}': {len(values)} values in {field} do not match shape {list(shape)} ({count} values)"
         )
-    return np.asarray(values, dtype=dtype).reshape(shape)
+    return _typed_values(name, datatype, dtype, values).reshape(shape)
+
+
+def _typed_values(name: str, datatype: str, dtype: np.dtype, values) -> np.ndarray:
+    """Typed `contents` as `dtype`; INVALID_ARGUMENT when a value does not fit the datatype
+    (the contents fields are wider than INT8/INT16/UINT8/UINT16)."""
+    if dtype.kind not in "iu":
+        return np.asarray(values, dtype=dtype)
+    wide = np.asarray(values, dtype=np.uint64 if dtype.kind == "u" else np.int64)
+    limits = np.iinfo(dtype)
+    if wide.size and (wide.min() < limits.min or wide.max() > limits.max):
+        raise InvalidArgument(f"tensor '{name}': {datatype} values must be in [{limits.min}, {limits.max}]")
+    return wide.astype(dtype)
 
 
 def to_raw(array: np.ndarray) -> tuple[str, list[int], bytes]:

@@ -71,7 +71,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             log.warning("encoder-decoder model without decoder_start_token_id: generation is off")
             self.can_generate = False
         if not self.can_generate:
-            return  # Generate answers FAILED_PRECONDITION; the tensor API serves the model
+            # Generate answers FAILED_PRECONDITION and health says NOT_SERVING for this service;
+            # the tensor API serves the model.
+            runtime.not_serving.add(SERVICE_NAME)
+            return
         self.gm = GenerationModel(loaded.model, loaded.pad_token_id,
                                   loaded.special_ids.get("decoder_start_token_id"))
         self.vocab_size = loaded.vocab_size
