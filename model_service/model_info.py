@@ -69,7 +69,7 @@ def discover(engine, name: str, max_batch_size: int) -> ModelInfo:
     loaded = engine.loaded
     info = ModelInfo(name=name, loaded=loaded, max_batch_size=max_batch_size,
                      adapter_names=lambda: engine.adapters.names(),
-                     default_adapter=lambda: getattr(engine.adapters, "default", ""))
+                     default_adapter=lambda: engine.adapters.default)
     if loaded.config.is_encoder_decoder:
         # Seq2seq models are served by generation; ModelInfer has no outputs for them.
         return info

@@ -73,7 +73,7 @@ async def load_runtime(runtime: Runtime) -> None:
     runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
     for callback in runtime.on_ready:
         await callback(runtime)
-    if loaded.peft_dir and loaded.peft_dir not in {i.source for i in getattr(engine.adapters, "list", list)()}:
+    if loaded.peft_dir and loaded.peft_dir not in {i.source for i in engine.adapters.list()}:
         # Never serve the base silently in place of the fine-tuned model the directory holds.
         raise LoadError(f"{loaded.peft_dir} is not loaded (the adapters plug-in is missing); "
                         "pass --merge-peft to fold it into the weights")
