@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: setup demo test protos lint bench
+.PHONY: setup demo test test-fast protos lint bench docker-smoke
 
 setup:
 	bash scripts/setup.sh
@@ -13,8 +13,17 @@ test: setup
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -q tests
 
+# The unit tier while developing: no servers, no processes, no soak tests; well under a minute.
+test-fast:
+	.venv/bin/python -m pytest -q -m "not server and not slow" tests
+
 protos:
 	.venv/bin/python scripts/gen_protos.py
 
 lint:
 	.venv/bin/ruff check .
+
+# Build both images from the Dockerfiles and run the compose stack as containers (docs/operations.md);
+# prints `SKIP docker smoke: ...` and succeeds when no Docker engine can run here.
+docker-smoke: setup
+	.venv/bin/python scripts/docker_smoke.py

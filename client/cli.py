@@ -5,85 +5,69 @@
     splitserve predict --context "Alice lives in Paris." "Where does Alice live?"
     echo "one text per line" | splitserve embed
     splitserve tokenize "hello world"; splitserve info
+    splitserve generate "Once upon a time"; splitserve chat "Hi"   # client/generation_cli.py
 
-Texts come from the arguments, else one per line from stdin. More subcommands plug in with
-`command(name, help)` (a decorator over `configure(parser)` returning `run(client, args)`) in a
-module listed in PLUGIN_MODULES.
+Texts come from the arguments, else one per line from stdin. One JSON line per input on stdout
+(`--format`), errors as one JSON line on stderr (client/cli_common.py). Each subcommand is a
+`configure(parser)` that adds its arguments and returns its `run(client, args)`; COMMANDS lists them.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib
-import json
-import os
-import sys
-from collections.abc import Callable
 
-import grpc
-import numpy as np
-
+from client import generation_cli
+from client.cli_common import UsageError, add_common_flags, entry, read_texts
 from client.preproc_client import PreprocClient, _channel_options
-from splitserve_common.channels import ChannelSecurity, sync_channel
 
-# name -> (help, configure(parser) -> run(client, args) -> JSON-able result)
-COMMANDS: dict[str, tuple[str, Callable]] = {}
-
-
-def command(name: str, help_text: str):
-    """Register a subcommand: the decorated function adds its arguments and returns its runner."""
-    def register(configure):
-        COMMANDS[name] = (help_text, configure)
-        return configure
-    return register
-
-
-def read_texts(args) -> list[str]:
-    if args.texts:
-        return list(args.texts)
-    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
-
-
-def to_json(value):
-    if dataclasses.is_dataclass(value):
-        return {k: to_json(v) for k, v in dataclasses.asdict(value).items() if v is not None}
-    if isinstance(value, np.ndarray):
-        return value.astype(np.float32).tolist()
-    if isinstance(value, (list, tuple)):
-        return [to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: to_json(v) for k, v in value.items()}
-    return value
+GENERATION_TASKS = ("text-generation", "text2text-generation", "summarization", "translation")
 
 
 def _csv(text: str | None) -> list[str] | None:
     return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
 
-@command("predict", "run the deployment's task on texts (task from the service's Info)")
-def _predict(parser):
+def _texts_arg(parser) -> None:
     parser.add_argument("texts", nargs="*", help="input texts (default: one per line from stdin)")
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--function-to-apply", choices=["softmax", "sigmoid", "none"])
-    parser.add_argument("--text-pair", action="append", help="text-classification: second segment, per text")
-    parser.add_argument("--aggregation-strategy", choices=["none", "simple", "first", "average", "max"])
-    parser.add_argument("--ignore-labels", help="token-classification: comma-separated labels to drop")
+
+
+def _truncation_arg(parser) -> None:
+    parser.add_argument("--no-truncation", dest="truncation", action="store_false", default=None,
+                        help="refuse texts longer than the model's limit instead of truncating them")
+
+
+def _predict(parser):
+    _texts_arg(parser)
+    parser.add_argument("--top-k", type=int,
+                        help="text-classification: labels per text; fill-mask: candidates per mask; "
+                             "question-answering: answers per question (default: the model's)")
+    parser.add_argument("--all-labels", action="store_true", default=None,
+                        help="text-classification: every label, best first (the pipeline's top_k=None)")
+    parser.add_argument("--function-to-apply", choices=["softmax", "sigmoid", "none"],
+                        help="text-classification: scores from logits (default: the model's problem type)")
+    parser.add_argument("--text-pair", action="append", help="text-classification: second segment, per text "
+                        "(repeat once per text)")
+    parser.add_argument("--aggregation-strategy", choices=["none", "simple", "first", "average", "max"],
+                        help="token-classification: how tokens merge into entities (default: none)")
+    parser.add_argument("--ignore-labels", help="token-classification: comma-separated labels to drop "
+                        "(default: O)")
     parser.add_argument("--targets", help="fill-mask: comma-separated candidate tokens")
     parser.add_argument("--context", help="question-answering: the context; the texts are questions")
-    parser.add_argument("--doc-stride", type=int)
-    parser.add_argument("--max-answer-len", type=int)
-    parser.add_argument("--handle-impossible-answer", action="store_true", default=None)
+    parser.add_argument("--doc-stride", type=int, help="question-answering: overlap of context windows in tokens")
+    parser.add_argument("--max-answer-len", type=int, help="question-answering: longest answer in tokens")
+    parser.add_argument("--handle-impossible-answer", action="store_true", default=None,
+                        help="question-answering: allow the empty answer")
     parser.add_argument("--labels", help="zero-shot-classification: comma-separated candidate labels")
-    parser.add_argument("--hypothesis-template")
-    parser.add_argument("--multi-label", action="store_true", default=None)
-    parser.add_argument("--no-truncation", dest="truncation", action="store_false", default=None)
+    parser.add_argument("--hypothesis-template", help="zero-shot-classification: e.g. 'This example is {}.'")
+    parser.add_argument("--multi-label", action="store_true", default=None,
+                        help="zero-shot-classification: score each label on its own")
+    _truncation_arg(parser)
 
     def run(client: PreprocClient, args):
         texts = read_texts(args)
         task = client.info().task
         if task == "text-classification":
-            return client.classify(texts, args.text_pair, top_k=args.top_k,
+            return client.classify(texts, args.text_pair, top_k=args.top_k, all_labels=args.all_labels,
                                    function_to_apply=args.function_to_apply, truncation=args.truncation)
         if task == "token-classification":
             return client.classify_tokens(texts, aggregation_strategy=args.aggregation_strategy,
@@ -99,15 +83,21 @@ def _predict(parser):
                                              hypothesis_template=args.hypothesis_template)
         if task == "feature-extraction":
             return client.embed(texts, truncation=args.truncation)
-        raise SystemExit(f"splitserve predict: the service serves {task!r}; try another subcommand")
+        if task.startswith(GENERATION_TASKS):
+            chat = " or `splitserve chat`" if task == "text-generation" else ""
+            raise UsageError(f"predict: the service serves {task!r}, a generation task: use `splitserve generate`"
+                             f"{chat}")
+        raise UsageError(f"predict: the service serves {task!r}, which predict does not handle; "
+                         "`splitserve info` shows what it serves")
     return run
 
 
-@command("embed", "embedding vectors for texts (feature-extraction models)")
 def _embed(parser):
-    parser.add_argument("texts", nargs="*")
-    parser.add_argument("--pooling", choices=["none", "mean", "cls", "max"])
-    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
+    _texts_arg(parser)
+    parser.add_argument("--pooling", choices=["none", "mean", "cls", "max"],
+                        help="none: one vector per token (default: the model's, e.g. sentence-transformers')")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="unit-length vectors (default: the model's)")
     parser.add_argument("--openai", action="store_true", help="answer in the llm/v1/embeddings (OpenAI) shape")
 
     def run(client: PreprocClient, args):
@@ -118,84 +108,41 @@ def _embed(parser):
     return run
 
 
-@command("tokenize", "token ids, tokens and character offsets of texts")
 def _tokenize(parser):
-    parser.add_argument("texts", nargs="*")
-    parser.add_argument("--no-special-tokens", dest="add_special_tokens", action="store_false", default=None)
+    _texts_arg(parser)
+    parser.add_argument("--no-special-tokens", dest="add_special_tokens", action="store_false", default=None,
+                        help="leave out [CLS], [SEP], <s> and the like")
 
     def run(client: PreprocClient, args):
         return client.tokenize(read_texts(args), add_special_tokens=args.add_special_tokens)
     return run
 
 
-@command("info", "what the deployment serves: task, labels, limits, tokenizer")
 def _info(parser):
     return lambda client, args: client.info()
 
 
-# Modules that add subcommands with @command when present (e.g. generate / chat).
-PLUGIN_MODULES = ("client.generation_cli",)
-
-
-def _load_plugins() -> None:
-    for name in PLUGIN_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-
-
-def add_connection_flags(parser: argparse.ArgumentParser, address_env: str, default: str, service: str) -> None:
-    """--address, --timeout and the TLS / mutual TLS / bearer token flags (docs/operations.md)."""
-    parser.add_argument("--address", default=os.environ.get(address_env, default),
-                        help=f"{service} HOST:PORT [env {address_env}]")
-    parser.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds")
-    for flag, env, help_text in (
-            ("--tls-ca", "SPLITSERVE_TLS_CA", "PEM CA that signed the server's certificate (turns TLS on)"),
-            ("--tls-cert", "SPLITSERVE_TLS_CERT", "PEM client certificate (mutual TLS)"),
-            ("--tls-key", "SPLITSERVE_TLS_KEY", "private key of --tls-cert"),
-            ("--tls-server-name", "SPLITSERVE_TLS_SERVER_NAME", "name expected in the server's certificate"),
-            ("--token", "SPLITSERVE_TOKEN", "bearer token")):
-        parser.add_argument(flag, default=os.environ.get(env, ""), help=f"{help_text} [env {env}]")
-
-
-def channel_from_flags(args) -> grpc.Channel:
-    security = ChannelSecurity(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, token=args.token,
-                               server_name=args.tls_server_name)
-    return sync_channel(args.address, security, options=_channel_options())
-
-
-def print_error(exc: grpc.RpcError) -> int:
-    """One JSON line on stderr naming the gRPC status; exit status 1."""
-    print(json.dumps({"error": {"code": exc.code().name, "message": exc.details()}}), file=sys.stderr)
-    return 1
+# name -> (help, configure(parser) -> run(client, args) -> JSON-able result, or None when it wrote its own)
+COMMANDS = {
+    "predict": ("run the deployment's task on texts (task from the service's Info)", _predict),
+    "embed": ("embedding vectors for texts (feature-extraction models)", _embed),
+    "tokenize": ("token ids, tokens and character offsets of texts", _tokenize),
+    "info": ("what the deployment serves: task, labels, limits, tokenizer", _info),
+    "generate": ("generate text from a prompt (text-generation, text2text, summarization, translation); the "
+                 "text streams to stdout", generation_cli.configure_generate),
+    "chat": ("chat with the model (llm/v1/chat, the tokenizer's chat template)", generation_cli.configure_chat),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _load_plugins()
     parser = argparse.ArgumentParser(prog="splitserve", description="Call a splitserve preproc_service.")
-    add_connection_flags(parser, "SPLITSERVE_ADDRESS", "127.0.0.1:8011", "preproc_service")
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_common_flags(parser, "SPLITSERVE_ADDRESS", "127.0.0.1:8011", "preproc_service")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, configure) in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         sub_parser.set_defaults(run=configure(sub_parser))
     return parser
 
 
-def run_command(client_class, args) -> int:
-    """`args.run(client, args)` on a `client_class` built from the connection flags: the result as
-    JSON on stdout (exit 0), or a gRPC error as JSON on stderr (exit 1). Shared by both CLIs."""
-    with client_class(args.address, timeout=args.timeout, channel=channel_from_flags(args)) as client:
-        try:
-            result = args.run(client, args)
-            if hasattr(result, "__iter__") and not isinstance(result, (dict, str)):
-                result = list(result)  # while the channel is open: a streamed result may still be arriving
-        except grpc.RpcError as exc:
-            return print_error(exc)
-    print(json.dumps(to_json(result), ensure_ascii=False, indent=2))
-    return 0
-
-
 def main(argv=None) -> int:
-    return run_command(PreprocClient, build_parser().parse_args(argv))
+    return entry("splitserve", build_parser(), PreprocClient, argv, _channel_options())

@@ -9,19 +9,23 @@
         client.complete("The river", max_tokens=20)
 
 Keyword settings are the GenerateTextParameters fields (max_new_tokens, temperature, top_p,
-top_k, do_sample, seed, stop=[...], return_full_text, ...) for generate, and the OpenAI ones
-(max_tokens, temperature, top_p, top_k, stop, seed, ...) for chat / complete. A stream
+top_k, do_sample, seed, stop=[...], return_full_text, logprobs, ...) for generate, and the OpenAI
+ones (max_tokens, temperature, top_p, top_k, stop, seed, ...) for chat / complete. A stream
 iterator's `result` holds the finish reason and usage once it is exhausted; breaking out
 of the loop (or `close()`) cancels the call, which stops generation on the model.
+generate's answers (streamed or not) also carry the generated `token_ids`, their `logprobs`
+(with logprobs=True) and the `applied_parameters` (name -> value, after MLflow's precedence).
 Errors arrive as grpc.RpcError / grpc.aio.AioRpcError with the service's status and message.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 import grpc
 
+from client.channel_client import AsyncChannelClient, ChannelClient
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
@@ -35,6 +39,9 @@ class Generated:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     id: str = ""             # chat / completion id
+    token_ids: list[int] = field(default_factory=list)     # generate: the generated ids
+    logprobs: list[float] = field(default_factory=list)    # generate with logprobs=True: one per token id
+    applied_parameters: dict = field(default_factory=dict)  # generate: what was applied, after precedence
 
 
 def _text_request(prompt: str, adapter: str, settings: dict) -> pb.GenerateTextRequest:
@@ -64,9 +71,26 @@ def _usage(result: Generated, usage) -> Generated:
     return result
 
 
+def _applied(meta) -> dict:
+    return {k: json.loads(v) for k, v in meta.applied_parameters.items()}
+
+
+def _generated(reply: pb.GenerateTextResponse) -> Generated:
+    result = Generated(reply.generated_text, reply.finish_reason, token_ids=list(reply.token_ids),
+                       logprobs=list(reply.logprobs), applied_parameters=_applied(reply.meta))
+    return _usage(result, reply.usage)
+
+
 # What each kind of chunk carries: (text of the chunk, finish_reason, usage, id).
 def _text_chunk(chunk):
     return chunk.text, chunk.finish_reason, chunk.usage, ""
+
+
+def _text_extras(result: Generated, chunk) -> None:
+    result.token_ids.extend(chunk.token_ids)
+    result.logprobs.extend(chunk.logprobs)
+    if chunk.finish_reason:
+        result.applied_parameters = _applied(chunk.meta)
 
 
 def _chat_chunk(chunk):
@@ -82,8 +106,8 @@ def _completion_chunk(chunk):
 class TextStream:
     """Iterates over the text of a streamed call; `result` is complete once the stream ends."""
 
-    def __init__(self, call, unpack):
-        self.call, self.unpack = call, unpack
+    def __init__(self, call, unpack, extras=None):
+        self.call, self.unpack, self.extras = call, unpack, extras
         self.result = Generated("")
 
     def __iter__(self):
@@ -94,6 +118,8 @@ class TextStream:
             self.call.cancel()  # no-op when the stream ended; stops generation when the caller broke off
 
     def _take(self, chunk) -> str:
+        if self.extras is not None:
+            self.extras(self.result, chunk)
         text, finish, usage, chunk_id = self.unpack(chunk)
         self.result.text += text
         self.result.id = self.result.id or chunk_id
@@ -118,7 +144,7 @@ class AsyncTextStream(TextStream):
             self.call.cancel()
 
 
-class GenerationClient:
+class GenerationClient(ChannelClient):
     """Blocking client. `timeout` (seconds) is each call's deadline, passed on to the model service."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 120.0, channel=None):
@@ -126,22 +152,12 @@ class GenerationClient:
         self.channel = channel or grpc.insecure_channel(address)
         self.stub = preproc_pb2_grpc.PreprocStub(self.channel)
 
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def generate(self, prompt: str, adapter: str = "", **settings) -> Generated:
-        reply = self.stub.GenerateText(_text_request(prompt, adapter, settings), timeout=self.timeout)
-        return _usage(Generated(reply.generated_text, reply.finish_reason), reply.usage)
+        return _generated(self.stub.GenerateText(_text_request(prompt, adapter, settings), timeout=self.timeout))
 
     def generate_stream(self, prompt: str, adapter: str = "", **settings) -> TextStream:
         call = self.stub.GenerateTextStream(_text_request(prompt, adapter, settings), timeout=self.timeout)
-        return TextStream(call, _text_chunk)
+        return TextStream(call, _text_chunk, _text_extras)
 
     def chat(self, messages, adapter: str = "", **settings) -> Generated:
         reply = self.stub.Chat(_chat_request(messages, adapter, settings), timeout=self.timeout)
@@ -162,7 +178,7 @@ class GenerationClient:
         return TextStream(call, _completion_chunk)
 
 
-class AsyncGenerationClient:
+class AsyncGenerationClient(AsyncChannelClient):
     """asyncio client: the same methods as GenerationClient; streams are `async for` iterables."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 120.0, channel=None):
@@ -170,22 +186,13 @@ class AsyncGenerationClient:
         self.channel = channel or grpc.aio.insecure_channel(address)
         self.stub = preproc_pb2_grpc.PreprocStub(self.channel)
 
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
-
     async def generate(self, prompt: str, adapter: str = "", **settings) -> Generated:
-        reply = await self.stub.GenerateText(_text_request(prompt, adapter, settings), timeout=self.timeout)
-        return _usage(Generated(reply.generated_text, reply.finish_reason), reply.usage)
+        return _generated(await self.stub.GenerateText(_text_request(prompt, adapter, settings),
+                                                       timeout=self.timeout))
 
     def generate_stream(self, prompt: str, adapter: str = "", **settings) -> AsyncTextStream:
         call = self.stub.GenerateTextStream(_text_request(prompt, adapter, settings), timeout=self.timeout)
-        return AsyncTextStream(call, _text_chunk)
+        return AsyncTextStream(call, _text_chunk, _text_extras)
 
     async def chat(self, messages, adapter: str = "", **settings) -> Generated:
         reply = await self.stub.Chat(_chat_request(messages, adapter, settings), timeout=self.timeout)

@@ -9,22 +9,25 @@
 An input is NAME=JSON (nested lists; integers travel as INT64, floats as FP32), NAME:DATATYPE=JSON
 to choose the v2 datatype (e.g. attention_mask:INT32=...), or NAME=@FILE.npy. A parameter is
 KEY=VALUE with VALUE read as JSON when it parses (3, true, "mean"), else as a string.
+Output and errors as for `splitserve` (client/cli_common.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 
 import numpy as np
-from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.cli import add_connection_flags, run_command
+from client.adapters_client import AdaptersClient
+from client.cli_common import UsageError, add_common_flags, entry
+from client.preproc_client import _channel_options
 from client.tensor_client import TensorClient
-from splitserve_common import tensors
-from splitserve_pb import adapters_pb2, adapters_pb2_grpc
+from splitserve_common import v2_codec
 from splitserve_pb import open_inference_pb2 as pb
 
 
@@ -40,10 +43,11 @@ def parse_input(text: str) -> tuple[str, np.ndarray]:
         raise argparse.ArgumentTypeError(f"--input {name}: {exc}") from exc
     if datatype:
         datatype = datatype.upper()
-        if datatype not in tensors.NUMPY_DTYPES or datatype == "BF16":  # BF16 has no numpy dtype to cast to
-            choices = ", ".join(d for d in tensors.NUMPY_DTYPES if d != "BF16")
+        castable = [d for d in v2_codec.NUMPY_DTYPES if d not in ("BF16", "BYTES")]  # JSON strings go as BYTES
+        if datatype not in castable:
+            choices = ", ".join(castable)
             raise argparse.ArgumentTypeError(f"--input {name}: datatype {datatype!r} is not one of {choices}")
-        array = array.astype(tensors.NUMPY_DTYPES[datatype])
+        array = array.astype(v2_codec.NUMPY_DTYPES[datatype])
     elif array.dtype.kind == "f":
         array = array.astype(np.float32)
     return name, array
@@ -68,34 +72,35 @@ def _health(client: TensorClient, args) -> dict:
 
 
 def _metadata(client: TensorClient, args) -> dict:
-    return client.metadata(args.model)
+    return dataclasses.asdict(client.metadata(args.model))
 
 
 def _infer(client: TensorClient, args) -> dict:
     result = client.infer(dict(args.input), outputs=args.output, parameters=dict(args.param or []),
                           model_name=args.model)
-    outputs = {name: {"datatype": tensors.v2_datatype(array), "shape": list(array.shape), "data": array.tolist()}
+    outputs = {name: {"datatype": v2_codec.v2_datatype(array), "shape": list(array.shape), "data": array.tolist()}
                for name, array in result.items()}
     return {"outputs": outputs, "parameters": result.parameters}
 
 
-def _adapters(client: TensorClient, args) -> dict:
-    stub = adapters_pb2_grpc.AdaptersStub(client.channel)
+def _adapters(client: TensorClient, args):
+    adapters = AdaptersClient(channel=client.channel, timeout=args.timeout, token=args.adapter_token,
+                              header="x-adapter-token" if args.token else "authorization")
+    if args.action == "list":
+        return adapters.list()
+    if not args.name:
+        raise UsageError(f"adapters {args.action} needs NAME")
     if args.action == "load":
         if not args.path:
-            raise SystemExit("splitserve-model adapters load NAME PATH: PATH is missing")
-        reply = stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name=args.name, path=args.path), timeout=args.timeout)
-    elif args.action == "unload":
-        reply = stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name=args.name), timeout=args.timeout)
-    else:
-        reply = stub.ListAdapters(adapters_pb2.ListAdaptersRequest(), timeout=args.timeout)
-    return json_format.MessageToDict(reply, preserving_proto_field_name=True)
+            raise UsageError("adapters load NAME PATH: PATH is missing")
+        return adapters.load(args.name, args.path)
+    return adapters.unload(args.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve-model", description="Call a splitserve model_service.")
-    add_connection_flags(parser, "SPLITSERVE_MODEL_ADDRESS", "127.0.0.1:8001", "model_service")
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_common_flags(parser, "SPLITSERVE_MODEL_ADDRESS", "127.0.0.1:8001", "model_service")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     health = sub.add_parser("health", help="grpc.health.v1 status and the v2 live/ready answers")
     health.add_argument("--service", default="", help="health service name ('' = the whole server)")
@@ -114,15 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     infer.set_defaults(run=_infer)
 
     adapters = sub.add_parser("adapters", help="list, load or unload PEFT adapters")
-    adapters.add_argument("action", choices=["list", "load", "unload"])
-    adapters.add_argument("name", nargs="?", default="")
+    adapters.add_argument("action", choices=["list", "load", "unload"], help="what to do")
+    adapters.add_argument("name", nargs="?", default="", help="adapter name (load, unload)")
     adapters.add_argument("path", nargs="?", default="", help="adapter directory on the model_service host (load)")
+    adapters.add_argument("--adapter-token", default=os.environ.get("SPLITSERVE_ADAPTER_TOKEN", ""),
+                          help="token of --adapter-management token on the server, when it is not --token "
+                               "[env SPLITSERVE_ADAPTER_TOKEN]")
     adapters.set_defaults(run=_adapters)
     return parser
 
 
 def main(argv=None) -> int:
-    return run_command(TensorClient, build_parser().parse_args(argv))
+    return entry("splitserve-model", build_parser(), TensorClient, argv, _channel_options())
 
 
 if __name__ == "__main__":

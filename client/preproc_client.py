@@ -12,8 +12,9 @@ from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 
+from client.channel_client import AsyncChannelClient, ChannelClient
+from splitserve_common.v2_codec import from_preproc_tensor
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
@@ -99,9 +100,13 @@ def _opt(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def classify_request(texts, text_pairs=None, *, top_k=None, function_to_apply=None, truncation=None, adapter=""):
+def classify_request(texts, text_pairs=None, *, top_k=None, all_labels=None, function_to_apply=None,
+                     truncation=None, adapter=""):
+    """top_k: that many labels per text (unset: the best one); all_labels=True: every label, sorted
+    (the pipeline's explicit top_k=None)."""
     return pb.ClassifyRequest(texts=_texts(texts), text_pairs=_texts(text_pairs or []), adapter=adapter,
-                              **_opt(top_k=top_k, function_to_apply=function_to_apply, truncation=truncation))
+                              **_opt(top_k=top_k, all_labels=all_labels, function_to_apply=function_to_apply,
+                                     truncation=truncation))
 
 
 def classify_tokens_request(texts, *, aggregation_strategy=None, ignore_labels=None, truncation=None, adapter=""):
@@ -172,13 +177,8 @@ def parse_zero_shot(reply: pb.ZeroShotClassifyResponse) -> Results:
     return Results([ZeroShotResult(r.sequence, list(r.labels), list(r.scores)) for r in reply.results], reply.meta)
 
 
-def tensor_to_numpy(tensor: pb.Tensor) -> np.ndarray:
-    dtype = {"FP16": "<f2", "FP32": "<f4"}[tensor.datatype]
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
-
-
 def parse_embed(reply: pb.EmbedResponse) -> Results:
-    results = Results([tensor_to_numpy(t) for t in reply.embeddings], reply.meta)
+    results = Results([from_preproc_tensor(t) for t in reply.embeddings], reply.meta)
     results.prompt_tokens = reply.prompt_tokens
     return results
 
@@ -227,7 +227,7 @@ def _channel_options(max_message_mb: int = 64):
 
 # ---------------------------------------------------------------- blocking client
 
-class PreprocClient:
+class PreprocClient(ChannelClient):
     """Blocking client. `timeout` (seconds) is each call's deadline, passed on to the model service."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 30.0,
@@ -236,15 +236,6 @@ class PreprocClient:
         self.timeout = timeout
         self.channel = channel or grpc.insecure_channel(address, options=_channel_options())
         self.stub = preproc_pb2_grpc.PreprocStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _call(self, name, *args, **kwargs):
         build, method, parse = _CALLS[name]
@@ -290,7 +281,7 @@ class PreprocClient:
 
 # ---------------------------------------------------------------- asyncio client
 
-class AsyncPreprocClient:
+class AsyncPreprocClient(AsyncChannelClient):
     """asyncio client with the same methods as PreprocClient, as coroutines."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = 30.0,
@@ -299,15 +290,6 @@ class AsyncPreprocClient:
         self.timeout = timeout
         self.channel = channel or grpc.aio.insecure_channel(address, options=_channel_options())
         self.stub = preproc_pb2_grpc.PreprocStub(self.channel)
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
 
     async def _call(self, name, *args, **kwargs):
         build, method, parse = _CALLS[name]

@@ -2,19 +2,29 @@
 #   GPU (default): docker build -f deploy/model_service.Dockerfile -t splitserve/model-service:cuda .
 #   CPU:           docker build -f deploy/model_service.Dockerfile --build-arg VARIANT=cpu -t splitserve/model-service:cpu .
 # Every setting comes from MODEL_SERVICE_* variables (see docs/operations.md).
+# Builds without a registry or behind a TLS-inspecting proxy: scripts/docker_smoke.py.
 ARG VARIANT=cuda
 ARG TORCH_VERSION=2.13.0
 ARG CUDA_TAG=cuda12.8-cudnn9-runtime
+# The classic builder (no BuildKit) resolves every stage's base, so a CPU build there
+# needs CUDA_IMAGE to name an image it has; BuildKit skips the unused stage.
+ARG CUDA_IMAGE=pytorch/pytorch:${TORCH_VERSION}-${CUDA_TAG}
 
 # CUDA variant: the official PyTorch runtime image already carries torch built for CUDA.
-FROM pytorch/pytorch:${TORCH_VERSION}-${CUDA_TAG} AS base-cuda
+FROM ${CUDA_IMAGE} AS base-cuda
 
 # CPU variant: slim Python with the CPU-only torch wheel (no CUDA libraries, ~5x smaller).
 FROM python:3.11-slim AS base-cpu
 ARG TORCH_VERSION
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# pip's own variables, empty unless given: a CA bundle, a directory of wheels (e.g. the +cpu torch).
+ARG PIP_CERT=""
+ARG PIP_FIND_LINKS=""
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 FROM base-${VARIANT}
+ARG PIP_CERT=""
+ARG PIP_FIND_LINKS=""
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \

@@ -24,8 +24,7 @@ MODEL_OPTIONS = [
     Option("allow-pickle", False, "allow pickle (.bin) weights, which can run code on load", bool),
     Option("trust-remote-code", False, "allow models whose code ships with the weights", bool),
     Option("port", 8001, "gRPC port", int),
-    serving.metrics_port_option(8002) if hasattr(serving, "metrics_port_option")
-    else Option("metrics-port", 8002, "port of the Prometheus /metrics HTTP endpoint (0: off)", int),
+    serving.metrics_port_option(8002),
     Option("max-batch-size", 32, "most rows in one forward pass (also the largest batch one request may send)",
            int),
     Option("max-wait-us", 2000, "while a batch computes, how long the next one waits for more rows, in µs "

@@ -6,10 +6,9 @@ import asyncio
 import logging
 
 from model_service import requests
-from model_service.model_info import metadata_response
-from splitserve_common import tensors
+from model_service.model_info import metadata
+from splitserve_common import v2_codec
 from splitserve_common.errors import grpc_errors, status_of
-from splitserve_common.params import set_param
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
 
@@ -46,7 +45,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context):
         info = self.runtime.require().info
         requests.check_model_name(info, request.name, request.version)
-        return metadata_response(info)
+        return metadata(info).to_response()
 
     @grpc_errors
     async def ModelInfer(self, request, context):
@@ -100,11 +99,5 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # The lease makes an adapter unload wait for this request, and names the adapter meant.
         with runtime.engine.adapters.lease(job.adapter) as job.adapter:
             result = await runtime.batcher.submit(job, timeout)
-        response = pb.ModelInferResponse(model_name=info.name, model_version=info.versions[0],
-                                         id=request.id)
-        set_param(response.parameters, "batch_size", result.batch_size)
-        for name, array in result.outputs.items():
-            datatype, shape, raw = tensors.to_raw(array)
-            response.outputs.add(name=name, datatype=datatype, shape=shape)
-            response.raw_output_contents.append(raw)
-        return response
+        return v2_codec.encode_response(result.outputs, model_name=info.name, model_version=info.versions[0],
+                                        request_id=request.id, parameters={"batch_size": result.batch_size})

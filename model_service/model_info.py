@@ -6,15 +6,13 @@ what the loaded model returns, plus `sentence_embedding` derived from `last_hidd
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
 
 from model_service.loader import LoadedModel
 from model_service.shaping import DERIVED, has_sequence_axis
-from splitserve_common.params import set_param
-from splitserve_pb import open_inference_pb2 as pb
+from splitserve_common.v2_codec import ModelMetadata, TensorSpec
 
 # The outputs a task's postprocess needs, returned when a request names none.
 DEFAULT_OUTPUTS = {
@@ -89,44 +87,34 @@ def discover(engine, name: str, max_batch_size: int) -> ModelInfo:
     return info
 
 
-def metadata_parameters(info: ModelInfo) -> dict:
+def metadata(info: ModelInfo) -> ModelMetadata:
+    """The served model as the metadata contract (splitserve_common.v2_codec.ModelMetadata)."""
     loaded, config = info.loaded, info.loaded.config
-    id2label = getattr(config, "id2label", None) or {}
     ids = loaded.special_ids
-    params = {
-        "task": loaded.task,
-        "inference_task": loaded.inference_task,
-        "model_type": str(getattr(config, "model_type", "")),
-        "architecture": loaded.architecture,
-        "id2label": json.dumps({str(k): v for k, v in id2label.items()}),
-        "problem_type": str(getattr(config, "problem_type", None) or ""),
-        "num_labels": int(len(id2label)),
-        "max_position_embeddings": int(loaded.max_positions),
-        "dtype": loaded.dtype,
-        "device": loaded.device,
-        "vocab_size": loaded.vocab_size,
-        "pad_token_id": loaded.pad_token_id,
-        "bos_token_id": -1 if ids.get("bos_token_id") is None else int(ids["bos_token_id"]),
-        "eos_token_id": json.dumps([int(i) for i in ids.get("eos_token_id") or []]),
-        "decoder_start_token_id": -1 if ids.get("decoder_start_token_id") is None
-        else int(ids["decoder_start_token_id"]),
-        "is_encoder_decoder": bool(getattr(config, "is_encoder_decoder", False)),
-        "type_vocab_size": loaded.type_vocab_size,
-        "pooling": json.dumps(loaded.pooling.as_dict()),
-        "adapters": json.dumps(list(info.adapter_names())),
-        "default_adapter": info.default_adapter(),
-        "max_batch_size": int(info.max_batch_size),
-        "default_outputs": ",".join(info.default_outputs),
-    }
-    return params
-
-
-def metadata_response(info: ModelInfo) -> pb.ModelMetadataResponse:
-    response = pb.ModelMetadataResponse(name=info.name, versions=list(info.versions), platform="pytorch_transformers")
-    for name in info.input_names:
-        response.inputs.add(name=name, datatype="INT64", shape=[-1, -1])
-    for name, (datatype, shape) in info.outputs.items():
-        response.outputs.add(name=name, datatype=datatype, shape=shape)
-    for key, value in metadata_parameters(info).items():
-        set_param(response.parameters, key, value)
-    return response
+    return ModelMetadata(
+        name=info.name, versions=list(info.versions), platform="pytorch_transformers",
+        inputs=[TensorSpec(name, "INT64", [-1, -1]) for name in info.input_names],
+        outputs=[TensorSpec(name, datatype, shape) for name, (datatype, shape) in info.outputs.items()],
+        task=loaded.task,
+        inference_task=loaded.inference_task,
+        model_type=str(getattr(config, "model_type", "")),
+        architecture=loaded.architecture,
+        id2label={int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()},
+        problem_type=str(getattr(config, "problem_type", None) or ""),
+        num_labels=len(getattr(config, "id2label", None) or {}),
+        max_position_embeddings=int(loaded.max_positions),
+        dtype=loaded.dtype,
+        device=loaded.device,
+        vocab_size=loaded.vocab_size,
+        pad_token_id=loaded.pad_token_id,
+        bos_token_id=ids.get("bos_token_id"),
+        eos_token_ids=[int(i) for i in ids.get("eos_token_id") or []],
+        decoder_start_token_id=ids.get("decoder_start_token_id"),
+        is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        type_vocab_size=loaded.type_vocab_size,
+        pooling=loaded.pooling.as_dict(),
+        adapters=list(info.adapter_names()),
+        default_adapter=info.default_adapter(),
+        max_batch_size=int(info.max_batch_size),
+        default_outputs=list(info.default_outputs),
+    )

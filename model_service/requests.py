@@ -11,15 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from model_service.shaping import OutputSpec, answer_bytes, parse_specs
-from splitserve_common import tensors
+from splitserve_common import v2_codec
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from splitserve_common.params import to_dict, typed
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 MiB = 1024 * 1024
 # Room in the answer message for what is not tensor data (names, shapes, parameters).
 ANSWER_OVERHEAD_BYTES = 64 * 1024
-INTEGER_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 
 
 @dataclass
@@ -35,10 +33,6 @@ class InferJob:
     def batch(self) -> int:
         return len(self.rows)
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(r) for r in self.rows)
-
 
 def check_model_name(info, name: str, version: str = "") -> None:
     if name and name != info.name:
@@ -48,25 +42,17 @@ def check_model_name(info, name: str, version: str = "") -> None:
 
 
 def decode_inputs(request) -> dict[str, np.ndarray]:
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidArgument(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: "
-                              "send one raw entry per input, in input order")
-    arrays = {}
-    for i, tensor in enumerate(request.inputs):
+    for tensor in request.inputs:  # names and datatypes first, before any decoding
         if tensor.name not in INPUT_NAMES:
             raise InvalidArgument(f"unknown input '{tensor.name}'; expected {', '.join(INPUT_NAMES)}")
-        if tensor.name in arrays:
-            raise InvalidArgument(f"input '{tensor.name}' given twice")
-        tensors.numpy_dtype(tensor.datatype, tensor.name)  # unknown datatype -> INVALID_ARGUMENT
-        if tensor.datatype not in INTEGER_TYPES:
+        v2_codec.numpy_dtype(tensor.datatype, tensor.name)  # unknown datatype -> INVALID_ARGUMENT
+        if tensor.datatype not in v2_codec.INTEGER_DATATYPES:
             raise InvalidArgument(f"input '{tensor.name}' must be an integer tensor (INT64), got {tensor.datatype}")
-        array = tensors.decode(tensor.name, tensor.datatype, tensor.shape, raw[i] if raw else None,
-                               tensor.contents)
+    arrays = v2_codec.decode_request_inputs(request)
+    for name, array in arrays.items():
         if array.ndim != 2:
-            raise InvalidArgument(f"input '{tensor.name}' must have rank 2 [batch, length], got shape "
-                                  f"{list(array.shape)}")
-        arrays[tensor.name] = array.astype(np.int64, copy=False)
+            raise InvalidArgument(f"input '{name}' must have rank 2 [batch, length], got shape {list(array.shape)}")
+        arrays[name] = array.astype(np.int64, copy=False)
     if "input_ids" not in arrays:
         raise InvalidArgument("input 'input_ids' is required")
     shape = arrays["input_ids"].shape
@@ -131,7 +117,7 @@ def parse(request, info) -> InferJob:
             raise InvalidArgument(f"token_type_ids must be in [0, {limit})")
     specs = parse_specs(request, info.output_names, info.default_outputs, info.loaded.pooling.as_dict(), length)
     check_answer_size(specs, info, batch, length)
-    adapter = typed(to_dict(request.parameters), "adapter", str, "")
+    adapter = v2_codec.typed(v2_codec.params_to_dict(request.parameters), "adapter", str, "")
     return InferJob(
         request_id=request.id,
         rows=[ids[i, : lengths[i]] for i in range(batch)],

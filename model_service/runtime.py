@@ -24,7 +24,6 @@ class Runtime:
         self.batcher = None
         self.ready = asyncio.Event()
         self.on_ready: list = []   # async callables(runtime), run after loading, before SERVING
-        self.not_serving: set[str] = set()  # services the loaded model cannot serve: health NOT_SERVING
 
     @property
     def is_ready(self) -> bool:

@@ -1,11 +1,12 @@
 """Build and run model_service's grpc.aio server.
 
-Start-up order: bind the port and answer health NOT_SERVING at once; load the weights; run
-one warm-up forward pass (which also discovers the model's outputs); run the plug-ins'
-on-ready callbacks; then report SERVING. SIGTERM drains (serving.wait_for_termination).
+Three servicers, always: the v2 tensor API (inference_servicer), run-time adapters
+(adapters_servicer) and generation (generation/servicer).
 
-Plug-ins (generation, adapters) add their servicers and flags: see model_service/plugins.py
-and docs/contracts.md.
+Start-up order: bind the port and answer health NOT_SERVING at once; load the weights; run
+one warm-up forward pass (which also discovers the model's outputs); start the batcher;
+install the adapter registry and load the start-up adapters; build the generation scheduler
+(it reads the registry); then report SERVING. SIGTERM drains (serving.wait_for_termination).
 """
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ from pathlib import Path
 
 import grpc
 
-from model_service import plugins
+from model_service import adapters_servicer, loader
+from model_service.batcher import Batcher
+from model_service.engine import Engine
+from model_service.generation.scheduler import Limits
+from model_service.generation.servicer import GenerationServicer
 from model_service.inference_servicer import InferenceServicer
 from model_service.loader import LoadError, LoadOptions
+from model_service.model_info import discover
 from model_service.runtime import Runtime
-from splitserve_common import serving
-from splitserve_pb import open_inference_pb2, open_inference_pb2_grpc
+from splitserve_common import metrics, serving
+from splitserve_pb import generation_pb2, generation_pb2_grpc, open_inference_pb2, open_inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
 def load_options(args) -> LoadOptions:
@@ -40,12 +47,7 @@ def served_name(args) -> str:
 
 
 def _observe_batches(batcher) -> None:
-    """Feed batch sizes and queue depth to the Prometheus metrics, when that module is present."""
-    try:
-        from splitserve_common import metrics
-    except ImportError:
-        return
-
+    """Feed batch sizes and queue depth to the Prometheus metrics."""
     def observe(size: int, queued: int) -> None:
         metrics.observe_batch_size(size)
         metrics.set_queue_depth(queued)
@@ -53,13 +55,8 @@ def _observe_batches(batcher) -> None:
     batcher.observers.append(observe)
 
 
-async def load_runtime(runtime: Runtime) -> None:
-    """Load the weights, warm up, start the batcher, run the plug-ins' on-ready callbacks."""
-    from model_service import loader
-    from model_service.batcher import Batcher
-    from model_service.engine import Engine
-    from model_service.model_info import discover
-
+async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None:
+    """Load the weights, warm up, start the batcher, then get adapters and generation ready, in that order."""
     args = runtime.args
     loaded = await asyncio.to_thread(loader.load, load_options(args))
     engine = Engine(loaded, torch_threads=args.torch_threads)
@@ -71,12 +68,9 @@ async def load_runtime(runtime: Runtime) -> None:
     _observe_batches(batcher)
     batcher.start()
     runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
-    for callback in runtime.on_ready:
-        await callback(runtime)
-    if loaded.peft_dir and loaded.peft_dir not in {i.source for i in engine.adapters.list()}:
-        # Never serve the base silently in place of the fine-tuned model the directory holds.
-        raise LoadError(f"{loaded.peft_dir} is not loaded (the adapters plug-in is missing); "
-                        "pass --merge-peft to fold it into the weights")
+    for install_adapters in runtime.on_ready:  # adapters_servicer.register's: the registry on engine.adapters
+        await install_adapters(runtime)
+    await generation.on_ready(runtime)  # after the registry: generation checks adapter names against it
     runtime.ready.set()
     log.info("serving %s (%s, %s) on %s/%s; outputs: %s", info.name, loaded.task, loaded.architecture,
              loaded.device, loaded.dtype, ", ".join(info.output_names))
@@ -86,8 +80,17 @@ async def load_runtime(runtime: Runtime) -> None:
 class RunningServer:
     server: grpc.aio.Server
     runtime: Runtime
+    generation: GenerationServicer
     health: serving.HealthReporter
     port: int
+
+
+def generation_servicer(runtime: Runtime) -> GenerationServicer:
+    args = runtime.args
+    limits = Limits(max_sequences=args.gen_max_sequences, max_tokens=args.gen_max_tokens,
+                    max_waiting=args.gen_max_waiting)
+    return GenerationServicer(runtime, limits, stream_interval=args.gen_stream_interval,
+                              max_beams=args.gen_max_beams)
 
 
 async def start(args) -> RunningServer:
@@ -95,9 +98,9 @@ async def start(args) -> RunningServer:
     runtime = Runtime(args)
     server = serving.create_server(args)
     open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(runtime), server)
-    names = [INFERENCE_SERVICE]
-    for register in plugins.registers():
-        names.extend(register(server, runtime) or [])
+    generation = generation_servicer(runtime)
+    generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
+    names = [INFERENCE_SERVICE, GENERATION_SERVICE, *adapters_servicer.register(server, runtime)]
     health = serving.HealthReporter(server, names)
     serving.enable_reflection(server, names)
     port = serving.add_port(server, args, args.port)
@@ -105,17 +108,19 @@ async def start(args) -> RunningServer:
     await server.start()
     log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", args.host, port)
     try:
-        await load_runtime(runtime)
+        await load_runtime(runtime, generation)
     except LoadError as exc:
         log.error("cannot serve %s: %s", args.model_dir, exc)
         await server.stop(0)
         raise SystemExit(f"model-service: {exc}") from None
-    await health.set(True, not_serving=runtime.not_serving)
-    return RunningServer(server, runtime, health, port)
+    # A model without a language-model head: the Generation service is there but cannot serve.
+    await health.set(True, not_serving=[] if generation.can_generate else [GENERATION_SERVICE])
+    return RunningServer(server, runtime, generation, health, port)
 
 
 async def shutdown(running: RunningServer, grace: float | None = 0) -> None:
     await running.server.stop(grace)
+    await running.generation.stop()
     if running.runtime.batcher is not None:
         await running.runtime.batcher.stop()
     if running.runtime.engine is not None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from splitserve_common.errors import InvalidArgument
-from splitserve_common.params import to_dict, typed
+from splitserve_common.v2_codec import params_to_dict, typed
 
 # Request parameters this service understands (anything else is refused).
 SHAPING_KEYS = {"top_k", "gather_positions", "pooling", "normalize", "datatype"}
@@ -96,11 +96,11 @@ def _settings(params: dict, base: dict, padded_length: int) -> dict:
 def parse_specs(request, available: list[str], defaults: list[str], pooling: dict,
                 padded_length: int) -> list[OutputSpec]:
     """One OutputSpec per output to return, from request-level and per-output parameters."""
-    request_params = to_dict(request.parameters)
+    request_params = params_to_dict(request.parameters)
     _check_keys(request_params, REQUEST_KEYS, "request parameters")
     base = _settings(request_params, {"pooling": pooling["mode"], "normalize": pooling["normalize"]},
                      padded_length)
-    requested = [(o.name, to_dict(o.parameters)) for o in request.outputs] or [(n, {}) for n in defaults]
+    requested = [(o.name, params_to_dict(o.parameters)) for o in request.outputs] or [(n, {}) for n in defaults]
     specs = []
     for name, params in requested:
         if name not in available:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from splitserve_common.channels import client_options
+from splitserve_common.http_front import http_port_option
 from splitserve_common.serving import SERVER_OPTIONS, run_service
 from splitserve_common.settings import Option, parse
 
@@ -17,10 +18,12 @@ OPTIONS = [
     Option("model-name", "", "model name sent to the model service (empty: the one it serves)"),
     Option("task", "", "pipeline task, when the directory does not say (e.g. text-classification)"),
     Option("port", 8011, "gRPC port (0 picks a free one)", int),
+    http_port_option(8010, "the OpenAI-compatible API and MLflow's scoring protocol"),
     Option("metrics-port", 8012, "Prometheus /metrics HTTP port (0 turns it off)", int),
     Option("max-in-flight", 256, "most requests in flight to the model service at once", int),
     Option("model-timeout", 30.0, "seconds a model call may take when the caller sets no deadline", float),
     Option("stream-window", 64, "most PredictStream items in flight per stream", int),
+    Option("max-choices", 8, "most choices (n) one chat or completion request may ask for", int),
     Option("tokenize-batch", 512, "most texts per tokenizer batch call", int),
     Option("handshake-retry-seconds", 1.0, "pause between handshake attempts while the model service is down",
            float),

@@ -1,7 +1,8 @@
 """Everything a request handler needs about the served model, in one object.
 
 `Deployment` joins preproc's half of the model directory (tokenizer, MLflow defaults)
-with what model_service said in its metadata (labels, limits, special ids). Task
+with what model_service said in its metadata (labels, limits, special ids:
+splitserve_common.v2_codec.ModelMetadata). Task
 handlers and the generation handlers receive it; `forward` is their one way to the model.
 """
 
@@ -19,51 +20,7 @@ from preproc_service.params import ParameterResolver
 from preproc_service.tokenization import Tokenization
 from splitserve_common import metrics
 from splitserve_common.errors import Unavailable
-
-
-@dataclass
-class ModelInfo:
-    """model_service metadata (docs/contracts.md), typed."""
-    name: str = ""
-    task: str = ""
-    inference_task: str = ""
-    model_type: str = ""
-    id2label: dict[int, str] = field(default_factory=dict)
-    problem_type: str | None = None
-    num_labels: int = 0
-    max_length: int | None = None
-    vocab_size: int | None = None
-    pad_token_id: int | None = None
-    bos_token_id: int | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
-    pooling: dict = field(default_factory=dict)
-    adapters: list[str] = field(default_factory=list)
-    max_batch_size: int = 0  # most rows model_service takes in one request (0: no limit known)
-
-    @classmethod
-    def from_metadata(cls, meta: dict) -> ModelInfo:
-        id2label = {int(k): v for k, v in (meta.get("id2label") or {}).items()}
-        eos = meta.get("eos_token_id")
-        eos_list = [] if eos is None or eos == "" else [int(x) for x in (eos if isinstance(eos, list) else [eos])]
-
-        def opt_int(key):
-            value = meta.get(key)
-            return None if value is None or value == "" or (isinstance(value, int) and value < 0) else int(value)
-
-        return cls(
-            name=meta.get("name", ""), task=canonical_task(meta.get("task")),
-            inference_task=meta.get("inference_task") or "", model_type=meta.get("model_type") or "",
-            id2label=id2label, problem_type=meta.get("problem_type") or None,
-            num_labels=int(meta.get("num_labels") or len(id2label)), max_length=opt_int("max_position_embeddings"),
-            vocab_size=opt_int("vocab_size"), pad_token_id=opt_int("pad_token_id"),
-            bos_token_id=opt_int("bos_token_id"), eos_token_ids=eos_list,
-            pooling=meta.get("pooling") if isinstance(meta.get("pooling"), dict) else {},
-            adapters=list(meta.get("adapters") or []), max_batch_size=opt_int("max_batch_size") or 0,
-        )
-
-    @property
-    def labels(self) -> list[str]:
-        return [self.id2label[i] for i in sorted(self.id2label)]
+from splitserve_common.v2_codec import ModelMetadata
 
 
 @dataclass
@@ -104,7 +61,7 @@ class Deployment:
         self.tokenizer = tokenizer
         self.model = model
         self.task_override = canonical_task(task_override)
-        self.info: ModelInfo | None = None
+        self.info: ModelMetadata | None = None
         self.params = ParameterResolver(model_dir.model_config, model_dir.signature_params)
         self._tokenize_batch = tokenize_batch
         self.tokenization = Tokenization(tokenizer, self._local_max_length(), tokenize_batch)
@@ -127,11 +84,11 @@ class Deployment:
         usable = [int(x) for x in limits if x and 0 < x < 1_000_000]
         return min(usable) if usable else 512
 
-    def set_model_info(self, info: ModelInfo) -> None:
+    def set_model_info(self, info: ModelMetadata) -> None:
         self.info = info
-        self.tokenization.max_length = self._local_max_length(info.max_length)
+        self.tokenization.max_length = self._local_max_length(info.max_position_embeddings)
 
-    def require_info(self) -> ModelInfo:
+    def require_info(self) -> ModelMetadata:
         if self.info is None:
             raise Unavailable(f"model service at {self.model.address} has not answered the handshake yet")
         return self.info

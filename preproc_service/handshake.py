@@ -7,16 +7,16 @@ the task preproc serves is the model's.
 
 from __future__ import annotations
 
-from preproc_service.deployment import ModelInfo
+from splitserve_common.v2_codec import ModelMetadata
 
 # A zero-shot model is a sequence classifier; a plain directory reports it as text-classification.
 _NLI_PAIR = {"zero-shot-classification", "text-classification"}
 
 
-def disagreements(tokenizer, local_task: str, info: ModelInfo) -> list[str]:
+def disagreements(tokenizer, local_task: str, info: ModelMetadata) -> list[str]:
     problems = []
     vocab = len(tokenizer)
-    if info.vocab_size is not None and vocab > info.vocab_size:
+    if info.vocab_size and vocab > info.vocab_size:
         problems.append(f"tokenizer has {vocab} tokens but the model's embedding has only {info.vocab_size} rows")
     pad = tokenizer.pad_token_id
     if pad is not None and info.pad_token_id is not None and pad != info.pad_token_id:

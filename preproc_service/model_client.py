@@ -17,8 +17,7 @@ import json
 import grpc
 import numpy as np
 
-from splitserve_common import params as v2params
-from splitserve_common import tensors
+from splitserve_common import v2_codec
 from splitserve_common.channels import ChannelSecurity, aio_channel
 from splitserve_common.errors import DeadlineExceeded, Unavailable
 from splitserve_pb import open_inference_pb2 as pb
@@ -74,44 +73,17 @@ class ModelClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def metadata(self, timeout: float = 5.0) -> dict:
-        """The model's metadata parameters as plain values (JSON strings decoded where the contract says)."""
+    async def metadata(self, timeout: float = 5.0) -> v2_codec.ModelMetadata:
+        """The served model's metadata (docs/contracts.md), typed."""
         reply = await self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=self.model_name), timeout)
-        meta = v2params.to_dict(reply.parameters)
-        for key in ("id2label", "eos_token_id", "pooling", "adapters"):
-            if isinstance(meta.get(key), str) and meta[key]:
-                try:
-                    meta[key] = json.loads(meta[key])
-                except ValueError:
-                    pass
-        meta["name"] = reply.name
-        return meta
+        return v2_codec.ModelMetadata.from_response(reply)
 
     async def infer(self, inputs: dict[str, np.ndarray], parameters: dict | None = None,
                     outputs: list[str] | None = None, output_parameters: dict[str, dict] | None = None,
                     timeout: float | None = None) -> dict[str, np.ndarray]:
-        """One ModelInfer call: named arrays in, named arrays out."""
-        request = pb.ModelInferRequest(model_name=self.model_name)
-        for key, value in (parameters or {}).items():
-            if value is not None:
-                v2params.set_param(request.parameters, key, value)
-        for name, array in inputs.items():
-            datatype, shape, raw = tensors.to_raw(array)
-            request.inputs.add(name=name, datatype=datatype, shape=shape)
-            request.raw_input_contents.append(raw)
-        for name in outputs or []:
-            requested = request.outputs.add(name=name)
-            for key, value in ((output_parameters or {}).get(name) or {}).items():
-                v2params.set_param(requested.parameters, key, value)
-        reply = await self._call(self._stub.ModelInfer, request, timeout)
-        result = {}
-        for i, out in enumerate(reply.outputs):
-            raw = reply.raw_output_contents[i] if i < len(reply.raw_output_contents) else None
-            array = tensors.decode(out.name, out.datatype, out.shape, raw, out.contents)
-            if out.datatype == "BF16":
-                array = tensors.bf16_to_float32(array)
-            result[out.name] = array
-        return result
+        """One ModelInfer call: named arrays in, named arrays out (BF16 widened to float32)."""
+        request = v2_codec.encode_request(inputs, outputs, parameters, output_parameters, self.model_name)
+        return v2_codec.decode_response(await self._call(self._stub.ModelInfer, request, timeout))
 
     async def _call(self, method, request, timeout: float | None):
         timeout = self.default_timeout if timeout is None else timeout

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from preproc_service.deployment import Deployment, ModelInfo
+from preproc_service.deployment import Deployment
 from preproc_service.handshake import disagreements
+from preproc_service.http.app import build_front
 from preproc_service.model_client import ModelClient
-from preproc_service.model_dir import read_model_dir
+from preproc_service.model_dir import canonical_task, read_model_dir
 from preproc_service.servicer import PreprocServicer, load_generation_handlers
 from splitserve_common.channels import ChannelSecurity
 from splitserve_common.serving import (
@@ -51,7 +52,8 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
     last_problem = None
     while True:
         try:
-            info = ModelInfo.from_metadata(await dep.model.metadata())
+            info = await dep.model.metadata()
+            info.task = canonical_task(info.task)
         except Exception as exc:  # noqa: BLE001 - unreachable or not ready yet: retry
             if not serving and str(exc) != last_problem:
                 log.warning("waiting for the model service at %s: %s", dep.model.address, exc)
@@ -83,25 +85,30 @@ async def serve(args) -> None:
     configure_logging(args.log_level)
     dep = build_deployment(args)
     server = create_server(args)
-    servicer = PreprocServicer(dep, args.stream_window, load_generation_handlers(dep))
+    servicer = PreprocServicer(dep, args.stream_window, load_generation_handlers(dep, max_choices=args.max_choices))
     preproc_pb2_grpc.add_PreprocServicer_to_server(servicer, server)
     health = HealthReporter(server, [SERVICE_NAME])
     await health.set(False)
     enable_reflection(server, [SERVICE_NAME])
     port = add_port(server, args, args.port)
+    http = build_front(args, servicer, health) if args.http_port else None
     await server.start()
+    if http is not None:
+        http_port = await http.start()
+        log.info("preproc_service HTTP (OpenAI, MLflow scoring) on %s:%d", args.host, http_port)
     log.info("preproc_service listening on %s:%d (model service %s)", args.host, port, args.model_service)
     checker = asyncio.ensure_future(
         handshake(dep, health, args.handshake_retry_seconds, args.handshake_recheck_seconds))
+
+    async def on_drain():
+        checker.cancel()
+        if http is not None:
+            http.begin_drain()
+
     try:
-        await wait_for_termination(server, health, args.drain_seconds, on_drain=_cancel(checker))
+        await wait_for_termination(server, health, args.drain_seconds, on_drain=on_drain,
+                                   after_drain=http.stop if http is not None else None)
     finally:
         checker.cancel()
         await dep.model.close()
         dep.close()
-
-
-def _cancel(task: asyncio.Task):
-    async def cancel():
-        task.cancel()
-    return cancel

@@ -17,6 +17,7 @@ import numpy as np
 
 from preproc_service.deployment import Call, Deployment
 from preproc_service.params import as_json, explicit_fields
+from preproc_service.served_models import resolve_model
 from preproc_service.tasks import (
     TASK_OF_METHOD,
     feature_extraction,
@@ -29,6 +30,7 @@ from preproc_service.tasks import (
 from preproc_service.tokenization import EncodeOptions
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, ServiceError, grpc_errors, status_of
 from splitserve_common.metrics import count_stream_item
+from splitserve_common.v2_codec import to_preproc_tensor
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
@@ -44,11 +46,12 @@ class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
-def load_generation_handlers(deployment: Deployment):
-    """preproc_service.generation.GenerationHandlers(deployment) when that package is present and sound."""
+def load_generation_handlers(deployment: Deployment, **options):
+    """preproc_service.generation.GenerationHandlers(deployment, **options) when that package is present
+    and sound (options: max_choices)."""
     try:
         module = importlib.import_module("preproc_service.generation")
-        return module.GenerationHandlers(deployment)
+        return module.GenerationHandlers(deployment, **options)
     except Exception:  # noqa: BLE001 - encoder tasks must keep serving without generation
         log.warning("generation handlers unavailable; GenerateText/Chat/Complete answer UNIMPLEMENTED",
                     exc_info=True)
@@ -92,8 +95,9 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     async def _classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         started = time.perf_counter()
         call = self._begin("Classify", context, request.adapter)
-        params = self.dep.params.resolve("text-classification", explicit_fields(
-            request, ["function_to_apply", "top_k", "truncation"]))
+        explicit = explicit_fields(request, ["function_to_apply", "top_k", "truncation", "all_labels"])
+        params = self.dep.params.resolve("text-classification", explicit)
+        text_classification.every_label(explicit, params)
         results = await text_classification.run(self.dep, call, list(request.texts), list(request.text_pairs),
                                                  params)
         return pb.ClassifyResponse(
@@ -154,7 +158,7 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         params = self.dep.params.resolve("feature-extraction", explicit_fields(
             request, ["pooling", "normalize", "float16", "truncation"]))
         vectors, prompt_tokens = await feature_extraction.run(self.dep, call, list(request.texts), params)
-        return pb.EmbedResponse(embeddings=[_tensor(v) for v in vectors], prompt_tokens=prompt_tokens,
+        return pb.EmbedResponse(embeddings=[to_preproc_tensor(v) for v in vectors], prompt_tokens=prompt_tokens,
                                 meta=self._meta(call, params, started))
 
     @grpc_errors
@@ -184,16 +188,22 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     @grpc_errors
     async def Embeddings(self, request: pb.EmbeddingsRequest, context):
         """llm/v1/embeddings: pooled (sentence-transformers config, else mean) vectors in OpenAI's shape."""
-        call = self._begin("Embeddings", context, request.adapter)
+        model, adapter = await resolve_model(self.dep, request.model, request.adapter)
+        call = self._begin("Embeddings", context, adapter)
         params = self.dep.params.resolve("feature-extraction", {})
         if (params.get("pooling") or self.dep.model_dir.pooling or "none") == "none":
             params["pooling"] = "mean"
+        dimensions = request.dimensions if request.HasField("dimensions") else None
+        if dimensions is not None:
+            feature_extraction.check_dimensions(self.dep, dimensions)
         vectors, prompt_tokens = await feature_extraction.run(self.dep, call, list(request.input), params)
+        vectors = [np.asarray(v, np.float32) for v in vectors]
+        if dimensions is not None:
+            vectors = feature_extraction.shorten(vectors, dimensions, params["normalize"])
         return pb.EmbeddingsResponse(
             object="list",
-            data=[pb.EmbeddingData(object="embedding", index=i, embedding=np.asarray(v, np.float32).tolist())
-                  for i, v in enumerate(vectors)],
-            model=request.model or self.dep.model_name,
+            data=[pb.EmbeddingData(object="embedding", index=i, embedding=v.tolist()) for i, v in enumerate(vectors)],
+            model=model,
             usage=pb.EmbeddingsUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))
 
     # ------------------------------------------------------------ many items over one stream
@@ -347,9 +357,3 @@ def _entity(e: dict) -> pb.Entity:
     if "index" in e:
         entity.index = int(e["index"])
     return entity
-
-
-def _tensor(array: np.ndarray) -> pb.Tensor:
-    datatype = "FP16" if array.dtype == np.float16 else "FP32"
-    little = np.ascontiguousarray(array.astype("<f2" if datatype == "FP16" else "<f4", copy=False))
-    return pb.Tensor(datatype=datatype, shape=list(array.shape), data=little.tobytes())

@@ -10,7 +10,18 @@ looks exactly like a node without torch installed.
 from __future__ import annotations
 
 import importlib.abc
+import logging
 import sys
+
+# transformers says this at import on every start of a node without torch: expected here, not news.
+NO_TORCH_NOTICE = "PyTorch was not found."
+
+
+class DropNoTorchNotice(logging.Filter):
+    """Drops transformers' no-torch notice, and only it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "transformers" and record.getMessage().startswith(NO_TORCH_NOTICE))
 
 
 class HideTorch(importlib.abc.MetaPathFinder):
@@ -44,3 +55,6 @@ def hide_torch() -> None:
         raise RuntimeError("torch is already imported; hide_torch() must run first")
     if not any(isinstance(f, HideTorch) for f in sys.meta_path):
         sys.meta_path[:] = [HideTorch(list(sys.meta_path))]
+    transformers_log = logging.getLogger("transformers")  # the logger transformers' own logging uses
+    if not any(isinstance(f, DropNoTorchNotice) for f in transformers_log.filters):
+        transformers_log.addFilter(DropNoTorchNotice())

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -32,7 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 COMPOSE_OVERRIDES = sorted((ROOT / "deploy").glob("compose.*.yaml"))
-COMPOSE_SCHEMA = ROOT / "deploy" / "schemas" / "compose-spec.json"
+SCHEMAS = ROOT / "deploy" / "schemas"
+COMPOSE_SCHEMA = SCHEMAS / "compose-spec.json"
 K8S_OVERLAYS = ROOT / "deploy" / "k8s" / "overlays"
 DOCKERFILES = {"model_service": ROOT / "deploy" / "model_service.Dockerfile",
                "preproc_service": ROOT / "deploy" / "preproc_service.Dockerfile"}
@@ -175,9 +179,7 @@ def check_stack(problems, name, stack, env_names) -> None:
         test = (svc.get("healthcheck") or {}).get("test") or []
         if HEALTH_PROBE not in " ".join(map(str, test)):
             problems.append(f"{where}: healthcheck must run python -m {HEALTH_PROBE} (grpc.health.v1)")
-        env = svc.get("environment") or {}
-        if isinstance(env, list):
-            env = dict(item.split("=", 1) for item in env)
+        env = _environment(svc)
         model_dirs = [v for k, v in env.items() if k.endswith("_MODEL_DIR")]
         mounts = [v for v in svc.get("volumes", []) if isinstance(v, dict) and v.get("target") in model_dirs]
         if not mounts or not all(m.get("read_only") for m in mounts):
@@ -186,6 +188,8 @@ def check_stack(problems, name, stack, env_names) -> None:
         if duration_seconds(svc.get("stop_grace_period", "10s")) <= drain:
             problems.append(f"{where}: stop_grace_period must exceed the drain time ({drain:g}s)")
         _check_env_names(problems, where, env, env_names)
+    check_published_ports(problems, name, services)
+    check_compose_images(problems, name, services)
     if (preproc.get("depends_on") or {}).get("model-service", {}).get("condition") != "service_healthy":
         problems.append(f"{name}: preproc must depend on model-service with condition service_healthy")
     gpu = any(d.get("driver") == "nvidia" or "gpu" in d.get("capabilities", [])
@@ -195,6 +199,49 @@ def check_stack(problems, name, stack, env_names) -> None:
         problems.append(f"{name}: model-service GPU reservation should be {'absent' if wants_cpu else 'present'}")
     if str(model.get("build", {}).get("args", {}).get("VARIANT", "cuda")) != ("cpu" if wants_cpu else "cuda"):
         problems.append(f"{name}: model-service build arg VARIANT should be {'cpu' if wants_cpu else 'cuda'}")
+
+
+def published_ports(service: dict) -> list[tuple[str, int]]:
+    """(host address, container port) of each published port; "" is every interface."""
+    result = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            result.append((str(port.get("host_ip", "")), int(port["target"])))
+            continue
+        parts = str(port).split("/")[0].rsplit(":", 2)
+        host_ip = parts[0].strip("[]") if len(parts) == 3 else ""
+        result.append((host_ip, int(parts[-1])))
+    return result
+
+
+def check_published_ports(problems, name, services) -> None:
+    """Only preproc is published, on loopback; its gRPC port may face the network only behind mutual TLS
+    and the bearer token (deploy/compose.tls.yaml). Nothing else ever leaves loopback."""
+    for svc_name, svc in services.items():
+        env = _environment(svc)
+        guarded = bool(env.get("PREPROC_TLS_CLIENT_CA") or env.get("PREPROC_TLS_CERT")) and bool(
+            env.get("PREPROC_AUTH_TOKEN"))
+        for host_ip, port in published_ports(svc):
+            if svc_name != "preproc":
+                problems.append(f"{name}: service {svc_name} publishes port {port}: only preproc faces the host")
+            elif host_ip not in ("127.0.0.1", "::1", "localhost") and not (
+                    guarded and str(port) == str(env.get("PREPROC_PORT"))):
+                problems.append(f"{name}: preproc publishes port {port} on every interface without TLS and a token; "
+                                f"bind it to 127.0.0.1")
+
+
+def check_compose_images(problems, name, services) -> None:
+    version = package_version()
+    for svc_name, svc in services.items():
+        tag = str(svc.get("image", "")).rpartition(":")[2]
+        if tag != version and not tag.startswith(version + "-"):
+            problems.append(f"{name}: service {svc_name} image {svc.get('image')!r} should be tagged with the "
+                            f"package version {version}")
+
+
+def _environment(service: dict) -> dict:
+    env = service.get("environment") or {}
+    return dict(item.split("=", 1) for item in env) if isinstance(env, list) else env
 
 
 def _check_env_names(problems, where, env: dict, env_names) -> None:
@@ -219,9 +266,10 @@ def service_env_names(module: str) -> set[str] | None:
 # ---------------------------------------------------------------- kustomize (the subset used here)
 
 def render_kustomization(directory: Path) -> list[dict]:
-    """Render a kustomization directory: resources (files or kustomization dirs), images, patches."""
+    """Render a kustomization directory: resources (files or kustomization dirs), configMapGenerator,
+    images, patches."""
     spec = yaml.safe_load((directory / "kustomization.yaml").read_text()) or {}
-    unsupported = set(spec) - {"apiVersion", "kind", "resources", "images", "patches"}
+    unsupported = set(spec) - {"apiVersion", "kind", "resources", "images", "patches", "configMapGenerator"}
     if unsupported:
         raise ValueError(f"{directory}: kustomization fields not supported by this renderer: {sorted(unsupported)}")
     objects: list[dict] = []
@@ -231,6 +279,14 @@ def render_kustomization(directory: Path) -> list[dict]:
             objects.extend(render_kustomization(path))
         else:
             objects.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    renamed: dict[str, str] = {}
+    for generator in spec.get("configMapGenerator", []):
+        config_map = generate_config_map(directory, generator)
+        renamed[generator["name"]] = config_map["metadata"]["name"]
+        objects.append(config_map)
+    for obj in objects:
+        for ref in _config_map_refs(obj):
+            ref["name"] = renamed.get(ref["name"], ref["name"])
     for patch_entry in spec.get("patches", []):
         if set(patch_entry) != {"path"}:
             raise ValueError(f"{directory}: only `patches: - path: file` (strategic merge) is supported")
@@ -242,6 +298,50 @@ def render_kustomization(directory: Path) -> list[dict]:
             for container in _containers(obj):
                 _retag(container, image)
     return objects
+
+
+def generate_config_map(directory: Path, generator: dict) -> dict:
+    """A configMapGenerator entry (`envs` files and `literals`; options labels/annotations), named
+    NAME-HASH as kustomize names it, so that a change of the data changes every reference."""
+    unsupported = set(generator) - {"name", "envs", "literals", "options"}
+    if unsupported or set(generator.get("options", {})) - {"labels", "annotations"}:
+        raise ValueError(f"{directory}: configMapGenerator fields not supported by this renderer: {generator}")
+    data: dict[str, str] = {}
+    lines = [line for env_file in generator.get("envs", []) for line in (directory / env_file).read_text().splitlines()]
+    for line in [*lines, *generator.get("literals", [])]:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise ValueError(f"{directory}: configMapGenerator line without '=': {line!r}")
+            data[key] = value
+    metadata = {"name": f"{generator['name']}-{config_map_hash(data)}"}
+    for field in ("labels", "annotations"):
+        if generator.get("options", {}).get(field):
+            metadata[field] = dict(generator["options"][field])
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+
+
+def config_map_hash(data: dict[str, str]) -> str:
+    """kustomize's name suffix (api/hasher): sha256 of Go's json.Marshal of {data, kind, name}, first ten
+    hex digits with 0 1 3 a e spelt g h k m t. Its lookup of `metadata/name` finds nothing, so name is ""."""
+    encoded = json.dumps({"data": data, "kind": "ConfigMap", "name": ""}, sort_keys=True, separators=(",", ":"),
+                         ensure_ascii=False)
+    for char, escape in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e")):  # Go escapes HTML
+        encoded = encoded.replace(char, escape)
+    digest = hashlib.sha256(encoded.encode()).hexdigest()[:10]
+    return digest.translate(str.maketrans("013ae", "ghkmt"))
+
+
+def _config_map_refs(obj: dict) -> list[dict]:
+    """The {name: ...} mappings in a pod template that name a ConfigMap (kustomize's name references)."""
+    pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+    refs = [v["configMap"] for v in pod.get("volumes", []) if "configMap" in v]
+    for container in [*pod.get("containers", []), *pod.get("initContainers", [])]:
+        refs += [e["configMapRef"] for e in container.get("envFrom", []) if "configMapRef" in e]
+        refs += [e["valueFrom"]["configMapKeyRef"] for e in container.get("env", [])
+                 if "configMapKeyRef" in e.get("valueFrom", {})]
+    return refs
 
 
 def _find(objects: list[dict], patch: dict) -> dict:
@@ -326,9 +426,13 @@ def check_k8s(problems: list[str], env_names: dict[str, set[str] | None], cross_
 
 
 def k8s_schema_problems(obj: dict) -> list[str]:
-    """What the Kubernetes JSON schemas (strict: no unknown fields) say about one object."""
+    """What the schemas (strict: no unknown fields) say about one object: the Kubernetes JSON schemas
+    for built-in kinds, the CRDs kept in deploy/schemas/ for custom resources."""
     import kubernetes_validate
 
+    crd_schema = crd_schemas().get((obj.get("apiVersion"), obj.get("kind")))
+    if crd_schema is not None:
+        return crd_schema_problems(obj, crd_schema)
     problems = []
     for version in K8S_VERSIONS:
         desired = kubernetes_validate.latest_version() if version == "latest" else version
@@ -340,6 +444,49 @@ def k8s_schema_problems(obj: dict) -> list[str]:
             problems.append(f"{name}: {path} {exc.message}")
         except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as exc:
             problems.append(f"{name}: no schema: {exc}")
+    return problems
+
+
+@functools.cache
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> the openAPIV3Schema of every served version of the CRDs in deploy/schemas/."""
+    schemas = {}
+    for path in sorted(SCHEMAS.glob("*.yaml")):
+        for crd in yaml.safe_load_all(path.read_text()):
+            if not crd or crd.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for version in crd["spec"]["versions"]:
+                if version.get("served"):
+                    schemas[(f"{group}/{version['name']}", kind)] = _strict(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+def _strict(schema):
+    """The CRD schema with unknown fields refused (as `kubectl apply --validate=strict` does): every object
+    that lists its properties and does not keep unknown fields gets additionalProperties: false."""
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: _strict(value) for key, value in schema.items()}
+    if ("properties" in schema and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        strict["additionalProperties"] = False
+    return strict
+
+
+def crd_schema_problems(obj: dict, schema: dict) -> list[str]:
+    """OpenAPI v3 structural schema checks (types, enums, required, patterns, bounds); the CEL rules
+    (x-kubernetes-validations) are the API server's and are not evaluated here."""
+    import jsonschema
+
+    name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')} ({obj.get('apiVersion')} CRD)"
+    problems = []
+    for error in sorted(jsonschema.Draft4Validator(schema).iter_errors(obj), key=lambda e: list(e.path)):
+        problems.append(f"{name}: {'/'.join(map(str, error.path))} {error.message}")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", str(obj.get("metadata", {}).get("name", ""))):
+        problems.append(f"{name}: metadata.name must be a DNS subdomain")
     return problems
 
 
@@ -376,12 +523,208 @@ def check_cluster(problems, where, overlay, objects, env_names) -> None:
     if not hpas:
         problems.append(f"{where}: no HorizontalPodAutoscaler for preproc")
     gpu = _gpu_limit(deployments.get("model-service"))
-    if overlay == "gpu" and not gpu:
+    wants_gpu = overlay.split("-")[0] == "gpu"
+    if wants_gpu and not gpu:
         problems.append(f"{where}: model-service must request nvidia.com/gpu")
-    if overlay != "gpu" and gpu:
+    if not wants_gpu and gpu:
         problems.append(f"{where}: model-service must not request nvidia.com/gpu")
     if gpu and _gpu_limit(deployments.get("preproc")):
         problems.append(f"{where}: preproc must not request a GPU")
+    for check in (_check_images, _check_generated_config, _check_model_name, _check_disruption_budgets,
+                  _check_service_accounts, _check_preproc_balancing, _check_network_policies,
+                  _check_queue_scaling, _check_service_monitors, _check_routes):
+        check(problems, where, objects, config)
+
+
+# Each check below takes (problems, where, rendered objects, merged ConfigMap data).
+
+def package_version() -> str:
+    import tomllib  # Python 3.11+; the validators run on the project's venv
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def _check_images(problems, where, objects, config) -> None:
+    """Images are tagged with the package version (model_service: VERSION-VARIANT), never :latest."""
+    version = package_version()
+    for obj in objects:
+        for container in _containers(obj):
+            name, _, tag = container["image"].rpartition(":") if ":" in container["image"] else (
+                container["image"], "", "")
+            if tag != version and not tag.startswith(version + "-"):
+                problems.append(f"{where}: {obj['kind']} {obj['metadata']['name']} image {container['image']!r} "
+                                f"should be tagged with the package version {version}")
+
+
+def _check_generated_config(problems, where, objects, config) -> None:
+    """The settings ConfigMap comes from a configMapGenerator (name-HASH), so a change rolls the pods."""
+    config_maps = _by_kind(objects, "ConfigMap")
+    for deployment in _by_kind(objects, "Deployment").values():
+        for ref in _config_map_refs(deployment):
+            if ref["name"] not in config_maps:
+                problems.append(f"{where}: Deployment {deployment['metadata']['name']} refers to ConfigMap "
+                                f"{ref['name']}, which the overlay does not define")
+            elif not re.fullmatch(r".+-[a-z0-9]{10}", ref["name"]):
+                problems.append(f"{where}: ConfigMap {ref['name']} should come from a configMapGenerator "
+                                f"(a name with the content hash rolls the pods on a change)")
+
+
+def _check_model_name(problems, where, objects, config) -> None:
+    name = config.get("MODEL_SERVICE_MODEL_NAME", "")
+    if name in ("", "model"):
+        directory = os.path.basename(config.get("MODEL_SERVICE_MODEL_DIR", ""))
+        problems.append(f"{where}: set MODEL_SERVICE_MODEL_NAME to the model's name (without it every "
+                        f"deployment serves one called {directory!r})")
+    if config.get("PREPROC_MODEL_NAME", name) != name:
+        problems.append(f"{where}: PREPROC_MODEL_NAME {config['PREPROC_MODEL_NAME']!r} is not the name model_service "
+                        f"serves ({name!r})")
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return bool(selector.get("matchLabels")) and selector["matchLabels"].items() <= labels.items()
+
+
+def _check_disruption_budgets(problems, where, objects, config) -> None:
+    """Each PDB keeps at least one pod through voluntary disruptions, even at the lowest replica count."""
+    scaled = {s["spec"]["scaleTargetRef"]["name"]: s["spec"].get("minReplicaCount", 0)
+              for s in _by_kind(objects, "ScaledObject").values()}
+    hpa_min = {h["spec"]["scaleTargetRef"]["name"]: h["spec"].get("minReplicas", 1)
+               for h in _by_kind(objects, "HorizontalPodAutoscaler").values()}
+    for name, deployment in _by_kind(objects, "Deployment").items():
+        fewest = scaled.get(name, hpa_min.get(name, deployment["spec"].get("replicas", 1)))
+        for pdb in _by_kind(objects, "PodDisruptionBudget").values():
+            if not _selects(pdb["spec"]["selector"], _pod_labels(deployment)):
+                continue
+            spec = pdb["spec"]
+            keeps = (int(spec["minAvailable"]) if "minAvailable" in spec
+                     else fewest - int(spec.get("maxUnavailable", fewest)))
+            if keeps < 1:
+                problems.append(f"{where}: PodDisruptionBudget {pdb['metadata']['name']} lets a drain evict every pod "
+                                f"of {name} at {fewest} replica(s): use minAvailable: 1")
+        strategy = deployment["spec"].get("strategy", {}).get("rollingUpdate", {})
+        if fewest == 1 and str(strategy.get("maxUnavailable", "25%")) not in ("0", "0%"):
+            problems.append(f"{where}: Deployment {name} runs one replica: its rollout needs maxUnavailable: 0")
+
+
+def _check_service_accounts(problems, where, objects, config) -> None:
+    accounts = _by_kind(objects, "ServiceAccount")
+    for name, deployment in _by_kind(objects, "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        account = accounts.get(pod.get("serviceAccountName", "default"))
+        if account is None:
+            problems.append(f"{where}: Deployment {name} should run under a ServiceAccount of the overlay")
+        automount = pod.get("automountServiceAccountToken", (account or {}).get("automountServiceAccountToken", True))
+        if automount is not False:
+            problems.append(f"{where}: Deployment {name} mounts a service account token it does not need")
+
+
+def _check_preproc_balancing(problems, where, objects, config) -> None:
+    """In-cluster clients get a headless Service (dns:/// + round_robin); replicas spread over nodes."""
+    preproc = _by_kind(objects, "Deployment").get("preproc")
+    if preproc is None:
+        return
+    labels = _pod_labels(preproc)
+    if not any(s["spec"].get("clusterIP") == "None" and s["spec"].get("selector", {}).items() <= labels.items()
+               and any(p.get("name") == "grpc" for p in s["spec"].get("ports", []))
+               for s in _by_kind(objects, "Service").values()):
+        problems.append(f"{where}: no headless Service (clusterIP: None) with a grpc port selects preproc's pods")
+    spread = preproc["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
+    if not any(c.get("topologyKey") == "kubernetes.io/hostname" and _selects(c.get("labelSelector", {}), labels)
+               for c in spread):
+        problems.append(f"{where}: preproc needs a topologySpreadConstraint over kubernetes.io/hostname "
+                        f"selecting its own pods")
+
+
+def _named_ports(deployment) -> dict:
+    return {p["name"]: p["containerPort"] for c in _containers(deployment) for p in c.get("ports", []) if "name" in p}
+
+
+def _check_network_policies(problems, where, objects, config) -> None:
+    """model_service's gRPC port only from preproc pods; every metrics port only from namespace monitoring."""
+    deployments = _by_kind(objects, "Deployment")
+
+    def only_preproc(peers) -> bool:  # pods of this namespace that are preproc's and no one else's
+        return bool(peers) and all(set(peer) == {"podSelector"} and all(
+            _selects(peer["podSelector"], _pod_labels(d)) == (name == "preproc") for name, d in deployments.items())
+            for peer in peers)
+
+    def only_monitoring(peers) -> bool:
+        return bool(peers) and all(peer == {"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "monitoring"}}} for peer in peers)
+
+    for name, deployment in deployments.items():
+        policies = [p for p in _by_kind(objects, "NetworkPolicy").values()
+                    if p["spec"]["podSelector"].get("matchLabels", {}).items() <= _pod_labels(deployment).items()
+                    and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+        if not policies:
+            problems.append(f"{where}: no NetworkPolicy restricts ingress to {name}")
+            continue
+        for port_name, port in _named_ports(deployment).items():
+            allowed = [rule.get("from") for p in policies for rule in p["spec"].get("ingress", [])
+                       if not rule.get("ports") or any(rp.get("port") in (port_name, port) for rp in rule["ports"])]
+            if port_name == "metrics":
+                wanted, who = only_monitoring, "the monitoring namespace"
+            elif name == "model-service" and port_name == "grpc":
+                wanted, who = only_preproc, "preproc's pods"
+            else:
+                continue
+            if not allowed or not all(wanted(peers) for peers in allowed):
+                problems.append(f"{where}: NetworkPolicy lets {allowed or 'nobody'} reach {name} port {port_name}; "
+                                f"only {who} should")
+
+
+@functools.cache
+def declared_metrics() -> frozenset[str]:
+    """Metric names the services declare (any "splitserve_..." string in their code)."""
+    names = set()
+    for package in ("splitserve_common", "model_service", "preproc_service"):
+        for path in (ROOT / package).rglob("*.py"):
+            names.update(re.findall(r"[\"'](splitserve_[a-z0-9_]+)[\"']", path.read_text()))
+    return frozenset(names)
+
+
+def _check_queue_scaling(problems, where, objects, config) -> None:
+    """A ScaledObject drives model-service from metrics the service exports; no second HPA fights it."""
+    for scaled in _by_kind(objects, "ScaledObject").values():
+        target = scaled["spec"]["scaleTargetRef"]["name"]
+        if target not in _by_kind(objects, "Deployment"):
+            problems.append(f"{where}: ScaledObject {scaled['metadata']['name']} scales {target}, not a Deployment")
+        hpas = _by_kind(objects, "HorizontalPodAutoscaler").values()
+        if any(h["spec"]["scaleTargetRef"]["name"] == target for h in hpas):
+            problems.append(f"{where}: {target} has both a ScaledObject and a HorizontalPodAutoscaler")
+        for trigger in scaled["spec"]["triggers"]:
+            query = trigger.get("metadata", {}).get("query", "")
+            for metric in re.findall(r"splitserve_[a-z0-9_]+", query):
+                base = re.sub(r"_(bucket|sum|count|created)$", "", metric)
+                if metric not in declared_metrics() and base not in declared_metrics():
+                    problems.append(f"{where}: ScaledObject trigger {trigger.get('name')} queries {metric}, "
+                                    f"which no service exports")
+
+
+def _check_service_monitors(problems, where, objects, config) -> None:
+    services = _by_kind(objects, "Service").values()
+    for monitor in _by_kind(objects, "ServiceMonitor").values():
+        selected = [s for s in services if _selects(monitor["spec"]["selector"], s["metadata"].get("labels", {}))]
+        for endpoint in monitor["spec"]["endpoints"]:
+            if not any(p.get("name") == endpoint.get("port") for s in selected for p in s["spec"]["ports"]):
+                problems.append(f"{where}: ServiceMonitor {monitor['metadata']['name']} scrapes port "
+                                f"{endpoint.get('port')!r}, which no Service it selects has")
+
+
+def _check_routes(problems, where, objects, config) -> None:
+    services, gateways = _by_kind(objects, "Service"), _by_kind(objects, "Gateway")
+    for route in _by_kind(objects, "GRPCRoute").values():
+        rname = f"GRPCRoute {route['metadata']['name']}"
+        for parent in route["spec"].get("parentRefs", []):
+            listeners = [li["name"] for li in gateways.get(parent["name"], {}).get("spec", {}).get("listeners", [])]
+            if parent.get("sectionName", listeners[:1] and listeners[0]) not in listeners:
+                problems.append(f"{where}: {rname} attaches to {parent}, which no Gateway listener here is")
+        for rule in route["spec"].get("rules", []):
+            for backend in rule.get("backendRefs", []):
+                ports = [p["port"] for p in services.get(backend["name"], {}).get("spec", {}).get("ports", [])]
+                if backend.get("port") not in ports:
+                    problems.append(f"{where}: {rname} sends to Service {backend['name']} port {backend.get('port')}, "
+                                    f"which does not exist")
 
 
 def _pod_labels(deployment) -> dict:

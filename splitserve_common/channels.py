@@ -52,10 +52,10 @@ class ChannelSecurity:
     @classmethod
     def from_args(cls, args, peer: str) -> ChannelSecurity:
         """From the values of `client_options(peer)`."""
+        values = vars(args)
         dest = peer.replace("-", "_")
-        return cls(ca=getattr(args, f"{dest}_tls_ca", ""), cert=getattr(args, f"{dest}_tls_cert", ""),
-                   key=getattr(args, f"{dest}_tls_key", ""), token=getattr(args, f"{dest}_token", ""),
-                   server_name=getattr(args, f"{dest}_tls_server_name", ""))
+        return cls(ca=values[f"{dest}_tls_ca"], cert=values[f"{dest}_tls_cert"], key=values[f"{dest}_tls_key"],
+                   token=values[f"{dest}_token"], server_name=values[f"{dest}_tls_server_name"])
 
 
 def client_options(peer: str) -> list[Option]:

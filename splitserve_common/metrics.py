@@ -9,9 +9,12 @@ Names (all prefixed `splitserve_`):
 
 | metric | type | labels |
 | --- | --- | --- |
-| `splitserve_requests_total` | counter | `method`, `code` |
-| `splitserve_request_duration_seconds` | histogram | `method` |
-| `splitserve_requests_in_flight` | gauge | `method` |
+| `splitserve_requests_total` | counter | `protocol`, `method`, `code` |
+| `splitserve_request_duration_seconds` | histogram | `protocol`, `method` |
+| `splitserve_requests_in_flight` | gauge | `protocol`, `method` |
+
+`protocol` is `grpc` (method: `package.Service/Method`, code: the status name) or `http`
+(method: the route, e.g. `POST /v1/chat/completions`, code: the HTTP status).
 | `splitserve_stream_items_total` | counter | `method`, `code` (items of a request stream, each answered alone) |
 | `splitserve_stage_duration_seconds` | histogram | `stage` (tokenize, queue, forward, postprocess, hop, ...) |
 | `splitserve_batch_size` | histogram | |
@@ -26,7 +29,6 @@ import asyncio
 import inspect
 import logging
 import time
-from contextlib import contextmanager
 
 import grpc
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
@@ -37,11 +39,12 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-REQUESTS = Counter("splitserve_requests_total", "gRPC calls finished, by method and status code",
-                   ["method", "code"])
-REQUEST_DURATION = Histogram("splitserve_request_duration_seconds", "gRPC call duration, by method",
-                             ["method"], buckets=LATENCY_BUCKETS)
-IN_FLIGHT = Gauge("splitserve_requests_in_flight", "gRPC calls being served now, by method", ["method"])
+REQUESTS = Counter("splitserve_requests_total", "calls finished, by protocol, method and status code",
+                   ["protocol", "method", "code"])
+REQUEST_DURATION = Histogram("splitserve_request_duration_seconds", "call duration, by protocol and method",
+                             ["protocol", "method"], buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("splitserve_requests_in_flight", "calls being served now, by protocol and method",
+                  ["protocol", "method"])
 STREAM_ITEMS = Counter("splitserve_stream_items_total",
                        "items of request streams answered, each on its own, by method and status code",
                        ["method", "code"])
@@ -60,16 +63,6 @@ def observe_stage(stage: str, seconds: float) -> None:
     STAGE_DURATION.labels(stage).observe(seconds)
 
 
-@contextmanager
-def stage_timer(stage: str):
-    """`with stage_timer("tokenize"): ...` records the block's wall time under that stage."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        observe_stage(stage, time.perf_counter() - start)
-
-
 def count_stream_item(method: str, code: str) -> None:
     STREAM_ITEMS.labels(method, code).inc()
 
@@ -80,14 +73,6 @@ def observe_batch_size(rows: int) -> None:
 
 def set_queue_depth(depth: int) -> None:
     QUEUE_DEPTH.set(depth)
-
-
-def add_generated_tokens(count: int) -> None:
-    GENERATED_TOKENS.inc(count)
-
-
-def observe_time_to_first_token(seconds: float) -> None:
-    TIME_TO_FIRST_TOKEN.observe(seconds)
 
 
 _serving_ports: dict[int, int] = {}
@@ -113,6 +98,20 @@ def start_metrics_server(port: int, host: str = "0.0.0.0") -> int | None:
     _serving_ports[port] = bound
     log.info("metrics on http://%s:%d/metrics", host, bound)
     return bound
+
+
+class HttpRequestMetrics:
+    """The same three request metrics for one HTTP route, under protocol="http"."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self.in_flight = IN_FLIGHT.labels("http", method)
+        self.duration = REQUEST_DURATION.labels("http", method)
+
+    def finish(self, start: float, status: int) -> None:
+        self.in_flight.dec()
+        self.duration.observe(time.perf_counter() - start)
+        REQUESTS.labels("http", self.method, str(status)).inc()
 
 
 def _short_method(full_method: str) -> str:
@@ -149,13 +148,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _measured(behavior, method: str):
-    in_flight = IN_FLIGHT.labels(method)
-    duration = REQUEST_DURATION.labels(method)
+    in_flight = IN_FLIGHT.labels("grpc", method)
+    duration = REQUEST_DURATION.labels("grpc", method)
 
     def finish(context, start: float, exc: BaseException | None) -> None:
         in_flight.dec()
         duration.observe(time.perf_counter() - start)
-        REQUESTS.labels(method, _code_name(context, exc)).inc()
+        REQUESTS.labels("grpc", method, _code_name(context, exc)).inc()
 
     if inspect.isasyncgenfunction(behavior):
 

@@ -37,8 +37,7 @@ def read_pem(path: str, what: str) -> bytes:
 
 def server_credentials(args) -> grpc.ServerCredentials | None:
     """TLS credentials from the SECURITY_OPTIONS values, or None for plaintext."""
-    cert, key = getattr(args, "tls_cert", ""), getattr(args, "tls_key", "")
-    client_ca = getattr(args, "tls_client_ca", "")
+    cert, key, client_ca = args.tls_cert, args.tls_key, args.tls_client_ca
     if not cert and not key:
         if client_ca:
             raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key (mTLS runs over TLS)")
@@ -85,5 +84,4 @@ async def _refuse(_request, context):
 
 
 def server_interceptors(args) -> list[grpc.aio.ServerInterceptor]:
-    token = getattr(args, "auth_token", "")
-    return [BearerTokenInterceptor(token)] if token else []
+    return [BearerTokenInterceptor(args.auth_token)] if args.auth_token else []

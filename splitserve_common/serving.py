@@ -41,17 +41,16 @@ def metrics_port_option(default_port: int) -> Option:
 def create_server(args, interceptors=()) -> grpc.aio.Server:
     """A grpc.aio server with the shared options (message limits, keepalive policy).
 
-    `args` carries the SERVER_OPTIONS values (and `metrics_port` when the service
-    has it). Every call is counted by the metrics interceptor (outermost, so refused
-    calls are counted too), then checked for the bearer token when one is set, then
-    passes the drain gate (wait_for_termination closes it); innermost, a request that
-    does not parse is answered INVALID_ARGUMENT (decoding.py). The /metrics HTTP
-    endpoint starts here.
+    `args` carries the SERVER_OPTIONS values and `metrics_port` (metrics_port_option).
+    Every call is counted by the metrics interceptor (outermost, so refused calls are
+    counted too), then checked for the bearer token when one is set, then passes the
+    drain gate (wait_for_termination closes it); innermost, a request that does not
+    parse is answered INVALID_ARGUMENT (decoding.py). The /metrics HTTP endpoint starts here.
     """
     gate = DrainGate()
     chain = [metrics.MetricsInterceptor(), *security.server_interceptors(args), gate, *interceptors,
              DecodeErrorInterceptor()]
-    metrics.start_metrics_server(getattr(args, "metrics_port", 0), getattr(args, "host", "0.0.0.0"))
+    metrics.start_metrics_server(args.metrics_port, args.host)
     server = grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=chain)
     _drain_gates[id(server)] = gate
     return server
@@ -159,11 +158,13 @@ class HealthReporter:
     def __init__(self, server: grpc.aio.Server, service_names: Iterable[str]):
         self.servicer = DrainingHealthServicer()
         self.names = ["", *service_names]
+        self.serving = False  # what the HTTP doors' health routes answer
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     async def set(self, serving: bool, not_serving: Iterable[str] = ()) -> None:
         """Every service SERVING (or not); the services named in `not_serving` NOT_SERVING whatever `serving`."""
         left_out = set(not_serving)
+        self.serving = serving and not self.servicer.draining
         for name in self.names:
             up = serving and name not in left_out
             await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if up
@@ -171,6 +172,7 @@ class HealthReporter:
 
     async def drain(self) -> None:
         """NOT_SERVING for good: later `set` calls are ignored and Watch streams end."""
+        self.serving = False
         await self.servicer.drain()
 
 
@@ -182,10 +184,13 @@ def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> 
 
 
 async def wait_for_termination(server: grpc.aio.Server, health_reporter: HealthReporter, drain_seconds: float,
-                               on_drain=None) -> None:
+                               on_drain=None, after_drain=None) -> None:
     """Serve until SIGTERM/SIGINT; then drain and end the process: report NOT_SERVING, refuse new calls
     with UNAVAILABLE, let the calls in flight finish (at most `drain_seconds`), exit. Returns only
-    when the server stops by itself. See drain.py for the steps and end_process for the exit."""
+    when the server stops by itself. See drain.py for the steps and end_process for the exit.
+
+    `on_drain()` runs as the drain starts; `after_drain(seconds_left)` once the gRPC calls are done,
+    for other doors of the process to finish theirs before it exits."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -204,6 +209,8 @@ async def wait_for_termination(server: grpc.aio.Server, health_reporter: HealthR
             await on_drain()
         if gate is not None and not await gate.wait_idle(drain_seconds):
             log.warning("drain time up with %d call(s) still in flight: ending them", gate.in_flight)
+        if after_drain is not None:
+            await after_drain(max(0.0, drain_seconds - (loop.time() - started)))
         log.info("drained in %.2f s", loop.time() - started)
         end_process()
     stopper.cancel()

@@ -24,25 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve_pb/generation.proto\x12\rsplitserve.v1\"\x92\x03\n\x12GenerationSettings\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tdo_sample\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\x03\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x8a\x01\n\x0fGenerateRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x11\n\tinput_ids\x18\x03 \x03(\x03\x12\x33\n\x08settings\x18\x04 \x01(\x0b\x32!.splitserve.v1.GenerationSettings\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\"\x98\x01\n\x0cGenerateStep\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x01\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x05\"\x18\n\x16GenerationStatsRequest\"\xd9\x01\n\x0fGenerationStats\x12\x18\n\x10\x61\x63tive_sequences\x18\x01 \x01(\x05\x12\x19\n\x11waiting_sequences\x18\x02 \x01(\x05\x12\x18\n\x10tokens_in_flight\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x10\n\x08\x66inished\x18\x05 \x01(\x03\x12\x11\n\tcancelled\x18\x06 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x07 \x01(\x03\x12\x15\n\rmax_sequences\x18\x08 \x01(\x05\x12\x12\n\nmax_tokens\x18\t \x01(\x03*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xab\x01\n\nGeneration\x12K\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1b.splitserve.v1.GenerateStep\"\x00\x30\x01\x12P\n\x05Stats\x12%.splitserve.v1.GenerationStatsRequest\x1a\x1e.splitserve.v1.GenerationStats\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve_pb/generation.proto\x12\rsplitserve.v1\"\x90\x06\n\x12GenerationSettings\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tdo_sample\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\x03\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x01H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x01H\t\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\x05\x12\x16\n\tnum_beams\x18\x14 \x01(\x05H\n\x88\x01\x01\x12!\n\x14num_return_sequences\x18\x15 \x01(\x05H\x0b\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x16 \x01(\x01H\x0c\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x17 \x01(\x05H\r\x88\x01\x01\x12\x1b\n\x0e\x65\x61rly_stopping\x18\x18 \x01(\x08H\x0e\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0c\n\n_num_beamsB\x17\n\x15_num_return_sequencesB\x11\n\x0f_length_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x11\n\x0f_early_stopping\"\x8a\x01\n\x0fGenerateRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x11\n\tinput_ids\x18\x03 \x03(\x03\x12\x33\n\x08settings\x18\x04 \x01(\x0b\x32!.splitserve.v1.GenerationSettings\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x01\"\xca\x01\n\x0cGenerateStep\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x01\x12\x30\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x1a.splitserve.v1.TopLogprobs\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x05\"\x18\n\x16GenerationStatsRequest\"\xd9\x01\n\x0fGenerationStats\x12\x18\n\x10\x61\x63tive_sequences\x18\x01 \x01(\x05\x12\x19\n\x11waiting_sequences\x18\x02 \x01(\x05\x12\x18\n\x10tokens_in_flight\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x10\n\x08\x66inished\x18\x05 \x01(\x03\x12\x11\n\tcancelled\x18\x06 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x07 \x01(\x03\x12\x15\n\rmax_sequences\x18\x08 \x01(\x05\x12\x12\n\nmax_tokens\x18\t \x01(\x03*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xab\x01\n\nGeneration\x12K\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1b.splitserve.v1.GenerateStep\"\x00\x30\x01\x12P\n\x05Stats\x12%.splitserve.v1.GenerationStatsRequest\x1a\x1e.splitserve.v1.GenerationStats\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve_pb.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=996
-  _globals['_FINISHREASON']._serialized_end=1114
+  _globals['_FINISHREASON']._serialized_start=1480
+  _globals['_FINISHREASON']._serialized_end=1598
   _globals['_GENERATIONSETTINGS']._serialized_start=50
-  _globals['_GENERATIONSETTINGS']._serialized_end=452
-  _globals['_GENERATEREQUEST']._serialized_start=455
-  _globals['_GENERATEREQUEST']._serialized_end=593
-  _globals['_GENERATESTEP']._serialized_start=596
-  _globals['_GENERATESTEP']._serialized_end=748
-  _globals['_GENERATIONSTATSREQUEST']._serialized_start=750
-  _globals['_GENERATIONSTATSREQUEST']._serialized_end=774
-  _globals['_GENERATIONSTATS']._serialized_start=777
-  _globals['_GENERATIONSTATS']._serialized_end=994
-  _globals['_GENERATION']._serialized_start=1117
-  _globals['_GENERATION']._serialized_end=1288
+  _globals['_GENERATIONSETTINGS']._serialized_end=834
+  _globals['_GENERATEREQUEST']._serialized_start=837
+  _globals['_GENERATEREQUEST']._serialized_end=975
+  _globals['_TOPLOGPROBS']._serialized_start=977
+  _globals['_TOPLOGPROBS']._serialized_end=1027
+  _globals['_GENERATESTEP']._serialized_start=1030
+  _globals['_GENERATESTEP']._serialized_end=1232
+  _globals['_GENERATIONSTATSREQUEST']._serialized_start=1234
+  _globals['_GENERATIONSTATSREQUEST']._serialized_end=1258
+  _globals['_GENERATIONSTATS']._serialized_start=1261
+  _globals['_GENERATIONSTATS']._serialized_end=1478
+  _globals['_GENERATION']._serialized_start=1601
+  _globals['_GENERATION']._serialized_end=1772
 # @@protoc_insertion_point(module_scope)

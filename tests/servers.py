@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+HTTP_SERVICES = ("preproc_service",)  # services with an HTTP door (--http-port)
 
 
 def free_port() -> int:
@@ -34,10 +35,12 @@ def health_status(address: str, service: str = "", timeout: float = 1.0):
 
 
 class ServiceProcess:
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path, http_port: int = 0):
         self.proc = proc
         self.port = port
         self.address = f"127.0.0.1:{port}"
+        self.http_port = http_port
+        self.http_url = f"http://127.0.0.1:{http_port}" if http_port else ""
         self.log_path = log_path
 
     def log(self) -> str:
@@ -67,8 +70,18 @@ class ServiceProcess:
 @contextmanager
 def service(module: str, args: list[str], *, port: int | None = None, env: dict | None = None,
             log_dir: Path | None = None, wait: bool = True, timeout: float = 120.0):
-    """Run `python -m module --port PORT args...` until the block exits (SIGTERM, then kill)."""
+    """Run `python -m module --port PORT args...` until the block exits (SIGTERM, then kill).
+
+    The HTTP door, which is on by default, gets a free port too unless `args` choose one
+    (`http_url` / `http_port` of the handle), so services started side by side never collide.
+    """
     port = port or free_port()
+    http_port = 0
+    if module in HTTP_SERVICES and "--http-port" not in args:
+        http_port = free_port()
+        args = [*args, "--http-port", str(http_port)]
+    elif "--http-port" in args:
+        http_port = int(args[args.index("--http-port") + 1])
     log_dir = Path(log_dir or os.environ.get("SPLITSERVE_TEST_LOGS", "/tmp"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{module}-{port}.log"
@@ -76,7 +89,7 @@ def service(module: str, args: list[str], *, port: int | None = None, env: dict 
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
                                 cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
-    handle = ServiceProcess(proc, port, log_path)
+    handle = ServiceProcess(proc, port, log_path, http_port)
     try:
         if wait:
             handle.wait_serving(timeout)

@@ -16,10 +16,8 @@ import pytest
 import torch
 
 from model_service.adapters import AdapterRegistry
-from splitserve_common import tensors
-from splitserve_common.params import set_param
+from splitserve_common import v2_codec
 from splitserve_pb import adapters_pb2, adapters_pb2_grpc
-from splitserve_pb import open_inference_pb2 as v2
 from splitserve_pb import open_inference_pb2_grpc as v2_grpc
 from tests import adapter_helpers as ah
 from tests import model_factory as mf
@@ -42,20 +40,13 @@ def minilm_adapter(tmp_path_factory):
 
 def embed_request(tok, adapter=""):
     enc = tok(["the river is long", "alice lives in paris"], padding=True, return_tensors="np")
-    request = v2.ModelInferRequest()
-    for name in ("input_ids", "attention_mask"):
-        datatype, shape, raw = tensors.to_raw(enc[name].astype(np.int64))
-        request.inputs.add(name=name, datatype=datatype, shape=shape)
-        request.raw_input_contents.append(raw)
-    request.outputs.add(name="last_hidden_state")
-    if adapter:
-        set_param(request.parameters, "adapter", adapter)
+    inputs = {name: enc[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+    request = v2_codec.encode_request(inputs, ["last_hidden_state"], {"adapter": adapter or None})
     return request
 
 
 def hidden(response) -> np.ndarray:
-    out = response.outputs[0]
-    return tensors.decode(out.name, out.datatype, out.shape, response.raw_output_contents[0])
+    return v2_codec.decode_response(response)["last_hidden_state"]
 
 
 def test_server_rss_returns_after_50_load_use_unload_cycles(minilm_adapter):
@@ -94,6 +85,7 @@ def test_server_rss_returns_after_50_load_use_unload_cycles(minilm_adapter):
         np.testing.assert_allclose(hidden(infer.ModelInfer(embed_request(tok))), base_out, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # a soak: 50 load/unload cycles in-process
 def test_parameters_and_modules_return_after_50_cycles(tmp_path):
     base, tok = mf.build_encoder("text-classification")
     dirs = ah.save_adapters(base, tmp_path, ah.ENCODER_ADAPTERS)

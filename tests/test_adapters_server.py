@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitserve_common import tensors
-from splitserve_common.params import set_param
+from splitserve_common import v2_codec
 from splitserve_pb import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 from splitserve_pb import open_inference_pb2 as v2
 from splitserve_pb import open_inference_pb2_grpc as v2_grpc
@@ -25,6 +24,7 @@ SENTENCES = ["the river is good", "alice walks in paris today with bob", "hello"
 PROMPTS = ["the river", "alice walks in", "the", "music of the", "who is", "a large city"]
 TOKEN = ah.TOKEN
 GOOD = ah.TOKEN_METADATA
+GPT2_RANKS = {name: spec[1] for name, spec in ah.GPT2_ADAPTERS.items()}
 # One torch thread: on a small shared CPU, intra-op threads spinning on each other slow the
 # many small LoRA matmuls by orders of magnitude.
 SERVER_ARGS = ("--metrics-port", "0", "--torch-threads", "1")
@@ -59,20 +59,13 @@ def gpt2_server(tmp_path_factory):
 
 def infer_request(tok, texts, adapter=""):
     enc = tok(texts, padding=True, return_tensors="np")
-    request = v2.ModelInferRequest(model_name="")
-    for name in ("input_ids", "attention_mask"):
-        datatype, shape, raw = tensors.to_raw(enc[name].astype(np.int64))
-        request.inputs.add(name=name, datatype=datatype, shape=shape)
-        request.raw_input_contents.append(raw)
-    request.outputs.add(name="logits")
-    if adapter:
-        set_param(request.parameters, "adapter", adapter)
+    inputs = {name: enc[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+    request = v2_codec.encode_request(inputs, ["logits"], {"adapter": adapter or None})
     return request, enc
 
 
 def logits_of(response) -> np.ndarray:
-    out = response.outputs[0]
-    return tensors.decode(out.name, out.datatype, out.shape, response.raw_output_contents[0])
+    return v2_codec.decode_response(response)["logits"]
 
 
 def expected_logits(ref, enc) -> np.ndarray:
@@ -244,6 +237,37 @@ def test_management_needs_the_token(gpt2_server):
     # listing stays open
     assert sorted(a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters) == [
         "alpha", "beta", "gamma"]
+
+
+def test_sdk_adapters_client_lists_loads_and_unloads_with_the_token(gpt2_server):
+    import asyncio
+
+    from client.adapters_client import AdaptersClient, AsyncAdaptersClient
+
+    address, alpha = gpt2_server["server"].address, gpt2_server["dirs"]["alpha"]
+    with AdaptersClient(address) as anonymous:
+        assert sorted(a.name for a in anonymous.list()) == ["alpha", "beta", "gamma"]
+        with pytest.raises(grpc.RpcError) as excinfo:
+            anonymous.load("sdk", alpha)
+        assert excinfo.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with AdaptersClient(address, token=TOKEN) as adapters:
+        loaded = adapters.load("sdk", alpha)
+        assert (loaded.name, loaded.method, loaded.rank) == ("sdk", "LORA", GPT2_RANKS["alpha"])
+        assert loaded.target_modules == ["c_attn"] and loaded.weight_bytes > 0 and loaded.source == str(alpha)
+        assert "sdk" in [a.name for a in adapters.list()]
+        assert adapters.unload("sdk").name == "sdk"
+        with pytest.raises(grpc.RpcError) as excinfo:
+            adapters.unload("sdk")
+        assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND
+
+    async def use_async():
+        async with AsyncAdaptersClient(address, token=TOKEN, header="x-adapter-token") as adapters:
+            await adapters.load("sdk-async", alpha)
+            names = [a.name for a in await adapters.list()]
+            return names, (await adapters.unload("sdk-async")).name
+
+    names, unloaded = asyncio.run(use_async())
+    assert "sdk-async" in names and unloaded == "sdk-async"
 
 
 def test_management_is_disabled_by_default(tmp_path):

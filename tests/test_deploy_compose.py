@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -27,114 +26,61 @@ import pytest
 from client.preproc_client import PreprocClient
 from splitserve_common.channels import ChannelSecurity, sync_channel
 from tests.ops_helpers import make_compose_certs, sample, scrape, sentences, tiny_model
-from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("validate_deploy", ROOT / "scripts" / "validate_deploy.py")
-validate_deploy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(validate_deploy)
+_spec = importlib.util.spec_from_file_location("compose_host", ROOT / "scripts" / "compose_host.py")
+compose_host = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compose_host)
+validate_deploy = compose_host.validate_deploy
 
 TOKEN = "compose-test-token"
 
 
-def interpolate(text: str, variables: dict) -> str:
-    """Compose's ${VAR}, ${VAR:-default}, ${VAR:?error} and $VAR."""
-    def replace(match):
-        name, op, arg = match.group(1) or match.group(4), match.group(2), match.group(3)
-        value = variables.get(name)
-        if op == ":-" and not value:
-            return arg
-        if op == ":?" and not value:
-            raise ValueError(f"compose needs {name}: {arg}")
-        return value or ""
-    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}|\$(\w+)", replace, str(text))
-
-
-class ComposeAsProcesses:
+class ComposeAsProcesses(compose_host.HostStack):
     def __init__(self, stack: dict, variables: dict, mounts: dict[str, Path], log_dir: Path):
-        self.services = stack["services"]
-        self.variables = variables
-        self.mounts = mounts  # volume target -> directory standing in for its source
+        super().__init__(stack, variables, mounts)
         self.log_dir = log_dir
-        # (service, container port) -> free host port; compose would publish these.
-        self.ports = {(name, int(str(p).split(":")[-1])): free_port()
-                      for name, svc in self.services.items() for p in svc.get("ports", [])}
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def host_port(self, service: str, container_port: int) -> int:
-        return self.ports[(service, container_port)]
-
-    def _map_value(self, service: str, value) -> str:
-        text = interpolate(value, self.variables)
-        for (name, port), host_port in self.ports.items():
-            text = re.sub(rf"\b{re.escape(name)}:{port}\b", f"127.0.0.1:{host_port}", text)  # other services
-            if name == service:  # this service's own listening port, inside its container
-                text = re.sub(rf"\b(?:127\.0\.0\.1|localhost):{port}\b", f"127.0.0.1:{host_port}", text)
-                text = str(host_port) if text == str(port) else text
-        for volume in self.services[service].get("volumes", []):
-            target = volume["target"]
-            interpolate(volume["source"], self.variables)  # the variables compose requires are set
-            if text == target or text.startswith(target + "/"):
-                text = str(self.mounts[target]) + text[len(target):]
-        return "127.0.0.1" if text == "0.0.0.0" else text
-
-    def _map_argv(self, service: str, argv: list) -> list[str]:
-        mapped = [self._map_value(service, arg) for arg in argv]
-        return [sys.executable if arg == "python" else arg for arg in mapped]
+    def _python(self, argv: list[str]) -> list[str]:
+        return [sys.executable if arg == "python" else arg for arg in argv]
 
     def command(self, service: str) -> list[str]:
         svc = self.services[service]
         entrypoint = svc.get("entrypoint") or validate_deploy.dockerfile_entrypoint(ROOT / svc["build"]["dockerfile"])
-        return self._map_argv(service, [*entrypoint, *(svc.get("command") or [])])
+        return self._python(self.map_argv(service, [*entrypoint, *(svc.get("command") or [])]))
 
-    def environment(self, service: str) -> dict:
-        env = {k: self._map_value(service, v) for k, v in (self.services[service].get("environment") or {}).items()}
+    def process_environment(self, service: str) -> dict:
         # The image's ENV: offline, unbuffered. PATH and the venv come from this machine.
         return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "HF_HUB_OFFLINE": "1",
-                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **env}
-
-    def start_order(self) -> list[str]:
-        order: list[str] = []
-
-        def visit(name):
-            for dependency in (self.services[name].get("depends_on") or {}):
-                visit(dependency)
-            if name not in order:
-                order.append(name)
-        for name in self.services:
-            visit(name)
-        return order
+                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self.environment(service)}
 
     def start(self, service: str) -> None:
         with open(self.log_dir / f"{service}.log", "wb") as log:  # the child keeps its own descriptor
-            self.procs[service] = subprocess.Popen(self.command(service), cwd=ROOT, env=self.environment(service),
+            self.procs[service] = subprocess.Popen(self.command(service), cwd=ROOT,
+                                                   env=self.process_environment(service),
                                                    stdout=log, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, service: str) -> None:
         """Run the declared healthcheck until it passes, within start_period + retries x interval."""
-        check = self.services[service]["healthcheck"]
-        test = check["test"]
-        assert test[0] == "CMD", "healthchecks use the exec form"
-        argv = self._map_argv(service, test[1:])
-        limit = (validate_deploy.duration_seconds(check.get("start_period", "0s"))
-                 + check.get("retries", 3) * validate_deploy.duration_seconds(check.get("interval", "30s")))
-        deadline = time.monotonic() + limit
+        argv, timing = self.healthcheck(service)
+        deadline = time.monotonic() + timing["limit"]
         while time.monotonic() < deadline:
             if self.procs[service].poll() is not None:
                 raise RuntimeError(f"{service} exited:\n{self.log(service)}")
-            probe = subprocess.run(argv, cwd=ROOT, env=self.environment(service), capture_output=True, timeout=30)
+            probe = subprocess.run(self._python(argv), cwd=ROOT, env=self.process_environment(service),
+                                   capture_output=True, timeout=30)
             if probe.returncode == 0:
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"{service} not healthy after {limit:.0f}s:\n{self.log(service)[-3000:]}")
+        raise TimeoutError(f"{service} not healthy after {timing['limit']:.0f}s:\n{self.log(service)[-3000:]}")
 
     def stop(self, service: str) -> int | None:
         proc = self.procs[service]
-        grace = validate_deploy.duration_seconds(self.services[service].get("stop_grace_period", "10s"))
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
-            return proc.wait(grace)
+            return proc.wait(self.stop_grace(service))
         except subprocess.TimeoutExpired:
             proc.kill()  # what docker does after the grace period
             proc.wait()
@@ -144,11 +90,7 @@ class ComposeAsProcesses:
         return (self.log_dir / f"{service}.log").read_text(errors="replace")
 
 
-def _merged(*overrides: str) -> dict:
-    stack = validate_deploy.load_compose(validate_deploy.COMPOSE_FILE)
-    for override in overrides:
-        stack = validate_deploy.merge_compose(stack, validate_deploy.load_compose(ROOT / override))
-    return stack
+_merged = compose_host.merged_stack
 
 
 @pytest.fixture(scope="module", params=["cpu", "cpu+tls"])
@@ -175,6 +117,16 @@ def compose(request, tmp_path_factory):
     finally:
         for service in reversed(list(runner.procs)):
             runner.stop(service)
+
+
+@pytest.mark.parametrize("overrides, grpc_host", [(["deploy/compose.cpu.yaml"], "127.0.0.1"),
+                                                  (["deploy/compose.cpu.yaml", "deploy/compose.tls.yaml"], "")])
+def test_only_preproc_faces_the_host(overrides, grpc_host):
+    """model_service (no token, run-time adapter loading) is never published; preproc is, on loopback,
+    and on every interface ("") only with the TLS and token overlay. Metrics stay on loopback."""
+    services = _merged(*overrides)["services"]
+    assert validate_deploy.published_ports(services["model-service"]) == []
+    assert sorted(validate_deploy.published_ports(services["preproc"])) == [(grpc_host, 8011), ("127.0.0.1", 8012)]
 
 
 def test_start_order_follows_depends_on(compose):

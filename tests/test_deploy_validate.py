@@ -69,6 +69,23 @@ def test_compose_checks_catch_broken_stacks(stacks):
     del no_gpu["services"]["model-service"]["deploy"]
     assert any("GPU reservation" in p for p in _stack_problems("docker-compose.yml", no_gpu))
 
+    published = copy.deepcopy(good)
+    published["services"]["model-service"]["ports"] = ["127.0.0.1:8001:8001"]
+    assert any("model-service publishes port 8001" in p for p in _stack_problems("docker-compose.yml", published))
+
+    open_plain = copy.deepcopy(good)
+    open_plain["services"]["preproc"]["ports"][0] = "8011:8011"
+    assert any("every interface without TLS" in p for p in _stack_problems("docker-compose.yml", open_plain))
+    tls = stacks["docker-compose.yml + deploy/compose.tls.yaml"]
+    assert _stack_problems("tls", tls) == []  # the same port is fine behind mutual TLS and the token
+    tls_no_token = copy.deepcopy(tls)
+    del tls_no_token["services"]["preproc"]["environment"]["PREPROC_AUTH_TOKEN"]
+    assert any("every interface without TLS" in p for p in _stack_problems("tls", tls_no_token))
+
+    latest = copy.deepcopy(good)
+    latest["services"]["preproc"]["image"] = "splitserve/preproc-service:latest"
+    assert any("package version" in p for p in _stack_problems("docker-compose.yml", latest))
+
     misspelt = copy.deepcopy(good)
     misspelt["services"]["model-service"]["environment"]["MODEL_SERVICE_MODEL_DIRR"] = "/models/model"
     known = {"model_service": {"MODEL_SERVICE_MODEL_DIR", "MODEL_SERVICE_PORT"}, "preproc_service": None}
@@ -103,7 +120,7 @@ def test_compose_merge_rules():
 
 @pytest.fixture(scope="module")
 def rendered():
-    return {overlay: vd.render_kustomization(vd.K8S_OVERLAYS / overlay) for overlay in ("cpu", "gpu")}
+    return {overlay.name: vd.render_kustomization(overlay) for overlay in vd.K8S_OVERLAYS.iterdir()}
 
 
 def _cluster_problems(overlay: str, objects: list[dict]) -> list[str]:
@@ -120,8 +137,9 @@ def test_overlays_differ_where_they_should(rendered):
     gpu_model = _deployment(rendered["gpu"], "model-service")["spec"]["template"]["spec"]
     cpu_model = _deployment(rendered["cpu"], "model-service")["spec"]["template"]["spec"]
     assert gpu_model["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert gpu_model["containers"][0]["image"] == "splitserve/model-service:cuda"
-    assert cpu_model["containers"][0]["image"] == "splitserve/model-service:cpu"
+    version = vd.package_version()
+    assert gpu_model["containers"][0]["image"] == f"splitserve/model-service:{version}-cuda"
+    assert cpu_model["containers"][0]["image"] == f"splitserve/model-service:{version}-cpu"
     assert "nvidia.com/gpu" not in cpu_model["containers"][0]["resources"].get("limits", {})
     # The strategic merge kept the base's container fields (probes, mounts) beside the patched resources.
     assert gpu_model["containers"][0]["readinessProbe"]["grpc"]["port"] == 8001
@@ -131,6 +149,7 @@ def test_overlays_differ_where_they_should(rendered):
 def test_cluster_checks_catch_broken_manifests(rendered):
     good = rendered["gpu"]
     assert _cluster_problems("gpu", good) == []
+    assert _cluster_problems("cpu", rendered["cpu"]) == []
 
     http_probe = copy.deepcopy(good)
     container = _deployment(http_probe, "preproc")["spec"]["template"]["spec"]["containers"][0]
@@ -152,6 +171,101 @@ def test_cluster_checks_catch_broken_manifests(rendered):
     assert any("headless" in p for p in _cluster_problems("gpu", clustered))
 
     assert any("must not request nvidia.com/gpu" in p for p in _cluster_problems("cpu", good))
+
+
+def _named(objects, kind, name):
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def _broken(objects, change):
+    broken = copy.deepcopy(objects)
+    change(broken)
+    return broken
+
+
+def test_cluster_checks_catch_what_issue_14_asks(rendered):
+    good = rendered["gpu-queue-scaling"]
+    assert _cluster_problems("gpu-queue-scaling", good) == []
+
+    def expect(fragment, change):
+        problems = _cluster_problems("gpu-queue-scaling", _broken(good, change))
+        assert any(fragment in p for p in problems), (fragment, problems)
+
+    def container(objects, name):
+        return _deployment(objects, name)["spec"]["template"]["spec"]["containers"][0]
+
+    def pod(objects, name):
+        return _deployment(objects, name)["spec"]["template"]["spec"]
+
+    expect("tagged with the package version", lambda o: container(o, "preproc").update(
+        image="splitserve/preproc-service:latest"))
+    expect("configMapGenerator", lambda o: [
+        _named(o, "ConfigMap", container(o, "preproc")["envFrom"][0]["configMapRef"]["name"])["metadata"].update(
+            name="splitserve-config"),
+        container(o, "preproc")["envFrom"][0]["configMapRef"].update(name="splitserve-config")])
+    expect("MODEL_SERVICE_MODEL_NAME", lambda o: next(c for c in o if c["kind"] == "ConfigMap")["data"].pop(
+        "MODEL_SERVICE_MODEL_NAME"))
+    expect("lets a drain evict every pod of model-service", lambda o: _named(
+        o, "PodDisruptionBudget", "model-service").update(spec={
+            "maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": "model-service"}}}))
+    expect("maxUnavailable: 0", lambda o: _deployment(o, "model-service")["spec"].pop("strategy"))
+    expect("service account token", lambda o: [pod(o, "preproc").pop("automountServiceAccountToken"),
+                                               _named(o, "ServiceAccount", "splitserve").pop(
+                                                   "automountServiceAccountToken")])
+    expect("should run under a ServiceAccount", lambda o: pod(o, "model-service").pop("serviceAccountName"))
+    expect("headless Service", lambda o: o.remove(_named(o, "Service", "preproc-headless")))
+    expect("topologySpreadConstraint", lambda o: pod(o, "preproc").pop("topologySpreadConstraints"))
+    # model_service's gRPC port opened to every pod of the namespace, or to all namespaces.
+    expect("reach model-service port grpc", lambda o: _named(o, "NetworkPolicy", "model-service")["spec"][
+        "ingress"][0].update({"from": [{"podSelector": {}}]}))
+    expect("reach model-service port grpc", lambda o: _named(o, "NetworkPolicy", "model-service")["spec"][
+        "ingress"][0].pop("from"))
+    expect("reach preproc port metrics", lambda o: _named(o, "NetworkPolicy", "preproc")["spec"][
+        "ingress"][0].pop("ports"))
+    expect("no NetworkPolicy restricts ingress to model-service",
+           lambda o: o.remove(_named(o, "NetworkPolicy", "model-service")))
+    expect("which no service exports", lambda o: _named(o, "ScaledObject", "model-service")["spec"]["triggers"][0][
+        "metadata"].update(query="sum(splitserve_queue_lenght)"))
+    expect("both a ScaledObject and a HorizontalPodAutoscaler", lambda o: o.append(_broken(
+        [_named(o, "HorizontalPodAutoscaler", "preproc")], lambda h: h[0]["spec"]["scaleTargetRef"].update(
+            name="model-service"))[0]))
+    expect("which no Service it selects has", lambda o: _named(o, "ServiceMonitor", "model-service")["spec"][
+        "endpoints"][0].update(port="http-metrics"))
+    expect("port 8001, which does not exist", lambda o: _named(o, "GRPCRoute", "preproc")["spec"]["rules"][0][
+        "backendRefs"][0].update(port=8001))
+
+
+def test_custom_resources_are_checked_against_their_crds(rendered):
+    objects = rendered["gpu-queue-scaling"]
+    for kind, name in (("ScaledObject", "model-service"), ("ServiceMonitor", "preproc"),
+                       ("GRPCRoute", "preproc"), ("Gateway", "splitserve")):
+        assert vd.k8s_schema_problems(_named(objects, kind, name)) == []
+    scaled = copy.deepcopy(_named(objects, "ScaledObject", "model-service"))
+    scaled["spec"]["minReplicas"] = scaled["spec"].pop("minReplicaCount")  # the HPA's spelling
+    assert any("minReplicas" in p for p in vd.k8s_schema_problems(scaled))
+    monitor = copy.deepcopy(_named(objects, "ServiceMonitor", "preproc"))
+    monitor["spec"]["endpoints"][0]["interval"] = "15 seconds"  # the CRD's duration pattern
+    assert any("interval" in p for p in vd.k8s_schema_problems(monitor))
+    route = copy.deepcopy(_named(objects, "GRPCRoute", "preproc"))
+    route["spec"]["rules"][0]["matches"][0]["method"]["type"] = "Prefix"  # not an enum value
+    assert any("Prefix" in p for p in vd.k8s_schema_problems(route))
+
+
+def test_config_map_names_follow_kustomize(tmp_path):
+    # Suffixes printed by `kubectl kustomize` (kustomize v5.5.0) for these literals.
+    assert vd.config_map_hash({"A": "1"}) == "89g4tffbfk"
+    assert vd.config_map_hash({"A": "1&<b>é"}) == "4hm5828hd9"
+    # A settings change renames the ConfigMap in the pod templates, which rolls the pods.
+    copy_root = tmp_path / "k8s"
+    shutil.copytree(vd.K8S_OVERLAYS.parent, copy_root)
+    before = vd.render_kustomization(copy_root / "overlays" / "cpu")
+    settings = copy_root / "base" / "settings.env"
+    settings.write_text(settings.read_text().replace("PREPROC_LOG_LEVEL=INFO", "PREPROC_LOG_LEVEL=DEBUG"))
+    after = vd.render_kustomization(copy_root / "overlays" / "cpu")
+    for name in ("preproc", "model-service"):
+        old = _deployment(before, name)["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+        new = _deployment(after, name)["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+        assert old != new and new[0]["configMapRef"]["name"].startswith("splitserve-config-")
 
 
 def test_kubernetes_schemas_reject_invalid_objects(rendered):

@@ -4,6 +4,7 @@ non-streamed answers, OpenAI shapes and usage, settings precedence, and clear st
 
 from __future__ import annotations
 
+import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -145,20 +146,61 @@ def test_prompt_template_and_mlflow_keys(gpt2, tmp_path):
     shutil.copytree(gpt2["root"], root)
     doc = yaml.safe_load((root / "MLmodel").read_text())
     doc["metadata"] = {"prompt_template": "Q: {prompt}\nA:"}
-    doc["flavors"]["python_function"]["config"] = {"max_new_tokens": 9, "collapse_whitespace": True}
+    # num_beams in model_config: served with beam search, not greedy without a word.
+    doc["flavors"]["python_function"]["config"] = {"max_new_tokens": 9, "collapse_whitespace": True, "num_beams": 3}
     (root / "MLmodel").write_text(yaml.safe_dump(doc))
     tok = gpt2["tokenizer"]
     templated = "Q: where is the river\nA:"
-    expected = tok.decode(reference_generate(gpt2["model"], tok, tok(templated)["input_ids"], max_new_tokens=9,
-                                             do_sample=False), skip_special_tokens=True)
+    ids = tok(templated)["input_ids"]
+    beams = reference_generate(gpt2["model"], tok, ids, max_new_tokens=9, do_sample=False, num_beams=3)
+    assert beams != reference_generate(gpt2["model"], tok, ids, max_new_tokens=9, do_sample=False)
+    expected = tok.decode(beams, skip_special_tokens=True)
     with servers.preproc_service(root, gpt2["model_address"], *QUIET) as pp:
         pre = preproc_stub(pp.address)
         plain = pre.GenerateText(pb.GenerateTextRequest(prompt="where is the river"))
         assert plain.generated_text == " ".join(expected.split())  # template applied, prompt left out, collapsed
-        assert plain.usage.completion_tokens == 9  # model_config's max_new_tokens applied by model_service
+        assert plain.usage.completion_tokens == len(beams) == 9  # model_config's max_new_tokens applied
+        assert list(plain.token_ids) == beams and json.loads(plain.meta.applied_parameters["num_beams"]) == 3
         full = pre.GenerateText(pb.GenerateTextRequest(
             prompt="where is the river", parameters=pb.GenerateTextParameters(include_prompt=True)))
         assert full.generated_text == " ".join((templated + expected).split())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_beam_search_equals_model_generate_through_both_services(kind, request):
+    env = request.getfixturevalue(kind)
+    tok, model = env["tokenizer"], env["model"]
+    options = {"num_beams": 4, "length_penalty": 0.6, "early_stopping": True, "no_repeat_ngram_size": 2}
+    for prompt in PROMPTS[:2]:
+        ids = tok(prompt)["input_ids"]
+        expected = reference_generate(model, tok, ids, max_new_tokens=10, do_sample=False, **options)
+        tokens, last = generate_ids(env["gen"], ids, max_new_tokens=10, **options)
+        assert tokens == expected[: len(tokens)] and (tokens == expected or tokens[-1] == tok.eos_token_id)
+        ended = tokens[-1] == tok.eos_token_id
+        assert last.finish_reason == (gpb.FINISH_REASON_EOS if ended else gpb.FINISH_REASON_LENGTH)
+    reply = env["pre"].GenerateText(pb.GenerateTextRequest(prompt=PROMPTS[0], parameters=pb.GenerateTextParameters(
+        max_new_tokens=10, **options)))
+    ids = tok(PROMPTS[0])["input_ids"]
+    expected = reference_generate(model, tok, ids, max_new_tokens=10, do_sample=False, **options)
+    assert list(reply.token_ids) == expected[: len(reply.token_ids)]
+    assert {k: json.loads(v) for k, v in reply.meta.applied_parameters.items() if k in options} == options
+    chunks = list(env["pre"].GenerateTextStream(pb.GenerateTextRequest(
+        prompt=PROMPTS[0], parameters=pb.GenerateTextParameters(max_new_tokens=10, return_full_text=False,
+                                                                **options))))
+    assert "".join(c.text for c in chunks) == tok.decode(list(reply.token_ids), skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("parameters, words", [
+    ({"num_return_sequences": 2}, "num_return_sequences=2 is not supported"),
+    ({"length_penalty": 2.0}, "length_penalty applies to beam search only"),
+    ({"num_beams": 2, "do_sample": True}, "do_sample with num_beams > 1"),
+    ({"num_beams": 99}, "--gen-max-beams"),
+])
+def test_generation_options_that_cannot_be_honoured_are_refused_by_name(gpt2, parameters, words):
+    code, details = _code(lambda: gpt2["pre"].GenerateText(pb.GenerateTextRequest(
+        prompt="the river", parameters=pb.GenerateTextParameters(**parameters))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details
+    assert generate_ids(gpt2["gen"], [5, 6, 7], max_new_tokens=2)[0]  # still serving
 
 
 def _code(call) -> grpc.StatusCode:
@@ -193,8 +235,12 @@ def test_bad_requests_give_clear_statuses_and_service_keeps_serving(gpt2, t5):
         (lambda: gpt2["pre"].GenerateText(pb.GenerateTextRequest(prompt="")), grpc.StatusCode.INVALID_ARGUMENT,
          "empty"),
         (lambda: gpt2["pre"].Chat(pb.ChatRequest()), grpc.StatusCode.INVALID_ARGUMENT, "messages"),
-        (lambda: gpt2["pre"].Chat(pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="hi")], n=2)),
-         grpc.StatusCode.INVALID_ARGUMENT, "n=2"),
+        (lambda: gpt2["pre"].Chat(pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="hi")], n=99)),
+         grpc.StatusCode.INVALID_ARGUMENT, "--max-choices"),
+        (lambda: gpt2["pre"].Chat(pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="hi")],
+                                                 model="gpt-4o")), grpc.StatusCode.NOT_FOUND, "gpt-4o"),
+        (lambda: gpt2["pre"].Complete(pb.CompletionRequest(prompt="hi", presence_penalty=3.0)),
+         grpc.StatusCode.INVALID_ARGUMENT, "presence_penalty"),
         (lambda: gpt2["pre"].GenerateText(pb.GenerateTextRequest(
             prompt="x", parameters=pb.GenerateTextParameters(stop=[""]))), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
         (lambda: t5["pre"].Chat(pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="hi")])),
@@ -244,12 +290,49 @@ def test_clients_and_cli_stream_and_answer(gpt2):
     out = subprocess.run([*cli, "generate", "--max-new-tokens", "12", "--no-full-text", "the river of"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(answer.text + "\n")
-    assert json.loads(out.stdout[len(answer.text) + 1:])["usage"]["completion_tokens"] == 12
+    assert out.stdout == answer.text + "\n"  # the text alone on stdout; the summary on stderr
+    assert json.loads(out.stderr)["usage"]["completion_tokens"] == 12
     out = subprocess.run([*cli, "chat", "--no-stream", "--max-tokens", "6", "hi"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["text"] == chat.text
+    assert json.loads(out.stdout)["text"] == chat.text and out.stdout.count("\n") == 1
+
+
+def test_generation_results_carry_token_ids_logprobs_and_applied_parameters(gpt2):
+    from client.generation_client import GenerationClient
+
+    tok, model = gpt2["tokenizer"], gpt2["model"]
+    want = reference_generate(model, tok, tok("the river of")["input_ids"], max_new_tokens=6, do_sample=False)
+    with GenerationClient(gpt2["pre_address"]) as client:
+        answer = client.generate("the river of", max_new_tokens=6, logprobs=True, return_full_text=False)
+        stream = client.generate_stream("the river of", max_new_tokens=6, logprobs=True, return_full_text=False)
+        assert "".join(stream) == answer.text
+    for result in (answer, stream.result):
+        assert result.token_ids == want and len(result.logprobs) == 6 and all(lp <= 0 for lp in result.logprobs)
+        assert result.applied_parameters == {"max_new_tokens": 6, "return_full_text": False}
+    assert stream.result.logprobs == pytest.approx(answer.logprobs)
+
+
+def test_cli_prints_no_prompt_before_an_error_and_names_the_generation_commands(gpt2):
+    import subprocess
+    import sys
+
+    from tests.servers import ROOT
+
+    cli = [sys.executable, "-m", "client", "--address", gpt2["pre_address"]]
+    refused = subprocess.run([*cli, "generate", "--full-text", "--max-new-tokens", "5000", "the river of"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert refused.returncode == 1 and refused.stdout == ""
+    error = json.loads(refused.stderr)["error"]
+    assert error["code"] == "INVALID_ARGUMENT" and "context" in error["message"]
+    predicted = subprocess.run([*cli, "predict", "the river of"], capture_output=True, text=True, cwd=ROOT,
+                               timeout=120)
+    assert predicted.returncode == 2 and predicted.stdout == ""
+    message = json.loads(predicted.stderr)["error"]["message"]
+    assert "`splitserve generate`" in message and "`splitserve chat`" in message
+    full = subprocess.run([*cli, "generate", "--full-text", "--max-new-tokens", "4", "the river of"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert full.returncode == 0 and full.stdout.startswith("the river of")
 
 
 def test_logprobs_match_in_process_scores(gpt2):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.tensor_client import AsyncTensorClient, TensorClient, build_request
+from client.tensor_client import AsyncTensorClient, TensorClient
+from splitserve_common.v2_codec import encode_request
 from splitserve_pb import adapters_pb2, adapters_pb2_grpc
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
@@ -93,7 +94,7 @@ def test_default_outputs_follow_the_task(env):
         out = client.infer(inputs)
         meta = client.metadata()
     assert sorted(out) == ["end_logits", "start_logits"]
-    assert meta["parameters"]["task"] == "question-answering"
+    assert meta.task == "question-answering"
 
 
 def test_typed_contents_accepted(env):
@@ -125,17 +126,17 @@ def test_metadata_parameters(env):
     _, model, tokenizer = env["models"]["token-classification"]
     with TensorClient(address(env, "token-classification")) as client:
         meta = client.metadata()
-    params = meta["parameters"]
-    assert meta["name"] == "token-classification"
-    assert json.loads(params["id2label"]) == {str(k): v for k, v in model.config.id2label.items()}
-    assert params["max_position_embeddings"] == model.config.max_position_embeddings
-    assert params["vocab_size"] == model.config.vocab_size
-    assert params["pad_token_id"] == tokenizer.pad_token_id
-    assert params["dtype"] == "float32" and params["device"] == "cpu"
-    assert json.loads(params["adapters"]) == []
-    assert {"input_ids", "attention_mask", "token_type_ids"} <= {t["name"] for t in meta["inputs"]}
-    logits = next(t for t in meta["outputs"] if t["name"] == "logits")
-    assert logits["shape"] == [-1, -1, len(model.config.id2label)]
+    assert meta.name == "token-classification"
+    assert meta.id2label == dict(model.config.id2label)
+    assert meta.labels == [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    assert meta.max_position_embeddings == model.config.max_position_embeddings
+    assert meta.vocab_size == model.config.vocab_size
+    assert meta.pad_token_id == tokenizer.pad_token_id
+    assert meta.dtype == "float32" and meta.device == "cpu"
+    assert meta.adapters == [] and meta.default_outputs == ["logits"]
+    assert {"input_ids", "attention_mask", "token_type_ids"} <= {t.name for t in meta.inputs}
+    logits = next(t for t in meta.outputs if t.name == "logits")
+    assert logits.shape == [-1, -1, len(model.config.id2label)]
 
 
 # ---------------------------------------------------------------- shaping
@@ -199,8 +200,8 @@ def test_minilm_sentence_embedding_equals_mean_pooling_normalized(env):
         out = client.infer(inputs, outputs=["sentence_embedding"])  # pooling config from 1_Pooling + Normalize
         meta = client.metadata()
     np.testing.assert_allclose(out["sentence_embedding"], expected, atol=TOL, rtol=TOL)
-    assert json.loads(meta["parameters"]["pooling"]) == {"mode": "mean", "normalize": True}
-    assert meta["parameters"]["task"] == "feature-extraction"
+    assert meta.pooling == {"mode": "mean", "normalize": True}
+    assert meta.task == "feature-extraction"
 
 
 # ---------------------------------------------------------------- PEFT artifact
@@ -229,8 +230,8 @@ def test_mlflow_peft_adapter_is_a_named_default_adapter(env):
     tuned = reference(peft_model, inputs)["logits"]
     with TensorClient(address(env, "peft")) as client:
         meta = client.metadata()
-        assert json.loads(meta["parameters"]["adapters"]) == ["peft"]
-        assert meta["parameters"]["default_adapter"] == "peft"
+        assert meta.adapters == ["peft"]
+        assert meta.default_adapter == "peft"
         by_name = client.infer(inputs, outputs=["logits"], parameters={"adapter": "peft"})["logits"]
         as_base = client.infer(inputs, outputs=["logits"], parameters={"adapter": "base"})["logits"]
     np.testing.assert_allclose(by_name, tuned, atol=TOL, rtol=TOL)
@@ -254,7 +255,7 @@ def test_concurrent_requests_share_batches_and_match_unbatched(env):
         async with AsyncTensorClient(address(env, "text-classification")) as client:
             unary = [client.infer({"input_ids": r}, outputs=["logits"], request_id=str(i))
                      for i, r in enumerate(rows[:12])]
-            streamed = [build_request({"input_ids": r}, ["logits"], request_id=str(12 + i))
+            streamed = [encode_request({"input_ids": r}, ["logits"], request_id=str(12 + i))
                         for i, r in enumerate(rows[12:])]
 
             async def stream():
@@ -306,8 +307,8 @@ def test_padded_requests_come_back_in_their_own_layout_batched_or_alone(env):
 
 
 def test_stream_reports_errors_per_request_and_goes_on(env):
-    good = build_request({"input_ids": np.array([[2, 10, 11, 3]])}, ["logits"], request_id="good")
-    bad = build_request({"input_ids": np.array([[2, 10, 11, 3]])}, ["nope"], request_id="bad")
+    good = encode_request({"input_ids": np.array([[2, 10, 11, 3]])}, ["logits"], request_id="good")
+    bad = encode_request({"input_ids": np.array([[2, 10, 11, 3]])}, ["nope"], request_id="bad")
 
     async def run():
         async with AsyncTensorClient(address(env, "text-classification")) as client:
@@ -325,7 +326,7 @@ def test_stream_reports_errors_per_request_and_goes_on(env):
 
 def _request(**overrides):
     ids = np.array([[2, 10, 11, 12, 3]], dtype=np.int64)
-    request = build_request({"input_ids": ids}, ["logits"])
+    request = encode_request({"input_ids": ids}, ["logits"])
     for key, value in overrides.items():
         value(request) if key == "mutate" else setattr(request, key, value)
     return request
@@ -354,31 +355,31 @@ BAD_REQUESTS = {
     "unknown datatype": (_request(mutate=_datatype("INT128")), grpc.StatusCode.INVALID_ARGUMENT, "unknown datatype"),
     "float ids": (_request(mutate=_datatype("FP64")), grpc.StatusCode.INVALID_ARGUMENT, "integer"),
     "wrong rank": (_request(mutate=_set("shape", [5])), grpc.StatusCode.INVALID_ARGUMENT, "rank 2"),
-    "too long": (build_request({"input_ids": np.full((1, 65), 5)}), grpc.StatusCode.INVALID_ARGUMENT,
+    "too long": (encode_request({"input_ids": np.full((1, 65), 5)}), grpc.StatusCode.INVALID_ARGUMENT,
                  "longer than the model's 64 positions"),
-    "batch over limit": (build_request({"input_ids": np.full((9, 4), 5)}), grpc.StatusCode.INVALID_ARGUMENT,
+    "batch over limit": (encode_request({"input_ids": np.full((9, 4), 5)}), grpc.StatusCode.INVALID_ARGUMENT,
                          "over the limit of 8"),
-    "mask shape": (build_request({"input_ids": np.full((2, 4), 5), "attention_mask": np.ones((2, 3))
+    "mask shape": (encode_request({"input_ids": np.full((2, 4), 5), "attention_mask": np.ones((2, 3))
                                   .astype(np.int64)}), grpc.StatusCode.INVALID_ARGUMENT, "attention_mask"),
-    "left padding": (build_request({"input_ids": np.full((1, 4), 5), "attention_mask": np.array([[0, 1, 1, 1]])}),
+    "left padding": (encode_request({"input_ids": np.full((1, 4), 5), "attention_mask": np.array([[0, 1, 1, 1]])}),
                      grpc.StatusCode.INVALID_ARGUMENT, "right-padded"),
-    "mask not 0/1": (build_request({"input_ids": np.full((1, 4), 5), "attention_mask": np.array([[1, 2, 1, 0]])}),
+    "mask not 0/1": (encode_request({"input_ids": np.full((1, 4), 5), "attention_mask": np.array([[1, 2, 1, 0]])}),
                      grpc.StatusCode.INVALID_ARGUMENT, "only 0 and 1"),
-    "id outside vocab": (build_request({"input_ids": np.array([[2, 100000, 3]])}), grpc.StatusCode.INVALID_ARGUMENT,
+    "id outside vocab": (encode_request({"input_ids": np.array([[2, 100000, 3]])}), grpc.StatusCode.INVALID_ARGUMENT,
                          "outside the vocabulary"),
-    "unknown input": (build_request({"input_ids": np.full((1, 4), 5), "pixel_values": np.full((1, 4), 5)}),
+    "unknown input": (encode_request({"input_ids": np.full((1, 4), 5), "pixel_values": np.full((1, 4), 5)}),
                       grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'pixel_values'"),
-    "unknown output": (build_request({"input_ids": np.full((1, 4), 5)}, ["logitz"]),
+    "unknown output": (encode_request({"input_ids": np.full((1, 4), 5)}, ["logitz"]),
                        grpc.StatusCode.INVALID_ARGUMENT, "unknown output 'logitz'"),
-    "unknown parameter": (build_request({"input_ids": np.full((1, 4), 5)}, parameters={"temprature": 1.0}),
+    "unknown parameter": (encode_request({"input_ids": np.full((1, 4), 5)}, parameters={"temprature": 1.0}),
                           grpc.StatusCode.INVALID_ARGUMENT, "temprature"),
-    "parameter type": (build_request({"input_ids": np.full((1, 4), 5)}, parameters={"top_k": "three"}),
+    "parameter type": (encode_request({"input_ids": np.full((1, 4), 5)}, parameters={"top_k": "three"}),
                        grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
-    "gather out of range": (build_request({"input_ids": np.full((1, 4), 5)}, parameters={"gather_positions": "9"}),
+    "gather out of range": (encode_request({"input_ids": np.full((1, 4), 5)}, parameters={"gather_positions": "9"}),
                             grpc.StatusCode.INVALID_ARGUMENT, "gather_positions"),
-    "unknown adapter": (build_request({"input_ids": np.full((1, 4), 5)}, parameters={"adapter": "x"}),
+    "unknown adapter": (encode_request({"input_ids": np.full((1, 4), 5)}, parameters={"adapter": "x"}),
                         grpc.StatusCode.NOT_FOUND, "adapter 'x'"),
-    "unknown model": (build_request({"input_ids": np.full((1, 4), 5)}, model_name="gpt-9"),
+    "unknown model": (encode_request({"input_ids": np.full((1, 4), 5)}, model_name="gpt-9"),
                       grpc.StatusCode.NOT_FOUND, "gpt-9"),
 }
 

@@ -121,40 +121,50 @@ def _assert_same(got, want):
         assert np.allclose([x.score for x in g], [x["score"] for x in w], atol=1e-4)
 
 
-def test_handshake_refuses_a_mismatched_model_and_async_client_works(tc_model):
-    directory, model, tokenizer = tc_model
-    with servers.model_service(directory, "--metrics-port", "0") as model_proc:
-        # Told to serve fill-mask against a text-classification model: stays NOT_SERVING, says why.
-        with servers.preproc_service(directory, model_proc.address, "--metrics-port", "0", "--task", "fill-mask",
-                                     wait=False) as wrong:
-            deadline = time.monotonic() + 60
-            while "task differs" not in wrong.log():
-                assert time.monotonic() < deadline, wrong.log()
-                assert wrong.proc.poll() is None, wrong.log()
-                time.sleep(0.3)
-            assert servers.health_status(wrong.address) == health_pb2.HealthCheckResponse.NOT_SERVING
-            assert "NOT_SERVING" in wrong.log() and "text-classification" in wrong.log()
+@pytest.fixture(scope="module")
+def small_batch_stack(tc_model):
+    """The text-classification model behind a model_service that takes at most 4 rows per request."""
+    with h.stack(tc_model[0], model_args=("--max-batch-size", "4")) as (model_proc, preproc):
+        yield model_proc, preproc
 
-        with servers.preproc_service(directory, model_proc.address, "--metrics-port", "0") as preproc:
-            import asyncio
 
-            async def many():
-                async with AsyncPreprocClient(preproc.address, timeout=30) as client:
-                    return await asyncio.gather(*(client.classify([text]) for text in h.SENTENCES * 4))
+def test_handshake_refuses_a_mismatched_model(tc_model, small_batch_stack):
+    directory = tc_model[0]
+    model_proc, _ = small_batch_stack
+    # Told to serve fill-mask against a text-classification model: stays NOT_SERVING, says why.
+    with servers.preproc_service(directory, model_proc.address, "--metrics-port", "0", "--task", "fill-mask",
+                                 wait=False) as wrong:
+        deadline = time.monotonic() + 60
+        while "task differs" not in wrong.log():
+            assert time.monotonic() < deadline, wrong.log()
+            assert wrong.proc.poll() is None, wrong.log()
+            time.sleep(0.3)
+        assert servers.health_status(wrong.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert "NOT_SERVING" in wrong.log() and "text-classification" in wrong.log()
 
-            results = asyncio.run(many())
+
+def test_async_client_answers_concurrent_calls(tc_model, small_batch_stack):
+    import asyncio
+
+    _, model, tokenizer = tc_model
+    address = small_batch_stack[1].address
+
+    async def many():
+        async with AsyncPreprocClient(address, timeout=30) as client:
+            return await asyncio.gather(*(client.classify([text]) for text in h.SENTENCES * 4))
+
+    results = asyncio.run(many())
     want = h.pipeline("text-classification", model, tokenizer)(h.SENTENCES * 4)
     assert [r[0][0].label for r in results] == [w["label"] for w in want]
     assert np.allclose([r[0][0].score for r in results], [w["score"] for w in want], atol=1e-4)
 
 
-def test_requests_over_the_model_batch_limit_are_sliced(tc_model):
+def test_requests_over_the_model_batch_limit_are_sliced(tc_model, small_batch_stack):
     """model_service refuses requests over --max-batch-size rows (INVALID_ARGUMENT): preproc slices them."""
-    directory, model, tokenizer = tc_model
+    _, model, tokenizer = tc_model
     texts = [f"{text} number {i}" for i, text in enumerate(h.SENTENCES * 2)]  # 10 texts
-    with h.stack(directory, model_args=("--max-batch-size", "4")) as (_, preproc):
-        with PreprocClient(preproc.address, timeout=60) as client:
-            results = client.classify(texts, top_k=2)
+    with PreprocClient(small_batch_stack[1].address, timeout=60) as client:
+        results = client.classify(texts, top_k=2)
     want = h.pipeline("text-classification", model, tokenizer)(texts, top_k=2)
     assert [[x.label for x in r] for r in results] == [[x["label"] for x in w] for w in want]
     assert np.allclose([[x.score for x in r] for r in results], [[x["score"] for x in w] for w in want], atol=1e-4)

@@ -5,6 +5,7 @@ checked against a brute-force search over the model's own start/end logits)."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -76,6 +77,22 @@ class TestTextClassification:
             assert np.allclose([x.score for x in g], [x["score"] for x in w], atol=TOL)
         assert got.applied_parameters == {"function_to_apply": function, "top_k": 3, "truncation": True}
 
+    def test_all_labels_equals_the_pipelines_explicit_top_k_none(self, tc):
+        """top_k unset: the best label; all_labels: every label, sorted, as pipeline(top_k=None). The saved
+        model_config's top_k 2 gives way to the request's all_labels."""
+        want = tc["pipe"](h.SENTENCES, top_k=None, function_to_apply="sigmoid")
+        assert all(len(w) == 3 for w in want)
+        got = tc["client"].classify(h.SENTENCES, all_labels=True)
+        for g, w in zip(got, want, strict=True):
+            assert [x.label for x in g] == [x["label"] for x in w]
+            assert np.allclose([x.score for x in g], [x["score"] for x in w], atol=TOL)
+        assert got.applied_parameters == {"function_to_apply": "sigmoid", "top_k": None, "all_labels": True,
+                                          "truncation": True}
+        request = pb.PredictRequest(id="every", classify=pb.ClassifyRequest(texts=h.SENTENCES[:1], all_labels=True))
+        (reply,) = tc["client"].predict_stream([request])
+        assert [x.label for x in reply.classify.results[0].labels] == [x["label"] for x in want[0]]
+        assert len(tc["client"].classify(h.SENTENCES, all_labels=False)[0]) == 2  # false asks for nothing
+
     def test_text_pairs(self, tc):
         texts, pairs = ["who lives in paris", "the river"], ["Alice lives in Paris.", "is long"]
         got = tc["client"].classify(texts, pairs, top_k=2, function_to_apply="softmax")
@@ -98,6 +115,7 @@ class TestTextClassification:
         (lambda c: c.classify([]), "empty"),
         (lambda c: c.classify(["a"], top_k=0), "top_k"),
         (lambda c: c.classify(["a"], top_k=-2), "top_k"),
+        (lambda c: c.classify(["a"], top_k=2, all_labels=True), "top_k=2 and all_labels both given"),
         (lambda c: c.classify(["a"], function_to_apply="tanh"), "function_to_apply"),
         (lambda c: c.classify(["a", "b"], ["only one pair"]), "text_pairs"),
     ])
@@ -172,14 +190,19 @@ class TestTextClassification:
             done = subprocess.run([sys.executable, "-m", "client", "--address", address, *args], input=stdin,
                                   capture_output=True, text=True, timeout=60, cwd=servers.ROOT)
             assert done.returncode == 0, done.stderr
-            return json.loads(done.stdout)
+            return [json.loads(line) for line in done.stdout.splitlines()]  # one JSON line per input
 
         got = cli("predict", "--top-k", "3", "--function-to-apply", "softmax", h.SENTENCES[0], h.SENTENCES[1])
         want = tc["pipe"](h.SENTENCES[:2], top_k=3)
         assert [[x["label"] for x in row] for row in got] == [[x["label"] for x in row] for row in want]
+        every = cli("predict", "--all-labels", "--function-to-apply", "sigmoid", h.SENTENCES[2])
+        want = tc["pipe"](h.SENTENCES[2:3], top_k=None, function_to_apply="sigmoid")
+        assert [[x["label"] for x in row] for row in every] == [[x["label"] for x in row] for row in want]
         tokens = cli("tokenize", stdin="hello world\nthe river\n")
         assert [t["ids"] for t in tokens] == [tc["tokenizer"](t)["input_ids"] for t in ["hello world", "the river"]]
-        assert cli("info")["task"] == "text-classification"
+        assert cli("info")[0]["task"] == "text-classification"
+        whole = cli("--format", "json", "tokenize", "a", "b")  # one line holding the list
+        assert len(whole) == 1 and [t["ids"] for t in whole[0]] == [tc["tokenizer"](t)["input_ids"] for t in "ab"]
         failed = subprocess.run([sys.executable, "-m", "client", "--address", address, "predict", "--top-k", "0",
                                  "x"], capture_output=True, text=True, timeout=60, cwd=servers.ROOT)
         assert failed.returncode == 1 and json.loads(failed.stderr)["error"]["code"] == "INVALID_ARGUMENT"
@@ -316,6 +339,20 @@ class TestFeatureExtraction:
         assert all(g.dtype == np.float16 and g.shape == (32,) for g in got)
         assert np.allclose(np.stack(got).astype(np.float32), want, atol=2e-3)
         assert got.prompt_tokens == int(enc["attention_mask"].sum())
+
+    def test_cli_one_compact_line_per_embedding_and_quiet_when_the_reader_leaves(self, fe):
+        cli = [sys.executable, "-m", "client", "--address", fe["preproc_proc"].address, "embed", "--pooling", "mean"]
+        done = subprocess.run([*cli, *h.SENTENCES[:2]], capture_output=True, text=True, timeout=60,
+                              cwd=servers.ROOT)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert len(lines) == 2 and " " not in lines[0]
+        assert np.allclose(json.loads(lines[1]), fe["client"].embed(h.SENTENCES[1:2], pooling="mean")[0], atol=1e-6)
+        # Far more output than a pipe holds, read by `head -n 1`: no BrokenPipe traceback.
+        texts = "\n".join(h.SENTENCES * 80) + "\n"
+        piped = subprocess.run(f"{shlex.join(cli)} | head -n 1", shell=True, input=texts, capture_output=True,
+                               text=True, timeout=120, cwd=servers.ROOT)
+        assert len(piped.stdout.splitlines()) == 1 and piped.stderr == ""
 
 
 # ---------------------------------------------------------------- question-answering

@@ -7,12 +7,12 @@ import asyncio
 
 import pytest
 
-from preproc_service.deployment import ModelInfo
 from preproc_service.handshake import disagreements
 from preproc_service.model_dir import read_model_dir
 from preproc_service.params import ParameterResolver
 from preproc_service.tokenization import EncodeOptions, Tokenization, pad_batch
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
+from splitserve_common.v2_codec import ModelMetadata
 from tests import model_factory
 from tests import preproc_helpers as h
 
@@ -88,9 +88,9 @@ def test_truncation_and_padding(tokenizer):
 
 
 def test_handshake_rules(tokenizer):
-    good = ModelInfo(task="text-classification", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    good = ModelMetadata(task="text-classification", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     assert disagreements(tokenizer, "text-classification", good) == []
     assert disagreements(tokenizer, "zero-shot-classification", good) == []  # an NLI model is a classifier
-    small = ModelInfo(task="fill-mask", vocab_size=len(tokenizer) - 10, pad_token_id=tokenizer.pad_token_id + 1)
+    small = ModelMetadata(task="fill-mask", vocab_size=len(tokenizer) - 10, pad_token_id=tokenizer.pad_token_id + 1)
     problems = " | ".join(disagreements(tokenizer, "text-classification", small))
     assert "embedding has only" in problems and "pad_token_id differs" in problems and "task differs" in problems

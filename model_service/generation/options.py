@@ -7,6 +7,8 @@ GENERATION_OPTIONS = [
     Option("gen-max-tokens", 65536, "generation: most positions (prompt + max_new_tokens) reserved by the running "
            "sequences together", int),
     Option("gen-max-waiting", 1024, "generation: most requests queued for a slot before RESOURCE_EXHAUSTED", int),
+    Option("gen-max-beams", 8, "generation: largest num_beams a request may ask for (beam search runs apart from "
+           "the continuous batch, one request at a time on the model's worker)", int),
     Option("gen-stream-interval", 0, "generation: tokens per streamed message after the first, which always goes "
            "out at once; 0 = adapt to the load: 1 up to 7 running sequences, then 1 more per 4 (at most 8)", int),
 ]

@@ -8,8 +8,10 @@ most, clipped to the model's context; sampling knobs fall back to transformers' 
 defaults (temperature 1.0, top_k 50, top_p 1.0, repetition_penalty 1.0).
 preproc_service fills per-request params and MLflow signature defaults before calling.
 
-Logits are processed in transformers' order: repetition penalty, min_new_tokens
-(end ids suppressed), then for sampling temperature, top-k, top-p.
+Logits are processed in transformers' order: repetition penalty, OpenAI's presence and
+frequency penalties (over the tokens generated so far), min_new_tokens (end ids suppressed),
+then for sampling temperature, top-k, top-p. Log-probabilities, when asked for, are of the
+distribution the token was chosen from (after that processing).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from splitserve_common.errors import InvalidArgument
 # transformers' text-generation pipeline default.
 DEFAULT_MAX_NEW_TOKENS = 256
 SETTING_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                "repetition_penalty")
+                "repetition_penalty", "num_beams", "num_return_sequences", "length_penalty", "no_repeat_ngram_size",
+                "early_stopping")  # the last five: generation/beam.py
 BUILT_IN = {"min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
             "repetition_penalty": 1.0}
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,9 @@ class SamplingParams:
     eos_token_ids: frozenset
     stop_token_ids: frozenset
     logprobs: bool
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: int = 0
 
     @property
     def end_ids(self) -> frozenset:
@@ -101,6 +108,15 @@ def resolve(settings, defaults: dict, *, prompt_len: int, context_len: int, eos_
     penalty = finite("repetition_penalty", pick("repetition_penalty"))
     if penalty <= 0:
         raise InvalidArgument(f"repetition_penalty must be > 0, got {penalty}")
+    presence, frequency = (settings.presence_penalty if settings.HasField("presence_penalty") else 0.0,
+                           settings.frequency_penalty if settings.HasField("frequency_penalty") else 0.0)
+    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if not -2.0 <= value <= 2.0:
+            raise InvalidArgument(f"{name} must be in [-2, 2], got {value}")
+    if not 0 <= settings.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {settings.top_logprobs}")
+    if settings.top_logprobs and not settings.logprobs:
+        raise InvalidArgument("top_logprobs needs logprobs")
     # OpenAI semantics: temperature 0 means greedy.
     do_sample = bool(pick("do_sample")) and temperature > 0
     seed = settings.seed if settings.HasField("seed") else random.getrandbits(63)
@@ -109,6 +125,7 @@ def resolve(settings, defaults: dict, *, prompt_len: int, context_len: int, eos_
         top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=seed,
         eos_token_ids=frozenset() if settings.ignore_eos else frozenset(eos_token_ids),
         stop_token_ids=frozenset(settings.stop_token_ids), logprobs=settings.logprobs,
+        presence_penalty=presence, frequency_penalty=frequency, top_logprobs=settings.top_logprobs,
     )
 
 
@@ -120,12 +137,29 @@ def finite(name: str, value) -> float:
     return value
 
 
+class ChosenLogprob(float):
+    """A chosen token's log-probability that also carries the step's most likely alternatives
+    (`top_ids`, `top_logprobs`, most likely first; empty unless top_logprobs was asked for)."""
+
+    top_ids: tuple = ()
+    top_logprobs: tuple = ()
+
+    @classmethod
+    def of(cls, log_probs: torch.Tensor, token: int, top: int) -> ChosenLogprob:
+        chosen = cls(float(log_probs[token]))
+        if top:
+            values, ids = torch.topk(log_probs, min(top, log_probs.shape[0]))
+            chosen.top_ids, chosen.top_logprobs = tuple(ids.tolist()), tuple(values.tolist())
+        return chosen
+
+
 class TokenChooser:
     """One sequence's sampler: it owns its random generator, so a seed gives the same tokens
     whatever else is in the batch."""
 
     def __init__(self, params: SamplingParams, device):
         self.params = params
+        self.counts: dict[int, int] = {}  # generated token -> times (presence and frequency penalties)
         self.generator = None
         if params.do_sample:
             self.generator = torch.Generator(device=device)
@@ -151,6 +185,20 @@ class TokenChooser:
         return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
 
 
+    def penalize_generated(self, logits: torch.Tensor) -> torch.Tensor:
+        """OpenAI's presence and frequency penalties over this sequence's generated tokens, one row [V]."""
+        p = self.params
+        if not self.counts or (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0):
+            return logits
+        ids = [i for i in self.counts if i < logits.shape[0]]
+        counts = torch.tensor([self.counts[i] for i in ids], dtype=logits.dtype, device=logits.device)
+        index = torch.tensor(ids, dtype=torch.long, device=logits.device)
+        return logits.index_add(0, index, -(counts * p.frequency_penalty + p.presence_penalty))
+
+    def record(self, token: int) -> None:
+        self.counts[token] = self.counts.get(token, 0) + 1
+
+
 def penalize(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' repetition penalty on one row: seen tokens' scores divided (or, if negative, multiplied)."""
     picked = logits.gather(0, seen_ids)
@@ -171,6 +219,7 @@ def choose_tokens(logits: torch.Tensor, choosers, seen_ids, generated_counts):
         p = chooser.params
         if p.repetition_penalty != 1.0 and seen_ids[row] is not None and seen_ids[row].numel():
             logits[row] = penalize(logits[row], seen_ids[row], p.repetition_penalty)
+        logits[row] = chooser.penalize_generated(logits[row])
         if generated_counts[row] < p.min_new_tokens:
             ends = [i for i in p.end_ids if i < vocab]
             rows += [row] * len(ends)
@@ -183,11 +232,14 @@ def choose_tokens(logits: torch.Tensor, choosers, seen_ids, generated_counts):
         log_probs = logits.log_softmax(-1)
     results = []
     for row, chooser in enumerate(choosers):
-        if not chooser.params.do_sample:
+        p = chooser.params
+        if not p.do_sample:
             token = greedy[row]
-            results.append((token, float(log_probs[row, token]) if chooser.params.logprobs else None))
-            continue
-        scores = chooser.warp(logits[row])
-        token = chooser.sample(scores)
-        results.append((token, float(scores.log_softmax(-1)[token]) if chooser.params.logprobs else None))
+            results.append((token, ChosenLogprob.of(log_probs[row], token, p.top_logprobs) if p.logprobs else None))
+        else:
+            scores = chooser.warp(logits[row])
+            token = chooser.sample(scores)
+            results.append((token, ChosenLogprob.of(scores.log_softmax(-1), token, p.top_logprobs)
+                            if p.logprobs else None))
+        chooser.record(token)
     return results

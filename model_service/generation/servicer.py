@@ -1,7 +1,7 @@
 """splitserve.v1.Generation: streamed generation over the continuous-batching scheduler.
 
-Plug-in of model_service.server: `register(server, runtime)` adds the servicer; the
-scheduler is built once the model is loaded (calls before that get UNAVAILABLE).
+model_service.server adds the servicer before the server starts and calls `on_ready` once the
+model is loaded; the scheduler is built then (calls before that get UNAVAILABLE).
 
 `Generate` validates the request, queues a sequence and streams its tokens; tokens that
 pile up while the client is slow go out together in one GenerateStep. When the caller goes
@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from model_service.generation.batch import GenerationModel, Sequence
+from model_service.generation.beam import SearchRunner, resolve_search
 from model_service.generation.sampling import model_defaults, resolve
 from model_service.generation.scheduler import Limits, Scheduler
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, grpc_errors
@@ -27,19 +28,12 @@ from splitserve_pb import generation_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH_REASONS = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP}
 
 
 def _last(event) -> bool:
     """An error or a sequence's final token: nothing follows it on the queue."""
     return isinstance(event, Exception) or bool(event.finish_reason)
-
-
-def limits_from_args(args) -> Limits:
-    return Limits(max_sequences=getattr(args, "gen_max_sequences", Limits.max_sequences),
-                  max_tokens=getattr(args, "gen_max_tokens", Limits.max_tokens),
-                  max_waiting=getattr(args, "gen_max_waiting", Limits.max_waiting))
 
 
 def saved_defaults(source_dir: Path, weights_dir: Path) -> dict:
@@ -55,27 +49,35 @@ def saved_defaults(source_dir: Path, weights_dir: Path) -> dict:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 0):
+    def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 0, max_beams: int = 8):
         self.runtime = runtime
         self.limits = limits
+        self.max_beams = max_beams
+        self.searches: SearchRunner | None = None  # beam search / n-gram blocking, apart from the batch
         self.stream_interval = stream_interval  # 0: adapt to the load (see tokens_per_message)
+        # Set by on_ready, once the model is loaded:
+        self.engine = None
+        self.model_name = ""
+        self.can_generate = False
+        self.gm: GenerationModel | None = None
+        self.vocab_size = 0
+        self.max_positions = 0
+        self.eos_ids: list[int] = []
+        self.defaults: dict = {}
         self.scheduler: Scheduler | None = None
 
     async def on_ready(self, runtime) -> None:
-        """Build the scheduler around the loaded model (model_service's on-ready callback)."""
+        """Build the scheduler around the loaded model (model_service.server calls it once loaded)."""
         engine, loaded = runtime.engine, runtime.engine.loaded
         self.engine = engine
-        self.model_name = runtime.info.name if runtime.info is not None else ""
-        self.can_generate = bool(getattr(loaded.model, "can_generate", lambda: False)())
+        self.model_name = runtime.info.name
+        self.can_generate = loaded.model.can_generate()
         if self.can_generate and loaded.config.is_encoder_decoder and \
                 loaded.special_ids.get("decoder_start_token_id") is None:
             log.warning("encoder-decoder model without decoder_start_token_id: generation is off")
             self.can_generate = False
         if not self.can_generate:
-            # Generate answers FAILED_PRECONDITION and health says NOT_SERVING for this service;
-            # the tensor API serves the model.
-            runtime.not_serving.add(SERVICE_NAME)
-            return
+            return  # Generate answers FAILED_PRECONDITION (health: NOT_SERVING); the tensor API serves the model
         self.gm = GenerationModel(loaded.model, loaded.pad_token_id,
                                   loaded.special_ids.get("decoder_start_token_id"))
         self.vocab_size = loaded.vocab_size
@@ -83,18 +85,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.eos_ids = list(loaded.special_ids.get("eos_token_id") or [])
         self.defaults = saved_defaults(loaded.source_dir, loaded.weights_dir)
         self.scheduler = Scheduler(engine, self.gm, self.limits)
+        self.searches = SearchRunner(engine, loaded.model, self.gm.is_encoder_decoder, self.gm.pad_token_id,
+                                     self.limits.max_tokens, self.limits.max_waiting)
 
     def _ready(self) -> Scheduler:
-        self.runtime.require()
+        runtime = self.runtime.require()
         if self.scheduler is None:
-            if getattr(self, "can_generate", None) is False:
+            if runtime.is_ready and not self.can_generate:
                 raise FailedPrecondition("the served model cannot generate text (no language-model head)")
             raise Unavailable("generation is still starting; wait for health SERVING")
         return self.scheduler
 
     def sequence_of(self, request) -> Sequence:
         """Check a GenerateRequest and turn it into a Sequence (raises InvalidArgument / NotFound)."""
-        if request.model_name and self.model_name and request.model_name != self.model_name:
+        if request.model_name and request.model_name != self.model_name:
             raise NotFound(f"model '{request.model_name}' is not served here (this is '{self.model_name}')")
         if not request.input_ids:
             raise InvalidArgument("input_ids is empty: generation needs a prompt of at least one token")
@@ -125,9 +129,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request, context):
         self._ready()
         seq = self.sequence_of(request)
+        search = resolve_search(request.settings, self.defaults, seq.params, self.max_beams)
+        runner = self.scheduler if search is None else self.searches
         # The lease makes an adapter unload wait for this generation, and names the adapter meant.
         with self.engine.adapters.lease(request.adapter) as seq.adapter:
-            async for step in self._stream(self.scheduler.submit(seq)):
+            submitted = runner.submit(seq) if search is None else runner.submit(seq, search)
+            async for step in self._stream(submitted, runner):
                 yield step
 
     def tokens_per_message(self) -> int:
@@ -136,9 +143,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             return self.stream_interval
         return min(8, max(1, self.scheduler.active_count // 4))
 
-    async def _stream(self, seq: Sequence):
+    async def _stream(self, seq: Sequence, runner):
         """GenerateSteps of `seq`: the first token at once, then every `tokens_per_message()` tokens
-        (or whatever piled up meanwhile), the last one with the finish reason."""
+        (or whatever piled up meanwhile), the last one with the finish reason. `runner` (the
+        scheduler or the search runner) is told when the caller goes away."""
         try:
             finished, sent = False, 0
             while not finished:
@@ -153,6 +161,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     step.token_ids.append(event.token)
                     if seq.params.logprobs:
                         step.logprobs.append(event.logprob)
+                    if seq.params.top_logprobs:
+                        step.top_logprobs.add(token_ids=event.logprob.top_ids,
+                                              logprobs=event.logprob.top_logprobs)
                     if event.finish_reason:
                         step.finish_reason = FINISH_REASONS[event.finish_reason]
                         finished = True
@@ -160,7 +171,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 step.generated_tokens = sent
                 yield step
         finally:
-            self.scheduler.cancel(seq)
+            runner.cancel(seq)
 
     @grpc_errors
     async def Stats(self, request, context):
@@ -172,12 +183,3 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def stop(self) -> None:
         if self.scheduler is not None:
             await self.scheduler.stop()
-
-
-def register(server, runtime) -> list[str]:
-    """Plug-in hook of model_service.server: serve splitserve.v1.Generation."""
-    servicer = GenerationServicer(runtime, limits_from_args(runtime.args),
-                                  getattr(runtime.args, "gen_stream_interval", 0))
-    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-    runtime.on_ready.append(servicer.on_ready)
-    return [SERVICE_NAME]

@@ -13,7 +13,8 @@ from splitserve_common.errors import InvalidArgument
 from splitserve_pb import generation_pb2
 
 GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                   "repetition_penalty", "seed")
+                   "repetition_penalty", "seed", "presence_penalty", "frequency_penalty", "num_beams",
+                   "num_return_sequences", "length_penalty", "no_repeat_ngram_size", "early_stopping")
 PREPROC_DEFAULTS = {"return_full_text": True, "include_prompt": None, "collapse_whitespace": False, "stop": []}
 
 
@@ -46,6 +47,7 @@ class GenerationParams:
             self.options["stop"] = [self.options["stop"]]
         if explicit.get("logprobs"):
             self.settings.logprobs = True
+            self.settings.top_logprobs = int(explicit.get("top_logprobs") or 0)
 
     def __getitem__(self, key):
         return self.options[key]
@@ -53,9 +55,14 @@ class GenerationParams:
 
 def _typed(key: str, value):
     try:
-        if key in ("do_sample",):
+        if key == "do_sample":
             return bool(value)
-        if key in ("temperature", "top_p", "repetition_penalty"):
+        if key == "early_stopping":  # transformers' third value, "never", is not supported
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if key in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                   "length_penalty"):
             return float(value)
         return int(value)
     except (TypeError, ValueError):

@@ -26,6 +26,7 @@ class Piece:
     text: str
     token_ids: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)  # generation_pb2.TopLogprobs per token, when asked
     finish_reason: str = ""     # on the last piece: length | stop
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens generated (so far)
@@ -43,13 +44,13 @@ async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, cont
     generated = 0
     try:
         async for step in call:
-            ids, logprobs = list(step.token_ids), list(step.logprobs)
+            ids, logprobs, tops = list(step.token_ids), list(step.logprobs), list(step.top_logprobs)
             if matcher.stops:  # token by token, so the answer and its count end at the stop string
                 text = ""
                 for k, token in enumerate(ids):
                     text += matcher.feed(detok.add([token]))
                     if matcher.stopped:
-                        ids, logprobs = ids[:k + 1], logprobs[:k + 1]
+                        ids, logprobs, tops = ids[:k + 1], logprobs[:k + 1], tops[:k + 1]
                         break
             else:
                 text = detok.add(ids)
@@ -59,7 +60,7 @@ async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, cont
                 text += matcher.feed(detok.flush())
                 if not matcher.stopped:
                     text += matcher.flush()
-            piece = Piece(text, ids, logprobs, prompt_tokens=step.prompt_tokens, completion_tokens=generated)
+            piece = Piece(text, ids, logprobs, tops, prompt_tokens=step.prompt_tokens, completion_tokens=generated)
             if matcher.stopped:
                 piece.finish_reason = "stop"
                 yield piece

@@ -50,3 +50,26 @@ async def run(dep: Deployment, call: Call, texts: list[str], params: dict) -> tu
 def _l2_normalize(v: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(v.astype(np.float32), axis=-1, keepdims=True)
     return (v / np.maximum(norm, 1e-12)).astype(v.dtype)
+
+
+def check_dimensions(dep: Deployment, dimensions: int) -> None:
+    """OpenAI's `dimensions`: the full size always; fewer only for a model trained for it (Matryoshka:
+    config.json `matryoshka_dimensions` lists the sizes, or `is_matryoshka` allows any)."""
+    config = dep.model_dir.config or {}
+    full = config.get("hidden_size") or config.get("d_model") or config.get("n_embd")
+    if dimensions < 1 or (full and dimensions > full):
+        raise InvalidArgument(f"dimensions={dimensions}: must be in [1, {full or 'the model size'}]")
+    if dimensions == full:
+        return
+    listed = config.get("matryoshka_dimensions")
+    if listed and dimensions in listed or (not listed and config.get("is_matryoshka")):
+        return
+    declared = f"matryoshka_dimensions {listed}" if listed else "no matryoshka_dimensions"
+    raise InvalidArgument(f"dimensions={dimensions}: this model was not trained for shortened embeddings (its "
+                          f"config.json declares {declared}); ask for its full size {full} or leave dimensions out")
+
+
+def shorten(vectors: list[np.ndarray], dimensions: int, normalized: bool) -> list[np.ndarray]:
+    """The first `dimensions` values of each vector, normalized again when the full ones were."""
+    short = [v[..., :dimensions] for v in vectors]
+    return [_l2_normalize(v) for v in short] if normalized else short

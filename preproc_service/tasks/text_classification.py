@@ -29,7 +29,19 @@ def check_params(params: dict) -> None:
         raise InvalidArgument(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}")
     top_k = params.get("top_k")
     if top_k is not None and top_k <= 0:
-        raise InvalidArgument(f"top_k must be >= 1, got {top_k}")
+        raise InvalidArgument(f"top_k must be >= 1 (all_labels asks for every label), got {top_k}")
+
+
+def every_label(explicit: dict, params: dict) -> None:
+    """all_labels is the pipeline's explicit top_k=None: every label, sorted. Beside a top_k of the
+    same request it is refused; a top_k from the saved defaults gives way to it."""
+    if not params.get("all_labels"):
+        params.pop("all_labels", None)  # all_labels=false asks for nothing beyond top_k
+        return
+    if "top_k" in explicit:
+        raise InvalidArgument(f"top_k={explicit['top_k']} and all_labels both given: all_labels asks for every "
+                              "label; send one of them")
+    params["top_k"] = None
 
 
 async def preprocess(dep: Deployment, call: Call, texts: list[str], text_pairs: list[str], truncation: bool):
@@ -42,8 +54,10 @@ async def preprocess(dep: Deployment, call: Call, texts: list[str], text_pairs: 
     return pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids)
 
 
-def postprocess(logits: np.ndarray, id2label: dict[int, str], function_to_apply: str, top_k: int | None) -> list:
-    """One list of {label, score} per row, best first; top_k None: best label only."""
+def postprocess(logits: np.ndarray, id2label: dict[int, str], function_to_apply: str, top_k: int | None,
+                all_labels: bool = False) -> list:
+    """One list of {label, score} per row, best first: top_k of them, the best only when top_k is
+    None, every label with all_labels."""
     logits = logits.astype(np.float32)
     if function_to_apply == "sigmoid":
         scores = 1.0 / (1.0 + np.exp(-logits))
@@ -53,7 +67,7 @@ def postprocess(logits: np.ndarray, id2label: dict[int, str], function_to_apply:
         scores = logits
     results = []
     for row in scores:
-        order = np.argsort(-row, kind="stable")[: (top_k or 1)]
+        order = np.argsort(-row, kind="stable")[: None if all_labels else (top_k or 1)]
         results.append([{"label": id2label.get(int(i), f"LABEL_{int(i)}"), "score": float(row[i])} for i in order])
     return results
 
@@ -67,4 +81,5 @@ async def run(dep: Deployment, call: Call, texts: list[str], text_pairs: list[st
     function = str(function).lower() if function else default_function(info.problem_type, info.num_labels)
     params["function_to_apply"] = function
     with call.stage("postprocess"):
-        return postprocess(outputs["logits"], info.id2label, function, params.get("top_k"))
+        return postprocess(outputs["logits"], info.id2label, function, params.get("top_k"),
+                           bool(params.get("all_labels")))
