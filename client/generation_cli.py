@@ -71,12 +71,20 @@ def configure_generate(parser):
                         help="include the prompt in the answer (text-generation's default)")
     parser.add_argument("--no-full-text", dest="return_full_text", action="store_false",
                         help="only the generated text")
+    parser.add_argument("--num-beams", type=int, help="beam search with this many beams (greedy; the text "
+                        "arrives when the search ends)")
+    parser.add_argument("--length-penalty", type=float, help="beam search: exponent on the length in a beam's "
+                        "score (> 0 favours longer answers)")
+    parser.add_argument("--early-stopping", action="store_true", default=None,
+                        help="beam search: stop once num_beams finished candidates exist")
+    parser.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size")
 
     def run(client, args):
         gen = GenerationClient(channel=client.channel, timeout=client.timeout)
         prompt = "\n".join(read_texts(args))
         settings = _settings(args, ["max_new_tokens", "temperature", "top_p", "top_k", "seed", "do_sample", "stop",
-                                    "return_full_text"])
+                                    "return_full_text", "num_beams", "length_penalty", "early_stopping",
+                                    "no_repeat_ngram_size"])
         if args.stream:
             return stream_text(gen.generate_stream(prompt, args.adapter, **settings))
         return answer(gen.generate(prompt, args.adapter, **settings))

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from model_service.server import serve
 
     args = parse_args(argv)
-    serving.configure_logging(args.log_level)
+    serving.configure_logging(args.log_level, args.log_format)
     return serving.run_service("model-service", serve(args))
 
 

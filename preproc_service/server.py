@@ -82,7 +82,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
 
 
 async def serve(args) -> None:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     dep = build_deployment(args)
     server = create_server(args)
     servicer = PreprocServicer(dep, args.stream_window, load_generation_handlers(dep, max_choices=args.max_choices))

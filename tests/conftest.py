@@ -5,6 +5,7 @@ Tests that start servers (or other processes) are marked `server` automatically 
 """
 
 import os
+import sys
 
 import pytest
 
@@ -23,5 +24,17 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _unit_tests_start_no_servers(request, monkeypatch):
-    if request.node.get_closest_marker("server") is None:
-        tiers.forbid_servers(monkeypatch, request.node.nodeid)
+    if request.node.get_closest_marker("server") is not None:
+        yield
+        return
+    tiers.forbid_servers(monkeypatch, request.node.nodeid)
+    # Unit tests compare in-process results with in-process references, so they run torch on one
+    # thread: on a small shared machine intra-op threads spinning on each other slow tiny models
+    # by an order of magnitude. (Server tests keep the thread count their services use.)
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch else None
+    if torch:
+        torch.set_num_threads(1)
+    yield
+    if torch:
+        torch.set_num_threads(before)

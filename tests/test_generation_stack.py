@@ -333,6 +333,14 @@ def test_cli_prints_no_prompt_before_an_error_and_names_the_generation_commands(
     full = subprocess.run([*cli, "generate", "--full-text", "--max-new-tokens", "4", "the river of"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert full.returncode == 0 and full.stdout.startswith("the river of")
+    tok = gpt2["tokenizer"]
+    beams = reference_generate(gpt2["model"], tok, tok("the river of")["input_ids"], max_new_tokens=6,
+                               do_sample=False, num_beams=3, no_repeat_ngram_size=2)
+    searched = subprocess.run([*cli, "generate", "--no-full-text", "--max-new-tokens", "6", "--num-beams", "3",
+                               "--no-repeat-ngram-size", "2", "the river of"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+    assert searched.returncode == 0, searched.stderr
+    assert searched.stdout == tok.decode(beams, skip_special_tokens=True) + "\n"
 
 
 def test_logprobs_match_in_process_scores(gpt2):

@@ -13,6 +13,7 @@ import grpc
 
 from preproc_service.generation.detokenizer import IncrementalDetokenizer
 from preproc_service.generation.text_filters import StopMatcher
+from splitserve_common import request_log
 from splitserve_common.errors import DeadlineExceeded, Unavailable
 from splitserve_pb import generation_pb2 as gpb
 from splitserve_pb import generation_pb2_grpc
@@ -40,7 +41,7 @@ async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, cont
                           timeout: float | None = None, address: str = "model service"):
     detok = IncrementalDetokenizer(tokenizer, context_ids)
     matcher = StopMatcher(stops)
-    call = stub.Generate(request, timeout=timeout)
+    call = stub.Generate(request, timeout=timeout, metadata=request_log.outgoing_metadata())
     generated = 0
     try:
         async for step in call:
