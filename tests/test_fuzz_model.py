@@ -22,12 +22,10 @@ from splitserve_pb import generation_pb2, generation_pb2_grpc
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
 from tests import model_factory
+from tests.fuzz_helpers import CLIENT_ERRORS
 from tests.model_service_helpers import model_services, reference
 
 FUZZ_EXAMPLES = int(os.environ.get("SPLITSERVE_FUZZ_EXAMPLES", "200"))
-# The client errors docs/contracts.md documents for a bad request.
-CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                 grpc.StatusCode.FAILED_PRECONDITION}
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TIMEOUT = 30.0
