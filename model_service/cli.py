@@ -32,6 +32,10 @@ MODEL_OPTIONS = [
     Option("token-budget", 16384, "most padded tokens (rows x longest row) in one forward pass", int),
     Option("batch-overhead-tokens", 64, "fixed cost of one forward pass in padded-token equivalents: higher "
            "merges rows of different lengths into fewer, more padded batches", int),
+    Option("stream-window", 64, "most ModelStreamInfer requests of one stream in flight at once; the next is read "
+           "when one is answered", int),
+    Option("max-input-values", 480000, "audio models: most samples in one input_values row (480000: 30 s at "
+                                       "16 kHz); longer clips are refused", int),
     Option("max-queue-rows", 1024, "rows waiting beyond this are refused with RESOURCE_EXHAUSTED", int),
     Option("torch-threads", 0, "CPU threads torch may use (0: every CPU of this process)", int),
 ]
