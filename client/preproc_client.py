@@ -12,6 +12,7 @@ from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from client.channel_client import AsyncChannelClient, ChannelClient
 from splitserve_common.v2_codec import from_preproc_tensor
@@ -145,6 +146,79 @@ def embed_request(texts, *, pooling=None, normalize=None, float16=None, truncati
                            **_opt(pooling=pooling, normalize=normalize, float16=float16, truncation=truncation))
 
 
+def audio_message(item) -> pb.Audio:
+    """One clip: bytes of an audio file, (samples, sampling_rate), {"raw"|"array": samples,
+    "sampling_rate": rate} (the pipelines' dict), or a str location under the server's --audio-root."""
+    if isinstance(item, pb.Audio):
+        return item
+    if isinstance(item, (bytes, bytearray)):
+        return pb.Audio(data=bytes(item))
+    if isinstance(item, str):
+        return pb.Audio(location=item)
+    if isinstance(item, dict):
+        samples = item.get("raw", item.get("array"))
+        item = (samples, item["sampling_rate"])
+    samples, rate = item
+    data = np.ascontiguousarray(np.asarray(samples, dtype="<f4")).tobytes()
+    return pb.Audio(samples=pb.AudioSamples(float32=data, sampling_rate=int(rate)))
+
+
+def _audios(inputs) -> list[pb.Audio]:
+    single = isinstance(inputs, (bytes, bytearray, str, dict, tuple, pb.Audio))
+    return [audio_message(i) for i in ([inputs] if single else inputs)]
+
+
+def classify_audio_request(inputs, *, top_k=None, function_to_apply=None, adapter=""):
+    return pb.ClassifyAudioRequest(inputs=_audios(inputs), adapter=adapter,
+                                   **_opt(top_k=top_k, function_to_apply=function_to_apply))
+
+
+def transcribe_request(inputs, *, chunk_length_s=None, stride_length_s=None, return_timestamps=None, adapter=""):
+    if isinstance(stride_length_s, (int, float)):
+        stride_length_s = [stride_length_s]
+    return pb.TranscribeRequest(inputs=_audios(inputs), stride_length_s=list(stride_length_s or []), adapter=adapter,
+                                **_opt(chunk_length_s=chunk_length_s, return_timestamps=return_timestamps))
+
+
+def table_question_request(inputs, *, sequential=None, truncation=None, adapter=""):
+    """`inputs`: (table, queries) pairs or {"table": ..., "query": ...} dicts (MLflow's shape); a table is
+    a dict of columns, a list of row dicts or its JSON text; queries one str or a list."""
+    items = []
+    for item in inputs:
+        table, queries = (item["table"], item["query"]) if isinstance(item, dict) else item
+        items.append(pb.TableQuery(table=table if isinstance(table, str) else json.dumps(table),
+                                   queries=[queries] if isinstance(queries, str) else list(queries)))
+    return pb.TableQuestionRequest(inputs=items, adapter=adapter, **_opt(sequential=sequential, truncation=truncation))
+
+
+@dataclass
+class TableAnswer:
+    answer: str
+    coordinates: list[tuple[int, int]]
+    cells: list[str]
+    aggregator: str = ""
+
+
+def parse_table_answers(reply: pb.TableQuestionResponse) -> Results:
+    """Per table, one TableAnswer per query."""
+    return Results([[TableAnswer(a.answer, [(c.row, c.column) for c in a.coordinates], list(a.cells), a.aggregator)
+                     for a in row.answers] for row in reply.results], reply.meta)
+
+
+@dataclass
+class Transcription:
+    text: str
+    chunks: list[dict] = field(default_factory=list)  # {"text", "timestamp": (start, end)} with return_timestamps
+
+
+def _transcription(t: pb.Transcription) -> Transcription:
+    return Transcription(t.text, [{"text": c.text, "timestamp": (c.start, c.end)} for c in t.chunks])
+
+
+def parse_transcribe(reply: pb.TranscribeResponse) -> Results:
+    return Results([_transcription(t) for t in reply.results], reply.meta)
+
+
 def _texts(texts) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
@@ -217,6 +291,9 @@ _CALLS = {
     "embed": (embed_request, "Embed", parse_embed),
     "tokenize": (tokenize_request, "Tokenize", parse_tokenize),
     "detokenize": (detokenize_request, "Detokenize", lambda reply: list(reply.texts)),
+    "classify_audio": (classify_audio_request, "ClassifyAudio", parse_classify),
+    "transcribe": (transcribe_request, "Transcribe", parse_transcribe),
+    "answer_table_question": (table_question_request, "AnswerTableQuestion", parse_table_answers),
 }
 
 
@@ -267,6 +344,24 @@ class PreprocClient(ChannelClient):
 
     def info(self) -> Info:
         return parse_info(self.stub.Info(pb.InfoRequest(), timeout=self.timeout))
+
+    def answer_table_question(self, inputs, **options) -> Results:
+        """table-question-answering: per (table, queries) input, one TableAnswer per query."""
+        return self._call("answer_table_question", inputs, **options)
+
+    def classify_audio(self, inputs, **options) -> Results:
+        """audio-classification: one list of LabelScore per clip (see audio_message for the inputs)."""
+        return self._call("classify_audio", inputs, **options)
+
+    def transcribe(self, inputs, **options) -> Results:
+        """automatic-speech-recognition: one Transcription per clip."""
+        return self._call("transcribe", inputs, **options)
+
+    def transcribe_stream(self, audio, **options) -> Iterable[str | Transcription]:
+        """Text pieces as they are recognised, then the whole Transcription."""
+        for chunk in self.stub.TranscribeStream(transcribe_request([audio_message(audio)], **options),
+                                                timeout=self.timeout):
+            yield _transcription(chunk.result) if chunk.HasField("result") else chunk.text
 
     def embeddings(self, inputs, model: str = "", adapter: str = "") -> dict:
         """llm/v1/embeddings as OpenAI's JSON shape."""
@@ -321,6 +416,20 @@ class AsyncPreprocClient(AsyncChannelClient):
 
     async def info(self) -> Info:
         return parse_info(await self.stub.Info(pb.InfoRequest(), timeout=self.timeout))
+
+    async def answer_table_question(self, inputs, **options) -> Results:
+        return await self._call("answer_table_question", inputs, **options)
+
+    async def classify_audio(self, inputs, **options) -> Results:
+        return await self._call("classify_audio", inputs, **options)
+
+    async def transcribe(self, inputs, **options) -> Results:
+        return await self._call("transcribe", inputs, **options)
+
+    async def transcribe_stream(self, audio, **options):
+        call = self.stub.TranscribeStream(transcribe_request([audio_message(audio)], **options), timeout=self.timeout)
+        async for chunk in call:
+            yield _transcription(chunk.result) if chunk.HasField("result") else chunk.text
 
     async def embeddings(self, inputs, model: str = "", adapter: str = "") -> dict:
         reply = await self.stub.Embeddings(pb.EmbeddingsRequest(input=_texts(inputs), model=model, adapter=adapter),

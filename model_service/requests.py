@@ -10,21 +10,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_service.shaping import OutputSpec, parse_specs
+from model_service.inputs import InputSpec
+from model_service.shaping import SEQUENCE_OUTPUTS, OutputSpec, parse_specs
 from splitserve_common import v2_codec
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+FLOAT_DATATYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
 
 
 @dataclass
 class InferJob:
     request_id: str
-    rows: list[np.ndarray]                 # int64 token ids, one unpadded row per sequence
-    type_rows: list[np.ndarray] | None     # token_type_ids per row, when sent
+    rows: list[np.ndarray]                 # the main input (token ids, or audio samples), one unpadded row each
+    type_rows: list[np.ndarray] | None     # token_type_ids per row ([n] or TAPAS' [n, K]), when sent
     padded_length: int                     # the request's L: outputs come back [B, L, ...]
     outputs: list[OutputSpec]
     adapter: str = ""
+    main_input: str = "input_ids"
+    # Audio rows: batched only with rows of the same length and never cut back along an axis
+    # (their outputs run over frames, not input positions); `with_mask`: pass an attention_mask.
+    exact_length: bool = False
+    with_mask: bool = True
+    per_token: frozenset = SEQUENCE_OUTPUTS  # 2-D outputs cut back along axis 1 like [B, L, ...] ones
 
     @property
     def batch(self) -> int:
@@ -38,26 +45,35 @@ def check_model_name(info, name: str, version: str = "") -> None:
         raise NotFound(f"model '{info.name}' has no version '{version}'; versions: {', '.join(info.versions)}")
 
 
-def decode_inputs(request) -> dict[str, np.ndarray]:
+def decode_inputs(request, specs: dict[str, InputSpec]) -> dict[str, np.ndarray]:
+    """The request's inputs checked against the model's `specs` (main input first)."""
     for tensor in request.inputs:  # names and datatypes first, before any decoding
-        if tensor.name not in INPUT_NAMES:
-            raise InvalidArgument(f"unknown input '{tensor.name}'; expected {', '.join(INPUT_NAMES)}")
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidArgument(f"unknown input '{tensor.name}'; expected {', '.join(specs)}")
         v2_codec.numpy_dtype(tensor.datatype, tensor.name)  # unknown datatype -> INVALID_ARGUMENT
-        if tensor.datatype not in v2_codec.INTEGER_DATATYPES:
+        if spec.floating and tensor.datatype not in FLOAT_DATATYPES:
+            raise InvalidArgument(f"input '{tensor.name}' must be a float tensor (FP32), got {tensor.datatype}")
+        if not spec.floating and tensor.datatype not in v2_codec.INTEGER_DATATYPES:
             raise InvalidArgument(f"input '{tensor.name}' must be an integer tensor (INT64), got {tensor.datatype}")
     arrays = v2_codec.decode_request_inputs(request)
     for name, array in arrays.items():
-        if array.ndim != 2:
-            raise InvalidArgument(f"input '{name}' must have rank 2 [batch, length], got shape {list(array.shape)}")
-        arrays[name] = array.astype(np.int64, copy=False)
-    if "input_ids" not in arrays:
-        raise InvalidArgument("input 'input_ids' is required")
-    shape = arrays["input_ids"].shape
+        wanted = list(specs[name].shape)
+        if array.ndim != len(wanted) or any(w != -1 and w != d for w, d in zip(wanted, array.shape, strict=True)):
+            raise InvalidArgument(f"input '{name}' must have rank {len(wanted)} (shape {wanted}, -1: any "
+                                  f"size), got shape {list(array.shape)}")
+        arrays[name] = array.astype(np.float32 if specs[name].floating else np.int64, copy=False)
+    main = next(iter(specs))
+    if main not in arrays:
+        raise InvalidArgument(f"input '{main}' is required")
+    shape = arrays[main].shape
     for name, array in arrays.items():
-        if array.shape != shape:
-            raise InvalidArgument(f"input '{name}' has shape {list(array.shape)} but input_ids has {list(shape)}")
-    if shape[0] == 0 or shape[1] == 0:
-        raise InvalidArgument(f"input_ids shape {list(shape)} is empty")
+        if array.shape[:2] != shape[:2]:
+            raise InvalidArgument(f"input '{name}' has shape {list(array.shape)} but {main} has {list(shape)}")
+    if 0 in shape:
+        raise InvalidArgument(f"{main} shape {list(shape)} is empty")
+    if specs[main].floating and not np.isfinite(arrays[main]).all():
+        raise InvalidArgument(f"input '{main}' holds NaN or infinite values")
     return arrays
 
 
@@ -75,37 +91,59 @@ def row_lengths(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     return lengths
 
 
+def check_token_types(type_ids: np.ndarray, config, type_vocab_size: int) -> None:
+    """Every token type within its vocabulary: one size, or TAPAS' size per column."""
+    sizes = getattr(config, "type_vocab_sizes", None)
+    if type_ids.ndim == 3:
+        for column, limit in enumerate(sizes):
+            values = type_ids[..., column]
+            if values.min() < 0 or values.max() >= limit:
+                raise InvalidArgument(f"token_type_ids column {column} must be in [0, {limit})")
+        return
+    if not type_vocab_size:
+        raise InvalidArgument("this model takes no token_type_ids")
+    if type_ids.min() < 0 or type_ids.max() >= type_vocab_size:
+        raise InvalidArgument(f"token_type_ids must be in [0, {type_vocab_size})")
+
+
 def parse(request, info) -> InferJob:
-    """Validate `request` against the served model `info` (model_service.model_info.ModelInfo)."""
+    """Validate `request` against the served model `info` (model_service.served_model.ServedModel)."""
     check_model_name(info, request.model_name, request.model_version)
     if not info.outputs:
         raise FailedPrecondition(f"model '{info.name}' ({info.loaded.architecture}) has no ModelInfer outputs: "
                                  "use the Generation service")
-    arrays = decode_inputs(request)
-    ids = arrays["input_ids"]
-    batch, length = ids.shape
+    inputs = info.input_specs
+    main = next(iter(inputs))
+    arrays = decode_inputs(request, inputs)
+    ids = arrays[main]
+    batch, length = ids.shape[:2]
     if batch > info.max_batch_size:
         raise InvalidArgument(f"batch of {batch} rows is over the limit of {info.max_batch_size} (--max-batch-size)")
-    lengths = row_lengths(arrays.get("attention_mask"), ids.shape)
+    lengths = row_lengths(arrays.get("attention_mask"), ids.shape[:2])
     longest = int(lengths.max())
-    if info.max_positions and longest > info.max_positions:
+    if inputs[main].floating:
+        if int(lengths.min()) != length:
+            raise InvalidArgument(f"{main} rows must be whole, unpadded clips of one length (attention_mask all "
+                                  "ones): send clips of other lengths in requests of their own")
+        if info.max_input_values and length > info.max_input_values:
+            raise InvalidArgument(f"{main} rows of {length} values are longer than the limit of "
+                                  f"{info.max_input_values} (--max-input-values)")
+    elif info.max_positions and longest > info.max_positions:
         raise InvalidArgument(f"sequence of {longest} tokens is longer than the model's {info.max_positions} "
                               "positions: truncate it")
     vocab = info.loaded.vocab_size
-    if vocab and (ids.min() < 0 or ids.max() >= vocab):
+    if not inputs[main].floating and vocab and (ids.min() < 0 or ids.max() >= vocab):
         raise InvalidArgument(f"input_ids hold token ids outside the vocabulary [0, {vocab})")
     type_ids = arrays.get("token_type_ids")
     if type_ids is not None:
-        limit = info.loaded.type_vocab_size
-        if not limit:
-            raise InvalidArgument("this model takes no token_type_ids")
-        if type_ids.min() < 0 or type_ids.max() >= limit:
-            raise InvalidArgument(f"token_type_ids must be in [0, {limit})")
+        check_token_types(type_ids, info.loaded.config, info.loaded.type_vocab_size)
     specs = parse_specs(request, info.output_names, info.default_outputs, info.loaded.pooling.as_dict(), length)
     adapter = v2_codec.typed(v2_codec.params_to_dict(request.parameters), "adapter", str, "")
     return InferJob(
         request_id=request.id,
         rows=[ids[i, : lengths[i]] for i in range(batch)],
+        main_input=main, exact_length=inputs[main].floating,
+        with_mask=not inputs[main].floating or "attention_mask" in arrays, per_token=info.per_token_outputs,
         type_rows=None if type_ids is None else [type_ids[i, : lengths[i]] for i in range(batch)],
         padded_length=length,
         outputs=specs,

@@ -25,8 +25,8 @@ from model_service.generation.scheduler import Limits
 from model_service.generation.servicer import GenerationServicer
 from model_service.inference_servicer import InferenceServicer
 from model_service.loader import LoadError, LoadOptions
-from model_service.model_info import discover
 from model_service.runtime import Runtime
+from model_service.served_model import discover
 from splitserve_common import metrics, serving
 from splitserve_pb import generation_pb2, generation_pb2_grpc, open_inference_pb2, open_inference_pb2_grpc
 
@@ -60,7 +60,8 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     args = runtime.args
     loaded = await asyncio.to_thread(loader.load, load_options(args))
     engine = Engine(loaded, torch_threads=args.torch_threads)
-    info = await engine.run(discover, engine, served_name(args), args.max_batch_size)  # the warm-up forward
+    info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
+                            args.max_input_values)
     batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
                       token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
                       overhead_tokens=args.batch_overhead_tokens)

@@ -24,8 +24,8 @@ IGNORED_KEYS = {"binary_data", "binary_data_output", "priority", "timeout", "seq
                 "sequence_end", "headers"}
 POOLING_MODES = ("mean", "cls", "max")
 DERIVED = "sentence_embedding"
-# 2-D outputs that still run along the sequence axis ([B, L]).
-SEQUENCE_OUTPUTS = {"start_logits", "end_logits"}
+# 2-D outputs that still run along the sequence axis ([B, L]); TAPAS adds its per-token `logits`.
+SEQUENCE_OUTPUTS = frozenset({"start_logits", "end_logits"})
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ class OutputSpec:
         return "last_hidden_state" if self.name == DERIVED else self.name
 
 
-def has_sequence_axis(name: str, ndim: int) -> bool:
-    return name in SEQUENCE_OUTPUTS or ndim >= 3
+def has_sequence_axis(name: str, ndim: int, per_token: frozenset = SEQUENCE_OUTPUTS) -> bool:
+    """Axis 1 runs over input positions: every output of rank >= 3, and the 2-D ones in `per_token`."""
+    return name in per_token or ndim >= 3
 
 
 def _check_keys(params: dict, allowed: set, where: str) -> None:
@@ -125,11 +126,12 @@ def _to_numpy(tensor: torch.Tensor, datatype: str) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def shape(spec: OutputSpec, tensor: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
+def shape(spec: OutputSpec, tensor: torch.Tensor, mask: torch.Tensor,
+          per_token: frozenset = SEQUENCE_OUTPUTS) -> dict[str, np.ndarray]:
     """Apply `spec` to the request's tensor; returns {output name: array} (two names with top_k)."""
     if spec.name == DERIVED:
         tensor = pool(tensor.float(), mask, spec.pooling, spec.normalize)
-    elif spec.gather_positions is not None and has_sequence_axis(spec.name, tensor.ndim):
+    elif spec.gather_positions is not None and has_sequence_axis(spec.name, tensor.ndim, per_token):
         tensor = tensor[:, list(spec.gather_positions)]
     if spec.top_k > 0:
         k = min(spec.top_k, tensor.shape[-1])

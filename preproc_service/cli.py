@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from splitserve_common.channels import client_options
+from splitserve_common.errors import ConfigurationError
 from splitserve_common.http_front import http_port_option
 from splitserve_common.serving import SERVER_OPTIONS
 from splitserve_common.settings import Option, parse
@@ -26,6 +27,11 @@ OPTIONS = [
     Option("stream-window", 64, "most PredictStream items in flight per stream", int),
     Option("max-choices", 8, "most choices (n) one chat or completion request may ask for", int),
     Option("tokenize-batch", 512, "most texts per tokenizer batch call", int),
+    Option("audio-root", "", "audio tasks: directory under which a request may name local audio files (empty: "
+                             "file locations are refused; URLs are always refused)"),
+    Option("max-audio-seconds", 600.0, "audio tasks: longest audio one request may send, in seconds", float),
+    Option("max-table-cells", 10000, "table-question-answering: most cells (rows x columns) in one table", int),
+    Option("max-table-queries", 64, "table-question-answering: most queries about one table", int),
     Option("handshake-retry-seconds", 1.0, "pause between handshake attempts while the model service is down",
            float),
     Option("handshake-recheck-seconds", 10.0, "pause between metadata re-checks once serving", float),
@@ -45,5 +51,9 @@ def main(argv=None) -> int:
     hide_torch()
     from preproc_service.server import serve
 
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except ConfigurationError as exc:
+        print(f"preproc-service: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -14,18 +14,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from preproc_service.audio import AudioSettings
 from preproc_service.model_client import ModelClient
-from preproc_service.model_dir import ModelDir, canonical_task
-from preproc_service.params import ParameterResolver
+from preproc_service.model_dir import ModelDir
+from preproc_service.precedence import Precedence
 from preproc_service.tokenization import Tokenization
-from splitserve_common import metrics
+from splitserve_common import metrics, tasks
 from splitserve_common.errors import Unavailable
 from splitserve_common.v2_codec import ModelMetadata
 
 
+@dataclass(frozen=True)
+class TableLimits:
+    """table-question-answering request sizes (--max-table-cells, --max-table-queries)."""
+    max_cells: int = 10000
+    max_queries: int = 64
+
+
 @dataclass
-class Call:
-    """Per-request facts handed to a task: adapter, time left, stage timings."""
+class RequestScope:
+    """What one request carries through its stages: adapter, time left, stage timings."""
     adapter: str = ""
     timeout: float | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -56,15 +64,21 @@ class _Stage:
 
 class Deployment:
     def __init__(self, model_dir: ModelDir, tokenizer, model: ModelClient, task_override: str = "",
-                 tokenize_batch: int = 512):
+                 tokenize_batch: int = 512, feature_extractor=None, audio: AudioSettings | None = None,
+                 table_limits: TableLimits | None = None):
         self.model_dir = model_dir
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer          # None for models without one (audio-classification)
+        self.feature_extractor = feature_extractor  # audio models
+        self.audio = audio or AudioSettings()
+        self.table_limits = table_limits or TableLimits()
         self.model = model
-        self.task_override = canonical_task(task_override)
+        self.task_override = tasks.canonical(task_override)
         self.info: ModelMetadata | None = None
-        self.params = ParameterResolver(model_dir.model_config, model_dir.signature_params)
+        self.precedence = Precedence(model_dir.model_config, model_dir.signature_params)
         self._tokenize_batch = tokenize_batch
-        self.tokenization = Tokenization(tokenizer, self._local_max_length(), tokenize_batch)
+        # Micro-batched Rust tokenization for fast tokenizers; slow ones (TAPAS, CTC) are called directly.
+        fast = getattr(tokenizer, "is_fast", False)
+        self.tokenization = Tokenization(tokenizer, self._local_max_length(), tokenize_batch) if fast else None
 
     @property
     def task(self) -> str:
@@ -77,16 +91,18 @@ class Deployment:
 
     @property
     def max_length(self) -> int:
-        return self.tokenization.max_length
+        return self.tokenization.max_length if self.tokenization else self._local_max_length(
+            self.info.max_position_embeddings if self.info else None)
 
     def _local_max_length(self, model_limit: int | None = None) -> int:
-        limits = [self.tokenizer.model_max_length, self.model_dir.max_seq_length, model_limit]
+        limits = [getattr(self.tokenizer, "model_max_length", None), self.model_dir.max_seq_length, model_limit]
         usable = [int(x) for x in limits if x and 0 < x < 1_000_000]
         return min(usable) if usable else 512
 
     def set_model_info(self, info: ModelMetadata) -> None:
         self.info = info
-        self.tokenization.max_length = self._local_max_length(info.max_position_embeddings)
+        if self.tokenization:
+            self.tokenization.max_length = self._local_max_length(info.max_position_embeddings)
 
     def require_info(self) -> ModelMetadata:
         if self.info is None:
@@ -97,24 +113,25 @@ class Deployment:
     def uses_token_type_ids(self) -> bool:
         return "token_type_ids" in getattr(self.tokenizer, "model_input_names", [])
 
-    async def forward(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
+    async def forward(self, scope: RequestScope, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
                       parameters: dict | None = None, output_parameters: dict | None = None) -> dict[str, np.ndarray]:
         parameters = dict(parameters or {})
-        if call.adapter:
-            parameters["adapter"] = call.adapter
-        rows = len(inputs["input_ids"])
+        if scope.adapter:
+            parameters["adapter"] = scope.adapter
+        rows = len(next(iter(inputs.values())))
         limit = self.info.max_batch_size if self.info is not None else 0
-        with call.stage("model"):
+        with scope.stage("model"):
             if not limit or rows <= limit:
                 return await self.model.infer(inputs, parameters, outputs, output_parameters,
-                                              timeout=call.remaining())
+                                              timeout=scope.remaining())
             # More rows than model_service takes in one request: send them in slices at once (its
             # batcher recombines them with other traffic) and stack the answers in row order.
             slices = [{name: array[start:start + limit] for name, array in inputs.items()}
                       for start in range(0, rows, limit)]
             answers = await asyncio.gather(*(self.model.infer(part, parameters, outputs, output_parameters,
-                                                              timeout=call.remaining()) for part in slices))
+                                                              timeout=scope.remaining()) for part in slices))
             return {name: np.concatenate([answer[name] for answer in answers]) for name in answers[0]}
 
     def close(self) -> None:
-        self.tokenization.close()
+        if self.tokenization:
+            self.tokenization.close()

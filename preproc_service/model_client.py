@@ -6,7 +6,8 @@
   (one HTTP/2 connection would pin every call to one pod);
 - the caller's remaining deadline becomes the model call's timeout, and cancelling
   the awaiting task cancels the model call (grpc.aio propagates asyncio cancellation);
-- at most `max_in_flight` model calls at once; the rest wait their turn.
+- at most `max_in_flight` model calls at once; the rest wait their turn;
+- each call carries the request id (and trace context) of the request it serves.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-import grpc
 import numpy as np
 
-from splitserve_common import v2_codec
+from splitserve_common import request_log, v2_codec
 from splitserve_common.channels import ChannelSecurity, aio_channel
-from splitserve_common.errors import DeadlineExceeded, Unavailable
+from splitserve_common.errors import DeadlineExceeded, peer_errors
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
 
@@ -90,11 +90,5 @@ class ModelClient:
         if timeout <= 0:
             raise DeadlineExceeded("deadline exceeded before the model service was called")
         async with self._slots:
-            try:
-                return await method(request, timeout=timeout)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    raise Unavailable(f"model service at {self.address} is unavailable: {exc.details()}") from None
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise DeadlineExceeded(f"model service at {self.address} did not answer in time") from None
-                raise
+            with peer_errors(f"model service at {self.address}"):
+                return await method(request, timeout=timeout, metadata=request_log.outgoing_metadata())

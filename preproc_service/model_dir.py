@@ -1,7 +1,11 @@
 """Read preproc's half of a model directory: tokenizer, task, MLflow defaults, pooling config.
 
-Two layouts are accepted (see shared/reference/mlflow-layout.md):
-- MLflow transformers "components": `MLmodel` + `components/tokenizer/`;
+Two layouts are accepted:
+- MLflow transformers "components": `MLmodel` (YAML: `flavors.transformers.task`,
+  `flavors.python_function.config`, `signature.params`, `metadata.prompt_template`) +
+  `components/tokenizer/` and/or `components/feature_extractor/`, `components/processor/`,
+  `components/image_processor/` (audio and vision models; a processor directory holds both a
+  tokenizer and a feature extractor);
 - a plain save_pretrained directory, optionally with sentence-transformers
   `modules.json` / `1_Pooling/config.json` / `sentence_bert_config.json`.
 Weights are never opened here.
@@ -16,26 +20,26 @@ from pathlib import Path
 
 import yaml
 
+from splitserve_common import tasks
 from splitserve_common.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
-
-# Pipeline task aliases -> canonical name.
-TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 
 # sentence-transformers pooling config keys -> our pooling names.
 _ST_POOLING_KEYS = [("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
                     ("pooling_mode_max_tokens", "max")]
 
 
-def canonical_task(task: str | None) -> str:
-    return TASK_ALIASES.get(task or "", task or "")
+# MLflow component directories beside the tokenizer (components/<name>/).
+PROCESSOR_COMPONENTS = ("feature_extractor", "processor", "image_processor")
 
 
 @dataclass
 class ModelDir:
     path: Path
-    tokenizer_path: Path
+    tokenizer_path: Path | None         # None: the model has no tokenizer (e.g. audio-classification)
+    feature_extractor_path: Path | None = None  # preprocessor_config.json of an audio model
+    image_processor_path: Path | None = None
     task: str = ""                      # "" when the directory does not say
     inference_task: str = ""            # llm/v1/... when saved with one
     model_config: dict = field(default_factory=dict)       # MLmodel python_function.config
@@ -60,9 +64,14 @@ def read_model_dir(path: str | Path) -> ModelDir:
 def _read_mlflow(root: Path, doc: dict) -> ModelDir:
     flavor = (doc.get("flavors") or {}).get("transformers") or {}
     pyfunc = (doc.get("flavors") or {}).get("python_function") or {}
-    tokenizer_path = root / "components" / "tokenizer"
-    if not tokenizer_path.is_dir():
-        raise FailedPrecondition(f"{root}: MLmodel found but no components/tokenizer/ directory")
+    components = root / "components"
+    found = {name: components / name for name in ("tokenizer", *PROCESSOR_COMPONENTS) if (components / name).is_dir()}
+    if not found:
+        raise FailedPrecondition(f"{root}: MLmodel found but no components/ directory of tokenizer, "
+                                 f"{', '.join(PROCESSOR_COMPONENTS)}")
+    processor = found.get("processor")
+    tokenizer_path = found.get("tokenizer") or (processor if _has_tokenizer(processor) else None)
+    feature_extractor_path = found.get("feature_extractor") or (processor if _has_features(processor) else None)
     signature_params = {}
     raw_params = (doc.get("signature") or {}).get("params")
     if raw_params:
@@ -70,17 +79,36 @@ def _read_mlflow(root: Path, doc: dict) -> ModelDir:
             signature_params[spec["name"]] = spec.get("default")
     config = _read_json(root / "model" / "config.json") or _read_json(root / "pipeline" / "config.json") or {}
     return ModelDir(
-        path=root, tokenizer_path=tokenizer_path, task=canonical_task(flavor.get("task")),
+        path=root, tokenizer_path=tokenizer_path, feature_extractor_path=feature_extractor_path,
+        image_processor_path=found.get("image_processor"), task=tasks.canonical(flavor.get("task")),
         inference_task=flavor.get("inference_task") or "", model_config=dict(pyfunc.get("config") or {}),
         signature_params=signature_params, prompt_template=(doc.get("metadata") or {}).get("prompt_template"),
         config=config,
     )
 
 
+def _has_features(path: Path | None) -> bool:
+    """A feature extractor config: preprocessor_config.json (transformers 4), or inside a transformers 5
+    processor_config.json."""
+    if path is None:
+        return False
+    if (path / "preprocessor_config.json").is_file():
+        return True
+    return "feature_extractor" in (_read_json(path / "processor_config.json") or {})
+
+
+def _has_tokenizer(path: Path | None) -> bool:
+    return path is not None and any((path / name).is_file() for name in
+                                    ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt"))
+
+
 def _read_plain(root: Path) -> ModelDir:
-    if not (root / "tokenizer.json").is_file() and not (root / "tokenizer_config.json").is_file():
-        raise FailedPrecondition(f"{root}: no MLmodel and no tokenizer files; not a model directory")
-    model_dir = ModelDir(path=root, tokenizer_path=root, config=_read_json(root / "config.json") or {})
+    features = root if _has_features(root) else None
+    if not _has_tokenizer(root) and features is None:
+        raise FailedPrecondition(f"{root}: no MLmodel, no tokenizer files and no preprocessor_config.json; "
+                                 "not a model directory")
+    model_dir = ModelDir(path=root, tokenizer_path=root if _has_tokenizer(root) else None,
+                         feature_extractor_path=features, config=_read_json(root / "config.json") or {})
     modules = _read_json(root / "modules.json") or []
     for module in modules:
         kind = module.get("type", "")

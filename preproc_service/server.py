@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from preproc_service.deployment import Deployment
+from preproc_service.audio import AudioSettings
+from preproc_service.deployment import Deployment, TableLimits
+from preproc_service.generation import GenerationHandlers
 from preproc_service.handshake import disagreements
 from preproc_service.http.app import build_front
 from preproc_service.model_client import ModelClient
-from preproc_service.model_dir import canonical_task, read_model_dir
-from preproc_service.servicer import PreprocServicer, load_generation_handlers
+from preproc_service.model_dir import read_model_dir
+from preproc_service.servicer import PreprocServicer
+from splitserve_common import tasks
 from splitserve_common.channels import ChannelSecurity
 from splitserve_common.serving import (
     HealthReporter,
@@ -28,18 +31,34 @@ SERVICE_NAME = preproc_pb2.DESCRIPTOR.services_by_name["Preproc"].full_name
 
 
 def load_tokenizer(path):
-    """The fast tokenizer from the directory's tokenizer files (transformers without torch)."""
+    """The tokenizer from the directory's tokenizer files (transformers without torch); None without any."""
+    if path is None:
+        return None
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def load_feature_extractor(path):
+    """An audio model's feature extractor (numpy implementations); None without one."""
+    if path is None:
+        return None
+    from transformers import AutoFeatureExtractor
+
+    return AutoFeatureExtractor.from_pretrained(str(path), local_files_only=True)
+
+
 def build_deployment(args) -> Deployment:
     model_dir = read_model_dir(args.model_dir)
     tokenizer = load_tokenizer(model_dir.tokenizer_path)
+    feature_extractor = load_feature_extractor(model_dir.feature_extractor_path)
     model = ModelClient(args.model_service, args.model_name, args.max_in_flight, args.model_timeout,
                         args.max_message_mb, security=ChannelSecurity.from_args(args, "model-service"))
-    return Deployment(model_dir, tokenizer, model, task_override=args.task, tokenize_batch=args.tokenize_batch)
+    audio = AudioSettings(root=args.audio_root, max_seconds=args.max_audio_seconds,
+                          max_bytes=args.max_message_mb * 1024 * 1024)
+    return Deployment(model_dir, tokenizer, model, task_override=args.task, tokenize_batch=args.tokenize_batch,
+                      feature_extractor=feature_extractor, audio=audio,
+                      table_limits=TableLimits(args.max_table_cells, args.max_table_queries))
 
 
 async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: float, recheck_seconds: float) -> None:
@@ -53,7 +72,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
     while True:
         try:
             info = await dep.model.metadata()
-            info.task = canonical_task(info.task)
+            info.task = tasks.canonical(info.task)
         except Exception as exc:  # noqa: BLE001 - unreachable or not ready yet: retry
             if not serving and str(exc) != last_problem:
                 log.warning("waiting for the model service at %s: %s", dep.model.address, exc)
@@ -82,10 +101,10 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
 
 
 async def serve(args) -> None:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     dep = build_deployment(args)
     server = create_server(args)
-    servicer = PreprocServicer(dep, args.stream_window, load_generation_handlers(dep, max_choices=args.max_choices))
+    servicer = PreprocServicer(dep, GenerationHandlers(dep, max_choices=args.max_choices), args.stream_window)
     preproc_pb2_grpc.add_PreprocServicer_to_server(servicer, server)
     health = HealthReporter(server, [SERVICE_NAME])
     await health.set(False)

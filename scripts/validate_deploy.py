@@ -215,8 +215,8 @@ def published_ports(service: dict) -> list[tuple[str, int]]:
 
 
 def check_published_ports(problems, name, services) -> None:
-    """Only preproc is published, on loopback; its gRPC port may face the network only behind mutual TLS
-    and the bearer token (deploy/compose.tls.yaml). Nothing else ever leaves loopback."""
+    """Only preproc is published, on loopback; its gRPC and HTTP ports may face the network only behind
+    mutual TLS and the bearer token (deploy/compose.tls.yaml). Nothing else ever leaves loopback."""
     for svc_name, svc in services.items():
         env = _environment(svc)
         guarded = bool(env.get("PREPROC_TLS_CLIENT_CA") or env.get("PREPROC_TLS_CERT")) and bool(
@@ -225,7 +225,7 @@ def check_published_ports(problems, name, services) -> None:
             if svc_name != "preproc":
                 problems.append(f"{name}: service {svc_name} publishes port {port}: only preproc faces the host")
             elif host_ip not in ("127.0.0.1", "::1", "localhost") and not (
-                    guarded and str(port) == str(env.get("PREPROC_PORT"))):
+                    guarded and str(port) in (str(env.get("PREPROC_PORT")), str(env.get("PREPROC_HTTP_PORT")))):
                 problems.append(f"{name}: preproc publishes port {port} on every interface without TLS and a token; "
                                 f"bind it to 127.0.0.1")
 

@@ -119,7 +119,7 @@ def _short_method(full_method: str) -> str:
     return full_method.lstrip("/")
 
 
-def _code_name(context, exc: BaseException | None) -> str:
+def code_name(context, exc: BaseException | None) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED.name
     code = context.code()
@@ -154,7 +154,7 @@ def _measured(behavior, method: str):
     def finish(context, start: float, exc: BaseException | None) -> None:
         in_flight.dec()
         duration.observe(time.perf_counter() - start)
-        REQUESTS.labels("grpc", method, _code_name(context, exc)).inc()
+        REQUESTS.labels("grpc", method, code_name(context, exc)).inc()
 
     if inspect.isasyncgenfunction(behavior):
 

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from splitserve_common import metrics, security
+from splitserve_common import metrics, request_log, security
 from splitserve_common.drain import DrainGate
 from splitserve_common.settings import Option
 
@@ -24,6 +24,8 @@ SERVER_OPTIONS = [
     Option("max-message-mb", 64, "largest request or response message in MiB", int),
     Option("drain-seconds", 25.0, "on SIGTERM, how long in-flight calls may take to finish", float),
     Option("log-level", "INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
+    Option("log-format", "text", "log lines as text or as one JSON object each (access lines: one per request)",
+           choices=list(request_log.LOG_FORMATS)),
     *security.SECURITY_OPTIONS,
 ]
 
@@ -37,13 +39,15 @@ def create_server(args, interceptors=()) -> grpc.aio.Server:
     """A grpc.aio server with the shared options (message limits, keepalive policy).
 
     `args` carries the SERVER_OPTIONS values and `metrics_port` (metrics_port_option).
-    Every call is counted by the metrics interceptor (outermost, so refused calls are
-    counted too), then checked for the bearer token when one is set, then
-    passes the drain gate (wait_for_termination closes it); the /metrics HTTP
-    endpoint starts here.
+    Every call gets its request id and access line (request_log.py; outermost, so refused
+    calls are logged too), is counted by the metrics interceptor (counted as soon as it
+    ends: an aborted call's status reaches the caller at once), then checked for the
+    bearer token when one is set, then passes the drain gate (wait_for_termination
+    closes it); the /metrics HTTP endpoint starts here.
     """
     gate = DrainGate()
-    chain = [metrics.MetricsInterceptor(), *security.server_interceptors(args), gate, *interceptors]
+    chain = [request_log.AccessLogInterceptor(), metrics.MetricsInterceptor(), *security.server_interceptors(args),
+             gate, *interceptors]
     metrics.start_metrics_server(args.metrics_port, args.host)
     server = grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=chain)
     _drain_gates[id(server)] = gate
@@ -61,8 +65,10 @@ def add_port(server: grpc.aio.Server, args, port: int) -> int:
     return server.add_secure_port(f"{args.host}:{port}", credentials)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(request_log.formatter(log_format))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:

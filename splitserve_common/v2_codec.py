@@ -390,6 +390,11 @@ class ModelMetadata:
     default_adapter: str = _key(default="")
     max_batch_size: int = _key(default=0)  # most rows in one request (0: no limit known)
     default_outputs: list[str] = _key(kind="csv", factory=list)  # returned when a request names none
+    main_input: str = _key(default="input_ids")  # input_ids, or input_values (audio models)
+    max_input_values: int = _key(default=0)  # audio models: most samples per input_values row (0: no limit)
+    inputs_to_logits_ratio: int = _key(default=1)  # audio models: input samples per output frame
+    aggregation_labels: dict[int, str] = _key(kind="id2label", factory=dict)  # TAPAS aggregation head
+    no_aggregation_label_index: int | None = _key(kind="optional_int")
 
     @property
     def labels(self) -> list[str]:

@@ -290,6 +290,148 @@ class EmbedResponse(_message.Message):
     prompt_tokens: int
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., meta: _Optional[_Union[ResponseMeta, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
+class TableQuery(_message.Message):
+    __slots__ = ("table", "queries")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    queries: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, table: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TableQuestionRequest(_message.Message):
+    __slots__ = ("inputs", "sequential", "truncation", "adapter")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[TableQuery]
+    sequential: bool
+    truncation: str
+    adapter: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[TableQuery, _Mapping]]] = ..., sequential: _Optional[bool] = ..., truncation: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+
+class CellCoordinate(_message.Message):
+    __slots__ = ("row", "column")
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    row: int
+    column: int
+    def __init__(self, row: _Optional[int] = ..., column: _Optional[int] = ...) -> None: ...
+
+class TableAnswer(_message.Message):
+    __slots__ = ("answer", "coordinates", "cells", "aggregator")
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    COORDINATES_FIELD_NUMBER: _ClassVar[int]
+    CELLS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    answer: str
+    coordinates: _containers.RepeatedCompositeFieldContainer[CellCoordinate]
+    cells: _containers.RepeatedScalarFieldContainer[str]
+    aggregator: str
+    def __init__(self, answer: _Optional[str] = ..., coordinates: _Optional[_Iterable[_Union[CellCoordinate, _Mapping]]] = ..., cells: _Optional[_Iterable[str]] = ..., aggregator: _Optional[str] = ...) -> None: ...
+
+class TableAnswers(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[TableAnswer]
+    def __init__(self, answers: _Optional[_Iterable[_Union[TableAnswer, _Mapping]]] = ...) -> None: ...
+
+class TableQuestionResponse(_message.Message):
+    __slots__ = ("results", "meta")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[TableAnswers]
+    meta: ResponseMeta
+    def __init__(self, results: _Optional[_Iterable[_Union[TableAnswers, _Mapping]]] = ..., meta: _Optional[_Union[ResponseMeta, _Mapping]] = ...) -> None: ...
+
+class Audio(_message.Message):
+    __slots__ = ("data", "samples", "location")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    samples: AudioSamples
+    location: str
+    def __init__(self, data: _Optional[bytes] = ..., samples: _Optional[_Union[AudioSamples, _Mapping]] = ..., location: _Optional[str] = ...) -> None: ...
+
+class AudioSamples(_message.Message):
+    __slots__ = ("float32", "sampling_rate")
+    FLOAT32_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_RATE_FIELD_NUMBER: _ClassVar[int]
+    float32: bytes
+    sampling_rate: int
+    def __init__(self, float32: _Optional[bytes] = ..., sampling_rate: _Optional[int] = ...) -> None: ...
+
+class ClassifyAudioRequest(_message.Message):
+    __slots__ = ("inputs", "top_k", "function_to_apply", "adapter")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_TO_APPLY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[Audio]
+    top_k: int
+    function_to_apply: str
+    adapter: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Audio, _Mapping]]] = ..., top_k: _Optional[int] = ..., function_to_apply: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+
+class ClassifyAudioResponse(_message.Message):
+    __slots__ = ("results", "meta")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[LabelScores]
+    meta: ResponseMeta
+    def __init__(self, results: _Optional[_Iterable[_Union[LabelScores, _Mapping]]] = ..., meta: _Optional[_Union[ResponseMeta, _Mapping]] = ...) -> None: ...
+
+class TranscribeRequest(_message.Message):
+    __slots__ = ("inputs", "chunk_length_s", "stride_length_s", "return_timestamps", "adapter")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_LENGTH_S_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_LENGTH_S_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[Audio]
+    chunk_length_s: float
+    stride_length_s: _containers.RepeatedScalarFieldContainer[float]
+    return_timestamps: str
+    adapter: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Audio, _Mapping]]] = ..., chunk_length_s: _Optional[float] = ..., stride_length_s: _Optional[_Iterable[float]] = ..., return_timestamps: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+
+class TimedText(_message.Message):
+    __slots__ = ("text", "start", "end")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    start: float
+    end: float
+    def __init__(self, text: _Optional[str] = ..., start: _Optional[float] = ..., end: _Optional[float] = ...) -> None: ...
+
+class Transcription(_message.Message):
+    __slots__ = ("text", "chunks")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    chunks: _containers.RepeatedCompositeFieldContainer[TimedText]
+    def __init__(self, text: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[TimedText, _Mapping]]] = ...) -> None: ...
+
+class TranscribeResponse(_message.Message):
+    __slots__ = ("results", "meta")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Transcription]
+    meta: ResponseMeta
+    def __init__(self, results: _Optional[_Iterable[_Union[Transcription, _Mapping]]] = ..., meta: _Optional[_Union[ResponseMeta, _Mapping]] = ...) -> None: ...
+
+class TranscribeChunk(_message.Message):
+    __slots__ = ("text", "result", "meta")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    result: Transcription
+    meta: ResponseMeta
+    def __init__(self, text: _Optional[str] = ..., result: _Optional[_Union[Transcription, _Mapping]] = ..., meta: _Optional[_Union[ResponseMeta, _Mapping]] = ...) -> None: ...
+
 class ItemError(_message.Message):
     __slots__ = ("code", "message")
     CODE_FIELD_NUMBER: _ClassVar[int]

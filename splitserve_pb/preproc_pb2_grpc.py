@@ -64,6 +64,26 @@ class PreprocStub:
                 request_serializer=splitserve__pb_dot_preproc__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=splitserve__pb_dot_preproc__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.ClassifyAudio = channel.unary_unary(
+                '/splitserve.v1.Preproc/ClassifyAudio',
+                request_serializer=splitserve__pb_dot_preproc__pb2.ClassifyAudioRequest.SerializeToString,
+                response_deserializer=splitserve__pb_dot_preproc__pb2.ClassifyAudioResponse.FromString,
+                _registered_method=True)
+        self.Transcribe = channel.unary_unary(
+                '/splitserve.v1.Preproc/Transcribe',
+                request_serializer=splitserve__pb_dot_preproc__pb2.TranscribeRequest.SerializeToString,
+                response_deserializer=splitserve__pb_dot_preproc__pb2.TranscribeResponse.FromString,
+                _registered_method=True)
+        self.TranscribeStream = channel.unary_stream(
+                '/splitserve.v1.Preproc/TranscribeStream',
+                request_serializer=splitserve__pb_dot_preproc__pb2.TranscribeRequest.SerializeToString,
+                response_deserializer=splitserve__pb_dot_preproc__pb2.TranscribeChunk.FromString,
+                _registered_method=True)
+        self.AnswerTableQuestion = channel.unary_unary(
+                '/splitserve.v1.Preproc/AnswerTableQuestion',
+                request_serializer=splitserve__pb_dot_preproc__pb2.TableQuestionRequest.SerializeToString,
+                response_deserializer=splitserve__pb_dot_preproc__pb2.TableQuestionResponse.FromString,
+                _registered_method=True)
         self.PredictStream = channel.stream_stream(
                 '/splitserve.v1.Preproc/PredictStream',
                 request_serializer=splitserve__pb_dot_preproc__pb2.PredictRequest.SerializeToString,
@@ -155,6 +175,31 @@ class PreprocServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Embed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyAudio(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Transcribe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TranscribeStream(self, request, context):
+        """One clip; text as it is recognised, then the whole transcription.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnswerTableQuestion(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -262,6 +307,26 @@ def add_PreprocServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=splitserve__pb_dot_preproc__pb2.EmbedRequest.FromString,
                     response_serializer=splitserve__pb_dot_preproc__pb2.EmbedResponse.SerializeToString,
+            ),
+            'ClassifyAudio': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClassifyAudio,
+                    request_deserializer=splitserve__pb_dot_preproc__pb2.ClassifyAudioRequest.FromString,
+                    response_serializer=splitserve__pb_dot_preproc__pb2.ClassifyAudioResponse.SerializeToString,
+            ),
+            'Transcribe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Transcribe,
+                    request_deserializer=splitserve__pb_dot_preproc__pb2.TranscribeRequest.FromString,
+                    response_serializer=splitserve__pb_dot_preproc__pb2.TranscribeResponse.SerializeToString,
+            ),
+            'TranscribeStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.TranscribeStream,
+                    request_deserializer=splitserve__pb_dot_preproc__pb2.TranscribeRequest.FromString,
+                    response_serializer=splitserve__pb_dot_preproc__pb2.TranscribeChunk.SerializeToString,
+            ),
+            'AnswerTableQuestion': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnswerTableQuestion,
+                    request_deserializer=splitserve__pb_dot_preproc__pb2.TableQuestionRequest.FromString,
+                    response_serializer=splitserve__pb_dot_preproc__pb2.TableQuestionResponse.SerializeToString,
             ),
             'PredictStream': grpc.stream_stream_rpc_method_handler(
                     servicer.PredictStream,
@@ -481,6 +546,114 @@ class Preproc:
             '/splitserve.v1.Preproc/Embed',
             splitserve__pb_dot_preproc__pb2.EmbedRequest.SerializeToString,
             splitserve__pb_dot_preproc__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyAudio(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Preproc/ClassifyAudio',
+            splitserve__pb_dot_preproc__pb2.ClassifyAudioRequest.SerializeToString,
+            splitserve__pb_dot_preproc__pb2.ClassifyAudioResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transcribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Preproc/Transcribe',
+            splitserve__pb_dot_preproc__pb2.TranscribeRequest.SerializeToString,
+            splitserve__pb_dot_preproc__pb2.TranscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TranscribeStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitserve.v1.Preproc/TranscribeStream',
+            splitserve__pb_dot_preproc__pb2.TranscribeRequest.SerializeToString,
+            splitserve__pb_dot_preproc__pb2.TranscribeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerTableQuestion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Preproc/AnswerTableQuestion',
+            splitserve__pb_dot_preproc__pb2.TableQuestionRequest.SerializeToString,
+            splitserve__pb_dot_preproc__pb2.TableQuestionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,7 +2,7 @@
 
 Tokenizers are trained here with `tokenizers` on a generated corpus; models
 are built from small configs with random (seeded) weights and saved either in
-MLflow's transformers "components" layout (see shared/reference/mlflow-layout.md)
+MLflow's transformers "components" layout (as mlflow.transformers.save_model writes it)
 or as a plain save_pretrained directory. Nothing is fetched from a hub.
 """
 
@@ -27,6 +27,15 @@ NAMES = ["alice", "bob", "carol", "dave", "john", "mary"]
 PLACES = ["paris", "london", "berlin", "tokyo"]
 # Text the byte-level tokenizer must round-trip: accents, CJK, emoji.
 UNICODE_SAMPLES = ["café naïve résumé", "東京 は 日本 の 首都 です", "你好 世界", "🙂 🚀 👍🏽 emoji", "Ünïcödé ßtraße"]
+
+# The test inputs every test uses: mixed case, punctuation, one word, a long question, accents.
+SENTENCES = [
+    "Alice walked to the river in Paris.",
+    "the old market",
+    "Why does the gentle worker build a modern system every summer morning with Bob in Tokyo?",
+    "Bob",
+    "café naïve résumé",
+]
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TOKEN_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -122,6 +131,10 @@ ENCODER_TASKS = {
 }
 
 
+# The encoder tasks the tests serve, one tiny model each.
+TASKS = list(ENCODER_TASKS)
+
+
 def build_encoder(task: str, seed: int = 0, model_max_length: int = 64):
     """(model, tokenizer) for an encoder task, random weights from `seed`."""
     import torch
@@ -206,18 +219,20 @@ def write_mlmodel(root: Path, *, task: str, pipeline_model_type: str, instance_t
                   torch_dtype: str = "torch.float32", model_config: dict | None = None,
                   inference_task: str | None = None, peft: bool = False, local_base_model_path: str | None = None,
                   signature_params: list | None = None, prompt_template: str | None = None,
-                  model_binary: bool = True) -> None:
+                  model_binary: bool = True, components: dict | None = None) -> None:
+    """`components`: name -> class name of each saved component (default: the tokenizer only)."""
     import transformers
 
+    components = components or {"tokenizer": tokenizer_type}
     flavor = {
         "code": None,
-        "components": ["tokenizer"],
+        "components": sorted(components),
         "framework": "pt",
         "instance_type": instance_type,
         "pipeline_model_type": pipeline_model_type,
         "source_model_name": None,
         "task": task,
-        "tokenizer_type": tokenizer_type,
+        **{f"{name}_type": class_name for name, class_name in components.items()},
         "torch_dtype": torch_dtype,
         "transformers_version": transformers.__version__,
     }
@@ -276,6 +291,119 @@ def save_peft_components(root: Path, peft_model, tokenizer, task: str, instance_
     tokenizer.save_pretrained(root / "components" / "tokenizer")
     write_mlmodel(root, task=task, pipeline_model_type=type(base).__name__, instance_type=instance_type,
                   tokenizer_type=type(tokenizer).__name__, peft=True, **mlmodel)
+    return root
+
+
+# ---------------------------------------------------------------- TAPAS
+
+TAPAS_AGGREGATIONS = {0: "NONE", 1: "SUM", 2: "AVERAGE", 3: "COUNT"}
+
+
+def tapas_tokenizer(root: Path, model_max_length: int = 256):
+    """A TapasTokenizer over the WordPiece vocabulary of `wordpiece_tokenizer` (+ TAPAS' [EMPTY])."""
+    from transformers import TapasTokenizer
+
+    vocab = sorted(wordpiece_tokenizer(model_max_length).get_vocab().items(), key=lambda item: item[1])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab) + "[EMPTY]\n")
+    return TapasTokenizer(str(root / "vocab.txt"), model_max_length=model_max_length)
+
+
+def build_tapas(tmp: Path, seed: int = 0, aggregation: bool = True):
+    """(model, tokenizer): a tiny TapasForQuestionAnswering with cell selection (+ an aggregation head)."""
+    import torch
+    from transformers import TapasConfig, TapasForQuestionAnswering
+
+    tokenizer = tapas_tokenizer(Path(tmp) / "tapas_vocab")
+    heads = ({"num_aggregation_labels": len(TAPAS_AGGREGATIONS), "aggregation_labels": TAPAS_AGGREGATIONS,
+              "no_aggregation_label_index": 0} if aggregation else {"num_aggregation_labels": 0})
+    config = TapasConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=tokenizer.model_max_length,
+                         initializer_range=0.5, **heads)
+    torch.manual_seed(seed)
+    return TapasForQuestionAnswering(config).eval(), tokenizer
+
+
+# ---------------------------------------------------------------- audio models
+
+CTC_CHARS = "abcdefghijklmnopqrstuvwxyz'"
+AUDIO_LABELS = ["yes", "no", "up", "down", "left", "right"]
+
+
+def ctc_tokenizer(root: Path):
+    """A character-level Wav2Vec2CTCTokenizer: blank (pad), specials, the word delimiter '|', a-z and '."""
+    from transformers import Wav2Vec2CTCTokenizer
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4}
+    for char in CTC_CHARS:
+        vocab[char] = len(vocab)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    return Wav2Vec2CTCTokenizer(str(root / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
+                                word_delimiter_token="|")
+
+
+def wav2vec2_feature_extractor(return_attention_mask: bool = False):
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                    return_attention_mask=return_attention_mask)
+
+
+def _wav2vec2_config(**extra):
+    from transformers import Wav2Vec2Config
+
+    # Three conv layers with strides 5, 4, 4: one output frame per 80 samples (200 frames a second).
+    return Wav2Vec2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                          conv_dim=(8, 8, 8), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4),
+                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, feat_extract_norm="group",
+                          initializer_range=0.2, **extra)
+
+
+def build_wav2vec2_ctc(tmp: Path, seed: int = 0):
+    """(model, tokenizer, feature extractor): a tiny wav2vec2 with a CTC head over characters."""
+    import torch
+    from transformers import Wav2Vec2ForCTC
+
+    tokenizer = ctc_tokenizer(Path(tmp) / "ctc_vocab")
+    torch.manual_seed(seed)
+    model = Wav2Vec2ForCTC(_wav2vec2_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)).eval()
+    with torch.no_grad():  # blanks and word delimiters as common as in a trained model: texts with words
+        model.lm_head.bias[[tokenizer.pad_token_id, tokenizer.word_delimiter_token_id]] += 1.0
+    return model, tokenizer, wav2vec2_feature_extractor()
+
+
+def build_audio_classifier(seed: int = 0):
+    """(model, feature extractor): a tiny wav2vec2 sequence classifier over AUDIO_LABELS."""
+    import torch
+    from transformers import Wav2Vec2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = Wav2Vec2ForSequenceClassification(_wav2vec2_config(vocab_size=32, **_labels(AUDIO_LABELS))).eval()
+    return model, wav2vec2_feature_extractor()
+
+
+def save_audio_components(root: Path, model, task: str, instance_type: str, feature_extractor, tokenizer=None,
+                          as_processor: bool = False, **mlmodel) -> Path:
+    """An audio model in MLflow's components layout: components/feature_extractor/ (+ tokenizer/), or
+    one components/processor/ holding both when `as_processor`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(root / "model", safe_serialization=True)
+    if as_processor:
+        from transformers import Wav2Vec2Processor
+
+        processor = Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+        processor.save_pretrained(root / "components" / "processor")
+        components = {"processor": type(processor).__name__}
+    else:
+        feature_extractor.save_pretrained(root / "components" / "feature_extractor")
+        components = {"feature_extractor": type(feature_extractor).__name__}
+        if tokenizer is not None:
+            tokenizer.save_pretrained(root / "components" / "tokenizer")
+            components["tokenizer"] = type(tokenizer).__name__
+    write_mlmodel(root, task=task, pipeline_model_type=type(model).__name__, instance_type=instance_type,
+                  tokenizer_type=components.get("tokenizer", ""), components=components, **mlmodel)
     return root
 
 

@@ -119,14 +119,16 @@ def compose(request, tmp_path_factory):
             runner.stop(service)
 
 
-@pytest.mark.parametrize("overrides, grpc_host", [(["deploy/compose.cpu.yaml"], "127.0.0.1"),
+@pytest.mark.parametrize("overrides, api_host", [(["deploy/compose.cpu.yaml"], "127.0.0.1"),
                                                   (["deploy/compose.cpu.yaml", "deploy/compose.tls.yaml"], "")])
-def test_only_preproc_faces_the_host(overrides, grpc_host):
-    """model_service (no token, run-time adapter loading) is never published; preproc is, on loopback,
-    and on every interface ("") only with the TLS and token overlay. Metrics stay on loopback."""
+def test_only_preproc_faces_the_host(overrides, api_host):
+    """model_service (no token, run-time adapter loading) is never published; preproc's gRPC and HTTP
+    ports are, on loopback, and on every interface ("") only with the TLS and token overlay.
+    Metrics stay on loopback."""
     services = _merged(*overrides)["services"]
     assert validate_deploy.published_ports(services["model-service"]) == []
-    assert sorted(validate_deploy.published_ports(services["preproc"])) == [(grpc_host, 8011), ("127.0.0.1", 8012)]
+    assert sorted(validate_deploy.published_ports(services["preproc"]), key=lambda p: p[1]) == [
+        (api_host, 8010), (api_host, 8011), ("127.0.0.1", 8012)]
 
 
 def test_start_order_follows_depends_on(compose):

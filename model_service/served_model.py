@@ -10,27 +10,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model_service.inputs import InputSpec, input_specs, token_type_columns
 from model_service.loader import LoadedModel
-from model_service.shaping import DERIVED, has_sequence_axis
+from model_service.shaping import DERIVED, SEQUENCE_OUTPUTS, has_sequence_axis
+from splitserve_common import tasks
 from splitserve_common.v2_codec import ModelMetadata, TensorSpec
-
-# The outputs a task's postprocess needs, returned when a request names none.
-DEFAULT_OUTPUTS = {
-    "text-classification": ["logits"],
-    "sentiment-analysis": ["logits"],
-    "zero-shot-classification": ["logits"],
-    "token-classification": ["logits"],
-    "ner": ["logits"],
-    "fill-mask": ["logits"],
-    "question-answering": ["start_logits", "end_logits"],
-    "feature-extraction": ["last_hidden_state"],
-    "sentence-similarity": [DERIVED],
-    "text-generation": ["logits"],
-}
 
 
 @dataclass
-class ModelInfo:
+class ServedModel:
+    """The model as this service serves it: its name, the loaded weights, the output catalog and limits.
+    `metadata()` turns it into the published contract (splitserve_common.v2_codec.ModelMetadata)."""
     name: str
     loaded: LoadedModel
     max_batch_size: int
@@ -40,6 +30,8 @@ class ModelInfo:
     versions: tuple[str, ...] = ("1",)
     adapter_names: callable = list  # () -> list of loaded adapter names (engine.adapters.names)
     default_adapter: callable = str  # () -> adapter of requests that name none ("" = base)
+    input_specs: dict[str, InputSpec] = field(default_factory=dict)  # main input first
+    max_input_values: int = 0  # longest input_values row (audio samples) a request may send; 0 = no limit
 
     @property
     def output_names(self) -> list[str]:
@@ -51,22 +43,31 @@ class ModelInfo:
 
     @property
     def input_names(self) -> list[str]:
-        names = ["input_ids", "attention_mask"]
-        return names + ["token_type_ids"] if self.loaded.type_vocab_size else names
+        return list(self.input_specs)
+
+    @property
+    def per_token_outputs(self) -> frozenset:
+        """2-D outputs with one value per input position (TAPAS' cell-selection `logits`)."""
+        return SEQUENCE_OUTPUTS | ({"logits"} if token_type_columns(self.loaded.config) else set())
 
 
 def warmup_inputs(loaded: LoadedModel, length: int = 8) -> dict[str, torch.Tensor]:
+    if getattr(loaded.model, "main_input_name", "input_ids") == "input_values":
+        # One second of a quiet 440 Hz tone at 16 kHz: long enough for any convolutional front end.
+        t = torch.arange(16000, dtype=torch.float32) / 16000
+        return {"input_values": (0.1 * torch.sin(2 * torch.pi * 440 * t)).unsqueeze(0).to(loaded.device)}
     vocab = max(loaded.vocab_size, 2)
     ids = torch.arange(length, dtype=torch.int64).remainder(vocab - 1).add(1).unsqueeze(0)
     return {"input_ids": ids.to(loaded.device), "attention_mask": torch.ones_like(ids).to(loaded.device)}
 
 
-def discover(engine, name: str, max_batch_size: int) -> ModelInfo:
+def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) -> ServedModel:
     """Run the warm-up forward (worker thread) and record what the model returns."""
     loaded = engine.loaded
-    info = ModelInfo(name=name, loaded=loaded, max_batch_size=max_batch_size,
+    info = ServedModel(name=name, loaded=loaded, max_batch_size=max_batch_size,
                      adapter_names=lambda: engine.adapters.names(),
-                     default_adapter=lambda: getattr(engine.adapters, "default", ""))
+                     default_adapter=lambda: getattr(engine.adapters, "default", ""),
+                     input_specs=input_specs(loaded), max_input_values=max_input_values)
     if loaded.config.is_encoder_decoder:
         # Seq2seq models are served by generation; ModelInfer has no outputs for them.
         return info
@@ -76,23 +77,24 @@ def discover(engine, name: str, max_batch_size: int) -> ModelInfo:
     for out_name, tensor in {**with_hidden, **native}.items():
         if out_name == "hidden_states":
             continue
-        shape = [-1] + [-1 if (i == 1 and has_sequence_axis(out_name, tensor.ndim)) else int(d)
+        shape = [-1] + [-1 if (i == 1 and has_sequence_axis(out_name, tensor.ndim, info.per_token_outputs)) else int(d)
                         for i, d in enumerate(tensor.shape) if i > 0]
         info.outputs[out_name] = ("FP32" if tensor.is_floating_point() else "INT64", shape)
     if "last_hidden_state" in info.outputs:
         info.outputs[DERIVED] = ("FP32", [-1, info.outputs["last_hidden_state"][1][-1]])
-    wanted = DEFAULT_OUTPUTS.get(loaded.task, [])
+    task_spec = tasks.spec(loaded.task)
+    wanted = task_spec.default_outputs if task_spec else ()
     info.default_outputs = [n for n in wanted if n in info.outputs] or sorted(info.native_outputs)
     return info
 
 
-def metadata(info: ModelInfo) -> ModelMetadata:
+def metadata(info: ServedModel) -> ModelMetadata:
     """The served model as the metadata contract (splitserve_common.v2_codec.ModelMetadata)."""
     loaded, config = info.loaded, info.loaded.config
     ids = loaded.special_ids
     return ModelMetadata(
         name=info.name, versions=list(info.versions), platform="pytorch_transformers",
-        inputs=[TensorSpec(name, "INT64", [-1, -1]) for name in info.input_names],
+        inputs=[TensorSpec(spec.name, spec.datatype, list(spec.shape)) for spec in info.input_specs.values()],
         outputs=[TensorSpec(name, datatype, shape) for name, (datatype, shape) in info.outputs.items()],
         task=loaded.task,
         inference_task=loaded.inference_task,
@@ -116,4 +118,9 @@ def metadata(info: ModelInfo) -> ModelMetadata:
         default_adapter=info.default_adapter(),
         max_batch_size=int(info.max_batch_size),
         default_outputs=list(info.default_outputs),
+        main_input=next(iter(info.input_specs), "input_ids"),
+        max_input_values=int(info.max_input_values),
+        inputs_to_logits_ratio=int(getattr(config, "inputs_to_logits_ratio", 1) or 1),
+        aggregation_labels={int(k): v for k, v in (getattr(config, "aggregation_labels", None) or {}).items()},
+        no_aggregation_label_index=getattr(config, "no_aggregation_label_index", None),
     )

@@ -1,0 +1,219 @@
+"""automatic-speech-recognition, CTC models (wav2vec2-style): transformers'
+AutomaticSpeechRecognitionPipeline preprocess/postprocess for `self.type == "ctc"`, numpy only.
+
+preprocess: audio -> mono float32 at the feature extractor's rate; with `chunk_length_s` the clip
+is cut as the pipeline's `chunk_iter` cuts it (chunks of `chunk_length_s` overlapping by
+`stride_length_s` on each side, default `chunk_length_s / 6`, all rounded to the model's
+`inputs_to_logits_ratio`), each chunk run through the feature extractor with
+`return_attention_mask=True`;
+forward: one model request per chunk, all at once (model_service batches chunks of equal length);
+the model side reduces `logits` to their argmax (`top_k` 1), so only token ids cross the wire;
+postprocess: each chunk's stride rescaled to frames (`rescale_stride`) and cut off, the chunks'
+tokens joined and decoded by the CTC tokenizer (repeats collapsed, blanks dropped, special tokens
+kept as the pipeline keeps them), and `return_timestamps` "char" / "word" from its offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from preproc_service import audio
+from preproc_service.deployment import Deployment, RequestScope
+from preproc_service.tasks.audio_classification import features, load_audio
+from splitserve_common.errors import FailedPrecondition, InvalidArgument
+
+TIMESTAMPS = ("char", "word")
+
+
+@dataclass(frozen=True)
+class Chunking:
+    chunk_len: int = 0       # samples per chunk; 0 = the whole clip at once
+    stride_left: int = 0
+    stride_right: int = 0
+
+
+def sanitize_parameters(params: dict, align_to: int, rate: int) -> tuple[Chunking, str | None]:
+    """(chunking in samples, return_timestamps) from the request's options, checked like the pipeline."""
+    stamps = params.get("return_timestamps") or None
+    if stamps is not None and stamps not in TIMESTAMPS:
+        raise InvalidArgument(f"return_timestamps must be 'char' or 'word' for a CTC model, got {stamps!r}")
+    chunk_length_s = params.get("chunk_length_s") or 0
+    if chunk_length_s < 0:
+        raise InvalidArgument(f"chunk_length_s must be >= 0, got {chunk_length_s}")
+    if not chunk_length_s:
+        if params.get("stride_length_s"):
+            params["stride_length_s"] = None  # the pipeline ignores a stride without chunks
+        return Chunking(), stamps
+    stride = params.get("stride_length_s")
+    if stride is None:
+        stride = chunk_length_s / 6
+    stride = [float(s) for s in stride] if isinstance(stride, (list, tuple)) else [float(stride)]
+    stride = stride * 2 if len(stride) == 1 else stride
+    if len(stride) != 2 or min(stride) < 0:
+        raise InvalidArgument(f"stride_length_s must be one number or [left, right] >= 0, got {stride}")
+    params["stride_length_s"] = stride
+
+    def samples(seconds: float) -> int:
+        return int(round(seconds * rate / align_to) * align_to)
+
+    chunking = Chunking(samples(chunk_length_s), samples(stride[0]), samples(stride[1]))
+    if chunking.chunk_len <= chunking.stride_left + chunking.stride_right:
+        raise InvalidArgument(f"chunk_length_s ({chunk_length_s}) must be longer than the two strides {stride}")
+    return chunking, stamps
+
+
+def chunk_iter(samples: np.ndarray, chunking: Chunking) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+    """(chunk, (chunk length, left stride, right stride)) as the pipeline's chunk_iter yields them."""
+    step = chunking.chunk_len - chunking.stride_left - chunking.stride_right
+    chunks = []
+    for start in range(0, samples.shape[0], step):
+        end = start + chunking.chunk_len
+        chunk = samples[start:end]
+        left = 0 if start == 0 else chunking.stride_left
+        is_last = end >= samples.shape[0]
+        right = 0 if is_last else chunking.stride_right
+        if chunk.shape[0] > left:
+            chunks.append((chunk, (chunk.shape[0], left, right)))
+        if is_last:
+            break
+    return chunks
+
+
+def rescale_stride(stride: tuple[int, int, int], ratio: float) -> tuple[int, int, int]:
+    """Samples -> frames, as the pipeline's rescale_stride."""
+    input_n, left, right = stride
+    token_n = int(round(input_n * ratio))
+    return token_n, int(round(left / input_n * token_n)), int(round(right / input_n * token_n))
+
+
+def require_ctc(dep: Deployment):
+    tokenizer = dep.tokenizer
+    if tokenizer is None:
+        raise FailedPrecondition("this model directory has no tokenizer: CTC token ids cannot become text")
+    return tokenizer
+
+
+async def preprocess(dep: Deployment, scope: RequestScope, items: list[audio.AudioInput], chunking: Chunking):
+    """Per clip: a list of (model inputs, stride or None) in chunk order."""
+    with scope.stage("decode"):
+        clips = await load_audio(dep, items)
+    limit = dep.require_info().max_input_values
+    fe = dep.feature_extractor
+    with scope.stage("features"):
+        result = []
+        for i, clip in enumerate(clips):
+            if not chunking.chunk_len:
+                if limit and clip.shape[0] > limit:
+                    raise InvalidArgument(f"audio {i}: {clip.shape[0]} samples is more than the model service takes "
+                                          f"in one piece ({limit}); send chunk_length_s to cut it into chunks")
+                result.append([(features(fe, clip, return_attention_mask=True), None)])
+            else:
+                result.append([(features(fe, chunk, return_attention_mask=True), stride)
+                               for chunk, stride in chunk_iter(clip, chunking)])
+        return result
+
+
+async def forward_chunk(dep: Deployment, scope: RequestScope, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Token ids [frames] of one chunk: the argmax of its logits, computed on the model side."""
+    answer = await dep.forward(scope, inputs, ["logits"], {"top_k": 1})
+    return answer["logits_topk_indices"][0, :, 0]
+
+
+def trim(tokens: np.ndarray, stride: tuple[int, int, int] | None, align_to: int) -> np.ndarray:
+    """A chunk's tokens without its strides (postprocess's cut, after _forward's rescale)."""
+    if stride is None:
+        return tokens
+    total_n, left, right = rescale_stride(stride, 1 / align_to)
+    return tokens[left:total_n - right]
+
+
+def postprocess(tokenizer, tokens: np.ndarray, return_timestamps: str | None, align_to: int, rate: int) -> dict:
+    ids = [int(t) for t in tokens]
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    result = {"text": text}
+    if return_timestamps:
+        offsets = tokenizer.decode(ids, skip_special_tokens=False, output_char_offsets=True)["char_offsets"]
+        if return_timestamps == "word":
+            offsets = tokenizer._get_word_offsets(offsets, tokenizer.replace_word_delimiter_char)
+        result["chunks"] = [{"text": item[return_timestamps], "timestamp": (
+            item["start_offset"] * align_to / rate, item["end_offset"] * align_to / rate)} for item in offsets]
+    return result
+
+
+class TextStream:
+    """Text as chunks' tokens arrive, never taking back what was sent.
+
+    Only text decoded from tokens before the last run (a repeat may go on in the next chunk) and
+    before the last space (the tokenizer's clean-up can remove a space before punctuation) is
+    sent; `finish` sends the rest of the final text.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def push(self, tokens: np.ndarray) -> str:
+        self.tokens.extend(int(t) for t in tokens)
+        end = len(self.tokens)
+        while end > 0 and self.tokens[end - 1] == self.tokens[-1]:
+            end -= 1
+        text = self.tokenizer.decode(self.tokens[:end], skip_special_tokens=False)
+        cut = text.rfind(" ")
+        if cut <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):cut], text[:cut]
+        return delta
+
+    def finish(self, text: str) -> str:
+        if not text.startswith(self.sent):  # cannot happen for CTC decoding; never send a wrong total
+            raise RuntimeError(f"streamed text {self.sent!r} is not a prefix of the transcription {text!r}")
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+async def transcribe_stream(dep: Deployment, scope: RequestScope, item: audio.AudioInput, params: dict):
+    """Yields text deltas in order, then the final result dict (text, chunks)."""
+    tokenizer = require_ctc(dep)
+    info = dep.require_info()
+    rate = dep.feature_extractor.sampling_rate if dep.feature_extractor else 16000
+    align_to = info.inputs_to_logits_ratio
+    chunking, stamps = sanitize_parameters(params, align_to, rate)
+    (chunks,) = await preprocess(dep, scope, [item], chunking)
+    tasks = [asyncio.ensure_future(forward_chunk(dep, scope, inputs)) for inputs, _ in chunks]
+    stream = TextStream(tokenizer)
+    pieces = []
+    try:
+        for task, (_, stride) in zip(tasks, chunks, strict=True):
+            pieces.append(trim(await task, stride, align_to))
+            delta = stream.push(pieces[-1])
+            if delta:
+                yield delta
+    finally:
+        for task in tasks:
+            task.cancel()
+    with scope.stage("postprocess"):
+        result = postprocess(tokenizer, np.concatenate(pieces), stamps, align_to, rate)
+    delta = stream.finish(result["text"])
+    if delta:
+        yield delta
+    yield result
+
+
+async def run(dep: Deployment, scope: RequestScope, items: list[audio.AudioInput], params: dict) -> list[dict]:
+    tokenizer = require_ctc(dep)
+    info = dep.require_info()
+    rate = dep.feature_extractor.sampling_rate if dep.feature_extractor else 16000
+    align_to = info.inputs_to_logits_ratio
+    chunking, stamps = sanitize_parameters(params, align_to, rate)
+    clips = await preprocess(dep, scope, items, chunking)
+    flat = [(i, inputs, stride) for i, chunks in enumerate(clips) for inputs, stride in chunks]
+    tokens = await asyncio.gather(*(forward_chunk(dep, scope, inputs) for _, inputs, _ in flat))
+    per_clip: list[list[np.ndarray]] = [[] for _ in clips]
+    for (i, _, stride), chunk_tokens in zip(flat, tokens, strict=True):
+        per_clip[i].append(trim(chunk_tokens, stride, align_to))
+    with scope.stage("postprocess"):
+        return [postprocess(tokenizer, np.concatenate(pieces), stamps, align_to, rate) for pieces in per_clip]

@@ -1,0 +1,112 @@
+"""Access lines and the request id across the hop (issue 14, item 2): both services run with
+`--log-format json`; a request id given by the caller, or made up, comes back in the response
+metadata and appears in one access line on each service, with the fields the issue lists."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import grpc
+import pytest
+
+from splitserve_pb import generation_pb2, generation_pb2_grpc, preproc_pb2, preproc_pb2_grpc
+from tests.ops_helpers import sentences, tiny_model
+from tests.servers import model_service, preproc_service
+
+CLASSIFY = "splitserve.v1.Preproc/Classify"
+MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+
+
+@pytest.fixture(scope="module")
+def stack():
+    model_dir = tiny_model("classifier")
+    with model_service(model_dir, "--metrics-port", "0", "--log-format", "json") as model, \
+            preproc_service(model_dir, model.address, "--metrics-port", "0", "--log-format", "json") as preproc, \
+            grpc.insecure_channel(preproc.address) as channel:
+        yield {"stub": preproc_pb2_grpc.PreprocStub(channel), "model": model, "preproc": preproc}
+
+
+def access_lines(service) -> list[dict]:
+    """The JSON access lines of a service's log (other output, e.g. progress bars, is not a log record)."""
+    records = [json.loads(line) for line in service.log().splitlines() if line.startswith("{")]
+    return [r for r in records if r["logger"] == "splitserve.access"]
+
+
+def _one(service, request_id: str, method: str) -> dict:
+    """The access line of this request. A refused call's status may reach the caller a moment before
+    the server writes its line (grpc sends an abort's status at once), so wait a little for it."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [r for r in access_lines(service) if r["request_id"] == request_id and r["method"] == method]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, (request_id, method, access_lines(service))
+            return found[0]
+        time.sleep(0.05)
+
+
+def test_request_id_round_trip_and_json_access_lines(stack):
+    texts = sentences(3)
+    request_id = "req-abc-123"
+    reply, call = stack["stub"].Classify.with_call(
+        preproc_pb2.ClassifyRequest(texts=texts), timeout=30,
+        metadata=(("x-request-id", request_id), ("traceparent", TRACEPARENT)))
+    assert len(reply.results) == 3
+    assert dict(call.initial_metadata())["x-request-id"] == request_id
+
+    preproc_line = _one(stack["preproc"], request_id, CLASSIFY)
+    assert preproc_line["code"] == "OK" and preproc_line["rows"] == 3 and preproc_line["adapter"] == ""
+    assert preproc_line["trace_id"] == TRACE_ID and preproc_line["level"] == "INFO"
+    assert 0 < preproc_line["duration_ms"] < 30_000
+    # The same id reached model_service with the call preproc made for this request.
+    model_line = _one(stack["model"], request_id, MODEL_INFER)
+    assert model_line["code"] == "OK" and model_line["rows"] == 3
+    assert model_line["tokens"] % 3 == 0 and model_line["tokens"] >= 3 * 3  # rows x padded length
+    assert model_line["duration_ms"] <= preproc_line["duration_ms"]
+
+
+def test_request_id_is_made_up_when_missing_or_unusable(stack):
+    made_up = []
+    for metadata in ((), (("x-request-id", "x" * 200),), (("x-request-id", "two words"),)):
+        _, call = stack["stub"].Classify.with_call(preproc_pb2.ClassifyRequest(texts=["the river"]), timeout=30,
+                                                   metadata=metadata)
+        request_id = dict(call.initial_metadata())["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+        made_up.append(request_id)
+        assert _one(stack["preproc"], request_id, CLASSIFY)["trace_id"] == ""
+        assert _one(stack["model"], request_id, MODEL_INFER)["rows"] == 1
+    assert len(set(made_up)) == 3
+
+
+def test_failed_calls_are_logged_with_their_code_and_health_is_not(stack):
+    with pytest.raises(grpc.RpcError) as failure:
+        stack["stub"].Classify(preproc_pb2.ClassifyRequest(texts=["a"], top_k=-3), timeout=30,
+                               metadata=(("x-request-id", "bad-one"),))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(failure.value.initial_metadata())["x-request-id"] == "bad-one"
+    line = _one(stack["preproc"], "bad-one", CLASSIFY)
+    assert line["code"] == "INVALID_ARGUMENT"
+    assert not [r for r in access_lines(stack["model"]) if r["request_id"] == "bad-one"]  # refused before the hop
+    # The readiness checks the fixture made are not requests.
+    for service in ("preproc", "model"):
+        assert not [r for r in access_lines(stack[service]) if "grpc.health" in r["method"]]
+    # Every record of the service's own loggers is JSON.
+    assert any(r["logger"] == "preproc_service" and "SERVING" in r["message"]
+               for r in map(json.loads, filter(lambda s: s.startswith("{"), stack["preproc"].log().splitlines())))
+
+
+def test_generation_line_counts_tokens_and_text_format_is_the_default():
+    with model_service(tiny_model("gpt2"), "--metrics-port", "0") as model, \
+            grpc.insecure_channel(model.address) as channel:
+        request = generation_pb2.GenerateRequest(
+            input_ids=[5, 6, 7], settings=generation_pb2.GenerationSettings(max_new_tokens=4, ignore_eos=True))
+        steps = list(generation_pb2_grpc.GenerationStub(channel).Generate(
+            request, timeout=60, metadata=(("x-request-id", "gen-1"),)))
+        assert sum(len(step.token_ids) for step in steps) == 4
+    log = model.log()  # after the stop: every line written
+    line = next(line for line in log.splitlines() if "request_id=gen-1" in line)
+    assert re.search(r"splitserve\.access: splitserve\.v1\.Generation/Generate OK [\d.]+ ms rows=1 tokens=4 "
+                     r"adapter=- request_id=gen-1 trace_id=-$", line), line
