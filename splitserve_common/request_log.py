@@ -105,15 +105,12 @@ class HttpAccess:
     behalf, and the same access line, its code being the HTTP status."""
 
     def __init__(self, method: str, request_id: str = "", traceparent: str = ""):
-        match = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
-        if not _VALID_REQUEST_ID.fullmatch(request_id or ""):
-            request_id = uuid.uuid4().hex
-        self.info = RequestInfo(method, request_id, match.group(1) if match else "")
+        self.info, self._token = call_context.begin(
+            method, None, [(REQUEST_ID_KEY, request_id), (call_context.TRACEPARENT_KEY, traceparent)])
         self._start = time.perf_counter()
-        self._token = _current.set(self.info)
 
     def finish(self, status: int) -> None:
-        _current.reset(self._token)
+        call_context.end(self._token)
         info = self.info
         info.duration_ms = round((time.perf_counter() - self._start) * 1e3, 3)
         info.code = str(status)
