@@ -52,7 +52,7 @@ class RpcRoutes:
             return _json_error(404, f"no unary method {SERVICE.full_name}/{name} (streaming methods are gRPC only)")
         try:
             body = await read_body(http_request)
-            request = json_format.Parse(body or b"{}", _message_class(method.input_type))
+            request = json_format.Parse(body or b"{}", _message_class(method.input_type)())
         except BadRequest as exc:
             return _json_error(exc.status, exc.message)
         except json_format.ParseError as exc:
