@@ -75,6 +75,10 @@ class _Row:
     def length(self) -> int:
         return len(self.pending.job.rows[self.index])
 
+    @property
+    def shape(self) -> tuple:
+        return self.pending.job.rows[self.index].shape
+
 
 class Batcher:
     def __init__(self, engine, info, max_batch_size: int = 32, max_wait_us: int = 2000, token_budget: int = 16384,
@@ -185,8 +189,9 @@ class Batcher:
         if not self._rows:
             return []
         oldest = self._rows[0]
-        if oldest.pending.job.exact_length:  # audio clips: only clips of the same length share a forward
-            window = [r for r in self._rows if r.length == oldest.length][: self.max_batch_size]
+        if oldest.pending.job.exact_length:  # audio: only clips of the same shape share a forward
+            shape = oldest.shape
+            window = [r for r in self._rows if r.shape == shape][: self.max_batch_size]
             taken = {id(r) for r in window}
             self._rows = [r for r in self._rows if id(r) not in taken]
             return window

@@ -114,6 +114,23 @@ class TestAudioClassification:
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_whisper_encoder_classifier_equals_pipeline(tmp_path):
+    """Log-mel features (WhisperFeatureExtractor, numpy STFT in the torch-less preproc) cross the hop as
+    input_features [1, mel, 3000]."""
+    import transformers
+
+    model, fe = model_factory.build_whisper_audio_classifier(seed=1)
+    directory = model_factory.save_audio_components(tmp_path / "model", model, "audio-classification",
+                                                    "AudioClassificationPipeline", fe)
+    pipe = transformers.pipeline("audio-classification", model=model, feature_extractor=fe, device="cpu")
+    clips = [audio_helpers.synth(seconds, seed=30 + i) for i, seconds in enumerate([0.7, 2.5, 1.2])]
+    files = [audio_helpers.encode(clip, "flac") for clip in clips]
+    with no_torch_stack(directory, tmp_path) as (_, preproc), PreprocClient(preproc.address, timeout=60) as client:
+        got = client.classify_audio(files)
+    for g, data in zip(got, files, strict=True):
+        _same_labels(g, pipe(decoded(data)))
+
+
 # ---------------------------------------------------------------- CTC speech recognition
 
 @pytest.fixture(scope="module")
