@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: setup demo test test-fast protos lint bench docker-smoke
+.PHONY: setup demo test test-fast test-compat protos lint bench docker-smoke
 
 setup:
 	bash scripts/setup.sh
@@ -16,6 +16,11 @@ test: setup
 # The unit tier while developing: no servers, no processes, no soak tests; well under a minute.
 test-fast:
 	.venv/bin/python -m pytest -q -m "not server and not slow" tests
+
+# The generation, loader and codec tests under the oldest transformers pyproject.toml allows
+# (installed once into .compat/, over .venv); `make test` covers the newest. A few minutes.
+test-compat: setup
+	bash scripts/test_transformers_compat.sh
 
 protos:
 	.venv/bin/python scripts/gen_protos.py

@@ -9,9 +9,20 @@ next. Padding a mixed batch to its longest row costs up to ~3x on real text. Row
 different adapters mix in one batch (see engine.py). Two batches may be in flight: one
 computing, the next queued on the engine, so the worker never waits for the event loop.
 
-The forward pass, padding and the cut back per request all run on the engine's worker
-thread. A request whose deadline passed or whose caller went away is dropped before its
-rows are computed. A full queue refuses new requests with RESOURCE_EXHAUSTED.
+Sharing between requests: the rows offered to a forward pass come from the waiting requests in
+least-attained-service order (fewest rows computed so far, then fewest rows waiting, then
+arrival), at most ceil(max_batch_size / requests waiting) rows from each. A small request that
+arrives behind a flood of large ones therefore rides in the next forward pass, and no request
+fills a pass while others wait.
+
+Admission, before any work: a request is refused with RESOURCE_EXHAUSTED at once when the queue
+holds `max_queue_rows` rows, or when its deadline cannot be met: the expected time to finish it
+is the measured cost per token (an average over recent forward passes) times the tokens it must
+share the worker with under fair sharing (each waiting request's tokens up to its own size, its
+own, and the batches computing). A request that goes away (cancelled, deadline passed, failed)
+takes all of its queued rows with it at once.
+
+The forward pass, padding and the cut back per request all run on the engine's worker thread.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ class BatchStats:
     dropped_deadline: int = 0
     dropped_cancelled: int = 0
     rejected_full: int = 0
+    rejected_late: int = 0   # refused at once: the deadline could not be met
     sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches
 
 
@@ -52,13 +64,18 @@ class Result:
 
 
 class _Pending:
-    """One request in flight: its rows' outputs are collected until all are computed."""
+    """One request in flight: its rows wait in `waiting` until taken; outputs collect until all are computed."""
 
-    def __init__(self, job: InferJob, future: asyncio.Future, deadline: float | None, needs_hidden: bool):
+    def __init__(self, job: InferJob, future: asyncio.Future, deadline: float | None, needs_hidden: bool,
+                 order: int, arrived: float):
         self.job = job
         self.future = future
         self.deadline = deadline            # time.monotonic() value, or None
         self.needs_hidden = needs_hidden
+        self.order = order                  # arrival number
+        self.waiting = [_Row(self, i, arrived) for i in range(job.batch)]
+        self.waiting_tokens = sum(row.length for row in self.waiting)
+        self.taken = 0                      # rows handed to forward passes so far
         self.row_outputs: list[dict | None] = [None] * job.batch
         self.remaining = job.batch
         self.batch_size = 0
@@ -81,6 +98,9 @@ class _Row:
 
 
 class Batcher:
+    # Weight of the newest forward pass in the measured cost per token (an exponential average).
+    COST_SMOOTHING = 0.2
+
     def __init__(self, engine, info, max_batch_size: int = 32, max_wait_us: int = 2000, token_budget: int = 16384,
                  max_queue_rows: int = 1024, overhead_tokens: int = 64):
         self.engine = engine
@@ -92,7 +112,11 @@ class Batcher:
         self.overhead_tokens = overhead_tokens
         self.stats = BatchStats()
         self.observers: list = []           # callables(batch_size: int, queue_rows: int) after each batch
-        self._rows: list[_Row] = []
+        self.seconds_per_token: float | None = None  # measured; None until the first forward pass
+        self._waiting: dict[int, _Pending] = {}  # requests with rows not yet taken, in arrival order
+        self._queued_rows = 0
+        self._computing_tokens = 0          # tokens of the batches handed to the engine, not yet done
+        self._arrivals = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
@@ -100,7 +124,7 @@ class Batcher:
 
     @property
     def queue_rows(self) -> int:
-        return len(self._rows)
+        return self._queued_rows
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._collect_forever(), name="batcher")
@@ -117,23 +141,58 @@ class Batcher:
 
     async def submit(self, job: InferJob, timeout: float | None = None) -> Result:
         """Queue the job's rows and wait for its outputs. `timeout`: seconds left to the caller's deadline."""
-        if len(self._rows) + job.batch > self.max_queue_rows:
+        if self._queued_rows + job.batch > self.max_queue_rows:
             self.stats.rejected_full += 1
-            raise ResourceExhausted(f"queue full: {len(self._rows)} rows waiting (limit {self.max_queue_rows}, "
+            raise ResourceExhausted(f"queue full: {self._queued_rows} rows waiting (limit {self.max_queue_rows}, "
                                     "--max-queue-rows); retry later")
+        self._check_time(job, timeout)
         self.engine.adapters.check(job.adapter)
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         needs_hidden = any(s.source not in self.info.native_outputs for s in job.outputs)
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending = _Pending(job, future, deadline, needs_hidden)
-        now = asyncio.get_running_loop().time()
-        self._rows.extend(_Row(pending, i, now) for i in range(job.batch))
+        self._arrivals += 1
+        pending = _Pending(job, future, deadline, needs_hidden, self._arrivals, loop.time())
+        self._waiting[pending.order] = pending
+        self._queued_rows += job.batch
         self._wakeup.set()
         try:
             return await future
         finally:
-            if not future.done():      # the caller went away: its rows are dropped before compute
-                future.cancel()
+            future.cancel()            # no-op once answered
+            if future.cancelled():     # the caller went away: whatever it still had queued leaves with it
+                self._withdraw(pending)
+                if not pending.dropped:
+                    pending.dropped = True
+                    self.stats.dropped_cancelled += 1
+
+    def expected_seconds(self, job: InferJob) -> float | None:
+        """How long `job` would take to finish if queued now (None: no forward pass measured yet).
+
+        Under fair sharing a request shares the worker with every waiting request up to its own
+        size (a smaller one finishes first, a larger one keeps going after it), and waits for the
+        batches already computing."""
+        if self.seconds_per_token is None:
+            return None
+        own = sum(len(row) for row in job.rows)
+        shared = sum(min(p.waiting_tokens, own) for p in self._waiting.values())
+        return (self._computing_tokens + shared + own) * self.seconds_per_token
+
+    def _check_time(self, job: InferJob, timeout: float | None) -> None:
+        expected = None if timeout is None else self.expected_seconds(job)
+        if expected is not None and expected > timeout:
+            self.stats.rejected_late += 1
+            raise ResourceExhausted(
+                f"cannot answer within the deadline: about {expected:.2f} s of work would run first "
+                f"({self._queued_rows} rows queued, {self.seconds_per_token * 1e3:.4f} ms per token measured), "
+                f"{max(timeout, 0.0):.2f} s are left; retry later or with a longer deadline")
+
+    def _withdraw(self, pending: _Pending) -> None:
+        """Take every row of `pending` that is still waiting out of the queue (its rows computing finish
+        and are thrown away: `_compute` skips a dropped request's rows that have not started)."""
+        if self._waiting.pop(pending.order, None) is not None:
+            self._queued_rows -= len(pending.waiting)
+            pending.waiting, pending.waiting_tokens = [], 0
 
     # ------------------------------------------------------------ collector (event loop)
 
@@ -142,13 +201,14 @@ class Batcher:
         while True:
             # A second batch may wait in the engine's queue while one computes, so the worker never idles.
             await self._slots.acquire()
-            while not self._rows:
+            while not self._waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             # max_wait counts from the oldest row's arrival: under load nobody waits on purpose. With no
             # batch computing, waiting would only add latency (nothing else is using the worker): go now.
-            wait_until = self._rows[0].arrived + (self.max_wait if self._running else 0.0)
-            while len(self._rows) < self.max_batch_size and (left := wait_until - loop.time()) > 0:
+            oldest = next(iter(self._waiting.values())).waiting[0].arrived
+            wait_until = oldest + (self.max_wait if self._running else 0.0)
+            while self._queued_rows < self.max_batch_size and (left := wait_until - loop.time()) > 0:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), left)
@@ -169,12 +229,12 @@ class Batcher:
 
     def _drop_stale(self) -> None:
         now = time.monotonic()
-        for row in self._rows:
-            if not row.pending.dropped and _is_stale(row.pending, now):
-                self._drop(row.pending, now)
-        self._rows = [r for r in self._rows if not r.pending.dropped]
+        for pending in list(self._waiting.values()):
+            if _is_stale(pending, now):
+                self._drop(pending)
 
-    def _drop(self, pending: _Pending, now: float) -> None:
+    def _drop(self, pending: _Pending) -> None:
+        self._withdraw(pending)
         if pending.dropped:
             return
         pending.dropped = True
@@ -185,64 +245,89 @@ class Batcher:
             pending.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
 
     def _take_batch(self) -> list[_Row]:
-        """Rows for the next forward: the length group (see plan_groups) holding the oldest waiting row."""
-        if not self._rows:
+        """Rows for the next forward: the length group (see plan_groups) holding the first offered row.
+
+        Rows are offered request by request in least-attained-service order, at most `share` from each."""
+        if not self._waiting:
             return []
-        oldest = self._rows[0]
-        if oldest.pending.job.exact_length:  # audio: only clips of the same shape share a forward
-            shape = oldest.shape
-            window = [r for r in self._rows if r.shape == shape][: self.max_batch_size]
-            taken = {id(r) for r in window}
-            self._rows = [r for r in self._rows if id(r) not in taken]
-            return window
-        pool = sorted(self._rows[: 4 * self.max_batch_size], key=lambda r: r.length)
-        for start, end in plan_groups([r.length for r in pool], self.max_batch_size, self.token_budget,
-                                      self.overhead_tokens):
-            window = pool[start:end]
-            if any(r is oldest for r in window):
+        order = sorted(self._waiting.values(), key=lambda p: (p.taken, len(p.waiting), p.order))
+        share = -(-self.max_batch_size // len(order))
+        offered: list[_Row] = []
+        for pending in order:
+            offered += pending.waiting[:share]
+            if len(offered) >= 4 * self.max_batch_size:
                 break
-        taken = {id(r) for r in window}
-        self._rows = [r for r in self._rows if id(r) not in taken]
+        first = offered[0]
+        if first.pending.job.exact_length:  # audio: only clips of the same shape share a forward
+            window = [r for r in offered if r.shape == first.shape][: self.max_batch_size]
+        else:
+            pool = sorted(offered, key=lambda r: r.length)
+            for start, end in plan_groups([r.length for r in pool], self.max_batch_size, self.token_budget,
+                                          self.overhead_tokens):
+                window = pool[start:end]
+                if any(r is first for r in window):
+                    break
+        for row in window:
+            pending = row.pending
+            pending.waiting.remove(row)
+            pending.waiting_tokens -= row.length
+            pending.taken += 1
+            self._queued_rows -= 1
+            if not pending.waiting:
+                del self._waiting[pending.order]
         return window
 
     async def _run(self, batch: list[_Row]) -> None:
+        tokens = sum(r.length for r in batch)
+        self._computing_tokens += tokens
         try:
-            finished, stale, size = await self.engine.run(self._compute, batch)
+            finished, stale, size, seconds = await self.engine.run(self._compute, batch)
         except Exception as exc:  # noqa: BLE001 - the batch fails, the service keeps serving
             log.exception("forward pass failed")
             for p in {id(r.pending): r.pending for r in batch}.values():
+                self._withdraw(p)  # a failed request's other rows leave the queue with it
+                p.dropped = True
                 if not p.future.done():
                     p.future.set_exception(exc)
-                p.dropped = True
-            self._rows = [r for r in self._rows if not r.pending.dropped]
             return
+        finally:
+            self._computing_tokens -= tokens
         for p in stale:  # went stale while waiting behind the previous batch
-            self._drop(p, time.monotonic())
-        self._rows = [r for r in self._rows if not r.pending.dropped]
+            self._drop(p)
         if size:
+            self._measure(seconds, sum(r.length for r in batch if r.pending not in stale))
             self.stats.batches += 1
             self.stats.rows += size
             self.stats.largest_batch = max(self.stats.largest_batch, size)
             self.stats.sizes[size] = self.stats.sizes.get(size, 0) + 1
             for observer in self.observers:
-                observer(size, len(self._rows))
+                observer(size, self._queued_rows)
         for pending, outcome in finished:
             if pending.future.done():
                 continue
             if isinstance(outcome, Exception):
+                self._withdraw(pending)
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
 
+    def _measure(self, seconds: float, tokens: int) -> None:
+        """Fold one forward pass into the measured cost per token."""
+        cost = seconds / max(tokens, 1)
+        smoothing = self.COST_SMOOTHING
+        self.seconds_per_token = cost if self.seconds_per_token is None else \
+            (1 - smoothing) * self.seconds_per_token + smoothing * cost
+
     # ------------------------------------------------------------ worker thread
 
-    def _compute(self, batch: list[_Row]) -> tuple[list, list, int]:
-        """Pad, forward and cut back: (finished (pending, Result | error), stale pendings, rows computed)."""
+    def _compute(self, batch: list[_Row]) -> tuple[list, list, int, float]:
+        """Pad, forward and cut back: (finished (pending, Result | error), stale pendings, rows computed,
+        seconds of the forward pass)."""
         now = time.monotonic()
         stale = {id(r.pending): r.pending for r in batch if _is_stale(r.pending, now)}
         batch = [r for r in batch if id(r.pending) not in stale]
         if not batch:
-            return [], list(stale.values()), 0
+            return [], list(stale.values()), 0, 0.0
         for row in {id(r.pending): r for r in batch}.values():  # arrival -> forward start, per request
             metrics.observe_stage("queue", now - row.arrived)
         inputs, mask = self._pad(batch)
@@ -250,7 +335,8 @@ class Batcher:
         adapters = [r.pending.job.adapter for r in batch]
         started = time.perf_counter()
         outputs = self.engine.forward(inputs, adapters=adapters, hidden_states=needs_hidden)
-        metrics.observe_stage("forward", time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.observe_stage("forward", seconds)
 
         length = max(r.length for r in batch)
         if _is_whole_request(batch, length):  # one request, as sent: its outputs need no cutting and restacking
@@ -260,7 +346,7 @@ class Batcher:
                 outcome = Result(shape_outputs(p.job, outputs, mask), len(batch))
             except InvalidArgument as exc:
                 outcome = exc
-            return [(p, outcome)], list(stale.values()), len(batch)
+            return [(p, outcome)], list(stale.values()), len(batch), seconds
 
         finished = []
         for i, row in enumerate(batch):
@@ -279,7 +365,7 @@ class Batcher:
                 except InvalidArgument as exc:
                     finished.append((p, exc))
                 p.row_outputs = []
-        return finished, list(stale.values()), len(batch)
+        return finished, list(stale.values()), len(batch), seconds
 
     def _pad(self, batch: list[_Row]) -> tuple[dict, torch.Tensor]:
         """The batch's rows right-padded into model inputs on the device (main input, mask, token types),

@@ -8,6 +8,7 @@ import sys
 from model_service.adapters_servicer import ADAPTER_OPTIONS
 from model_service.generation.options import GENERATION_OPTIONS
 from splitserve_common import serving
+from splitserve_common.errors import ConfigurationError
 from splitserve_common.settings import Option, parse
 
 ENV_PREFIX = "MODEL_SERVICE_"
@@ -33,6 +34,8 @@ MODEL_OPTIONS = [
     Option("token-budget", 16384, "most padded tokens (rows x longest row) in one forward pass", int),
     Option("batch-overhead-tokens", 64, "fixed cost of one forward pass in padded-token equivalents: higher "
            "merges rows of different lengths into fewer, more padded batches", int),
+    Option("stream-window", 64, "most ModelStreamInfer requests of one stream in flight at once; the next is read "
+           "when one is answered", int),
     Option("max-input-values", 480000, "audio models: most samples in one input_values row (480000: 30 s at "
                                        "16 kHz); longer clips are refused", int),
     Option("max-queue-rows", 1024, "rows waiting beyond this are refused with RESOURCE_EXHAUSTED", int),
@@ -57,6 +60,9 @@ def main(argv=None) -> None:
     serving.configure_logging(args.log_level, args.log_format)
     try:
         asyncio.run(serve(args))
+    except ConfigurationError as exc:
+        print(f"model-service: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         pass
 

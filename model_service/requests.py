@@ -107,7 +107,7 @@ def check_token_types(type_ids: np.ndarray, config, type_vocab_size: int) -> Non
 
 
 def parse(request, info) -> InferJob:
-    """Validate `request` against the served model `info` (model_service.model_info.ModelInfo)."""
+    """Validate `request` against the served model `info` (model_service.served_model.ServedModel)."""
     check_model_name(info, request.model_name, request.model_version)
     if not info.outputs:
         raise FailedPrecondition(f"model '{info.name}' ({info.loaded.architecture}) has no ModelInfer outputs: "

@@ -4,7 +4,7 @@ The gRPC server starts before the weights are loaded (health answers NOT_SERVING
 meanwhile), so servicers are built around a Runtime and read its parts once it is ready:
 
     runtime.engine    model_service.engine.Engine (run model work with `await engine.run(fn, ...)`)
-    runtime.info      model_service.model_info.ModelInfo (name, loaded model description, outputs)
+    runtime.info      model_service.served_model.ServedModel (name, loaded model description, outputs)
     runtime.batcher   model_service.batcher.Batcher (dynamic batching of ModelInfer rows)
     runtime.require() -> the runtime, or errors.Unavailable while loading
 """

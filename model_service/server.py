@@ -25,8 +25,8 @@ from model_service.generation.scheduler import Limits
 from model_service.generation.servicer import GenerationServicer
 from model_service.inference_servicer import InferenceServicer
 from model_service.loader import LoadError, LoadOptions
-from model_service.model_info import discover
 from model_service.runtime import Runtime
+from model_service.served_model import discover
 from splitserve_common import metrics, serving
 from splitserve_pb import generation_pb2, generation_pb2_grpc, open_inference_pb2, open_inference_pb2_grpc
 

@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from splitserve_common.channels import client_options
+from splitserve_common.errors import ConfigurationError
 from splitserve_common.http_front import http_port_option
 from splitserve_common.serving import SERVER_OPTIONS
 from splitserve_common.settings import Option, parse
@@ -50,5 +51,9 @@ def main(argv=None) -> int:
     hide_torch()
     from preproc_service.server import serve
 
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except ConfigurationError as exc:
+        print(f"preproc-service: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -7,11 +7,13 @@ import logging
 
 from preproc_service.audio import AudioSettings
 from preproc_service.deployment import Deployment, TableLimits
+from preproc_service.generation import GenerationHandlers
 from preproc_service.handshake import disagreements
 from preproc_service.http.app import build_front
 from preproc_service.model_client import ModelClient
-from preproc_service.model_dir import canonical_task, read_model_dir
-from preproc_service.servicer import PreprocServicer, load_generation_handlers
+from preproc_service.model_dir import read_model_dir
+from preproc_service.servicer import PreprocServicer
+from splitserve_common import tasks
 from splitserve_common.channels import ChannelSecurity
 from splitserve_common.serving import (
     HealthReporter,
@@ -70,7 +72,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
     while True:
         try:
             info = await dep.model.metadata()
-            info.task = canonical_task(info.task)
+            info.task = tasks.canonical(info.task)
         except Exception as exc:  # noqa: BLE001 - unreachable or not ready yet: retry
             if not serving and str(exc) != last_problem:
                 log.warning("waiting for the model service at %s: %s", dep.model.address, exc)
@@ -102,7 +104,7 @@ async def serve(args) -> None:
     configure_logging(args.log_level, args.log_format)
     dep = build_deployment(args)
     server = create_server(args)
-    servicer = PreprocServicer(dep, args.stream_window, load_generation_handlers(dep, max_choices=args.max_choices))
+    servicer = PreprocServicer(dep, GenerationHandlers(dep, max_choices=args.max_choices), args.stream_window)
     preproc_pb2_grpc.add_PreprocServicer_to_server(servicer, server)
     health = HealthReporter(server, [SERVICE_NAME])
     await health.set(False)

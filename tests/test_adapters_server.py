@@ -19,8 +19,7 @@ from tests import adapter_helpers as ah
 from tests import model_factory as mf
 from tests import servers
 
-SENTENCES = ["the river is good", "alice walks in paris today with bob", "hello", "a big modern city",
-             "who said that strange thing?", "music of the old forest", "tokyo", "the brave friend said no"]
+SENTENCES = mf.SENTENCES
 PROMPTS = ["the river", "alice walks in", "the", "music of the", "who is", "a large city"]
 TOKEN = "s3cret-adapter-token"
 GPT2_RANKS = {name: spec[1] for name, spec in ah.GPT2_ADAPTERS.items()}

@@ -5,6 +5,7 @@ stop strings and whitespace collapsing."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -32,8 +33,11 @@ def make_seq(gm, ids, eos_ids=(), **settings):
 def run_staggered(gm, seqs, join_every=3, group=2):
     """Drive a DecodeBatch the way the scheduler does: new sequences join every few steps,
     finished ones leave at once."""
+    def unfinished(batch):  # as the scheduler does after every step: a row whose first token ends it leaves too
+        return batch.filter([i for i, s in enumerate(batch.seqs) if not s.finish_reason])
+
     with torch.inference_mode():
-        batch, joined, steps = DecodeBatch.prefill(gm, seqs[:1]), 1, 0
+        batch, joined, steps = unfinished(DecodeBatch.prefill(gm, seqs[:1])), 1, 0
         while batch is not None or joined < len(seqs):
             if batch is not None:
                 batch.decode(gm)
@@ -43,7 +47,7 @@ def run_staggered(gm, seqs, join_every=3, group=2):
                 batch = fresh if batch is None else batch.concat(fresh)
                 joined += group
             if batch is not None:
-                batch = batch.filter([i for i, s in enumerate(batch.seqs) if not s.finish_reason])
+                batch = unfinished(batch)
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -64,6 +68,18 @@ def test_continuous_batch_matches_generate_token_for_token(built):
     for seq, ids, n in zip(seqs, prompt_ids, lengths, strict=True):
         assert seq.generated == reference_generate(model, tokenizer, ids, max_new_tokens=n, do_sample=False)
         assert seq.finish_reason in ("length", "eos")
+
+
+def test_continuous_batch_uses_no_deprecated_transformers_api(built):
+    """Prefill, decode, join and leave pass the KV cache under the name the model's forward declares
+    (`cache` on transformers 5.x, `past_key_values` before): no deprecation warning on any version."""
+    model, tokenizer, gm = built
+    seqs = [make_seq(gm, tokenizer(p)["input_ids"], max_new_tokens=4) for p in PROMPTS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        run_staggered(gm, seqs, join_every=1)
+    assert all(len(seq.generated) == 4 for seq in seqs)
 
 
 def test_repetition_penalty_and_min_new_tokens_match_generate(built):

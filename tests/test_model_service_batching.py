@@ -105,3 +105,107 @@ def test_plan_groups_limits_padding():
     assert plan_groups([7] * 10, 32, 100_000, 16) == [(0, 10)]
     assert all(end - start <= 4 for start, end in plan_groups([7] * 10, 4, 100_000, 16))
     assert all((end - start) * 50 <= 120 for start, end in plan_groups([50] * 6, 32, 120, 0))
+
+
+def rows(count: int, length: int) -> dict:
+    return {"input_ids": np.tile(np.arange(2, 2 + length, dtype=np.int64), (count, 1))}
+
+
+async def fill_in_flight(runtime, client):
+    """Block the engine and let the batcher hand it its two batches: what is sent next waits in the queue."""
+    gate, started, blocker = block_engine(runtime)
+    await asyncio.to_thread(started.wait, 10)
+    in_flight = [asyncio.ensure_future(client.infer(rows(4, 5), outputs=["logits"])) for _ in range(2)]
+    while runtime.batcher.queue_rows or len(runtime.batcher._running) < 2:
+        await asyncio.sleep(0.01)
+    return gate, blocker, in_flight
+
+
+def test_a_request_that_goes_away_takes_its_queued_rows_with_it(model_dir):
+    """Issue: a caller's cancelled or timed-out work stayed queued, so the next callers were refused."""
+    async def scenario(runtime, client):
+        gate, blocker, in_flight = await fill_in_flight(runtime, client)
+        gone = [asyncio.ensure_future(client.infer(rows(4, 6), outputs=["logits"], timeout=0.3)) for _ in range(2)]
+        while runtime.batcher.queue_rows < 8:
+            await asyncio.sleep(0.01)
+        timed_out = await asyncio.gather(*gone, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 1.0  # the server hears of the deadline about when the client does
+        while runtime.batcher.queue_rows and loop.time() < until:
+            await asyncio.sleep(0.01)
+        queued_after = runtime.batcher.queue_rows
+        # The queue (8 rows) was full of the timed-out caller's rows: a new caller now gets in.
+        newcomer = asyncio.ensure_future(client.infer(rows(4, 7), outputs=["logits"]))
+        await asyncio.sleep(0.2)
+        gate.set()
+        await blocker
+        return timed_out, queued_after, await newcomer, await asyncio.gather(*in_flight)
+
+    timed_out, queued_after, newcomer, in_flight = asyncio.run(with_server(
+        model_dir, "--max-batch-size", "4", "--max-queue-rows", "8", "--max-wait-us", "0", scenario=scenario))
+    assert all(isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+               for e in timed_out)
+    assert queued_after == 0
+    assert newcomer["logits"].shape == (4, 3) and all(r["logits"].shape == (4, 3) for r in in_flight)
+
+
+def test_a_small_request_passes_a_queued_flood(model_dir):
+    """Issue: one caller's large request made every later small one wait behind all of it."""
+    async def scenario(runtime, client):
+        gate, blocker, in_flight = await fill_in_flight(runtime, client)
+        done: list[str] = []
+
+        async def call(name, inputs):
+            await client.infer(inputs, outputs=["logits"])
+            done.append(name)
+
+        flood = [asyncio.ensure_future(call(f"flood{i}", rows(4, 12))) for i in range(30)]
+        while runtime.batcher.queue_rows < 120:
+            await asyncio.sleep(0.01)
+        small = asyncio.ensure_future(call("small", rows(1, 12)))
+        while runtime.batcher.queue_rows < 121:
+            await asyncio.sleep(0.01)
+        gate.set()
+        await blocker
+        await asyncio.gather(small, *flood, *in_flight)
+        return done
+
+    done = asyncio.run(with_server(model_dir, "--max-batch-size", "4", "--max-wait-us", "0", scenario=scenario))
+    # Fair sharing: it rides in the first forward pass after the two already computing, and no flood
+    # request ran whole before it (each forward pass gave every waiting request at most one row).
+    assert done.index("small") <= 1, done
+
+
+def test_a_deadline_that_cannot_be_met_is_refused_at_once(model_dir):
+    """Issue: the queue was bounded in rows, not time: accepted work waited past its caller's deadline."""
+    async def scenario(runtime, client):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(5):  # the batcher measures its cost per token on these forward passes
+            await client.infer(rows(4, 30), outputs=["logits"])
+        per_call = (loop.time() - started) / 5  # round trips: an upper bound on the forward pass
+        gate, blocker, in_flight = await fill_in_flight(runtime, client)
+        # Queue at least the forward work of 2 s of round trips (no deadline), then ask for an answer
+        # within 0.05 s.
+        requests = int(2.0 / per_call) + 2
+        backlog = [asyncio.ensure_future(client.infer(rows(4, 30), outputs=["logits"])) for _ in range(requests)]
+        while runtime.batcher.queue_rows < 4 * requests:
+            await asyncio.sleep(0.01)
+        started = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.infer(rows(4, 30), outputs=["logits"], timeout=0.05)
+        waited = loop.time() - started
+        # A caller with time enough is still served, after the backlog.
+        patient = asyncio.ensure_future(client.infer(rows(1, 30), outputs=["logits"], timeout=120))
+        gate.set()
+        await blocker
+        await asyncio.gather(*backlog, *in_flight)
+        return refused.value, waited, await patient, runtime.batcher.stats
+
+    refused, waited, patient, stats = asyncio.run(with_server(
+        model_dir, "--max-batch-size", "4", "--max-wait-us", "0", "--max-queue-rows", "100000", "--torch-threads",
+        "1", scenario=scenario))
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+    assert "cannot answer within the deadline" in refused.details() and "ms per token" in refused.details()
+    assert waited < 0.05 and stats.rejected_late == 1
+    assert patient["logits"].shape == (1, 3)

@@ -1,4 +1,4 @@
-"""model_service/requests.py without a server: `parse` on a real tiny model's ModelInfo turns v2
+"""model_service/requests.py without a server: `parse` on a real tiny model's ServedModel turns v2
 requests into unpadded rows and output specs, and refuses each bad request with a named reason."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 
 from model_service import loader, requests
 from model_service.engine import Engine
-from model_service.model_info import discover
+from model_service.served_model import discover
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from splitserve_common.v2_codec import set_param
 from splitserve_pb import open_inference_pb2 as pb
@@ -19,7 +19,7 @@ MAX_BATCH = 4
 
 @pytest.fixture(scope="module")
 def info(tmp_path_factory):
-    """ModelInfo of a tiny text-classification BERT (64 positions, type vocab 2), as the server builds it."""
+    """ServedModel of a tiny text-classification BERT (64 positions, type vocab 2), as the server builds it."""
     model, tokenizer = model_factory.build_encoder("text-classification", seed=3)
     directory = model_factory.save_components(tmp_path_factory.mktemp("requests") / "tc", model, tokenizer,
                                               "text-classification")

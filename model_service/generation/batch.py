@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, EncoderDecoderCache
+from transformers import Cache, DynamicCache, EncoderDecoderCache
 
 from model_service.generation.sampling import SamplingParams, TokenChooser, choose_tokens
 
@@ -65,11 +65,16 @@ class GenerationModel:
         params = inspect.signature(model.forward).parameters
         self.takes_position_ids = "position_ids" in params
         self.takes_logits_to_keep = "logits_to_keep" in params
+        # The KV cache argument and output: `cache` from transformers 5.x on (`past_key_values` is
+        # deprecated there), `past_key_values` before.
+        self.cache_name = "cache" if "cache" in params else "past_key_values"
 
-    def forward(self, **inputs):
+    def forward(self, cache: Cache, **inputs) -> tuple[torch.Tensor, Cache, object]:
+        """One forward pass that extends `cache`: (logits, the cache, the model's whole output)."""
         if self.takes_logits_to_keep and not self.is_encoder_decoder:
             inputs["logits_to_keep"] = 1
-        return self.model(**inputs, use_cache=True, return_dict=True)
+        out = self.model(**inputs, **{self.cache_name: cache}, use_cache=True, return_dict=True)
+        return out.logits, out[self.cache_name], out
 
 
 def _self_layers(cache):
@@ -127,9 +132,9 @@ class DecodeBatch:
         ids, mask = ids.to(dev), mask.to(dev)
         if gm.is_encoder_decoder:
             start = torch.full((len(seqs), 1), gm.decoder_start_token_id, dtype=torch.long, device=dev)
-            out = gm.forward(input_ids=ids, attention_mask=mask, decoder_input_ids=start,
-                             past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
-            batch = cls(seqs, out.past_key_values, torch.ones_like(start), None,
+            logits, cache, out = gm.forward(EncoderDecoderCache(DynamicCache(), DynamicCache()), input_ids=ids,
+                                            attention_mask=mask, decoder_input_ids=start)
+            batch = cls(seqs, cache, torch.ones_like(start), None,
                         torch.ones(len(seqs), dtype=torch.long, device=dev),
                         out.encoder_last_hidden_state, mask)
             for seq in seqs:
@@ -137,15 +142,14 @@ class DecodeBatch:
         else:
             # A plain DynamicCache (full-length layers) whatever the config says: rows are padded,
             # merged and trimmed by the operations below; masks still follow the model's config.
-            inputs = {"input_ids": ids, "attention_mask": mask, "past_key_values": DynamicCache()}
+            inputs = {"input_ids": ids, "attention_mask": mask}
             if gm.takes_position_ids:
                 inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = gm.forward(**inputs)
-            batch = cls(seqs, out.past_key_values, mask, None,
-                        torch.tensor(lengths, dtype=torch.long, device=dev))
+            logits, cache, _ = gm.forward(DynamicCache(), **inputs)
+            batch = cls(seqs, cache, mask, None, torch.tensor(lengths, dtype=torch.long, device=dev))
             for seq in seqs:
                 seq.seen = torch.tensor(seq.prompt_ids, dtype=torch.long, device=dev)
-        batch._choose(out.logits[:, -1, :])
+        batch._choose(logits[:, -1, :])
         return batch
 
     def concat(self, other: DecodeBatch) -> DecodeBatch:
@@ -209,20 +213,19 @@ class DecodeBatch:
         if gm.is_encoder_decoder:
             from transformers.modeling_outputs import BaseModelOutput
 
-            out = gm.forward(encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder_hidden),
-                             attention_mask=self.encoder_mask, decoder_input_ids=tokens,
-                             decoder_attention_mask=self.attention_mask, past_key_values=self.cache)
+            logits, self.cache, _ = gm.forward(
+                self.cache, encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder_hidden),
+                attention_mask=self.encoder_mask, decoder_input_ids=tokens, decoder_attention_mask=self.attention_mask)
         else:
-            inputs = {"input_ids": tokens, "attention_mask": self.attention_mask, "past_key_values": self.cache}
+            inputs = {"input_ids": tokens, "attention_mask": self.attention_mask}
             if gm.takes_position_ids:
                 inputs["position_ids"] = self.positions[:, None]
-            out = gm.forward(**inputs)
-        self.cache = out.past_key_values
+            logits, self.cache, _ = gm.forward(self.cache, **inputs)
         self.positions = self.positions + 1
         for seq, token in zip(self.seqs, self.next_tokens.tolist(), strict=True):
             if seq.params.repetition_penalty != 1.0:
                 seq.seen = torch.cat([seq.seen, seq.seen.new_tensor([token])])
-        self._choose(out.logits[:, -1, :])
+        self._choose(logits[:, -1, :])
 
     def _choose(self, logits: torch.Tensor) -> None:
         """Pick each row's next token, record it and decide whether the row is finished."""

@@ -13,28 +13,14 @@ import torch
 from model_service.inputs import InputSpec, input_specs, token_type_columns
 from model_service.loader import LoadedModel
 from model_service.shaping import DERIVED, SEQUENCE_OUTPUTS, has_sequence_axis
+from splitserve_common import tasks
 from splitserve_common.v2_codec import ModelMetadata, TensorSpec
-
-# The outputs a task's postprocess needs, returned when a request names none.
-DEFAULT_OUTPUTS = {
-    "text-classification": ["logits"],
-    "sentiment-analysis": ["logits"],
-    "zero-shot-classification": ["logits"],
-    "token-classification": ["logits"],
-    "ner": ["logits"],
-    "fill-mask": ["logits"],
-    "question-answering": ["start_logits", "end_logits"],
-    "feature-extraction": ["last_hidden_state"],
-    "sentence-similarity": [DERIVED],
-    "text-generation": ["logits"],
-    "audio-classification": ["logits"],
-    "automatic-speech-recognition": ["logits"],
-    "table-question-answering": ["logits", "logits_aggregation"],
-}
 
 
 @dataclass
-class ModelInfo:
+class ServedModel:
+    """The model as this service serves it: its name, the loaded weights, the output catalog and limits.
+    `metadata()` turns it into the published contract (splitserve_common.v2_codec.ModelMetadata)."""
     name: str
     loaded: LoadedModel
     max_batch_size: int
@@ -80,10 +66,10 @@ def warmup_inputs(loaded: LoadedModel, length: int = 8) -> dict[str, torch.Tenso
     return {"input_ids": ids.to(loaded.device), "attention_mask": torch.ones_like(ids).to(loaded.device)}
 
 
-def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) -> ModelInfo:
+def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) -> ServedModel:
     """Run the warm-up forward (worker thread) and record what the model returns."""
     loaded = engine.loaded
-    info = ModelInfo(name=name, loaded=loaded, max_batch_size=max_batch_size,
+    info = ServedModel(name=name, loaded=loaded, max_batch_size=max_batch_size,
                      adapter_names=lambda: engine.adapters.names(),
                      default_adapter=lambda: getattr(engine.adapters, "default", ""),
                      input_specs=input_specs(loaded), max_input_values=max_input_values)
@@ -101,12 +87,13 @@ def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) 
         info.outputs[out_name] = ("FP32" if tensor.is_floating_point() else "INT64", shape)
     if "last_hidden_state" in info.outputs:
         info.outputs[DERIVED] = ("FP32", [-1, info.outputs["last_hidden_state"][1][-1]])
-    wanted = DEFAULT_OUTPUTS.get(loaded.task, [])
+    task_spec = tasks.spec(loaded.task)
+    wanted = task_spec.default_outputs if task_spec else ()
     info.default_outputs = [n for n in wanted if n in info.outputs] or sorted(info.native_outputs)
     return info
 
 
-def metadata(info: ModelInfo) -> ModelMetadata:
+def metadata(info: ServedModel) -> ModelMetadata:
     """The served model as the metadata contract (splitserve_common.v2_codec.ModelMetadata)."""
     loaded, config = info.loaded, info.loaded.config
     ids = loaded.special_ids
