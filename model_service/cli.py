@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from model_service.adapters_servicer import ADAPTER_OPTIONS
 from model_service.generation.options import GENERATION_OPTIONS
 from splitserve_common import serving
-from splitserve_common.errors import ConfigurationError
 from splitserve_common.settings import Option, parse
 
 ENV_PREFIX = "MODEL_SERVICE_"
@@ -53,19 +51,13 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     from model_service.server import serve
 
     args = parse_args(argv)
     serving.configure_logging(args.log_level, args.log_format)
-    try:
-        asyncio.run(serve(args))
-    except ConfigurationError as exc:
-        print(f"model-service: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        pass
+    return serving.run_service("model-service", serve(args))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,7 @@ class ServedModel:
     native_outputs: set[str] = field(default_factory=set)  # returned without output_hidden_states
     default_outputs: list[str] = field(default_factory=list)
     versions: tuple[str, ...] = ("1",)
+    max_message_bytes: int = 0  # the largest answer that can be sent (--max-message-mb); 0 = no limit
     adapter_names: callable = list  # () -> list of loaded adapter names (engine.adapters.names)
     default_adapter: callable = str  # () -> adapter of requests that name none ("" = base)
     input_specs: dict[str, InputSpec] = field(default_factory=dict)  # main input first
@@ -70,9 +71,9 @@ def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) 
     """Run the warm-up forward (worker thread) and record what the model returns."""
     loaded = engine.loaded
     info = ServedModel(name=name, loaded=loaded, max_batch_size=max_batch_size,
-                     adapter_names=lambda: engine.adapters.names(),
-                     default_adapter=lambda: getattr(engine.adapters, "default", ""),
-                     input_specs=input_specs(loaded), max_input_values=max_input_values)
+                       adapter_names=lambda: engine.adapters.names(),
+                       default_adapter=lambda: engine.adapters.default,
+                       input_specs=input_specs(loaded), max_input_values=max_input_values)
     if loaded.config.is_encoder_decoder and loaded.model.can_generate():
         # Seq2seq models are served by generation; ModelInfer has no outputs for them.
         return info

@@ -62,6 +62,7 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     engine = Engine(loaded, torch_threads=args.torch_threads)
     info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
                             args.max_input_values)
+    info.max_message_bytes = args.max_message_mb * 1024 * 1024
     batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
                       token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
                       overhead_tokens=args.batch_overhead_tokens)
@@ -113,7 +114,8 @@ async def start(args) -> RunningServer:
         log.error("cannot serve %s: %s", args.model_dir, exc)
         await server.stop(0)
         raise SystemExit(f"model-service: {exc}") from None
-    await health.set(True)
+    # A model without a language-model head: the Generation service is there but cannot serve.
+    await health.set(True, not_serving=[] if generation.can_generate else [GENERATION_SERVICE])
     return RunningServer(server, runtime, generation, health, port)
 
 

@@ -118,20 +118,15 @@ async def serve(args) -> None:
     log.info("preproc_service listening on %s:%d (model service %s)", args.host, port, args.model_service)
     checker = asyncio.ensure_future(
         handshake(dep, health, args.handshake_retry_seconds, args.handshake_recheck_seconds))
-    loop = asyncio.get_running_loop()
-    drain_started = loop.time()
 
     async def on_drain():
-        nonlocal drain_started
-        drain_started = loop.time()
         checker.cancel()
         if http is not None:
             http.begin_drain()
 
     try:
-        await wait_for_termination(server, health, args.drain_seconds, on_drain=on_drain)
-        if http is not None:
-            await http.stop(max(0.0, args.drain_seconds - (loop.time() - drain_started)))
+        await wait_for_termination(server, health, args.drain_seconds, on_drain=on_drain,
+                                   after_drain=http.stop if http is not None else None)
     finally:
         checker.cancel()
         await dep.model.close()

@@ -44,53 +44,42 @@ class StepEvent:
 
 
 class _Core:
-    """The model side of the scheduler: the running batches. Worker thread only.
+    """The model side of the scheduler: the running batch. Worker thread only.
 
-    With an adapter switch that takes per-row names (model_service.adapters) one batch mixes
-    every adapter; otherwise there is one batch per adapter name.
+    One batch holds every running sequence whatever its adapter: the engine's adapter registry
+    applies each row's own adapter (model_service.adapters).
     """
 
     def __init__(self, gm: GenerationModel, engine):
         self.gm = gm
-        self.engine = engine  # engine.adapters may be replaced after start (model_service.adapters)
-        self.batches: dict[str, DecodeBatch] = {}
+        self.engine = engine
+        self.batch: DecodeBatch | None = None
 
-    @property
-    def mixes_rows(self) -> bool:
-        return bool(getattr(self.engine.adapters, "mixes_rows", False))
+    def _use(self, seqs):
+        return self.engine.adapters.use([s.adapter for s in seqs])
 
-    def _use(self, key: str, seqs):
-        return self.engine.adapters.use([s.adapter for s in seqs] if self.mixes_rows else key)
+    def _keep(self, keep) -> None:
+        if self.batch is not None:
+            self.batch = self.batch.filter([i for i, s in enumerate(self.batch.seqs) if keep(s)])
 
     def step(self, admitted: list[Sequence], dropped: list[Sequence]) -> list[tuple[Sequence, StepEvent]]:
         gone = set(dropped)
-        for key, batch in list(self.batches.items()):
-            self._set(key, batch.filter([i for i, s in enumerate(batch.seqs) if s not in gone]))
+        self._keep(lambda s: s not in gone)
         stepped = []
-        for key, batch in list(self.batches.items()):
-            with self._use(key, batch.seqs):
-                batch.decode(self.gm)
-            stepped += batch.seqs
-        groups = collections.defaultdict(list)
-        for seq in admitted:
-            groups["" if self.mixes_rows else seq.adapter].append(seq)
-        for key, seqs in groups.items():
-            with self._use(key, seqs):
-                fresh = DecodeBatch.prefill(self.gm, seqs)
-            stepped += seqs
-            self._set(key, fresh if key not in self.batches else self.batches[key].concat(fresh))
-        for key, batch in list(self.batches.items()):
-            self._set(key, batch.filter([i for i, s in enumerate(batch.seqs) if not s.finish_reason]))
+        if self.batch is not None:
+            with self._use(self.batch.seqs):
+                self.batch.decode(self.gm)
+            stepped += self.batch.seqs
+        if admitted:
+            with self._use(admitted):
+                fresh = DecodeBatch.prefill(self.gm, admitted)
+            stepped += admitted
+            self.batch = fresh if self.batch is None else self.batch.concat(fresh)
+        self._keep(lambda s: not s.finish_reason)
         return [(s, StepEvent(s.generated[-1], s.last_logprob, s.finish_reason)) for s in stepped]
 
-    def _set(self, key, batch):
-        if batch is None:
-            self.batches.pop(key, None)
-        else:
-            self.batches[key] = batch
-
     def reset(self) -> None:
-        self.batches.clear()
+        self.batch = None
 
 
 class Scheduler:
