@@ -69,6 +69,7 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     _observe_batches(batcher)
     batcher.start()
     runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
+    metrics.set_model(info.name)
     for install_adapters in runtime.on_ready:  # adapters_servicer.register's: the registry on engine.adapters
         await install_adapters(runtime)
     await generation.on_ready(runtime)  # after the registry: generation checks adapter names against it

@@ -13,7 +13,7 @@ from preproc_service.http.app import build_front
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import read_model_dir
 from preproc_service.servicer import PreprocServicer
-from splitserve_common import tasks
+from splitserve_common import metrics, tasks
 from splitserve_common.channels import ChannelSecurity
 from splitserve_common.serving import (
     HealthReporter,
@@ -92,6 +92,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
             await health.set(False)
         else:
             dep.set_model_info(info)
+            metrics.set_model(info.name)
             if not serving:
                 log.info("SERVING %s (model %s at %s, max length %d)", dep.task, info.name, dep.model.address,
                          dep.max_length)
