@@ -59,7 +59,7 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     """Load the weights, warm up, start the batcher, then get adapters and generation ready, in that order."""
     args = runtime.args
     loaded = await asyncio.to_thread(loader.load, load_options(args))
-    engine = Engine(loaded, torch_threads=args.torch_threads)
+    engine = Engine(loaded, torch_threads=args.torch_threads, forward_workers=args.forward_workers)
     info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
                             args.max_input_values)
     batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
