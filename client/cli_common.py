@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from splitserve_common.channels import ChannelSecurity, sync_channel
+from splitserve_common.errors import ConfigurationError
 
 FORMATS = ("jsonl", "json", "pretty")
 
@@ -108,7 +109,7 @@ def entry(prog: str, parser: argparse.ArgumentParser, client_class, argv=None, o
     except grpc.RpcError as exc:
         diagnostic({"error": {"code": exc.code().name, "message": exc.details()}})
         return 1
-    except (UsageError, OSError, ValueError) as exc:
+    except (UsageError, ConfigurationError, OSError, ValueError) as exc:
         if isinstance(exc, BrokenPipeError):
             return _reader_gone()
         diagnostic({"error": {"code": "USAGE", "message": f"{prog}: {exc}"}})

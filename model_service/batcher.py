@@ -145,6 +145,10 @@ class Batcher:
             self.stats.rejected_full += 1
             raise ResourceExhausted(f"queue full: {self._queued_rows} rows waiting (limit {self.max_queue_rows}, "
                                     "--max-queue-rows); retry later")
+        longest = max(len(row) for row in job.rows)
+        if not job.exact_length and longest > self.token_budget:  # it could never be computed
+            raise InvalidArgument(f"a row of {longest} tokens is over the {self.token_budget} padded tokens of "
+                                  "one forward pass (--token-budget)")
         self._check_time(job, timeout)
         self.engine.adapters.check(job.adapter)
         loop = asyncio.get_running_loop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from model_service.adapters_servicer import ADAPTER_OPTIONS
@@ -33,6 +32,8 @@ MODEL_OPTIONS = [
     Option("token-budget", 16384, "most padded tokens (rows x longest row) in one forward pass", int),
     Option("batch-overhead-tokens", 64, "fixed cost of one forward pass in padded-token equivalents: higher "
            "merges rows of different lengths into fewer, more padded batches", int),
+    Option("stream-window", 64, "most ModelStreamInfer requests of one stream in flight at once; the next is read "
+           "when one is answered", int),
     Option("max-input-values", 480000, "audio models: most samples in one input_values row (480000: 30 s at "
                                        "16 kHz); longer clips are refused", int),
     Option("max-queue-rows", 1024, "rows waiting beyond this are refused with RESOURCE_EXHAUSTED", int),
@@ -53,16 +54,13 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     from model_service.server import serve
 
     args = parse_args(argv)
     serving.configure_logging(args.log_level, args.log_format)
-    try:
-        asyncio.run(serve(args))
-    except KeyboardInterrupt:
-        pass
+    return serving.run_service("model-service", serve(args))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,18 +19,16 @@ API for the other parts of model_service (generation, adapters, batching) — ke
         One forward pass of the model on a dict of tensors (already on engine.device);
         `adapters`: one adapter name per row ("" = base model), None = all base.
         Returns the model's output as {name: tensor}.
-    engine.adapters                         # AdapterSwitch, see below; replaceable
+    engine.adapters                         # model_service.adapters.AdapterRegistry, empty at start
     engine.close()
 
-Adapters: `engine.adapters` decides what a request's `adapter` name means. The default
-(BaseOnly) serves only the base model (""); model_service.adapters installs a richer one
-with the same methods: `names()` (loaded adapter names, for metadata), `check(name)`
-(event loop: raise errors.NotFound for an unknown name), `lease(name)` (event loop: a
-context manager held for a request's life, so an adapter is not unloaded under it; it yields
-the adapter the request means, which may be a default when it named none) and
-`use(row_names)` (worker
-thread: a context manager that applies row i's adapter to row i of the batch around a
-forward pass; "" = base). A batch may mix rows of several adapters.
+Adapters: `engine.adapters` decides what a request's `adapter` name means; it starts empty
+(only the base model, "") and the Adapters service loads into it. `names()` (loaded adapter
+names, for metadata), `check(name)` (event loop: raise errors.NotFound for an unknown name),
+`lease(name)` (event loop: a context manager held for a request's life, so an adapter is not
+unloaded under it; it yields the adapter the request means, which may be the default when it
+named none) and `use(row_names)` (worker thread: a context manager that applies row i's adapter
+to row i of the batch around a forward pass; "" = base). A batch may mix rows of several adapters.
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from splitserve_common.errors import NotFound
+from model_service.adapters import AdapterRegistry
 
 
 def default_torch_threads() -> int:
@@ -58,24 +56,6 @@ def default_torch_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-class BaseOnly:
-    """No run-time adapters: only "" (the base model) exists."""
-
-    def names(self) -> list[str]:
-        return []
-
-    def check(self, name: str) -> None:
-        if name:
-            raise NotFound(f"adapter '{name}' is not loaded (no adapters are loaded)")
-
-    def lease(self, name: str):
-        self.check(name)
-        return contextlib.nullcontext(name)
-
-    def use(self, row_names: list[str]):
-        return contextlib.nullcontext()
 
 
 def default_forward_workers(device: str, cpus: int) -> int:
@@ -132,7 +112,7 @@ class Engine:
         self.model = loaded.model
         self.device = torch.device(loaded.device)
         self.dtype = getattr(torch, loaded.dtype)
-        self.adapters = BaseOnly()
+        self.adapters = AdapterRegistry(self.model)
         cpus = default_torch_threads()
         self.forward_workers = forward_workers or default_forward_workers(self.device.type, cpus)
         self.torch_threads = torch_threads or max(1, cpus // self.forward_workers)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from model_service import requests
 from model_service.served_model import metadata
 from splitserve_common import v2_codec
 from splitserve_common.errors import grpc_errors, status_of
+from splitserve_common.streams import ordered_stream
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
 
@@ -52,45 +52,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self.infer(request, context.time_remaining())
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Each request is answered by one response (result or error_message), in completion order."""
-        answers: asyncio.Queue = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
-        received = 0  # requests read so far; each gets exactly one answer
-
+        """Each request is answered by one response (result or error_message), in request order,
+        with at most --stream-window requests of one stream in flight (splitserve_common/streams.py)."""
         async def answer(req):
             try:
-                response = pb.ModelStreamInferResponse(infer_response=await self.infer(req, context.time_remaining()))
+                return pb.ModelStreamInferResponse(infer_response=await self.infer(req, context.time_remaining()))
             except Exception as exc:  # noqa: BLE001 - reported in the stream, the stream goes on
                 code, message = status_of(exc)
                 response = pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
                 response.infer_response.id = req.id
                 response.infer_response.model_name = req.model_name
-            await answers.put(response)
+                return response
 
-        async def read_requests():
-            nonlocal received
-            async for req in request_iterator:
-                received += 1
-                task = asyncio.ensure_future(answer(req))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await answers.put(None)  # end of input
-
-        reader = asyncio.ensure_future(read_requests())
-        try:
-            input_done, sent = False, 0
-            while not input_done or sent < received:
-                item = await answers.get()
-                if item is None:
-                    input_done = True
-                    continue
-                sent += 1
-                yield item
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for response in ordered_stream(request_iterator, answer, self.runtime.args.stream_window):
+            yield response
 
     async def infer(self, request, timeout: float | None) -> pb.ModelInferResponse:
         runtime = self.runtime.require()

@@ -21,30 +21,11 @@ from pathlib import Path
 
 import yaml
 
+from splitserve_common import tasks
+
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-# pipeline task -> Auto class used when MLmodel names no model class.
-AUTO_CLASS_OF_TASK = {
-    "text-classification": "AutoModelForSequenceClassification",
-    "sentiment-analysis": "AutoModelForSequenceClassification",
-    "zero-shot-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "ner": "AutoModelForTokenClassification",
-    "fill-mask": "AutoModelForMaskedLM",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "feature-extraction": "AutoModel",
-    "sentence-similarity": "AutoModel",
-    "text-generation": "AutoModelForCausalLM",
-    "text2text-generation": "AutoModelForSeq2SeqLM",
-    "summarization": "AutoModelForSeq2SeqLM",
-    "translation": "AutoModelForSeq2SeqLM",
-    "audio-classification": "AutoModelForAudioClassification",
-    "table-question-answering": "AutoModelForTableQuestionAnswering",
-    # automatic-speech-recognition: CTC or encoder-decoder; MLmodel's pipeline_model_type or the
-    # config's architecture says which.
-}
 
 # Suffix of config.architectures[0] -> task, for plain directories given no --task.
 TASK_OF_ARCHITECTURE_SUFFIX = [
@@ -182,20 +163,20 @@ def resolve_task(opts: LoadOptions, flavor: dict, config) -> str:
 def resolve_model_class(flavor: dict, task: str, config, trust_remote_code: bool):
     import transformers
 
+    task_spec = tasks.spec(task)
     name = flavor.get("pipeline_model_type")
     if not name:
-        auto = AUTO_CLASS_OF_TASK.get(task.split("_")[0])
-        if auto is None:
+        if task_spec is None or not task_spec.auto_class:
             archs = getattr(config, "architectures", None) or []
             if not archs:
                 raise LoadError(f"no model class for task {task!r}: the config names no architecture")
             name = archs[0]
         else:
-            name = auto
+            name = task_spec.auto_class
     cls = getattr(transformers, name, None)
     if cls is None:
         if trust_remote_code:
-            return getattr(transformers, AUTO_CLASS_OF_TASK.get(task.split("_")[0], "AutoModel"))
+            return getattr(transformers, task_spec.auto_class if task_spec and task_spec.auto_class else "AutoModel")
         raise LoadError(f"model class {name!r} is not part of transformers; running the model's own code "
                         "is refused unless --trust-remote-code")
     return cls

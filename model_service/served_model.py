@@ -13,24 +13,8 @@ import torch
 from model_service.inputs import InputSpec, input_specs, token_type_columns
 from model_service.loader import LoadedModel
 from model_service.shaping import DERIVED, SEQUENCE_OUTPUTS, has_sequence_axis
+from splitserve_common import tasks
 from splitserve_common.v2_codec import ModelMetadata, TensorSpec
-
-# The outputs a task's postprocess needs, returned when a request names none.
-DEFAULT_OUTPUTS = {
-    "text-classification": ["logits"],
-    "sentiment-analysis": ["logits"],
-    "zero-shot-classification": ["logits"],
-    "token-classification": ["logits"],
-    "ner": ["logits"],
-    "fill-mask": ["logits"],
-    "question-answering": ["start_logits", "end_logits"],
-    "feature-extraction": ["last_hidden_state"],
-    "sentence-similarity": [DERIVED],
-    "text-generation": ["logits"],
-    "audio-classification": ["logits"],
-    "automatic-speech-recognition": ["logits"],
-    "table-question-answering": ["logits", "logits_aggregation"],
-}
 
 
 @dataclass
@@ -44,6 +28,7 @@ class ServedModel:
     native_outputs: set[str] = field(default_factory=set)  # returned without output_hidden_states
     default_outputs: list[str] = field(default_factory=list)
     versions: tuple[str, ...] = ("1",)
+    max_message_bytes: int = 0  # the largest answer that can be sent (--max-message-mb); 0 = no limit
     adapter_names: callable = list  # () -> list of loaded adapter names (engine.adapters.names)
     default_adapter: callable = str  # () -> adapter of requests that name none ("" = base)
     input_specs: dict[str, InputSpec] = field(default_factory=dict)  # main input first
@@ -81,9 +66,9 @@ def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) 
     """Run the warm-up forward (worker thread) and record what the model returns."""
     loaded = engine.loaded
     info = ServedModel(name=name, loaded=loaded, max_batch_size=max_batch_size,
-                     adapter_names=lambda: engine.adapters.names(),
-                     default_adapter=lambda: getattr(engine.adapters, "default", ""),
-                     input_specs=input_specs(loaded), max_input_values=max_input_values)
+                       adapter_names=lambda: engine.adapters.names(),
+                       default_adapter=lambda: engine.adapters.default,
+                       input_specs=input_specs(loaded), max_input_values=max_input_values)
     if loaded.config.is_encoder_decoder:
         # Seq2seq models are served by generation; ModelInfer has no outputs for them.
         return info
@@ -98,7 +83,8 @@ def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) 
         info.outputs[out_name] = ("FP32" if tensor.is_floating_point() else "INT64", shape)
     if "last_hidden_state" in info.outputs:
         info.outputs[DERIVED] = ("FP32", [-1, info.outputs["last_hidden_state"][1][-1]])
-    wanted = DEFAULT_OUTPUTS.get(loaded.task, [])
+    task_spec = tasks.spec(loaded.task)
+    wanted = task_spec.default_outputs if task_spec else ()
     info.default_outputs = [n for n in wanted if n in info.outputs] or sorted(info.native_outputs)
     return info
 

@@ -62,14 +62,16 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     engine = Engine(loaded, torch_threads=args.torch_threads, forward_workers=args.forward_workers)
     info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
                             args.max_input_values)
+    info.max_message_bytes = args.max_message_mb * 1024 * 1024
     batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
                       token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
                       overhead_tokens=args.batch_overhead_tokens)
     _observe_batches(batcher)
     batcher.start()
     runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
-    for install_adapters in runtime.on_ready:  # adapters_servicer.register's: the registry on engine.adapters
-        await install_adapters(runtime)
+    metrics.set_model(info.name)
+    for load_adapters in runtime.on_ready:  # the adapters servicer's: start-up adapters into engine.adapters
+        await load_adapters(runtime)
     await generation.on_ready(runtime)  # after the registry: generation checks adapter names against it
     runtime.ready.set()
     log.info("serving %s (%s, %s) on %s/%s; outputs: %s", info.name, loaded.task, loaded.architecture,
@@ -113,7 +115,8 @@ async def start(args) -> RunningServer:
         log.error("cannot serve %s: %s", args.model_dir, exc)
         await server.stop(0)
         raise SystemExit(f"model-service: {exc}") from None
-    await health.set(True)
+    # A model without a language-model head: the Generation service is there but cannot serve.
+    await health.set(True, not_serving=[] if generation.can_generate else [GENERATION_SERVICE])
     return RunningServer(server, runtime, generation, health, port)
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from splitserve_common.channels import client_options
 from splitserve_common.http_front import http_port_option
-from splitserve_common.serving import SERVER_OPTIONS
+from splitserve_common.serving import SERVER_OPTIONS, run_service
 from splitserve_common.settings import Option, parse
 
 ENV_PREFIX = "PREPROC_"
@@ -50,5 +49,4 @@ def main(argv=None) -> int:
     hide_torch()
     from preproc_service.server import serve
 
-    asyncio.run(serve(args))
-    return 0
+    return run_service("preproc-service", serve(args))

@@ -16,10 +16,10 @@ import numpy as np
 
 from preproc_service.audio import AudioSettings
 from preproc_service.model_client import ModelClient
-from preproc_service.model_dir import ModelDir, canonical_task
-from preproc_service.params import ParameterResolver
+from preproc_service.model_dir import ModelDir
+from preproc_service.precedence import Precedence
 from preproc_service.tokenization import Tokenization
-from splitserve_common import metrics
+from splitserve_common import metrics, tasks
 from splitserve_common.errors import Unavailable
 from splitserve_common.v2_codec import ModelMetadata
 
@@ -32,8 +32,8 @@ class TableLimits:
 
 
 @dataclass
-class Call:
-    """Per-request facts handed to a task: adapter, time left, stage timings."""
+class RequestScope:
+    """What one request carries through its stages: adapter, time left, stage timings."""
     adapter: str = ""
     timeout: float | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -72,9 +72,9 @@ class Deployment:
         self.audio = audio or AudioSettings()
         self.table_limits = table_limits or TableLimits()
         self.model = model
-        self.task_override = canonical_task(task_override)
+        self.task_override = tasks.canonical(task_override)
         self.info: ModelMetadata | None = None
-        self.params = ParameterResolver(model_dir.model_config, model_dir.signature_params)
+        self.precedence = Precedence(model_dir.model_config, model_dir.signature_params)
         self._tokenize_batch = tokenize_batch
         # Micro-batched Rust tokenization for fast tokenizers; slow ones (TAPAS, CTC) are called directly.
         fast = getattr(tokenizer, "is_fast", False)
@@ -113,23 +113,23 @@ class Deployment:
     def uses_token_type_ids(self) -> bool:
         return "token_type_ids" in getattr(self.tokenizer, "model_input_names", [])
 
-    async def forward(self, call: Call, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
+    async def forward(self, scope: RequestScope, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
                       parameters: dict | None = None, output_parameters: dict | None = None) -> dict[str, np.ndarray]:
         parameters = dict(parameters or {})
-        if call.adapter:
-            parameters["adapter"] = call.adapter
+        if scope.adapter:
+            parameters["adapter"] = scope.adapter
         rows = len(next(iter(inputs.values())))
         limit = self.info.max_batch_size if self.info is not None else 0
-        with call.stage("model"):
+        with scope.stage("model"):
             if not limit or rows <= limit:
                 return await self.model.infer(inputs, parameters, outputs, output_parameters,
-                                              timeout=call.remaining())
+                                              timeout=scope.remaining())
             # More rows than model_service takes in one request: send them in slices at once (its
             # batcher recombines them with other traffic) and stack the answers in row order.
             slices = [{name: array[start:start + limit] for name, array in inputs.items()}
                       for start in range(0, rows, limit)]
             answers = await asyncio.gather(*(self.model.infer(part, parameters, outputs, output_parameters,
-                                                              timeout=call.remaining()) for part in slices))
+                                                              timeout=scope.remaining()) for part in slices))
             return {name: np.concatenate([answer[name] for answer in answers]) for name in answers[0]}
 
     def close(self) -> None:

@@ -2,15 +2,13 @@
 
 Checked at start from model_service's metadata; preproc reports SERVING only when this
 returns no problems: the vocabulary fits the embedding rows, pad/eos/bos ids match, and
-the task preproc serves is the model's.
+the task preproc serves runs on the model's head.
 """
 
 from __future__ import annotations
 
+from splitserve_common import tasks
 from splitserve_common.v2_codec import ModelMetadata
-
-# A zero-shot model is a sequence classifier; a plain directory reports it as text-classification.
-_NLI_PAIR = {"zero-shot-classification", "text-classification"}
 
 
 def disagreements(tokenizer, local_task: str, info: ModelMetadata) -> list[str]:
@@ -33,6 +31,8 @@ def disagreements(tokenizer, local_task: str, info: ModelMetadata) -> list[str]:
 
 
 def _task_disagreement(local_task: str, info: ModelMetadata) -> list[str]:
-    if local_task and info.task and local_task != info.task and {local_task, info.task} != _NLI_PAIR:
+    # Tasks on the same model head agree: a zero-shot model is a sequence classifier, and a plain
+    # directory reports it as text-classification.
+    if local_task and info.task and not tasks.same_model(local_task, info.task):
         return [f"task differs: preproc serves {local_task}, the model service {info.task}"]
     return []

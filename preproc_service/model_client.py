@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-import grpc
 import numpy as np
 
-from splitserve_common import request_log, v2_codec
+from splitserve_common import call_context, v2_codec
 from splitserve_common.channels import ChannelSecurity, aio_channel
-from splitserve_common.errors import DeadlineExceeded, Unavailable
+from splitserve_common.errors import DeadlineExceeded, peer_errors
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
 
@@ -91,11 +90,5 @@ class ModelClient:
         if timeout <= 0:
             raise DeadlineExceeded("deadline exceeded before the model service was called")
         async with self._slots:
-            try:
-                return await method(request, timeout=timeout, metadata=request_log.outgoing_metadata())
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    raise Unavailable(f"model service at {self.address} is unavailable: {exc.details()}") from None
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise DeadlineExceeded(f"model service at {self.address} did not answer in time") from None
-                raise
+            with peer_errors(f"model service at {self.address}"):
+                return await method(request, timeout=timeout, metadata=call_context.outgoing_metadata())

@@ -1,9 +1,11 @@
 """Read preproc's half of a model directory: tokenizer, task, MLflow defaults, pooling config.
 
-Two layouts are accepted (see shared/reference/mlflow-layout.md):
-- MLflow transformers "components": `MLmodel` + `components/tokenizer/` and/or
-  `components/feature_extractor/`, `components/processor/`, `components/image_processor/`
-  (audio and vision models; a processor directory holds both a tokenizer and a feature extractor);
+Two layouts are accepted:
+- MLflow transformers "components": `MLmodel` (YAML: `flavors.transformers.task`,
+  `flavors.python_function.config`, `signature.params`, `metadata.prompt_template`) +
+  `components/tokenizer/` and/or `components/feature_extractor/`, `components/processor/`,
+  `components/image_processor/` (audio and vision models; a processor directory holds both a
+  tokenizer and a feature extractor);
 - a plain save_pretrained directory, optionally with sentence-transformers
   `modules.json` / `1_Pooling/config.json` / `sentence_bert_config.json`.
 Weights are never opened here.
@@ -18,20 +20,14 @@ from pathlib import Path
 
 import yaml
 
+from splitserve_common import tasks
 from splitserve_common.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
-# Pipeline task aliases -> canonical name.
-TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
-
 # sentence-transformers pooling config keys -> our pooling names.
 _ST_POOLING_KEYS = [("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
                     ("pooling_mode_max_tokens", "max")]
-
-
-def canonical_task(task: str | None) -> str:
-    return TASK_ALIASES.get(task or "", task or "")
 
 
 # MLflow component directories beside the tokenizer (components/<name>/).
@@ -84,7 +80,7 @@ def _read_mlflow(root: Path, doc: dict) -> ModelDir:
     config = _read_json(root / "model" / "config.json") or _read_json(root / "pipeline" / "config.json") or {}
     return ModelDir(
         path=root, tokenizer_path=tokenizer_path, feature_extractor_path=feature_extractor_path,
-        image_processor_path=found.get("image_processor"), task=canonical_task(flavor.get("task")),
+        image_processor_path=found.get("image_processor"), task=tasks.canonical(flavor.get("task")),
         inference_task=flavor.get("inference_task") or "", model_config=dict(pyfunc.get("config") or {}),
         signature_params=signature_params, prompt_template=(doc.get("metadata") or {}).get("prompt_template"),
         config=config,

@@ -7,11 +7,13 @@ import logging
 
 from preproc_service.audio import AudioSettings
 from preproc_service.deployment import Deployment, TableLimits
+from preproc_service.generation import GenerationHandlers
 from preproc_service.handshake import disagreements
 from preproc_service.http.app import build_front
 from preproc_service.model_client import ModelClient
-from preproc_service.model_dir import canonical_task, read_model_dir
-from preproc_service.servicer import PreprocServicer, load_generation_handlers
+from preproc_service.model_dir import read_model_dir
+from preproc_service.servicer import PreprocServicer
+from splitserve_common import metrics, tasks
 from splitserve_common.channels import ChannelSecurity
 from splitserve_common.serving import (
     HealthReporter,
@@ -70,7 +72,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
     while True:
         try:
             info = await dep.model.metadata()
-            info.task = canonical_task(info.task)
+            info.task = tasks.canonical(info.task)
         except Exception as exc:  # noqa: BLE001 - unreachable or not ready yet: retry
             if not serving and str(exc) != last_problem:
                 log.warning("waiting for the model service at %s: %s", dep.model.address, exc)
@@ -90,6 +92,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
             await health.set(False)
         else:
             dep.set_model_info(info)
+            metrics.set_model(info.name)
             if not serving:
                 log.info("SERVING %s (model %s at %s, max length %d)", dep.task, info.name, dep.model.address,
                          dep.max_length)
@@ -102,7 +105,7 @@ async def serve(args) -> None:
     configure_logging(args.log_level, args.log_format)
     dep = build_deployment(args)
     server = create_server(args)
-    servicer = PreprocServicer(dep, args.stream_window, load_generation_handlers(dep, max_choices=args.max_choices))
+    servicer = PreprocServicer(dep, GenerationHandlers(dep, max_choices=args.max_choices), args.stream_window)
     preproc_pb2_grpc.add_PreprocServicer_to_server(servicer, server)
     health = HealthReporter(server, [SERVICE_NAME])
     await health.set(False)
@@ -116,20 +119,15 @@ async def serve(args) -> None:
     log.info("preproc_service listening on %s:%d (model service %s)", args.host, port, args.model_service)
     checker = asyncio.ensure_future(
         handshake(dep, health, args.handshake_retry_seconds, args.handshake_recheck_seconds))
-    loop = asyncio.get_running_loop()
-    drain_started = loop.time()
 
     async def on_drain():
-        nonlocal drain_started
-        drain_started = loop.time()
         checker.cancel()
         if http is not None:
             http.begin_drain()
 
     try:
-        await wait_for_termination(server, health, args.drain_seconds, on_drain=on_drain)
-        if http is not None:
-            await http.stop(max(0.0, args.drain_seconds - (loop.time() - drain_started)))
+        await wait_for_termination(server, health, args.drain_seconds, on_drain=on_drain,
+                                   after_drain=http.stop if http is not None else None)
     finally:
         checker.cancel()
         await dep.model.close()

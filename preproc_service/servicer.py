@@ -1,73 +1,53 @@
 """splitserve.v1.Preproc: typed requests -> task handlers -> typed answers.
 
-Generation RPCs (GenerateText*, Chat*, Complete*) belong to preproc_service/generation:
-its `GenerationHandlers(deployment)` answers them (methods in GENERATION_METHODS, called
-with the request and a deployment.Call); without that package they are UNIMPLEMENTED.
+Each encoder RPC turns its request into the task's inputs and explicit parameters, applies
+MLflow's precedence (preproc_service/precedence.py) and runs the task module
+(preproc_service/tasks); generation RPCs go to preproc_service/generation's GenerationHandlers.
+Which RPCs a deployment answers follows from its task (splitserve_common/tasks.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import importlib
-import logging
 import time
 
 import grpc
 import numpy as np
 
+from preproc_service import tasks as task_handlers
 from preproc_service.audio import AudioInput
-from preproc_service.deployment import Call, Deployment
-from preproc_service.params import as_json, explicit_fields
+from preproc_service.deployment import Deployment, RequestScope
+from preproc_service.generation import GenerationHandlers
+from preproc_service.precedence import as_json, explicit_fields
 from preproc_service.served_models import resolve_model
 from preproc_service.tasks import (
-    TASK_OF_METHOD,
     audio_classification,
     feature_extraction,
-    fill_mask,
-    question_answering,
     speech_recognition,
     table_question_answering,
     text_classification,
-    token_classification,
-    zero_shot_classification,
 )
 from preproc_service.tokenization import EncodeOptions
-from splitserve_common.errors import FailedPrecondition, InvalidArgument, ServiceError, grpc_errors, status_of
+from splitserve_common import tasks
+from splitserve_common.errors import FailedPrecondition, InvalidArgument, grpc_errors, status_of
 from splitserve_common.metrics import count_stream_item
+from splitserve_common.streams import ordered_stream
 from splitserve_common.v2_codec import to_preproc_tensor
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
-log = logging.getLogger(__name__)
-
-# Generation RPC -> method of preproc_service.generation.GenerationHandlers, called as (request, Call).
-GENERATION_METHODS = {"GenerateText": "generate_text", "GenerateTextStream": "generate_text_stream",
-                      "Chat": "chat", "ChatStream": "chat_stream", "Complete": "complete",
-                      "CompleteStream": "complete_stream"}
-
-
-class Unimplemented(ServiceError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
-def load_generation_handlers(deployment: Deployment, **options):
-    """preproc_service.generation.GenerationHandlers(deployment, **options) when that package is present
-    and sound (options: max_choices)."""
-    try:
-        module = importlib.import_module("preproc_service.generation")
-        return module.GenerationHandlers(deployment, **options)
-    except Exception:  # noqa: BLE001 - encoder tasks must keep serving without generation
-        log.warning("generation handlers unavailable; GenerateText/Chat/Complete answer UNIMPLEMENTED",
-                    exc_info=True)
-        return None
+# The tasks each RPC can serve, from the registry (an RPC of another task is FAILED_PRECONDITION).
+TASKS_OF_RPC: dict[str, list[str]] = {}
+for _spec in tasks.TASKS.values():
+    for _rpc in _spec.rpcs:
+        TASKS_OF_RPC.setdefault(_rpc, []).append(_spec.name)
 
 
 class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
-    def __init__(self, deployment: Deployment, stream_window: int = 64, generation=None):
+    def __init__(self, deployment: Deployment, generation: GenerationHandlers, stream_window: int = 64):
         self.dep = deployment
-        self.stream_window = stream_window
         self.generation = generation
-        # PredictStream dispatch: oneof field -> (handler, response field).
+        self.stream_window = stream_window
+        # PredictStream dispatch: oneof field -> its handler.
         self._items = {
             "classify": self._classify,
             "classify_tokens": self._classify_tokens,
@@ -79,18 +59,28 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
 
     # ------------------------------------------------------------ helpers
 
-    def _begin(self, method: str, context, adapter: str = "") -> Call:
-        task = TASK_OF_METHOD[method]
-        served = self.dep.task
-        if served != task:
-            raise FailedPrecondition(f"{method} needs a {task} model, but this deployment serves "
+    def _begin(self, method: str, context, adapter: str = "") -> RequestScope:
+        """The request's scope, once this deployment's task is one `method` serves."""
+        wanted, served = TASKS_OF_RPC[method], self.dep.task
+        if served not in wanted:
+            raise FailedPrecondition(f"{method} needs a {' or '.join(wanted)} model, but this deployment serves "
                                      f"{served or 'an unknown task'}")
         remaining = context.time_remaining() if context is not None else None
-        return Call(adapter=adapter, timeout=remaining)
+        return RequestScope(adapter=adapter, timeout=remaining)
+
+    def _params(self, task: str, explicit: dict) -> dict:
+        """The task's parameters after MLflow's precedence; `explicit`: what the request set."""
+        return self.dep.precedence.resolve(tasks.TASKS[task].pipeline_defaults, explicit).values
+
+    async def _run(self, task: str, scope: RequestScope, inputs, params: dict) -> tuple[object, dict]:
+        """(the task's results, the parameters it applied) for one request."""
+        applied_keys = list(params)
+        results = await task_handlers.run(task, self.dep, scope, inputs, params)
+        return results, {key: params[key] for key in applied_keys if key in params}
 
     @staticmethod
-    def _meta(call: Call, applied: dict, started: float) -> pb.ResponseMeta:
-        timings = dict(call.timings_ms)
+    def _meta(scope: RequestScope, applied: dict, started: float) -> pb.ResponseMeta:
+        timings = dict(scope.timings_ms)
         timings["total"] = (time.perf_counter() - started) * 1e3
         return pb.ResponseMeta(applied_parameters=as_json(applied), timings_ms=timings)
 
@@ -98,100 +88,93 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
 
     async def _classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         started = time.perf_counter()
-        call = self._begin("Classify", context, request.adapter)
+        scope = self._begin("Classify", context, request.adapter)
+        inputs = text_classification.pair_inputs(list(request.texts), list(request.text_pairs))
         explicit = explicit_fields(request, ["function_to_apply", "top_k", "truncation", "all_labels"])
-        params = self.dep.params.resolve("text-classification", explicit)
+        params = self._params("text-classification", explicit)
         text_classification.every_label(explicit, params)
-        results = await text_classification.run(self.dep, call, list(request.texts), list(request.text_pairs),
-                                                 params)
+        results, applied = await self._run("text-classification", scope, inputs, params)
         return pb.ClassifyResponse(
             results=[pb.LabelScores(labels=[pb.LabelScore(**r) for r in row]) for row in results],
-            meta=self._meta(call, params, started))
+            meta=self._meta(scope, applied, started))
 
     async def _classify_tokens(self, request: pb.ClassifyTokensRequest, context) -> pb.ClassifyTokensResponse:
         started = time.perf_counter()
-        call = self._begin("ClassifyTokens", context, request.adapter)
+        scope = self._begin("ClassifyTokens", context, request.adapter)
         explicit = explicit_fields(request, ["aggregation_strategy", "truncation"])
         if request.HasField("ignore_labels"):
             explicit["ignore_labels"] = list(request.ignore_labels.values)
-        params = self.dep.params.resolve("token-classification", explicit)
-        results = await token_classification.run(self.dep, call, list(request.texts), params)
+        results, applied = await self._run("token-classification", scope, list(request.texts),
+                                           self._params("token-classification", explicit))
         return pb.ClassifyTokensResponse(
             results=[pb.Entities(entities=[_entity(e) for e in row]) for row in results],
-            meta=self._meta(call, params, started))
+            meta=self._meta(scope, applied, started))
 
     async def _fill_mask(self, request: pb.FillMaskRequest, context) -> pb.FillMaskResponse:
         started = time.perf_counter()
-        call = self._begin("FillMask", context, request.adapter)
-        explicit = explicit_fields(request, ["top_k", "truncation"])
-        if request.targets:
-            explicit["targets"] = list(request.targets)
-        params = self.dep.params.resolve("fill-mask", explicit)
-        results = await fill_mask.run(self.dep, call, list(request.texts), params)
+        scope = self._begin("FillMask", context, request.adapter)
+        explicit = explicit_fields(request, ["top_k", "truncation", "targets"])
+        results, applied = await self._run("fill-mask", scope, list(request.texts), self._params("fill-mask", explicit))
         return pb.FillMaskResponse(
             results=[pb.FillMaskResult(masks=[pb.MaskCandidates(candidates=[pb.MaskPrediction(**c) for c in mask])
                                               for mask in masks]) for masks in results],
-            meta=self._meta(call, params, started))
+            meta=self._meta(scope, applied, started))
 
     async def _answer_question(self, request: pb.AnswerQuestionRequest, context) -> pb.AnswerQuestionResponse:
         started = time.perf_counter()
-        call = self._begin("AnswerQuestion", context, request.adapter)
-        params = self.dep.params.resolve("question-answering", explicit_fields(request, [
-            "top_k", "doc_stride", "max_answer_len", "max_seq_len", "max_question_len", "handle_impossible_answer",
-            "align_to_words"]))
+        scope = self._begin("AnswerQuestion", context, request.adapter)
         inputs = [(item.question, item.context) for item in request.inputs]
-        results = await question_answering.run(self.dep, call, inputs, params)
+        explicit = explicit_fields(request, ["top_k", "doc_stride", "max_answer_len", "max_seq_len", "max_question_len",
+                                             "handle_impossible_answer", "align_to_words"])
+        results, applied = await self._run("question-answering", scope, inputs,
+                                           self._params("question-answering", explicit))
         return pb.AnswerQuestionResponse(
             results=[pb.Answers(answers=[pb.Answer(**a) for a in row]) for row in results],
-            meta=self._meta(call, params, started))
+            meta=self._meta(scope, applied, started))
 
     async def _zero_shot(self, request: pb.ZeroShotClassifyRequest, context) -> pb.ZeroShotClassifyResponse:
         started = time.perf_counter()
-        call = self._begin("ZeroShotClassify", context, request.adapter)
-        params = self.dep.params.resolve("zero-shot-classification", explicit_fields(
-            request, ["hypothesis_template", "multi_label"]))
-        labels = list(request.candidate_labels) or params.get("candidate_labels") or []
-        params["candidate_labels"] = zero_shot_classification.parse_labels(labels)
-        results = await zero_shot_classification.run(self.dep, call, list(request.texts), labels, params)
+        scope = self._begin("ZeroShotClassify", context, request.adapter)
+        explicit = explicit_fields(request, ["candidate_labels", "hypothesis_template", "multi_label"])
+        results, applied = await self._run("zero-shot-classification", scope, list(request.texts),
+                                           self._params("zero-shot-classification", explicit))
         return pb.ZeroShotClassifyResponse(results=[pb.ZeroShotResult(**r) for r in results],
-                                           meta=self._meta(call, params, started))
+                                           meta=self._meta(scope, applied, started))
 
     async def _embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         started = time.perf_counter()
-        call = self._begin("Embed", context, request.adapter)
-        params = self.dep.params.resolve("feature-extraction", explicit_fields(
-            request, ["pooling", "normalize", "float16", "truncation"]))
-        vectors, prompt_tokens = await feature_extraction.run(self.dep, call, list(request.texts), params)
+        scope = self._begin("Embed", context, request.adapter)
+        explicit = explicit_fields(request, ["pooling", "normalize", "float16", "truncation"])
+        (vectors, prompt_tokens), applied = await self._run("feature-extraction", scope, list(request.texts),
+                                                            self._params("feature-extraction", explicit))
         return pb.EmbedResponse(embeddings=[to_preproc_tensor(v) for v in vectors], prompt_tokens=prompt_tokens,
-                                meta=self._meta(call, params, started))
+                                meta=self._meta(scope, applied, started))
 
     async def _classify_audio(self, request: pb.ClassifyAudioRequest, context) -> pb.ClassifyAudioResponse:
         started = time.perf_counter()
-        call = self._begin("ClassifyAudio", context, request.adapter)
-        params = self.dep.params.resolve("audio-classification", explicit_fields(
-            request, ["top_k", "function_to_apply"]))
-        results = await audio_classification.run(self.dep, call, _audio_inputs(request.inputs), params)
+        scope = self._begin("ClassifyAudio", context, request.adapter)
+        params = self._params("audio-classification", explicit_fields(request, ["top_k", "function_to_apply"]))
+        results = await audio_classification.run(self.dep, scope, _audio_inputs(request.inputs), params)
         return pb.ClassifyAudioResponse(
             results=[pb.LabelScores(labels=[pb.LabelScore(**r) for r in row]) for row in results],
-            meta=self._meta(call, params, started))
+            meta=self._meta(scope, params, started))
 
     def _transcribe_params(self, request: pb.TranscribeRequest) -> dict:
         explicit = explicit_fields(request, ["chunk_length_s", "return_timestamps"])
         if request.stride_length_s:
             explicit["stride_length_s"] = list(request.stride_length_s)
-        return self.dep.params.resolve("automatic-speech-recognition", explicit)
+        return self._params("automatic-speech-recognition", explicit)
 
     @grpc_errors
     async def AnswerTableQuestion(self, request: pb.TableQuestionRequest, context):
         started = time.perf_counter()
-        call = self._begin("AnswerTableQuestion", context, request.adapter)
-        params = self.dep.params.resolve("table-question-answering", explicit_fields(
-            request, ["sequential", "truncation"]))
+        scope = self._begin("AnswerTableQuestion", context, request.adapter)
+        params = self._params("table-question-answering", explicit_fields(request, ["sequential", "truncation"]))
         items = [(item.table, list(item.queries)) for item in request.inputs]
-        results = await table_question_answering.run(self.dep, call, items, params, self.dep.table_limits)
+        results = await table_question_answering.run(self.dep, scope, items, params, self.dep.table_limits)
         return pb.TableQuestionResponse(results=[pb.TableAnswers(answers=[_table_answer(a) for a in answers])
                                                  for answers in results],
-                                        meta=self._meta(call, params, started))
+                                        meta=self._meta(scope, params, started))
 
     @grpc_errors
     async def ClassifyAudio(self, request, context):
@@ -200,25 +183,25 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     @grpc_errors
     async def Transcribe(self, request: pb.TranscribeRequest, context):
         started = time.perf_counter()
-        call = self._begin("Transcribe", context, request.adapter)
+        scope = self._begin("Transcribe", context, request.adapter)
         params = self._transcribe_params(request)
-        results = await speech_recognition.run(self.dep, call, _audio_inputs(request.inputs), params)
+        results = await speech_recognition.run(self.dep, scope, _audio_inputs(request.inputs), params)
         return pb.TranscribeResponse(results=[_transcription(r) for r in results],
-                                     meta=self._meta(call, params, started))
+                                     meta=self._meta(scope, params, started))
 
     @grpc_errors
     async def TranscribeStream(self, request: pb.TranscribeRequest, context):
         started = time.perf_counter()
-        call = self._begin("TranscribeStream", context, request.adapter)
+        scope = self._begin("TranscribeStream", context, request.adapter)
         if len(request.inputs) != 1:
             raise InvalidArgument(f"TranscribeStream takes exactly one audio input, got {len(request.inputs)}")
         params = self._transcribe_params(request)
-        async for piece in speech_recognition.transcribe_stream(self.dep, call, _audio_inputs(request.inputs)[0],
+        async for piece in speech_recognition.transcribe_stream(self.dep, scope, _audio_inputs(request.inputs)[0],
                                                                 params):
             if isinstance(piece, str):
                 yield pb.TranscribeChunk(text=piece)
             else:
-                yield pb.TranscribeChunk(result=_transcription(piece), meta=self._meta(call, params, started))
+                yield pb.TranscribeChunk(result=_transcription(piece), meta=self._meta(scope, params, started))
 
     @grpc_errors
     async def Classify(self, request, context):
@@ -248,17 +231,17 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     async def Embeddings(self, request: pb.EmbeddingsRequest, context):
         """llm/v1/embeddings: pooled (sentence-transformers config, else mean) vectors in OpenAI's shape."""
         model, adapter = await resolve_model(self.dep, request.model, request.adapter)
-        call = self._begin("Embeddings", context, adapter)
-        params = self.dep.params.resolve("feature-extraction", {})
-        if (params.get("pooling") or self.dep.model_dir.pooling or "none") == "none":
-            params["pooling"] = "mean"
+        scope = self._begin("Embeddings", context, adapter)
         dimensions = request.dimensions if request.HasField("dimensions") else None
         if dimensions is not None:
             feature_extraction.check_dimensions(self.dep, dimensions)
-        vectors, prompt_tokens = await feature_extraction.run(self.dep, call, list(request.input), params)
+        params = self._params("feature-extraction", {})
+        if (params["pooling"] or self.dep.model_dir.pooling or "none") == "none":
+            params["pooling"] = "mean"
+        (vectors, prompt_tokens), applied = await self._run("feature-extraction", scope, list(request.input), params)
         vectors = [np.asarray(v, np.float32) for v in vectors]
         if dimensions is not None:
-            vectors = feature_extraction.shorten(vectors, dimensions, params["normalize"])
+            vectors = feature_extraction.shorten(vectors, dimensions, applied["normalize"])
         return pb.EmbeddingsResponse(
             object="list",
             data=[pb.EmbeddingData(object="embedding", index=i, embedding=v.tolist()) for i, v in enumerate(vectors)],
@@ -270,40 +253,13 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     @grpc_errors
     async def PredictStream(self, request_iterator, context):
         """Results in input order; at most `stream_window` items in flight; stops when the caller leaves."""
-        slots = asyncio.Semaphore(self.stream_window)
-        pending: asyncio.Queue = asyncio.Queue()
+        async def answer(item: pb.PredictRequest) -> pb.PredictResponse:
+            response = await self._predict_item(item, context)
+            response.id = item.id
+            return response
 
-        async def read():
-            async for item in request_iterator:
-                await slots.acquire()
-                await pending.put((item.id, asyncio.ensure_future(self._predict_item(item, context))))
-            await pending.put(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while True:
-                getter = asyncio.ensure_future(pending.get())
-                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    reader.result()  # the request stream failed: raise its error
-                    continue
-                entry = getter.result()
-                if entry is None:
-                    break
-                item_id, task = entry
-                try:
-                    response = await task
-                finally:
-                    slots.release()
-                response.id = item_id
-                yield response
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                entry = pending.get_nowait()
-                if entry is not None:
-                    entry[1].cancel()
+        async for response in ordered_stream(request_iterator, answer, self.stream_window):
+            yield response
 
     async def _predict_item(self, item: pb.PredictRequest, context) -> pb.PredictResponse:
         kind = item.WhichOneof("task")
@@ -313,8 +269,6 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
                                                          message="item has no task request"))
         try:
             result = await self._items[kind](getattr(item, kind), context)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001 - a bad item is answered, the stream goes on
             code, message = status_of(exc)
             count_stream_item(f"PredictStream.{kind}", code.name)
@@ -368,49 +322,42 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
             vocab_size=len(tokenizer) if tokenizer is not None else 0,
             tokenizer_class=type(tokenizer).__name__ if tokenizer is not None else "", special_tokens=specials,
             has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
-            adapters=info.adapters if info else [], default_parameters=as_json(dep.params.defaults(dep.task)),
+            adapters=info.adapters if info else [], default_parameters=as_json(self._default_parameters()),
             model_service=dep.model.address)
 
-    # ------------------------------------------------------------ generation (delegated)
+    def _default_parameters(self) -> dict:
+        task_spec = tasks.spec(self.dep.task)
+        return self.dep.precedence.resolve(task_spec.pipeline_defaults).values if task_spec else {}
 
-    def _generation(self, method: str, request, context):
-        """(handler, Call) for a generation RPC, or UNIMPLEMENTED without generation handlers."""
-        handler = getattr(self.generation, GENERATION_METHODS[method], None) if self.generation else None
-        if handler is None:
-            raise Unimplemented(f"{method} is not available: this preproc_service has no generation handlers")
-        return handler, Call(adapter=getattr(request, "adapter", ""), timeout=context.time_remaining())
+    # ------------------------------------------------------------ generation (preproc_service/generation)
 
     @grpc_errors
     async def GenerateText(self, request, context):
-        handler, call = self._generation("GenerateText", request, context)
-        return await handler(request, call)
+        return await self.generation.generate_text(request, self._begin("GenerateText", context, request.adapter))
 
     @grpc_errors
     async def Chat(self, request, context):
-        handler, call = self._generation("Chat", request, context)
-        return await handler(request, call)
+        return await self.generation.chat(request, self._begin("Chat", context, request.adapter))
 
     @grpc_errors
     async def Complete(self, request, context):
-        handler, call = self._generation("Complete", request, context)
-        return await handler(request, call)
+        return await self.generation.complete(request, self._begin("Complete", context, request.adapter))
 
     @grpc_errors
     async def GenerateTextStream(self, request, context):
-        handler, call = self._generation("GenerateTextStream", request, context)
-        async for chunk in handler(request, call):
+        scope = self._begin("GenerateTextStream", context, request.adapter)
+        async for chunk in self.generation.generate_text_stream(request, scope):
             yield chunk
 
     @grpc_errors
     async def ChatStream(self, request, context):
-        handler, call = self._generation("ChatStream", request, context)
-        async for chunk in handler(request, call):
+        async for chunk in self.generation.chat_stream(request, self._begin("ChatStream", context, request.adapter)):
             yield chunk
 
     @grpc_errors
     async def CompleteStream(self, request, context):
-        handler, call = self._generation("CompleteStream", request, context)
-        async for chunk in handler(request, call):
+        scope = self._begin("CompleteStream", context, request.adapter)
+        async for chunk in self.generation.complete_stream(request, scope):
             yield chunk
 
 

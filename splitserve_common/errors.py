@@ -7,6 +7,7 @@ Anything else becomes INTERNAL with the exception text, and the server keeps ser
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -14,6 +15,14 @@ import logging
 import grpc
 
 log = logging.getLogger(__name__)
+
+
+class ConfigurationError(Exception):
+    """A setting the service cannot start with (busy port, unreadable file, bad flag value).
+
+    Raised by library code at start-up; only the command-line entry points turn it into a
+    message on stderr and a non-zero exit (serving.run_service).
+    """
 
 
 class ServiceError(Exception):
@@ -58,6 +67,24 @@ class DeadlineExceeded(ServiceError):
 
 class Cancelled(ServiceError):
     code = grpc.StatusCode.CANCELLED
+
+
+@contextlib.contextmanager
+def peer_errors(peer: str, doing: str = "answer"):
+    """Inside: a call to another service (`peer`, e.g. "model service at host:8001").
+
+    Its UNAVAILABLE and DEADLINE_EXCEEDED become ours with the peer named; other statuses
+    (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) pass through unchanged, since they are about
+    the caller's request.
+    """
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            raise Unavailable(f"{peer} is unavailable: {exc.details()}") from None
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise DeadlineExceeded(f"{peer} did not {doing} in time") from None
+        raise
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:

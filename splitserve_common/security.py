@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from splitserve_common.errors import ConfigurationError
 from splitserve_common.metrics import wrap_handler
 from splitserve_common.settings import Option
 
@@ -32,7 +33,7 @@ def read_pem(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise SystemExit(f"cannot read {what} {path!r}: {exc.strerror}") from exc
+        raise ConfigurationError(f"cannot read {what} {path!r}: {exc.strerror}") from exc
 
 
 def server_credentials(args) -> grpc.ServerCredentials | None:
@@ -40,10 +41,10 @@ def server_credentials(args) -> grpc.ServerCredentials | None:
     cert, key, client_ca = args.tls_cert, args.tls_key, args.tls_client_ca
     if not cert and not key:
         if client_ca:
-            raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key (mTLS runs over TLS)")
+            raise ConfigurationError("--tls-client-ca needs --tls-cert and --tls-key (mTLS runs over TLS)")
         return None
     if not (cert and key):
-        raise SystemExit("TLS needs both --tls-cert and --tls-key")
+        raise ConfigurationError("TLS needs both --tls-cert and --tls-key")
     pair = [(read_pem(key, "TLS key"), read_pem(cert, "TLS certificate"))]
     if client_ca:
         return grpc.ssl_server_credentials(pair, root_certificates=read_pem(client_ca, "client CA"),

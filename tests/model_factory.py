@@ -2,7 +2,7 @@
 
 Tokenizers are trained here with `tokenizers` on a generated corpus; models
 are built from small configs with random (seeded) weights and saved either in
-MLflow's transformers "components" layout (see shared/reference/mlflow-layout.md)
+MLflow's transformers "components" layout (as mlflow.transformers.save_model writes it)
 or as a plain save_pretrained directory. Nothing is fetched from a hub.
 """
 
@@ -27,6 +27,15 @@ NAMES = ["alice", "bob", "carol", "dave", "john", "mary"]
 PLACES = ["paris", "london", "berlin", "tokyo"]
 # Text the byte-level tokenizer must round-trip: accents, CJK, emoji.
 UNICODE_SAMPLES = ["café naïve résumé", "東京 は 日本 の 首都 です", "你好 世界", "🙂 🚀 👍🏽 emoji", "Ünïcödé ßtraße"]
+
+# The test inputs every test uses: mixed case, punctuation, one word, a long question, accents.
+SENTENCES = [
+    "Alice walked to the river in Paris.",
+    "the old market",
+    "Why does the gentle worker build a modern system every summer morning with Bob in Tokyo?",
+    "Bob",
+    "café naïve résumé",
+]
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TOKEN_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -120,6 +129,10 @@ ENCODER_TASKS = {
                                  _labels(NLI_LABELS)),
     "feature-extraction": ("BertModel", "FeatureExtractionPipeline", {}),
 }
+
+
+# The encoder tasks the tests serve, one tiny model each.
+TASKS = list(ENCODER_TASKS)
 
 
 def build_encoder(task: str, seed: int = 0, model_max_length: int = 64):

@@ -15,15 +15,8 @@ from tests import model_factory, servers
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-# The five encoder kinds the issue names, with the pipeline task each is saved under.
-TASKS = ["text-classification", "token-classification", "fill-mask", "question-answering", "feature-extraction"]
-
-SENTENCES = [
-    "Alice walked to the river in Paris.",
-    "the old market",
-    "Why does the gentle worker build a modern system every summer morning?",
-    "Bob",
-]
+TASKS = model_factory.TASKS
+SENTENCES = model_factory.SENTENCES
 PAIRS = [("who is in paris?", "Alice lives in Paris with Bob."), ("what?", "the river is long and the forest is old")]
 
 

@@ -15,8 +15,7 @@ from splitserve_common.errors import ServiceError
 from tests import adapter_helpers as ah
 from tests import model_factory as mf
 
-SENTENCES = ["the river is good", "alice walks in paris today with bob", "hello", "a big modern city",
-             "who said that strange thing?"]
+SENTENCES = mf.SENTENCES
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from splitserve_pb import adapters_pb2, adapters_pb2_grpc
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
 from tests import model_factory
+from tests.adapter_helpers import TOKEN_METADATA, management_flags
 from tests.model_service_helpers import (
     NOT_SERVING,
     SERVING,
@@ -58,7 +59,7 @@ def env(tmp_path_factory):
     # Long wait and a small batch limit here: concurrent calls surely share batches.
     specs["text-classification"] = (specs["text-classification"][0], ["--max-wait-us", "150000",
                                                                        "--max-batch-size", "8"])
-    specs["peft"] = (peft_dir, [])
+    specs["peft"] = (peft_dir, management_flags(root))
     specs["minilm"] = (model_factory.minilm_dir(), ["--model-name", "minilm"])
     with model_services(specs, log_dir=root / "logs") as handles:
         yield {"models": models, "handles": handles, "peft": (peft_model, tokenizer)}
@@ -149,7 +150,7 @@ def test_top_k_gather_and_fp16(env):
         out = client.infer(inputs, outputs=["logits"],
                            parameters={"top_k": 5, "gather_positions": "1,2", "datatype": "FP16"})
     values, indices = out["logits_topk_values"], out["logits_topk_indices"]
-    assert values.dtype == np.float16 and indices.dtype == np.int64 and values.shape == (4, 2, 5)
+    assert values.dtype == np.float16 and indices.dtype == np.int64 and values.shape == (len(inputs["input_ids"]), 2, 5)
     expected = torch.topk(torch.from_numpy(logits[:, [1, 2]]), 5, dim=-1)
     np.testing.assert_array_equal(indices, expected.indices.numpy())
     np.testing.assert_allclose(values, expected.values.numpy(), atol=1e-2, rtol=1e-3)
@@ -161,8 +162,8 @@ def test_per_output_parameters_override_request(env):
     with TensorClient(address(env, "feature-extraction")) as client:
         out = client.infer(inputs, outputs=["pooler_output", "last_hidden_state"], parameters={"top_k": 3},
                            output_parameters={"pooler_output": {"top_k": 0}})
-    assert out["pooler_output"].shape == (4, 32)
-    assert out["last_hidden_state_topk_values"].shape == (4, inputs["input_ids"].shape[1], 3)
+    assert out["pooler_output"].shape == (len(inputs["input_ids"]), 32)
+    assert out["last_hidden_state_topk_values"].shape == (*inputs["input_ids"].shape, 3)
 
 
 @pytest.mark.parametrize("mode", ["mean", "cls", "max"])
@@ -238,9 +239,9 @@ def test_mlflow_peft_adapter_is_a_named_default_adapter(env):
     np.testing.assert_allclose(as_base, base, atol=TOL, rtol=TOL)
     with grpc.insecure_channel(address(env, "peft")) as channel, pytest.raises(grpc.RpcError) as refused:
         adapters_pb2_grpc.AdaptersStub(channel).UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="peft"),
-                                                              timeout=10)
+                                                              timeout=10, metadata=TOKEN_METADATA)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "--default-adapter" in refused.value.details()
+    assert "loaded at start" in refused.value.details()
 
 
 # ---------------------------------------------------------------- batching

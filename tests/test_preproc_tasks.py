@@ -365,42 +365,6 @@ def qa(models_root):
             yield {"client": client, "model": model, "tokenizer": tokenizer}
 
 
-def qa_reference(model, tok, question, context, top_k=1, max_answer_len=15, max_seq_len=64, stride=32,
-                 impossible=False):
-    """Brute force over every (start, end) of every window, by the 4.x pipeline's rules."""
-    enc = tok(question, context, truncation="only_second", max_length=max_seq_len, stride=stride,
-              return_overflowing_tokens=True, return_offsets_mapping=True, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                    token_type_ids=enc.get("token_type_ids"))
-    merged, null = {}, 1e6
-    for w in range(enc["input_ids"].shape[0]):
-        seq = enc.sequence_ids(w)
-        context_tokens = [i for i, s in enumerate(seq) if s == 1]
-        allowed = [0] + context_tokens  # CLS stays in the softmax
-        start = out.start_logits[w].double().numpy()
-        end = out.end_logits[w].double().numpy()
-        ps = np.exp(start[allowed] - start[allowed].max())
-        ps = dict(zip(allowed, ps / ps.sum(), strict=True))
-        pe = np.exp(end[allowed] - end[allowed].max())
-        pe = dict(zip(allowed, pe / pe.sum(), strict=True))
-        null = min(null, ps[0] * pe[0])
-        spans = sorted(((ps[s] * pe[e], s, e) for s in context_tokens for e in context_tokens
-                        if s <= e < s + max_answer_len), reverse=True)[:top_k * 2 + 10]
-        for score, s, e in spans:
-            first = enc.word_to_chars(w, enc.token_to_word(w, s), sequence_index=1)[0]
-            last = enc.word_to_chars(w, enc.token_to_word(w, e), sequence_index=1)[1]
-            text = context[first:last]
-            if text.lower() in merged:
-                merged[text.lower()]["score"] += score
-            else:
-                merged[text.lower()] = {"score": score, "start": first, "end": last, "answer": text}
-    answers = list(merged.values())
-    if impossible:
-        answers.append({"score": null, "start": 0, "end": 0, "answer": ""})
-    return sorted(answers, key=lambda a: a["score"], reverse=True)[:top_k]
-
-
 class TestQuestionAnswering:
     SHORT = [("who lives in paris?", "Alice lives in Paris with Bob and Carol."),
              ("what is long?", "the river is long and the forest is old")]
@@ -415,7 +379,7 @@ class TestQuestionAnswering:
     def test_short_contexts(self, qa, top_k):
         got = qa["client"].answer_question(self.SHORT, top_k=top_k)
         for (q, c), answers in zip(self.SHORT, got, strict=True):
-            self._check(answers, qa_reference(qa["model"], qa["tokenizer"], q, c, top_k=top_k))
+            self._check(answers, h.qa_reference(qa["model"], qa["tokenizer"], q, c, top_k=top_k))
             for a in answers:
                 assert a.answer == c[a.start:a.end]
 
@@ -426,7 +390,7 @@ class TestQuestionAnswering:
         assert n_windows > 3
         got = qa["client"].answer_question([(question, self.LONG_CONTEXT)], top_k=2, doc_stride=20,
                                            max_answer_len=5)
-        want = qa_reference(qa["model"], qa["tokenizer"], question, self.LONG_CONTEXT, top_k=2, stride=20,
+        want = h.qa_reference(qa["model"], qa["tokenizer"], question, self.LONG_CONTEXT, top_k=2, stride=20,
                             max_answer_len=5)
         self._check(got[0], want)
         assert got.applied_parameters["doc_stride"] == 20 and got.applied_parameters["max_seq_len"] == 64
@@ -434,7 +398,7 @@ class TestQuestionAnswering:
     def test_handle_impossible_answer(self, qa):
         q, c = self.SHORT[0]
         got = qa["client"].answer_question([(q, c)], top_k=3, handle_impossible_answer=True)
-        self._check(got[0], qa_reference(qa["model"], qa["tokenizer"], q, c, top_k=3, impossible=True))
+        self._check(got[0], h.qa_reference(qa["model"], qa["tokenizer"], q, c, top_k=3, impossible=True))
 
     @pytest.mark.parametrize("inputs, options, fragment", [
         ([("who?", "")], {}, "context"),

@@ -1,5 +1,5 @@
-"""preproc_service parts without servers: model directory reading, parameter precedence,
-micro-batched tokenization, the handshake rules."""
+"""preproc_service parts without servers: model directory reading, micro-batched tokenization,
+the handshake rules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 from preproc_service.handshake import disagreements
 from preproc_service.model_dir import read_model_dir
-from preproc_service.params import ParameterResolver
 from preproc_service.tokenization import EncodeOptions, Tokenization, pad_batch
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 from splitserve_common.v2_codec import ModelMetadata
@@ -20,16 +19,6 @@ from tests import preproc_helpers as h
 @pytest.fixture(scope="module")
 def tokenizer():
     return model_factory.wordpiece_tokenizer(model_max_length=64)
-
-
-def test_precedence_request_over_signature_over_model_config_over_pipeline():
-    resolver = ParameterResolver(model_config={"top_k": 2, "function_to_apply": "none", "unrelated": 1},
-                                 signature_params={"function_to_apply": "sigmoid"})
-    assert resolver.defaults("text-classification") == {"function_to_apply": "sigmoid", "top_k": 2,
-                                                        "truncation": True}
-    assert resolver.resolve("text-classification", {"top_k": 3}) == {"function_to_apply": "sigmoid", "top_k": 3,
-                                                                     "truncation": True}
-    assert ParameterResolver().defaults("fill-mask")["top_k"] == 5
 
 
 def test_read_components_and_sentence_transformers_dirs(tmp_path):

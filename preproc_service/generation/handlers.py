@@ -20,13 +20,14 @@ import json
 import time
 import uuid
 
-from preproc_service.deployment import Call
-from preproc_service.generation.settings import GenerationParams, explicit_values
+from preproc_service.generation.request_params import GenerationParams
 from preproc_service.generation.stream import Piece, generate_pieces, generation_stub
 from preproc_service.generation.text_filters import WhitespaceCollapser
+from preproc_service.precedence import explicit_fields
 from preproc_service.served_models import resolve_model
 from preproc_service.tokenization import EncodeOptions
-from splitserve_common.errors import FailedPrecondition, InvalidArgument, grpc_errors
+from splitserve_common import tasks
+from splitserve_common.errors import FailedPrecondition, InvalidArgument
 from splitserve_pb import generation_pb2 as gpb
 from splitserve_pb import preproc_pb2 as pb
 
@@ -38,22 +39,22 @@ LLM_KEYS = ("temperature", "top_p", "top_k", "stop", "seed", "do_sample", "repet
             "frequency_penalty")
 DEFAULT_MAX_CHOICES = 8
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for completions' logprobs
-SEQ2SEQ_TASKS = ("text2text-generation", "summarization", "translation")
 
 
 def _seq2seq(task: str) -> bool:
-    return task.startswith(SEQ2SEQ_TASKS)
+    task_spec = tasks.spec(task)
+    return task_spec is not None and task_spec.generation == "seq2seq"
 
 
 class GenerationHandlers:
     """What preproc's servicer calls for GenerateText*, Chat* and Complete*.
 
-    `deployment`: preproc_service.deployment.Deployment; `call`: its per-request Call.
+    `deployment`: preproc_service.deployment.Deployment; `scope`: the request's RequestScope.
     Unary methods return the response message; *_stream methods are async iterators of chunks.
     """
 
     def __init__(self, deployment, max_choices: int = DEFAULT_MAX_CHOICES):
-        self.d = deployment
+        self.dep = deployment
         self.max_choices = max_choices
         self._stub = None
         self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
@@ -61,44 +62,44 @@ class GenerationHandlers:
     @property
     def stub(self):
         if self._stub is None:
-            self._stub = generation_stub(self.d.model._channel)
+            self._stub = generation_stub(self.dep.model._channel)
         return self._stub
 
     @property
     def tokenizer(self):
-        return self.d.tokenizer
+        return self.dep.tokenizer
 
     # ------------------------------------------------------------------ plumbing
 
     async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        groups = await self.d.tokenization.encode([text], EncodeOptions(add_special_tokens=add_special_tokens))
+        groups = await self.dep.tokenization.encode([text], EncodeOptions(add_special_tokens=add_special_tokens))
         return list(groups[0][0].ids)
 
     def _params(self, explicit: dict) -> GenerationParams:
-        return GenerationParams(explicit, self.d.model_dir.model_config, self.d.model_dir.signature_params)
+        return GenerationParams(self.dep.precedence, self.dep.task, explicit)
 
     @contextlib.asynccontextmanager
-    async def _pieces(self, ids, params: GenerationParams, call, adapter: str, context_ids=(), settings=None):
-        request = gpb.GenerateRequest(model_name=self.d.model.model_name, id=uuid.uuid4().hex, input_ids=ids,
-                                      settings=settings or params.settings, adapter=adapter or call.adapter)
+    async def _pieces(self, ids, params: GenerationParams, scope, adapter: str, context_ids=(), settings=None):
+        request = gpb.GenerateRequest(model_name=self.dep.model.model_name, id=uuid.uuid4().hex, input_ids=ids,
+                                      settings=settings or params.settings, adapter=adapter or scope.adapter)
         pieces = generate_pieces(self.stub, request, self.tokenizer, context_ids=context_ids,
-                                 stops=params["stop"], timeout=call.remaining(), address=self.d.model.address)
+                                 stops=params["stop"], timeout=scope.remaining(), address=self.dep.model.address)
         async with contextlib.aclosing(pieces):
             yield pieces
 
     # ------------------------------------------------------------------ text tasks
 
-    async def _text_plan(self, request, call):
+    async def _text_plan(self, request, scope):
         """(prompt ids, params, text to emit first, detokenizer context, collapse?) for GenerateText*."""
         if not request.prompt:
             raise InvalidArgument("prompt is empty: generation needs text to start from")
-        params = self._params(explicit_values(request.parameters, TEXT_KEYS))
-        task = self.d.task
-        with call.stage("tokenize"):
+        params = self._params(explicit_fields(request.parameters, TEXT_KEYS))
+        task = self.dep.task
+        with scope.stage("tokenize"):
             if _seq2seq(task):
                 ids = await self._encode(self._prefix(task) + request.prompt, add_special_tokens=True)
                 return ids, params, "", (), params["collapse_whitespace"]
-            template = self.d.model_dir.prompt_template
+            template = self.dep.model_dir.prompt_template
             text = template.replace("{prompt}", request.prompt) if template else request.prompt
             # MLflow: with a prompt_template the prompt is left out unless asked for.
             full = params.applied.get("include_prompt", params.applied.get("return_full_text", not template))
@@ -106,18 +107,18 @@ class GenerationHandlers:
         return ids, params, text if full else "", ids, params["collapse_whitespace"]
 
     def _prefix(self, task: str) -> str:
-        config = self.d.model_dir.config or {}
+        config = self.dep.model_dir.config or {}
         specific = (config.get("task_specific_params") or {}).get(task) or {}
         return specific.get("prefix") or config.get("prefix") or ""
 
-    async def generate_text_stream(self, request, call, plan=None):
-        ids, params, head, context, collapse = plan or await self._text_plan(request, call)
+    async def generate_text_stream(self, request, scope, plan=None):
+        ids, params, head, context, collapse = plan or await self._text_plan(request, scope)
         collapser = WhitespaceCollapser() if collapse else None
         if head:
             text = collapser.feed(head) if collapser else head
             if text:
                 yield pb.GenerateTextChunk(text=text)
-        async with self._pieces(ids, params, call, request.adapter, context) as pieces:
+        async with self._pieces(ids, params, scope, request.adapter, context) as pieces:
             async for piece in pieces:
                 text = collapser.feed(piece.text) if collapser else piece.text
                 chunk = pb.GenerateTextChunk(text=text, token_ids=piece.token_ids, logprobs=piece.logprobs)
@@ -127,11 +128,11 @@ class GenerationHandlers:
                     chunk.meta.applied_parameters.update({k: json.dumps(v) for k, v in params.applied.items()})
                 yield chunk
 
-    async def generate_text(self, request, call):
-        plan = await self._text_plan(request, call)
+    async def generate_text(self, request, scope):
+        plan = await self._text_plan(request, scope)
         parts, last = [], None
         response = pb.GenerateTextResponse()
-        async for chunk in self.generate_text_stream(request, call, plan):
+        async for chunk in self.generate_text_stream(request, scope, plan):
             parts.append(chunk.text)
             response.token_ids.extend(chunk.token_ids)
             response.logprobs.extend(chunk.logprobs)
@@ -139,13 +140,13 @@ class GenerationHandlers:
         response.generated_text, response.finish_reason = "".join(parts), last.finish_reason
         response.usage.CopyFrom(last.usage)
         response.meta.CopyFrom(last.meta)
-        response.meta.timings_ms.update(call.timings_ms)
+        response.meta.timings_ms.update(scope.timings_ms)
         return response
 
     # ------------------------------------------------------------------ llm/v1/chat
 
     def _llm_params(self, request, logprobs: bool, top_logprobs: int) -> GenerationParams:
-        explicit = explicit_values(request, LLM_KEYS)
+        explicit = explicit_fields(request, LLM_KEYS)
         lengths = {name: getattr(request, name) for name in ("max_tokens", "max_completion_tokens")
                    if name in request.DESCRIPTOR.fields_by_name and request.HasField(name)}
         if len(set(lengths.values())) > 1:
@@ -167,7 +168,7 @@ class GenerationHandlers:
                                   "(--max-choices)")
         return n
 
-    async def _chat_plan(self, request, call):
+    async def _chat_plan(self, request, scope):
         if not request.messages:
             raise InvalidArgument("messages is empty: send at least one chat message")
         if not getattr(self.tokenizer, "chat_template", None):
@@ -178,7 +179,7 @@ class GenerationHandlers:
             raise InvalidArgument("top_logprobs needs logprobs: true")
         params = self._llm_params(request, request.logprobs, top)
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        with call.stage("tokenize"):
+        with scope.stage("tokenize"):
             try:
                 text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception as exc:  # noqa: BLE001 - a template may reject the conversation (roles, order)
@@ -187,16 +188,16 @@ class GenerationHandlers:
             ids = await self._encode(text, add_special_tokens=False)
         return ids, params
 
-    async def chat_stream(self, request, call):
+    async def chat_stream(self, request, scope):
         n = self._choices(request)
-        model, adapter = await resolve_model(self.d, request.model, request.adapter)
-        ids, params = await self._chat_plan(request, call)
+        model, adapter = await resolve_model(self.dep, request.model, request.adapter)
+        ids, params = await self._chat_plan(request, scope)
         head = _openai_head("chatcmpl", model)
         first = pb.ChatCompletionChunk(object="chat.completion.chunk", **head)
         for index in range(n):
             first.choices.add(index=index, delta=pb.ChatDelta(role="assistant"))
         yield first
-        async for index, piece, usage in self._choice_pieces(ids, params, call, adapter, n):
+        async for index, piece, usage in self._choice_pieces(ids, params, scope, adapter, n):
             chunk = pb.ChatCompletionChunk(object="chat.completion.chunk", **head)
             choice = chunk.choices.add(index=index, delta=pb.ChatDelta(content=piece.text))
             self._add_logprobs(choice, piece, params)
@@ -207,9 +208,9 @@ class GenerationHandlers:
             if piece.text or piece.finish_reason or choice.HasField("logprobs"):
                 yield chunk
 
-    async def chat(self, request, call):
+    async def chat(self, request, scope):
         answer = _Gathered()
-        async for chunk in self.chat_stream(request, call):
+        async for chunk in self.chat_stream(request, scope):
             answer.add(chunk, [(c.index, c.delta.content, c) for c in chunk.choices])
         response = pb.ChatCompletion(id=answer.head.id, object="chat.completion", created=answer.head.created,
                                      model=answer.head.model, usage=answer.head.usage)
@@ -222,21 +223,21 @@ class GenerationHandlers:
 
     # ------------------------------------------------------------------ llm/v1/completions
 
-    async def complete_stream(self, request, call):
+    async def complete_stream(self, request, scope):
         if not request.prompt:
             raise InvalidArgument("prompt is empty: completion needs text to start from")
         n = self._choices(request)
-        model, adapter = await resolve_model(self.d, request.model, request.adapter)
+        model, adapter = await resolve_model(self.dep, request.model, request.adapter)
         top = request.logprobs if request.HasField("logprobs") else 0
         if not 0 <= top <= MAX_COMPLETION_LOGPROBS:
             raise InvalidArgument(f"logprobs={top}: must be in [0, {MAX_COMPLETION_LOGPROBS}]")
         params = self._llm_params(request, request.HasField("logprobs"), top)
-        template = self.d.model_dir.prompt_template
+        template = self.dep.model_dir.prompt_template
         text = template.replace("{prompt}", request.prompt) if template else request.prompt
-        with call.stage("tokenize"):
+        with scope.stage("tokenize"):
             ids = await self._encode(text, add_special_tokens=True)
         head = _openai_head("cmpl", model)
-        async for index, piece, usage in self._choice_pieces(ids, params, call, adapter, n):
+        async for index, piece, usage in self._choice_pieces(ids, params, scope, adapter, n):
             chunk = pb.CompletionChunk(object="text_completion", **head)
             choice = chunk.choices.add(index=index, text=piece.text)
             self._add_logprobs(choice, piece, params)
@@ -247,9 +248,9 @@ class GenerationHandlers:
             if piece.text or piece.finish_reason or choice.HasField("logprobs"):
                 yield chunk
 
-    async def complete(self, request, call):
+    async def complete(self, request, scope):
         answer = _Gathered()
-        async for chunk in self.complete_stream(request, call):
+        async for chunk in self.complete_stream(request, scope):
             answer.add(chunk, [(c.index, c.text, c) for c in chunk.choices])
         response = pb.Completion(id=answer.head.id, object="text_completion", created=answer.head.created,
                                  model=answer.head.model, usage=answer.head.usage)
@@ -261,7 +262,7 @@ class GenerationHandlers:
 
     # ------------------------------------------------------------------ choices and logprobs
 
-    async def _choice_pieces(self, ids, params: GenerationParams, call, adapter: str, n: int):
+    async def _choice_pieces(self, ids, params: GenerationParams, scope, adapter: str, n: int):
         """(choice index, piece, usage or None) from `n` generations of one prompt, as they come.
 
         Choice i samples with seed + i when a seed is set (reproducible, yet different choices).
@@ -275,7 +276,7 @@ class GenerationHandlers:
                 settings.CopyFrom(params.settings)
                 if seeded:
                     settings.seed = (params.settings.seed + index) % 2**64
-                streams.append(await stack.enter_async_context(self._pieces(ids, params, call, adapter, ids,
+                streams.append(await stack.enter_async_context(self._pieces(ids, params, scope, adapter, ids,
                                                                             settings=settings)))
             completion, finished = 0, 0
             async for index, piece in merge_streams(streams):
@@ -370,54 +371,3 @@ def _openai_head(prefix: str, model: str) -> dict:
 def _usage(prompt_tokens: int, piece: Piece) -> pb.Usage:
     return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=piece.completion_tokens,
                     total_tokens=prompt_tokens + piece.completion_tokens)
-
-
-class GenerationRpcs:
-    """The RPC-named face preproc's servicer delegates to: (request, grpc context) in, errors as statuses."""
-
-    def __init__(self, deployment):
-        self.handlers = GenerationHandlers(deployment)
-        self.deployment = deployment
-
-    def _call(self, context, adapter: str = "") -> Call:
-        self._check_task()
-        remaining = context.time_remaining() if context is not None else None
-        return Call(adapter=adapter, timeout=remaining)
-
-    def _check_task(self) -> None:
-        task = self.deployment.task
-        if task and task != "text-generation" and not _seq2seq(task):
-            raise FailedPrecondition(f"generation needs a text-generation or text2text model, but this deployment "
-                                     f"serves {task}")
-
-    @grpc_errors
-    async def GenerateText(self, request, context):
-        return await self.handlers.generate_text(request, self._call(context, request.adapter))
-
-    @grpc_errors
-    async def GenerateTextStream(self, request, context):
-        async for chunk in self.handlers.generate_text_stream(request, self._call(context, request.adapter)):
-            yield chunk
-
-    @grpc_errors
-    async def Chat(self, request, context):
-        return await self.handlers.chat(request, self._call(context, request.adapter))
-
-    @grpc_errors
-    async def ChatStream(self, request, context):
-        async for chunk in self.handlers.chat_stream(request, self._call(context, request.adapter)):
-            yield chunk
-
-    @grpc_errors
-    async def Complete(self, request, context):
-        return await self.handlers.complete(request, self._call(context, request.adapter))
-
-    @grpc_errors
-    async def CompleteStream(self, request, context):
-        async for chunk in self.handlers.complete_stream(request, self._call(context, request.adapter)):
-            yield chunk
-
-
-def create_handlers(deployment) -> GenerationRpcs:
-    """Hook of preproc_service.servicer: the object that answers the generation RPCs."""
-    return GenerationRpcs(deployment)

@@ -1,30 +1,43 @@
-"""One module per encoder task, mirroring the transformers pipeline's preprocess/postprocess.
+"""One module per encoder task, each in the transformers pipeline's shape:
 
-TASK_OF_METHOD says which task each preproc RPC serves; a deployment answers only its own task.
+    sanitize_parameters(dep, params) -> params          every parameter check, values normalised
+    preprocess(dep, inputs, params) -> model_inputs      inputs checked and tokenized; ["batch"] goes to the model
+    forward(dep, scope, model_inputs, params) -> model_outputs
+    postprocess(dep, model_inputs, model_outputs, params) -> results
+
+`run` drives the four in that order and times the stages. Which module serves which task is
+the task registry's `handler` (splitserve_common/tasks.py). audio_classification,
+speech_recognition and table_question_answering (newer) still have a `run` of their own that the
+servicer calls directly; they are not in HANDLERS yet.
 """
 
-ENCODER_TASKS = (
-    "text-classification",
-    "token-classification",
-    "fill-mask",
-    "question-answering",
-    "zero-shot-classification",
-    "feature-extraction",
-    "audio-classification",
-    "automatic-speech-recognition",
-    "table-question-answering",
-)
+from __future__ import annotations
 
-TASK_OF_METHOD = {
-    "Classify": "text-classification",
-    "ClassifyTokens": "token-classification",
-    "FillMask": "fill-mask",
-    "AnswerQuestion": "question-answering",
-    "ZeroShotClassify": "zero-shot-classification",
-    "Embed": "feature-extraction",
-    "Embeddings": "feature-extraction",
-    "ClassifyAudio": "audio-classification",
-    "Transcribe": "automatic-speech-recognition",
-    "TranscribeStream": "automatic-speech-recognition",
-    "AnswerTableQuestion": "table-question-answering",
-}
+from preproc_service.deployment import Deployment, RequestScope
+from preproc_service.tasks import (
+    feature_extraction,
+    fill_mask,
+    question_answering,
+    text_classification,
+    token_classification,
+    zero_shot_classification,
+)
+from splitserve_common import tasks
+
+_MODULES = {module.__name__.rsplit(".", 1)[-1]: module for module in (
+    text_classification, token_classification, fill_mask, question_answering, zero_shot_classification,
+    feature_extraction)}
+
+# task -> its module, for every registry task whose handler is one of these modules.
+HANDLERS = {spec.name: _MODULES[spec.handler] for spec in tasks.TASKS.values() if spec.handler in _MODULES}
+
+
+async def run(task: str, dep: Deployment, scope: RequestScope, inputs, params: dict):
+    """The task's answer for `inputs`; `params` (after precedence) is updated to the values applied."""
+    handler = HANDLERS[task]
+    params.update(handler.sanitize_parameters(dep, params))
+    with scope.stage("tokenize"):
+        model_inputs = await handler.preprocess(dep, inputs, params)
+    model_outputs = await handler.forward(dep, scope, model_inputs, params)
+    with scope.stage("postprocess"):
+        return handler.postprocess(dep, model_inputs, model_outputs, params)

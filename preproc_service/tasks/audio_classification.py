@@ -17,7 +17,7 @@ import asyncio
 import numpy as np
 
 from preproc_service import audio
-from preproc_service.deployment import Call, Deployment
+from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.tasks.common import check_top_k, require_texts, softmax
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
@@ -60,16 +60,17 @@ def features(feature_extractor, samples: np.ndarray, **kwargs) -> dict[str, np.n
             for name, value in processed.items()}
 
 
-async def preprocess(dep: Deployment, call: Call, items: list[audio.AudioInput]) -> list[dict[str, np.ndarray]]:
-    with call.stage("decode"):
+async def preprocess(dep: Deployment, scope: RequestScope,
+                     items: list[audio.AudioInput]) -> list[dict[str, np.ndarray]]:
+    with scope.stage("decode"):
         clips = await load_audio(dep, items)
-    with call.stage("features"):
+    with scope.stage("features"):
         return [features(dep.feature_extractor, clip) for clip in clips]
 
 
-async def forward(dep: Deployment, call: Call, inputs: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+async def forward(dep: Deployment, scope: RequestScope, inputs: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """One model request per clip (clips differ in length); model_service batches equal lengths."""
-    answers = await asyncio.gather(*(dep.forward(call, one, ["logits"]) for one in inputs))
+    answers = await asyncio.gather(*(dep.forward(scope, one, ["logits"]) for one in inputs))
     return [answer["logits"][0] for answer in answers]
 
 
@@ -85,10 +86,10 @@ def postprocess(logits: np.ndarray, id2label: dict[int, str], top_k: int, functi
     return [{"score": float(probs[i]), "label": id2label.get(int(i), f"LABEL_{int(i)}")} for i in order]
 
 
-async def run(dep: Deployment, call: Call, items: list[audio.AudioInput], params: dict) -> list[list[dict]]:
+async def run(dep: Deployment, scope: RequestScope, items: list[audio.AudioInput], params: dict) -> list[list[dict]]:
     info = dep.require_info()
     post = sanitize_parameters(params, info.problem_type, info.num_labels)
-    inputs = await preprocess(dep, call, items)
-    logits = await forward(dep, call, inputs)
-    with call.stage("postprocess"):
+    inputs = await preprocess(dep, scope, items)
+    logits = await forward(dep, scope, inputs)
+    with scope.stage("postprocess"):
         return [postprocess(row, info.id2label, **post) for row in logits]

@@ -1,12 +1,15 @@
 """feature-extraction: token vectors (as transformers' FeatureExtractionPipeline) or one pooled vector
 per text, pooled on the model side (`sentence_embedding` output) so only [B, hidden] crosses the wire.
+
+postprocess returns (one array per text, prompt token count): [tokens, hidden] for pooling
+none, else [hidden].
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from preproc_service.deployment import Call, Deployment
+from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.tasks.common import require_texts
 from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import InvalidArgument
@@ -14,37 +17,41 @@ from splitserve_common.errors import InvalidArgument
 POOLINGS = ("none", "mean", "cls", "max")
 
 
-def resolve_pooling(dep: Deployment, params: dict) -> tuple[str, bool]:
+def sanitize_parameters(dep: Deployment, params: dict) -> dict:
     """Pooling and normalize: request/MLflow values, else the sentence-transformers config, else none."""
-    pooling = params.get("pooling") or dep.model_dir.pooling or "none"
-    pooling = str(pooling).lower()
+    pooling = str(params.get("pooling") or dep.model_dir.pooling or "none").lower()
     if pooling not in POOLINGS:
         raise InvalidArgument(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     normalize = params.get("normalize")
     if normalize is None:
         normalize = dep.model_dir.normalize if pooling != "none" else False
-    return pooling, bool(normalize)
+    return {"pooling": pooling, "normalize": bool(normalize)}
 
 
-async def run(dep: Deployment, call: Call, texts: list[str], params: dict) -> tuple[list[np.ndarray], int]:
-    """(one array per text, prompt token count): [tokens, hidden] for pooling none, else [hidden]."""
-    require_texts(texts)
-    pooling, normalize = resolve_pooling(dep, params)
-    params["pooling"], params["normalize"] = pooling, normalize
+async def preprocess(dep: Deployment, inputs: list[str], params: dict) -> dict:
+    require_texts(inputs)
+    encodings = await dep.tokenization.encode_truncating(inputs, params.get("truncation", True))
+    return {"batch": pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids),
+            "lengths": [len(enc.ids) for enc in encodings]}
+
+
+async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
     datatype = "FP16" if params.get("float16") else "FP32"
-    with call.stage("tokenize"):
-        encodings = await dep.tokenization.encode_truncating(texts, params.get("truncation", True))
-    inputs = pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids)
-    prompt_tokens = int(inputs["attention_mask"].sum())
-    if pooling == "none":
-        hidden = (await dep.forward(call, inputs, ["last_hidden_state"], {"datatype": datatype}))["last_hidden_state"]
-        vectors = [hidden[i, :len(enc.ids)] for i, enc in enumerate(encodings)]
-        if normalize:
-            vectors = [_l2_normalize(v) for v in vectors]
-        return vectors, prompt_tokens
-    request = {"pooling": pooling, "normalize": normalize, "datatype": datatype}
-    pooled = (await dep.forward(call, inputs, ["sentence_embedding"], request))["sentence_embedding"]
-    return list(pooled), prompt_tokens
+    if params["pooling"] == "none":
+        return await dep.forward(scope, model_inputs["batch"], ["last_hidden_state"], {"datatype": datatype})
+    request = {"pooling": params["pooling"], "normalize": params["normalize"], "datatype": datatype}
+    return await dep.forward(scope, model_inputs["batch"], ["sentence_embedding"], request)
+
+
+def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> tuple[list, int]:
+    prompt_tokens = int(model_inputs["batch"]["attention_mask"].sum())
+    if params["pooling"] != "none":
+        return list(model_outputs["sentence_embedding"]), prompt_tokens
+    hidden = model_outputs["last_hidden_state"]
+    vectors = [hidden[i, :n] for i, n in enumerate(model_inputs["lengths"])]
+    if params["normalize"]:
+        vectors = [_l2_normalize(v) for v in vectors]
+    return vectors, prompt_tokens
 
 
 def _l2_normalize(v: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import asyncio
 
 import numpy as np
 
-from preproc_service.deployment import Call, Deployment
+from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.tasks.common import check_top_k, require_texts, softmax
 from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
@@ -36,9 +36,47 @@ def get_target_ids(tokenizer, targets: list[str]) -> np.ndarray:
     return np.array(ids)
 
 
-def postprocess(tokenizer, input_ids: np.ndarray, mask_positions: np.ndarray, logits: np.ndarray, top_k: int,
-                target_ids: np.ndarray | None) -> list[list[dict]]:
-    """Candidates per mask; `logits` is [masks, vocab] for the mask positions."""
+def sanitize_parameters(dep: Deployment, params: dict) -> dict:
+    check_top_k(params.get("top_k"))
+    if dep.tokenizer.mask_token_id is None:
+        raise FailedPrecondition("the tokenizer does not define a mask token")
+    targets = params.get("targets") or None
+    return {"top_k": int(params["top_k"]), "target_ids": get_target_ids(dep.tokenizer, targets) if targets else None}
+
+
+async def preprocess(dep: Deployment, inputs: list[str], params: dict) -> dict:
+    require_texts(inputs)
+    encodings = await dep.tokenization.encode_truncating(inputs, params.get("truncation", True))
+    mask_id = dep.tokenizer.mask_token_id
+    masks = []
+    for i, enc in enumerate(encodings):
+        positions = np.nonzero(np.array(enc.ids) == mask_id)[0]
+        if len(positions) == 0:
+            raise InvalidArgument(f"input {i}: no mask token ({dep.tokenizer.mask_token}) found in {inputs[i]!r}")
+        masks.append(positions)
+    return {"encodings": encodings, "masks": masks}
+
+
+async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
+    """Logits at the mask positions, [masks, vocab] per text: one model request per text."""
+    async def forward_one(enc, positions):
+        batch = pad_batch([enc], dep.tokenization.pad_token_id, dep.uses_token_type_ids)
+        gather = ",".join(str(int(p)) for p in positions)
+        return (await dep.forward(scope, batch, ["logits"], {"gather_positions": gather}))["logits"][0]
+
+    pairs = zip(model_inputs["encodings"], model_inputs["masks"], strict=True)
+    return {"logits": await asyncio.gather(*(forward_one(enc, positions) for enc, positions in pairs))}
+
+
+def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list[list[list[dict]]]:
+    rows = zip(model_inputs["encodings"], model_inputs["masks"], model_outputs["logits"], strict=True)
+    return [candidates(dep.tokenizer, np.array(enc.ids), positions, logits, params["top_k"], params["target_ids"])
+            for enc, positions, logits in rows]
+
+
+def candidates(tokenizer, input_ids: np.ndarray, mask_positions: np.ndarray, logits: np.ndarray, top_k: int,
+               target_ids: np.ndarray | None) -> list[list[dict]]:
+    """Candidates per mask of one text; `logits` is [masks, vocab] for the mask positions."""
     if target_ids is not None and len(target_ids) < top_k:
         top_k = len(target_ids)
     probs = softmax(logits.astype(np.float32))
@@ -48,46 +86,18 @@ def postprocess(tokenizer, input_ids: np.ndarray, mask_positions: np.ndarray, lo
     result = []
     for i, row in enumerate(probs):
         order = np.argsort(-row, kind="stable")[:top_k]
-        candidates = []
+        per_mask = []
         for p in order:
             token = int(target_ids[p]) if target_ids is not None else int(p)
             tokens = input_ids.copy()
             tokens[mask_positions[i]] = token
             tokens = tokens[tokens != tokenizer.pad_token_id]
-            candidates.append({
+            per_mask.append({
                 "score": float(row[p]),
                 "token": token,
                 "token_str": tokenizer.decode([token]),
                 # The pipeline keeps special tokens in the sequence when there are several masks.
                 "sequence": tokenizer.decode(tokens.tolist(), skip_special_tokens=single_mask),
             })
-        result.append(candidates)
+        result.append(per_mask)
     return result
-
-
-async def run(dep: Deployment, call: Call, texts: list[str], params: dict) -> list[list[list[dict]]]:
-    check_top_k(params.get("top_k"))
-    require_texts(texts)
-    tokenizer = dep.tokenizer
-    if tokenizer.mask_token_id is None:
-        raise FailedPrecondition("the tokenizer does not define a mask token")
-    targets = params.get("targets") or None
-    target_ids = get_target_ids(tokenizer, targets) if targets else None
-    with call.stage("tokenize"):
-        encodings = await dep.tokenization.encode_truncating(texts, params.get("truncation", True))
-    masks = []
-    for i, enc in enumerate(encodings):
-        positions = np.nonzero(np.array(enc.ids) == tokenizer.mask_token_id)[0]
-        if len(positions) == 0:
-            raise InvalidArgument(f"input {i}: no mask token ({tokenizer.mask_token}) found in {texts[i]!r}")
-        masks.append(positions)
-
-    async def forward_one(enc, positions):
-        inputs = pad_batch([enc], dep.tokenization.pad_token_id, dep.uses_token_type_ids)
-        gather = ",".join(str(int(p)) for p in positions)
-        return (await dep.forward(call, inputs, ["logits"], {"gather_positions": gather}))["logits"][0]
-
-    logits = await asyncio.gather(*(forward_one(enc, pos) for enc, pos in zip(encodings, masks, strict=True)))
-    with call.stage("postprocess"):
-        return [postprocess(tokenizer, np.array(enc.ids), pos, lg, int(params["top_k"]), target_ids)
-                for enc, pos, lg in zip(encodings, masks, logits, strict=True)]

@@ -10,7 +10,7 @@ Where each rule comes from (transformers 4.57 `pipelines/question_answering.py`)
   null score start[0]*end[0] (min over windows), then CLS masked out.
 - decode_spans: outer product of start/end probabilities, keep end >= start and length
   <= max_answer_len, top candidates, drop spans touching undesired tokens.
-- postprocess: pre_topk = top_k * 2 + 10 when align_to_words; spans map to characters through the
+- postprocess (best_answers here): pre_topk = top_k * 2 + 10 when align_to_words; spans map to characters through the
   encoding's words (get_indices), equal answers (case-insensitive) across windows add their scores,
   the null answer joins when handle_impossible_answer, sort by score, keep top_k.
 """
@@ -19,29 +19,65 @@ from __future__ import annotations
 
 import numpy as np
 
-from preproc_service.deployment import Call, Deployment
+from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.tasks.common import check_top_k, require_texts
 from preproc_service.tokenization import EncodeOptions, pad_batch
 from splitserve_common.errors import InvalidArgument
 
 
-def check_params(params: dict) -> None:
+def sanitize_parameters(dep: Deployment, params: dict) -> dict:
     check_top_k(params.get("top_k"))
     if params.get("max_answer_len") is not None and params["max_answer_len"] < 1:
         raise InvalidArgument(f"max_answer_len must be >= 1, got {params['max_answer_len']}")
     for key in ("doc_stride", "max_seq_len"):
         if params.get(key) is not None and params[key] < 0:
             raise InvalidArgument(f"{key} must be >= 0, got {params[key]}")
-
-
-def window_sizes(params: dict, model_max_length: int) -> tuple[int, int]:
-    max_seq_len = params.get("max_seq_len") or min(model_max_length, 384)
+    max_seq_len = params.get("max_seq_len") or min(dep.max_length, 384)
     doc_stride = params.get("doc_stride")
     if doc_stride is None:
         doc_stride = min(max_seq_len // 2, 128)
     if doc_stride > max_seq_len:
         raise InvalidArgument(f"doc_stride ({doc_stride}) is larger than max_seq_len ({max_seq_len})")
-    return max_seq_len, doc_stride
+    return {"max_seq_len": max_seq_len, "doc_stride": doc_stride}
+
+
+async def preprocess(dep: Deployment, inputs: list[tuple[str, str]], params: dict) -> dict:
+    """Each (question, context) becomes its windows; the batch holds every window of every input."""
+    require_texts(inputs, "inputs")
+    for i, (question, context) in enumerate(inputs):
+        if not question:
+            raise InvalidArgument(f"input {i}: question is missing or empty")
+        if not context:
+            raise InvalidArgument(f"input {i}: context is missing or empty")
+    question_first = dep.tokenizer.padding_side == "right"
+    pairs = [(q, c) if question_first else (c, q) for q, c in inputs]
+    options = EncodeOptions(max_length=params["max_seq_len"], stride=params["doc_stride"],
+                            strategy="only_second" if question_first else "only_first")
+    groups = await dep.tokenization.encode(pairs, options, overflow=True)
+    windows = [enc for group in groups for enc in group]
+    return {"batch": pad_batch(windows, dep.tokenization.pad_token_id, dep.uses_token_type_ids),
+            "contexts": [context for _, context in inputs], "groups": groups, "question_first": question_first}
+
+
+async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
+    return await dep.forward(scope, model_inputs["batch"], ["start_logits", "end_logits"])
+
+
+def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list[list[dict]]:
+    question_first, attention = model_inputs["question_first"], model_inputs["batch"]["attention_mask"]
+    cls_id = dep.tokenizer.cls_token_id
+    results, row = [], 0
+    for context, group in zip(model_inputs["contexts"], model_inputs["groups"], strict=True):
+        rows = [(row + k, len(enc.ids)) for k, enc in enumerate(group)]
+        results.append(best_answers(
+            context, group,
+            [model_outputs["start_logits"][r, :n] for r, n in rows],
+            [model_outputs["end_logits"][r, :n] for r, n in rows],
+            [attention[r, :n] for r, n in rows],
+            [p_mask_of(enc, question_first, cls_id) for enc in group],
+            question_first, params))
+        row += len(group)
+    return results
 
 
 def p_mask_of(encoding, question_first: bool, cls_token_id: int | None) -> np.ndarray:
@@ -107,8 +143,9 @@ def get_indices(encoding, s: int, e: int, sequence_index: int, align_to_words: b
     return encoding.offsets[s][0], encoding.offsets[e][1]
 
 
-def postprocess(context: str, windows: list, start_logits: list, end_logits: list, attention: list,
-                p_masks: list, question_first: bool, params: dict) -> list[dict]:
+def best_answers(context: str, windows: list, start_logits: list, end_logits: list, attention: list,
+                 p_masks: list, question_first: bool, params: dict) -> list[dict]:
+    """The pipeline's postprocess for one (question, context): the best answers over its windows."""
     top_k = params["top_k"]
     align = params["align_to_words"]
     impossible = params["handle_impossible_answer"]
@@ -131,39 +168,3 @@ def postprocess(context: str, windows: list, start_logits: list, end_logits: lis
     if impossible:
         answers.append({"score": min_null_score, "start": 0, "end": 0, "answer": ""})
     return sorted(answers, key=lambda a: a["score"], reverse=True)[:top_k]
-
-
-async def run(dep: Deployment, call: Call, inputs: list[tuple[str, str]], params: dict) -> list[list[dict]]:
-    check_params(params)
-    require_texts(inputs, "inputs")
-    for i, (question, context) in enumerate(inputs):
-        if not question:
-            raise InvalidArgument(f"input {i}: question is missing or empty")
-        if not context:
-            raise InvalidArgument(f"input {i}: context is missing or empty")
-    max_seq_len, doc_stride = window_sizes(params, dep.max_length)
-    params["max_seq_len"], params["doc_stride"] = max_seq_len, doc_stride
-    question_first = dep.tokenizer.padding_side == "right"
-    pairs = [(q, c) if question_first else (c, q) for q, c in inputs]
-    options = EncodeOptions(max_length=max_seq_len, stride=doc_stride,
-                            strategy="only_second" if question_first else "only_first")
-    with call.stage("tokenize"):
-        groups = await dep.tokenization.encode(pairs, options, overflow=True)
-    windows = [enc for group in groups for enc in group]
-    batch = pad_batch(windows, dep.tokenization.pad_token_id, dep.uses_token_type_ids)
-    outputs = await dep.forward(call, batch, ["start_logits", "end_logits"])
-    cls_id = dep.tokenizer.cls_token_id
-    results, row = [], 0
-    with call.stage("postprocess"):
-        for (_, context), group in zip(inputs, groups, strict=True):
-            rows = range(row, row + len(group))
-            lengths = [len(enc.ids) for enc in group]
-            results.append(postprocess(
-                context, group,
-                [outputs["start_logits"][r, :n] for r, n in zip(rows, lengths, strict=True)],
-                [outputs["end_logits"][r, :n] for r, n in zip(rows, lengths, strict=True)],
-                [batch["attention_mask"][r, :n] for r, n in zip(rows, lengths, strict=True)],
-                [p_mask_of(enc, question_first, cls_id) for enc in group],
-                question_first, params))
-            row += len(group)
-    return results

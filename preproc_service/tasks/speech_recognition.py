@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from preproc_service import audio
-from preproc_service.deployment import Call, Deployment
+from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.tasks.audio_classification import features, load_audio
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
@@ -96,13 +96,13 @@ def require_ctc(dep: Deployment):
     return tokenizer
 
 
-async def preprocess(dep: Deployment, call: Call, items: list[audio.AudioInput], chunking: Chunking):
+async def preprocess(dep: Deployment, scope: RequestScope, items: list[audio.AudioInput], chunking: Chunking):
     """Per clip: a list of (model inputs, stride or None) in chunk order."""
-    with call.stage("decode"):
+    with scope.stage("decode"):
         clips = await load_audio(dep, items)
     limit = dep.require_info().max_input_values
     fe = dep.feature_extractor
-    with call.stage("features"):
+    with scope.stage("features"):
         result = []
         for i, clip in enumerate(clips):
             if not chunking.chunk_len:
@@ -116,9 +116,9 @@ async def preprocess(dep: Deployment, call: Call, items: list[audio.AudioInput],
         return result
 
 
-async def forward_chunk(dep: Deployment, call: Call, inputs: dict[str, np.ndarray]) -> np.ndarray:
+async def forward_chunk(dep: Deployment, scope: RequestScope, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """Token ids [frames] of one chunk: the argmax of its logits, computed on the model side."""
-    answer = await dep.forward(call, inputs, ["logits"], {"top_k": 1})
+    answer = await dep.forward(scope, inputs, ["logits"], {"top_k": 1})
     return answer["logits_topk_indices"][0, :, 0]
 
 
@@ -175,15 +175,15 @@ class TextStream:
         return delta
 
 
-async def transcribe_stream(dep: Deployment, call: Call, item: audio.AudioInput, params: dict):
+async def transcribe_stream(dep: Deployment, scope: RequestScope, item: audio.AudioInput, params: dict):
     """Yields text deltas in order, then the final result dict (text, chunks)."""
     tokenizer = require_ctc(dep)
     info = dep.require_info()
     rate = dep.feature_extractor.sampling_rate if dep.feature_extractor else 16000
     align_to = info.inputs_to_logits_ratio
     chunking, stamps = sanitize_parameters(params, align_to, rate)
-    (chunks,) = await preprocess(dep, call, [item], chunking)
-    tasks = [asyncio.ensure_future(forward_chunk(dep, call, inputs)) for inputs, _ in chunks]
+    (chunks,) = await preprocess(dep, scope, [item], chunking)
+    tasks = [asyncio.ensure_future(forward_chunk(dep, scope, inputs)) for inputs, _ in chunks]
     stream = TextStream(tokenizer)
     pieces = []
     try:
@@ -195,7 +195,7 @@ async def transcribe_stream(dep: Deployment, call: Call, item: audio.AudioInput,
     finally:
         for task in tasks:
             task.cancel()
-    with call.stage("postprocess"):
+    with scope.stage("postprocess"):
         result = postprocess(tokenizer, np.concatenate(pieces), stamps, align_to, rate)
     delta = stream.finish(result["text"])
     if delta:
@@ -203,17 +203,17 @@ async def transcribe_stream(dep: Deployment, call: Call, item: audio.AudioInput,
     yield result
 
 
-async def run(dep: Deployment, call: Call, items: list[audio.AudioInput], params: dict) -> list[dict]:
+async def run(dep: Deployment, scope: RequestScope, items: list[audio.AudioInput], params: dict) -> list[dict]:
     tokenizer = require_ctc(dep)
     info = dep.require_info()
     rate = dep.feature_extractor.sampling_rate if dep.feature_extractor else 16000
     align_to = info.inputs_to_logits_ratio
     chunking, stamps = sanitize_parameters(params, align_to, rate)
-    clips = await preprocess(dep, call, items, chunking)
+    clips = await preprocess(dep, scope, items, chunking)
     flat = [(i, inputs, stride) for i, chunks in enumerate(clips) for inputs, stride in chunks]
-    tokens = await asyncio.gather(*(forward_chunk(dep, call, inputs) for _, inputs, _ in flat))
+    tokens = await asyncio.gather(*(forward_chunk(dep, scope, inputs) for _, inputs, _ in flat))
     per_clip: list[list[np.ndarray]] = [[] for _ in clips]
     for (i, _, stride), chunk_tokens in zip(flat, tokens, strict=True):
         per_clip[i].append(trim(chunk_tokens, stride, align_to))
-    with call.stage("postprocess"):
+    with scope.stage("postprocess"):
         return [postprocess(tokenizer, np.concatenate(pieces), stamps, align_to, rate) for pieces in per_clip]

@@ -20,7 +20,7 @@ import json
 
 import numpy as np
 
-from preproc_service.deployment import Call, Deployment, TableLimits
+from preproc_service.deployment import Deployment, RequestScope, TableLimits
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
 TRUNCATIONS = ("drop_rows_to_fit", "do_not_truncate")
@@ -60,19 +60,19 @@ def parse_table(table_json: str, max_cells: int, index: int = 0):
     return frame.astype(str)
 
 
-async def preprocess(dep: Deployment, call: Call, table, queries: list[str], truncation: str) -> dict:
-    with call.stage("tokenize"):
+async def preprocess(dep: Deployment, scope: RequestScope, table, queries: list[str], truncation: str) -> dict:
+    with scope.stage("tokenize"):
         encoded = await asyncio.to_thread(dep.tokenizer, table, queries, return_tensors="np",
                                           truncation=truncation, padding=True)
     return {name: np.asarray(encoded[name], dtype=np.int64)
             for name in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-async def forward(dep: Deployment, call: Call, inputs: dict, sequential: bool, aggregate: bool):
+async def forward(dep: Deployment, scope: RequestScope, inputs: dict, sequential: bool, aggregate: bool):
     """(logits [B, L], logits_aggregation [B, A] or None), batched or one query after the other."""
     outputs = ["logits", "logits_aggregation"] if aggregate else ["logits"]
     if not sequential:
-        answer = await dep.forward(call, inputs, outputs)
+        answer = await dep.forward(scope, inputs, outputs)
         return answer["logits"], answer.get("logits_aggregation")
     all_logits, all_aggregations = [], []
     prev_answers = None
@@ -83,7 +83,7 @@ async def forward(dep: Deployment, call: Call, inputs: dict, sequential: bool, a
         one = {"input_ids": inputs["input_ids"][index:index + 1],
                "attention_mask": inputs["attention_mask"][index:index + 1],
                "token_type_ids": token_types[None]}
-        answer = await dep.forward(call, one, outputs)
+        answer = await dep.forward(scope, one, outputs)
         all_logits.append(answer["logits"])
         if aggregate:
             all_aggregations.append(answer["logits_aggregation"])
@@ -173,7 +173,7 @@ def require_tapas(dep: Deployment):
     return info
 
 
-async def run(dep: Deployment, call: Call, items: list[tuple[str, list[str]]], params: dict,
+async def run(dep: Deployment, scope: RequestScope, items: list[tuple[str, list[str]]], params: dict,
               limits: TableLimits) -> list[list[dict]]:
     """One list of answers (one per query) for every (table JSON, queries) item."""
     info = require_tapas(dep)
@@ -190,9 +190,9 @@ async def run(dep: Deployment, call: Call, items: list[tuple[str, list[str]]], p
     aggregate = bool(info.aggregation_labels)
 
     async def answer(table, queries):
-        inputs = await preprocess(dep, call, table, queries, truncation)
-        logits, logits_agg = await forward(dep, call, inputs, sequential, aggregate)
-        with call.stage("postprocess"):
+        inputs = await preprocess(dep, scope, table, queries, truncation)
+        logits, logits_agg = await forward(dep, scope, inputs, sequential, aggregate)
+        with scope.stage("postprocess"):
             return postprocess(inputs, table, logits, logits_agg, info.aggregation_labels,
                                info.no_aggregation_label_index)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from preproc_service.deployment import Call, Deployment
+from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.tasks.common import require_texts, softmax
 from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import InvalidArgument
@@ -23,13 +23,11 @@ def default_function(problem_type: str | None, num_labels: int) -> str:
     return "none"
 
 
-def check_params(params: dict) -> None:
-    function = params.get("function_to_apply")
-    if function is not None and str(function).lower() not in FUNCTIONS:
-        raise InvalidArgument(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}")
-    top_k = params.get("top_k")
-    if top_k is not None and top_k <= 0:
-        raise InvalidArgument(f"top_k must be >= 1 (all_labels asks for every label), got {top_k}")
+def pair_inputs(texts: list[str], text_pairs: list[str]) -> list:
+    """The inputs of one request: texts, or (text, text_pair) tuples when pairs are given."""
+    if text_pairs and len(text_pairs) != len(texts):
+        raise InvalidArgument(f"text_pairs has {len(text_pairs)} entries but texts has {len(texts)}")
+    return list(zip(texts, text_pairs, strict=True)) if text_pairs else list(texts)
 
 
 def every_label(explicit: dict, params: dict) -> None:
@@ -44,18 +42,35 @@ def every_label(explicit: dict, params: dict) -> None:
     params["top_k"] = None
 
 
-async def preprocess(dep: Deployment, call: Call, texts: list[str], text_pairs: list[str], truncation: bool):
-    require_texts(texts)
-    if text_pairs and len(text_pairs) != len(texts):
-        raise InvalidArgument(f"text_pairs has {len(text_pairs)} entries but texts has {len(texts)}")
-    items = list(zip(texts, text_pairs, strict=True)) if text_pairs else list(texts)
-    with call.stage("tokenize"):
-        encodings = await dep.tokenization.encode_truncating(items, truncation)
-    return pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids)
+def sanitize_parameters(dep: Deployment, params: dict) -> dict:
+    function = params.get("function_to_apply")
+    if function is not None and str(function).lower() not in FUNCTIONS:
+        raise InvalidArgument(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}")
+    top_k = params.get("top_k")
+    if top_k is not None and top_k <= 0:
+        raise InvalidArgument(f"top_k must be >= 1 (all_labels asks for every label), got {top_k}")
+    info = dep.require_info()
+    function = str(function).lower() if function else default_function(info.problem_type, info.num_labels)
+    return {"function_to_apply": function}
 
 
-def postprocess(logits: np.ndarray, id2label: dict[int, str], function_to_apply: str, top_k: int | None,
-                all_labels: bool = False) -> list:
+async def preprocess(dep: Deployment, inputs: list, params: dict) -> dict:
+    require_texts(inputs)
+    encodings = await dep.tokenization.encode_truncating(inputs, params.get("truncation", True))
+    return {"batch": pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids)}
+
+
+async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
+    return await dep.forward(scope, model_inputs["batch"], ["logits"])
+
+
+def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list:
+    return label_scores(model_outputs["logits"], dep.require_info().id2label, params["function_to_apply"],
+                        params.get("top_k"), bool(params.get("all_labels")))
+
+
+def label_scores(logits: np.ndarray, id2label: dict[int, str], function_to_apply: str, top_k: int | None,
+                 all_labels: bool = False) -> list:
     """One list of {label, score} per row, best first: top_k of them, the best only when top_k is
     None, every label with all_labels."""
     logits = logits.astype(np.float32)
@@ -70,16 +85,3 @@ def postprocess(logits: np.ndarray, id2label: dict[int, str], function_to_apply:
         order = np.argsort(-row, kind="stable")[: None if all_labels else (top_k or 1)]
         results.append([{"label": id2label.get(int(i), f"LABEL_{int(i)}"), "score": float(row[i])} for i in order])
     return results
-
-
-async def run(dep: Deployment, call: Call, texts: list[str], text_pairs: list[str], params: dict) -> list:
-    check_params(params)
-    info = dep.require_info()
-    inputs = await preprocess(dep, call, texts, text_pairs, params.get("truncation", True))
-    outputs = await dep.forward(call, inputs, ["logits"])
-    function = params.get("function_to_apply")
-    function = str(function).lower() if function else default_function(info.problem_type, info.num_labels)
-    params["function_to_apply"] = function
-    with call.stage("postprocess"):
-        return postprocess(outputs["logits"], info.id2label, function, params.get("top_k"),
-                           bool(params.get("all_labels")))

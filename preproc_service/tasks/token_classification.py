@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from preproc_service.deployment import Call, Deployment
+from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.tasks.common import require_texts, softmax
 from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import InvalidArgument
@@ -16,10 +16,31 @@ from splitserve_common.errors import InvalidArgument
 STRATEGIES = ("none", "simple", "first", "average", "max")
 
 
-def check_params(params: dict) -> None:
-    strategy = params.get("aggregation_strategy")
-    if str(strategy).lower() not in STRATEGIES:
-        raise InvalidArgument(f"aggregation_strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+def sanitize_parameters(dep: Deployment, params: dict) -> dict:
+    strategy = str(params.get("aggregation_strategy")).lower()
+    if strategy not in STRATEGIES:
+        raise InvalidArgument(f"aggregation_strategy must be one of {', '.join(STRATEGIES)}, "
+                              f"got {params.get('aggregation_strategy')!r}")
+    dep.require_info()  # labels come from the model service
+    return {"aggregation_strategy": strategy, "ignore_labels": list(params.get("ignore_labels") or [])}
+
+
+async def preprocess(dep: Deployment, inputs: list[str], params: dict) -> dict:
+    require_texts(inputs)
+    encodings = await dep.tokenization.encode_truncating(inputs, params.get("truncation", True))
+    return {"batch": pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids),
+            "texts": inputs, "encodings": encodings}
+
+
+async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
+    return await dep.forward(scope, model_inputs["batch"], ["logits"])
+
+
+def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list[list[dict]]:
+    classifier = TokenClassifier(dep.tokenizer, dep.require_info().id2label)
+    logits = model_outputs["logits"]
+    return [classifier.entities(text, enc, logits[i], params["aggregation_strategy"], params["ignore_labels"])
+            for i, (text, enc) in enumerate(zip(model_inputs["texts"], model_inputs["encodings"], strict=True))]
 
 
 class TokenClassifier:
@@ -31,8 +52,9 @@ class TokenClassifier:
         backend_model = tokenizer.backend_tokenizer.model
         self.has_subword_prefix = bool(getattr(backend_model, "continuing_subword_prefix", None))
 
-    def postprocess(self, sentence: str, encoding, logits: np.ndarray, strategy: str,
-                    ignore_labels: list[str]) -> list[dict]:
+    def entities(self, sentence: str, encoding, logits: np.ndarray, strategy: str,
+                 ignore_labels: list[str]) -> list[dict]:
+        """The pipeline's postprocess for one sentence: entities without the ignored labels."""
         n = len(encoding.ids)
         scores = softmax(logits[:n].astype(np.float32))
         pre_entities = self.gather_pre_entities(sentence, encoding, scores)
@@ -136,20 +158,3 @@ class TokenClassifier:
         if current:
             groups.append(self.group_sub_entities(current))
         return groups
-
-
-async def run(dep: Deployment, call: Call, texts: list[str], params: dict) -> list[list[dict]]:
-    check_params(params)
-    require_texts(texts)
-    info = dep.require_info()
-    strategy = str(params["aggregation_strategy"]).lower()
-    params["aggregation_strategy"] = strategy
-    with call.stage("tokenize"):
-        encodings = await dep.tokenization.encode_truncating(texts, params.get("truncation", True))
-    inputs = pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids)
-    logits = (await dep.forward(call, inputs, ["logits"]))["logits"]
-    classifier = TokenClassifier(dep.tokenizer, info.id2label)
-    ignore = list(params.get("ignore_labels") or [])
-    with call.stage("postprocess"):
-        return [classifier.postprocess(text, enc, logits[i], strategy, ignore)
-                for i, (text, enc) in enumerate(zip(texts, encodings, strict=True))]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from preproc_service.deployment import Call, Deployment
+from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.tasks.common import require_texts
 from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import InvalidArgument
@@ -34,8 +34,36 @@ def check_template(template: str, label: str) -> None:
             f"hypothesis_template {template!r} does not place the label: it needs a {{}} (e.g. 'This is {{}}.')")
 
 
-def postprocess(sequence: str, logits: np.ndarray, labels: list[str], entail: int, multi_label: bool) -> dict:
-    """`logits`: [len(labels), num_nli_labels] for one sequence."""
+def sanitize_parameters(dep: Deployment, params: dict) -> dict:
+    labels = parse_labels(params.get("candidate_labels") or [])
+    if not labels:
+        raise InvalidArgument("candidate_labels is empty: zero-shot classification needs at least one label")
+    check_template(params["hypothesis_template"], labels[0])
+    dep.require_info()  # the entailment label comes from the model service
+    return {"candidate_labels": labels, "multi_label": bool(params["multi_label"])}
+
+
+async def preprocess(dep: Deployment, inputs: list[str], params: dict) -> dict:
+    require_texts(inputs)
+    template = params["hypothesis_template"]
+    pairs = [(text, template.format(label)) for text in inputs for label in params["candidate_labels"]]
+    encodings = await dep.tokenization.encode_truncating(pairs, True, strategy="only_first")
+    return {"batch": pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids), "texts": inputs}
+
+
+async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
+    return await dep.forward(scope, model_inputs["batch"], ["logits"])
+
+
+def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list[dict]:
+    labels, logits = params["candidate_labels"], model_outputs["logits"]
+    entail, n = entailment_id(dep.require_info().id2label), len(labels)
+    return [label_scores(text, logits[i * n:(i + 1) * n], labels, entail, params["multi_label"])
+            for i, text in enumerate(model_inputs["texts"])]
+
+
+def label_scores(sequence: str, logits: np.ndarray, labels: list[str], entail: int, multi_label: bool) -> dict:
+    """The pipeline's postprocess for one sequence; `logits`: [len(labels), num_nli_labels]."""
     logits = logits.astype(np.float32)
     if multi_label or len(labels) == 1:
         contradiction = -1 if entail == 0 else 0
@@ -46,23 +74,3 @@ def postprocess(sequence: str, logits: np.ndarray, labels: list[str], entail: in
         scores = np.exp(entail_logits) / np.exp(entail_logits).sum(-1, keepdims=True)
     order = list(reversed(scores.argsort()))
     return {"sequence": sequence, "labels": [labels[i] for i in order], "scores": [float(scores[i]) for i in order]}
-
-
-async def run(dep: Deployment, call: Call, texts: list[str], labels, params: dict) -> list[dict]:
-    require_texts(texts)
-    labels = parse_labels(labels)
-    if not labels:
-        raise InvalidArgument("candidate_labels is empty: zero-shot classification needs at least one label")
-    template = params["hypothesis_template"]
-    check_template(template, labels[0])
-    info = dep.require_info()
-    entail = entailment_id(info.id2label)
-    pairs = [(text, template.format(label)) for text in texts for label in labels]
-    with call.stage("tokenize"):
-        encodings = await dep.tokenization.encode_truncating(pairs, True, strategy="only_first")
-    inputs = pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids)
-    logits = (await dep.forward(call, inputs, ["logits"]))["logits"]
-    n = len(labels)
-    with call.stage("postprocess"):
-        return [postprocess(text, logits[i * n:(i + 1) * n], labels, entail, bool(params["multi_label"]))
-                for i, text in enumerate(texts)]
