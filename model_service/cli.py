@@ -39,7 +39,10 @@ MODEL_OPTIONS = [
     Option("max-input-values", 480000, "audio models: most samples in one input_values row (480000: 30 s at "
                                        "16 kHz); longer clips are refused", int),
     Option("max-queue-rows", 1024, "rows waiting beyond this are refused with RESOURCE_EXHAUSTED", int),
-    Option("torch-threads", 0, "CPU threads torch may use (0: every CPU of this process)", int),
+    Option("forward-workers", 0, "batched forward passes run at once, each on its own share of the CPUs (0: 2 on "
+           "a CPU node with 2 or more CPUs, else 1); batches with adapter rows run alone", int),
+    Option("torch-threads", 0, "CPU threads torch may use per forward worker (0: the process's CPUs split evenly "
+           "between the workers)", int),
 ]
 OPTIONS = MODEL_OPTIONS + serving.SERVER_OPTIONS + ADAPTER_OPTIONS + GENERATION_OPTIONS
 

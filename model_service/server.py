@@ -59,7 +59,7 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     """Load the weights, warm up, start the batcher, then get adapters and generation ready, in that order."""
     args = runtime.args
     loaded = await asyncio.to_thread(loader.load, load_options(args))
-    engine = Engine(loaded, torch_threads=args.torch_threads)
+    engine = Engine(loaded, torch_threads=args.torch_threads, forward_workers=args.forward_workers)
     info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
                             args.max_input_values)
     info.max_message_bytes = args.max_message_mb * 1024 * 1024
@@ -70,8 +70,8 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     batcher.start()
     runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
     metrics.set_model(info.name)
-    for install_adapters in runtime.on_ready:  # adapters_servicer.register's: the registry on engine.adapters
-        await install_adapters(runtime)
+    for load_adapters in runtime.on_ready:  # the adapters servicer's: start-up adapters into engine.adapters
+        await load_adapters(runtime)
     await generation.on_ready(runtime)  # after the registry: generation checks adapter names against it
     runtime.ready.set()
     log.info("serving %s (%s, %s) on %s/%s; outputs: %s", info.name, loaded.task, loaded.architecture,
