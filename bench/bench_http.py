@@ -5,7 +5,8 @@
 Model: the real all-MiniLM-L6-v2 (sentence-transformers directory, mean pooling), one sentence
 per request. Two request kinds:
 - embeddings: OpenAI's POST /v1/embeddings vs the gRPC Embeddings RPC (what it calls);
-- embed-json: POST /splitserve.v1.Preproc/Embed (protobuf JSON) vs the gRPC Embed RPC.
+- embed-json: POST /splitserve.v1.Preproc/Embed (protobuf JSON) vs the gRPC Embed RPC;
+- tokenize-json: POST /splitserve.v1.Preproc/Tokenize vs gRPC Tokenize (no model call: the doors' own cost).
 At concurrency 1 and 32 (asyncio callers, keep-alive connections: aiohttp for HTTP, one grpc.aio
 channel for gRPC), HTTP and gRPC runs alternate, `--rounds` times, and the figures are the
 medians over rounds. Targets: HTTP >= 0.9 of gRPC's throughput at 32, p50 within 1 ms at 1.
@@ -73,6 +74,9 @@ async def bench(http_url: str, grpc_address: str, requests: int, rounds: int) ->
                            lambda t: stub.Embeddings(pb.EmbeddingsRequest(input=[t]))),
             "embed-json": (lambda t: post("/splitserve.v1.Preproc/Embed", {"texts": [t], "pooling": "mean"}),
                            lambda t: stub.Embed(pb.EmbedRequest(texts=[t], pooling="mean"))),
+            # No model call: the doors' own cost (transport, parsing, encoding) dominates.
+            "tokenize-json": (lambda t: post("/splitserve.v1.Preproc/Tokenize", {"texts": [t]}),
+                              lambda t: stub.Tokenize(pb.TokenizeRequest(texts=[t]))),
         }
         for http_call, grpc_call in kinds.values():  # warm both paths
             await run(http_call, texts[:32], 8)
