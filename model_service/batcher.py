@@ -93,6 +93,10 @@ class _Row:
     def length(self) -> int:
         return len(self.pending.job.rows[self.index])
 
+    @property
+    def shape(self) -> tuple:
+        return self.pending.job.rows[self.index].shape
+
 
 class Batcher:
     # Weight of the newest forward pass in the measured cost per token (an exponential average).
@@ -259,8 +263,8 @@ class Batcher:
             if len(offered) >= 4 * self.max_batch_size:
                 break
         first = offered[0]
-        if first.pending.job.exact_length:  # audio clips: only clips of the same length share a forward
-            window = [r for r in offered if r.length == first.length][: self.max_batch_size]
+        if first.pending.job.exact_length:  # audio: only clips of the same shape share a forward
+            window = [r for r in offered if r.shape == first.shape][: self.max_batch_size]
         else:
             pool = sorted(offered, key=lambda r: r.length)
             for start, end in plan_groups([r.length for r in pool], self.max_batch_size, self.token_budget,

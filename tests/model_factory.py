@@ -383,6 +383,19 @@ def build_audio_classifier(seed: int = 0):
     return model, wav2vec2_feature_extractor()
 
 
+def build_whisper_audio_classifier(seed: int = 0):
+    """(model, feature extractor): a tiny Whisper-encoder classifier over AUDIO_LABELS (16 mel bins)."""
+    import torch
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForAudioClassification
+
+    config = WhisperConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=16,
+                           classifier_proj_size=8, decoder_start_token_id=1, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, init_std=0.2, **_labels(AUDIO_LABELS))
+    torch.manual_seed(seed)
+    return WhisperForAudioClassification(config).eval(), WhisperFeatureExtractor(feature_size=16)
+
+
 def save_audio_components(root: Path, model, task: str, instance_type: str, feature_extractor, tokenizer=None,
                           as_processor: bool = False, **mlmodel) -> Path:
     """An audio model in MLflow's components layout: components/feature_extractor/ (+ tokenizer/), or
