@@ -100,6 +100,26 @@ def _logged(behavior, method: str):
     return unary
 
 
+class HttpAccess:
+    """The HTTP doors' side of this module (splitserve_common.http_front): the same request id
+    (the caller's `x-request-id` header, or a new one) for the request and the calls made on its
+    behalf, and the same access line, its code being the HTTP status."""
+
+    def __init__(self, method: str, request_id: str = "", traceparent: str = ""):
+        self.info, self._token = call_context.begin(
+            method, None, [(REQUEST_ID_KEY, request_id), (call_context.TRACEPARENT_KEY, traceparent)])
+        self._start = time.perf_counter()
+
+    def finish(self, status: int) -> None:
+        call_context.end(self._token)
+        info = self.info
+        info.duration_ms = round((time.perf_counter() - self._start) * 1e3, 3)
+        info.code = str(status)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s %s %.1f ms request_id=%s trace_id=%s", info.method, info.code, info.duration_ms,
+                            info.request_id, info.trace_id or "-", extra={"access": asdict(info)})
+
+
 # ---------------------------------------------------------------- log format
 
 LOG_FORMATS = ("text", "json")
