@@ -15,9 +15,8 @@ from preproc_service.limits import RequestLimits
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import read_model_dir
 from preproc_service.servicer import PreprocServicer
-from splitserve_common import tasks
+from splitserve_common import metrics, tasks
 from splitserve_common.channels import ChannelSecurity
-from splitserve_common.decoding import DecodeErrorInterceptor
 from splitserve_common.serving import (
     HealthReporter,
     add_port,
@@ -112,6 +111,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
         else:
             dep.set_model_info(info)
             dep.disagreement = None
+            metrics.set_model(info.name)
             if not serving:
                 log.info("SERVING %s (model %s at %s, max length %d)", dep.task, info.name, dep.model.address,
                          dep.max_length)
@@ -123,7 +123,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
 async def serve(args) -> None:
     configure_logging(args.log_level, args.log_format)
     dep = build_deployment(args)
-    server = create_server(args, [DecodeErrorInterceptor()])
+    server = create_server(args)
     servicer = PreprocServicer(dep, GenerationHandlers(dep, max_choices=args.max_choices), args.stream_window)
     preproc_pb2_grpc.add_PreprocServicer_to_server(servicer, server)
     health = HealthReporter(server, [SERVICE_NAME])
@@ -139,20 +139,15 @@ async def serve(args) -> None:
     checker = asyncio.ensure_future(
         handshake(dep, health, args.handshake_retry_seconds, args.handshake_recheck_seconds,
                   args.model_unreachable_grace_seconds))
-    loop = asyncio.get_running_loop()
-    drain_started = loop.time()
 
     async def on_drain():
-        nonlocal drain_started
-        drain_started = loop.time()
         checker.cancel()
         if http is not None:
             http.begin_drain()
 
     try:
-        await wait_for_termination(server, health, args.drain_seconds, on_drain=on_drain)
-        if http is not None:
-            await http.stop(max(0.0, args.drain_seconds - (loop.time() - drain_started)))
+        await wait_for_termination(server, health, args.drain_seconds, on_drain=on_drain,
+                                   after_drain=http.stop if http is not None else None)
     finally:
         checker.cancel()
         await dep.model.close()

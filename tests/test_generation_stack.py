@@ -171,18 +171,17 @@ def test_beam_search_equals_model_generate_through_both_services(kind, request):
     env = request.getfixturevalue(kind)
     tok, model = env["tokenizer"], env["model"]
     options = {"num_beams": 4, "length_penalty": 0.6, "early_stopping": True, "no_repeat_ngram_size": 2}
-    for prompt in PROMPTS[:2]:
-        ids = tok(prompt)["input_ids"]
-        expected = reference_generate(model, tok, ids, max_new_tokens=10, do_sample=False, **options)
-        tokens, last = generate_ids(env["gen"], ids, max_new_tokens=10, **options)
-        assert tokens == expected[: len(tokens)] and (tokens == expected or tokens[-1] == tok.eos_token_id)
-        ended = tokens[-1] == tok.eos_token_id
-        assert last.finish_reason == (gpb.FINISH_REASON_EOS if ended else gpb.FINISH_REASON_LENGTH)
+    ids = tok(PROMPTS[1])["input_ids"]
+    expected = reference_generate(model, tok, ids, max_new_tokens=10, do_sample=False, **options)
+    tokens, last = generate_ids(env["gen"], ids, max_new_tokens=10, **options)
+    assert tokens == expected[: len(tokens)] and (tokens == expected or tokens[-1] == tok.eos_token_id)
+    ended = tokens[-1] == tok.eos_token_id
+    assert last.finish_reason == (gpb.FINISH_REASON_EOS if ended else gpb.FINISH_REASON_LENGTH)
     reply = env["pre"].GenerateText(pb.GenerateTextRequest(prompt=PROMPTS[0], parameters=pb.GenerateTextParameters(
         max_new_tokens=10, **options)))
     ids = tok(PROMPTS[0])["input_ids"]
     expected = reference_generate(model, tok, ids, max_new_tokens=10, do_sample=False, **options)
-    assert list(reply.token_ids) == expected[: len(reply.token_ids)]
+    assert list(reply.token_ids) == expected[: len(reply.token_ids)] and reply.token_ids
     assert {k: json.loads(v) for k, v in reply.meta.applied_parameters.items() if k in options} == options
     chunks = list(env["pre"].GenerateTextStream(pb.GenerateTextRequest(
         prompt=PROMPTS[0], parameters=pb.GenerateTextParameters(max_new_tokens=10, return_full_text=False,
