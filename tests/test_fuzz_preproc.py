@@ -145,6 +145,28 @@ def fuzz(channel, name: str) -> None:
     case()
 
 
+def fuzz_undecodable(channel) -> None:
+    """Arbitrary bytes as the request message of every method (invalid UTF-8 in a string field, ...)."""
+    names = list(SERVICE.methods_by_name)
+
+    @FUZZ
+    @given(st.sampled_from(names), st.binary(max_size=48))
+    def case(name, payload):
+        method = SERVICE.methods_by_name[name]
+        path = f"/{SERVICE.full_name}/{name}"
+        try:
+            if method.client_streaming:
+                list(channel.stream_stream(path)(iter([payload]), timeout=TIMEOUT))
+            elif method.server_streaming:
+                list(channel.unary_stream(path)(payload, timeout=TIMEOUT))
+            else:
+                channel.unary_unary(path)(payload, timeout=TIMEOUT)
+        except grpc.RpcError as exc:
+            assert exc.code() in CLIENT_ERRORS, f"{name}: {exc.code().name}: {exc.details()}\npayload: {payload!r}"
+
+    case()
+
+
 @pytest.mark.parametrize("task", list(BUILDERS))
 def test_every_rpc_of_the_task_answers_ok_or_a_client_error(tmp_path, task):
     rpcs = list(spec(task).rpcs) + (list(COMMON_RPCS) if task == "text-classification" else [])
@@ -153,6 +175,8 @@ def test_every_rpc_of_the_task_answers_ok_or_a_client_error(tmp_path, task):
         before = method_call(channel, normal_name)(normal_request)
         for name in rpcs:
             fuzz(channel, name)
+        if task == "text-classification":
+            fuzz_undecodable(channel)
         for handle in (model, preproc):
             assert servers.health_status(handle.address) == health_pb2.HealthCheckResponse.SERVING
         after = method_call(channel, normal_name)(normal_request)
