@@ -25,7 +25,7 @@ from dataclasses import asdict
 
 import grpc
 
-from splitserve_common import call_context
+from splitserve_common import call_context, tracing
 from splitserve_common.call_context import REQUEST_ID_KEY, RequestInfo
 from splitserve_common.metrics import UNMEASURED, WrappedHandlers, code_name
 
@@ -47,6 +47,7 @@ def _finish(info: RequestInfo, context, start: float, error: BaseException | Non
     info.duration_ms = round((time.perf_counter() - start) * 1e3, 3)
     info.code = code_name(context, error)
     info.trace_id = call_context.current_trace_id() or info.trace_id
+    tracing.annotate(info)
     if access_log.isEnabledFor(logging.INFO):
         access_log.info("%s %s %.1f ms rows=%s tokens=%s adapter=%s request_id=%s trace_id=%s", info.method,
                         info.code, info.duration_ms, _dash(info.rows), _dash(info.tokens), info.adapter or "-",
@@ -97,6 +98,26 @@ def _logged(behavior, method: str):
             _finish(info, context, start, error)
 
     return unary
+
+
+class HttpAccess:
+    """The HTTP doors' side of this module (splitserve_common.http_front): the same request id
+    (the caller's `x-request-id` header, or a new one) for the request and the calls made on its
+    behalf, and the same access line, its code being the HTTP status."""
+
+    def __init__(self, method: str, request_id: str = "", traceparent: str = ""):
+        self.info, self._token = call_context.begin(
+            method, None, [(REQUEST_ID_KEY, request_id), (call_context.TRACEPARENT_KEY, traceparent)])
+        self._start = time.perf_counter()
+
+    def finish(self, status: int) -> None:
+        call_context.end(self._token)
+        info = self.info
+        info.duration_ms = round((time.perf_counter() - self._start) * 1e3, 3)
+        info.code = str(status)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s %s %.1f ms request_id=%s trace_id=%s", info.method, info.code, info.duration_ms,
+                            info.request_id, info.trace_id or "-", extra={"access": asdict(info)})
 
 
 # ---------------------------------------------------------------- log format
