@@ -53,10 +53,15 @@ class ServedModel:
 
 
 def warmup_inputs(loaded: LoadedModel, length: int = 8) -> dict[str, torch.Tensor]:
-    if getattr(loaded.model, "main_input_name", "input_ids") == "input_values":
+    main = getattr(loaded.model, "main_input_name", "input_ids")
+    config = loaded.config
+    if main == "input_values":
         # One second of a quiet 440 Hz tone at 16 kHz: long enough for any convolutional front end.
         t = torch.arange(16000, dtype=torch.float32) / 16000
         return {"input_values": (0.1 * torch.sin(2 * torch.pi * 440 * t)).unsqueeze(0).to(loaded.device)}
+    if main == "input_features":  # Whisper-style log-mel features: [1, mel bins, 2 x encoder positions]
+        shape = (1, int(config.num_mel_bins), 2 * int(config.max_source_positions))
+        return {"input_features": torch.zeros(shape, dtype=torch.float32, device=loaded.device)}
     vocab = max(loaded.vocab_size, 2)
     ids = torch.arange(length, dtype=torch.int64).remainder(vocab - 1).add(1).unsqueeze(0)
     return {"input_ids": ids.to(loaded.device), "attention_mask": torch.ones_like(ids).to(loaded.device)}
@@ -69,7 +74,7 @@ def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) 
                        adapter_names=lambda: engine.adapters.names(),
                        default_adapter=lambda: engine.adapters.default,
                        input_specs=input_specs(loaded), max_input_values=max_input_values)
-    if loaded.config.is_encoder_decoder:
+    if loaded.config.is_encoder_decoder and loaded.model.can_generate():
         # Seq2seq models are served by generation; ModelInfer has no outputs for them.
         return info
     native = engine.forward(warmup_inputs(loaded))

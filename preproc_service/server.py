@@ -13,7 +13,7 @@ from preproc_service.http.app import build_front
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import read_model_dir
 from preproc_service.servicer import PreprocServicer
-from splitserve_common import tasks
+from splitserve_common import metrics, tasks
 from splitserve_common.channels import ChannelSecurity
 from splitserve_common.serving import (
     HealthReporter,
@@ -54,7 +54,7 @@ def build_deployment(args) -> Deployment:
     feature_extractor = load_feature_extractor(model_dir.feature_extractor_path)
     model = ModelClient(args.model_service, args.model_name, args.max_in_flight, args.model_timeout,
                         args.max_message_mb, security=ChannelSecurity.from_args(args, "model-service"))
-    audio = AudioSettings(root=args.audio_root, max_seconds=args.max_audio_seconds,
+    audio = AudioSettings(root=args.audio_root, max_seconds=args.max_audio_seconds, max_inputs=args.max_audio_inputs,
                           max_bytes=args.max_message_mb * 1024 * 1024)
     return Deployment(model_dir, tokenizer, model, task_override=args.task, tokenize_batch=args.tokenize_batch,
                       feature_extractor=feature_extractor, audio=audio,
@@ -92,6 +92,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
             await health.set(False)
         else:
             dep.set_model_info(info)
+            metrics.set_model(info.name)
             if not serving:
                 log.info("SERVING %s (model %s at %s, max length %d)", dep.task, info.name, dep.model.address,
                          dep.max_length)

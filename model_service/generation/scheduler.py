@@ -17,8 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from prometheus_client import Gauge
-
+from model_service.adapters import BASE
 from model_service.generation.batch import DecodeBatch, GenerationModel, Sequence
 from model_service.generation.sampling import TokenChooser
 from splitserve_common import metrics
@@ -67,11 +66,11 @@ class _Core:
         self._keep(lambda s: s not in gone)
         stepped = []
         if self.batch is not None:
-            with self._use(self.batch.seqs):
+            with self._use(self.batch.seqs), metrics.stage_timer("decode"):
                 self.batch.decode(self.gm)
             stepped += self.batch.seqs
         if admitted:
-            with self._use(admitted):
+            with self._use(admitted), metrics.stage_timer("prefill"):
                 fresh = DecodeBatch.prefill(self.gm, admitted)
             stepped += admitted
             self.batch = fresh if self.batch is None else self.batch.concat(fresh)
@@ -121,6 +120,7 @@ class Scheduler:
         seq.events = asyncio.Queue()
         seq.submitted_at = time.monotonic()
         self._waiting.append(seq)
+        metrics.set_generation_sequences(len(self._active), len(self._waiting))
         self.start()
         self._wakeup.set()
         return seq
@@ -132,6 +132,7 @@ class Scheduler:
         seq.cancelled = True
         if seq in self._waiting:
             self._waiting.remove(seq)
+            metrics.set_generation_sequences(len(self._active), len(self._waiting))
         self.counters["cancelled"] += 1
         self._wakeup.set()
 
@@ -155,6 +156,7 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         """Waiting sequences that fit now, first come first served (no overtaking)."""
         admitted = []
+        now = time.monotonic()
         count = len(self._active)
         tokens = sum(s.reserved_tokens for s in self._active)
         while self._waiting:
@@ -162,6 +164,8 @@ class Scheduler:
             if count + 1 > self.limits.max_sequences or tokens + seq.reserved_tokens > self.limits.max_tokens:
                 break
             self._waiting.popleft()
+            metrics.observe_stage("queue", now - seq.submitted_at)
+            metrics.add_prompt_tokens(_label(seq), len(seq.prompt_ids))
             admitted.append(seq)
             count += 1
             tokens += seq.reserved_tokens
@@ -187,6 +191,7 @@ class Scheduler:
                     seq.finish_reason = "error"
                     seq.events.put_nowait(Unavailable(f"generation failed: {type(exc).__name__}: {exc}"))
                 self._active = []
+                metrics.set_generation_sequences(0, len(self._waiting))
                 continue
             self._active += admitted
             self._record(results, admitted)
@@ -194,10 +199,12 @@ class Scheduler:
     def _record(self, results, admitted) -> None:
         now = time.monotonic()
         for seq in admitted:
-            metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.submitted_at)
+            seq.first_token_at = now
+            metrics.observe_time_to_first_token(_label(seq), now - seq.submitted_at)
         self.counters["steps"] += 1
         self.counters["generated_tokens"] += len(results)
-        metrics.GENERATED_TOKENS.inc(len(results))
+        for adapter, count in collections.Counter(_label(seq) for seq, _ in results).items():
+            metrics.add_generated_tokens(adapter, count)
         for seq, event in results:
             if not seq.cancelled:
                 seq.events.put_nowait(event)
@@ -205,8 +212,13 @@ class Scheduler:
         if finished:
             self.counters["finished"] += len(finished)
             self._active = [s for s in self._active if not s.finish_reason]
-        ACTIVE_SEQUENCES.set(len(self._active))
+            for seq in finished:
+                if len(seq.generated) > 1:
+                    metrics.observe_time_per_output_token(
+                        _label(seq), (now - seq.first_token_at) / (len(seq.generated) - 1))
+        metrics.set_generation_sequences(len(self._active), len(self._waiting))
 
 
-ACTIVE_SEQUENCES = Gauge("splitserve_generation_active_sequences",
-                                 "sequences in the running generation batch")
+def _label(seq: Sequence) -> str:
+    """The metrics' adapter label: the adapter generated with, "" for the base model."""
+    return "" if seq.adapter == BASE else seq.adapter
