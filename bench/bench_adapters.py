@@ -89,9 +89,10 @@ def set_loaded(stub, dirs: dict, loaded: bool) -> None:
     present = {a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters}
     for name, path in dirs.items():
         if loaded and name not in present:
-            stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name=name, path=str(path)))
+            stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name=name, path=str(path)),
+                             metadata=adapter_helpers.TOKEN_METADATA)
         elif not loaded and name in present:
-            stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name=name))
+            stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name=name), metadata=adapter_helpers.TOKEN_METADATA)
 
 
 async def service_rate(address: str, rows: list[np.ndarray], rotation: list[str], concurrency: int) -> dict:
@@ -158,7 +159,7 @@ def main(argv=None) -> None:
 
     results: dict = {}
     extra = ["--max-batch-size", str(args.batch_size), "--metrics-port", "0",
-             "--torch-threads", str(args.torch_threads)]
+             "--torch-threads", str(args.torch_threads), *adapter_helpers.management_flags(work)]
     with servers.model_service(model_dir, *extra) as service:
         stub = adapters_pb2_grpc.AdaptersStub(grpc.insecure_channel(service.address))
         # Rows are measured round-robin, `repeat` rounds, best kept: on a shared CPU the load

@@ -3,6 +3,8 @@
     splitserve predict "I love this"                   # whatever task the deployment serves
     splitserve predict --labels travel,music "a trip"  # zero-shot
     splitserve predict --context "Alice lives in Paris." "Where does Alice live?"
+    splitserve predict clip.wav other.mp3              # audio-classification / speech recognition: files
+    splitserve predict --table '{"city": ["paris"]}' "which city?"   # table-question-answering
     echo "one text per line" | splitserve embed
     splitserve tokenize "hello world"; splitserve info
     splitserve generate "Once upon a time"; splitserve chat "Hi"   # client/generation_cli.py
@@ -21,6 +23,7 @@ from client.cli_common import UsageError, add_common_flags, entry, read_texts
 from client.preproc_client import PreprocClient, _channel_options
 
 GENERATION_TASKS = ("text-generation", "text2text-generation", "summarization", "translation")
+AUDIO_TASKS = ("audio-classification", "automatic-speech-recognition")
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -61,11 +64,31 @@ def _predict(parser):
     parser.add_argument("--hypothesis-template", help="zero-shot-classification: e.g. 'This example is {}.'")
     parser.add_argument("--multi-label", action="store_true", default=None,
                         help="zero-shot-classification: score each label on its own")
+    parser.add_argument("--table", help="table-question-answering: the table as JSON ({column: [cells]}) or "
+                        "@FILE; the texts are queries")
+    parser.add_argument("--sequential", action="store_true", default=None,
+                        help="table-question-answering: each query sees the previous answer (SQA)")
+    parser.add_argument("--chunk-length-s", type=float,
+                        help="speech recognition: cut audio into chunks of this many seconds")
+    parser.add_argument("--stride-length-s", type=float, help="speech recognition: overlap on each chunk side")
+    parser.add_argument("--return-timestamps", choices=["char", "word"],
+                        help="speech recognition: timed characters or words")
     _truncation_arg(parser)
 
     def run(client: PreprocClient, args):
         texts = read_texts(args)
         task = client.info().task
+        if task in AUDIO_TASKS:  # the texts are audio files, sent as bytes
+            clips = [_read_file(path) for path in texts]
+            if task == "audio-classification":
+                return client.classify_audio(clips, top_k=args.top_k, function_to_apply=args.function_to_apply)
+            return client.transcribe(clips, chunk_length_s=args.chunk_length_s, stride_length_s=args.stride_length_s,
+                                     return_timestamps=args.return_timestamps)
+        if task == "table-question-answering":
+            if not args.table:
+                raise UsageError("predict: table-question-answering needs --table JSON (or @FILE)")
+            table = _read_file(args.table[1:]).decode() if args.table.startswith("@") else args.table
+            return client.answer_table_question([(table, texts)], sequential=args.sequential)[0]
         if task == "text-classification":
             return client.classify(texts, args.text_pair, top_k=args.top_k, all_labels=args.all_labels,
                                    function_to_apply=args.function_to_apply, truncation=args.truncation)
@@ -90,6 +113,14 @@ def _predict(parser):
         raise UsageError(f"predict: the service serves {task!r}, which predict does not handle; "
                          "`splitserve info` shows what it serves")
     return run
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _embed(parser):

@@ -30,6 +30,7 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     HF_HOME=/tmp/hf \
     MODEL_SERVICE_PORT=8001 \
+    MODEL_SERVICE_HTTP_PORT=8000 \
     MODEL_SERVICE_METRICS_PORT=8002 \
     PROBE_ADDRESS=127.0.0.1:8001
 WORKDIR /app
@@ -43,7 +44,7 @@ COPY client ./client
 RUN pip install --no-cache-dir ".[model]" \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin splitserve
 USER 10001
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 # The model directory is mounted here read-only (compose volume / Kubernetes volume).
 VOLUME ["/models"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \

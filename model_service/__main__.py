@@ -1,3 +1,5 @@
+import sys
+
 from model_service.cli import main
 
-main()
+sys.exit(main())

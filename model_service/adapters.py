@@ -150,9 +150,8 @@ def release_freed_memory() -> None:
 class AdapterRegistry:
     """The adapters attached to one model, by name."""
 
-    def __init__(self, model, allow_pickle: bool = False):
+    def __init__(self, model):
         self.model = model
-        self.allow_pickle = allow_pickle
         self._infos: dict[str, AdapterInfo] = {}
         self._configs: dict = {}
         self._draining: set[str] = set()
@@ -243,14 +242,14 @@ class AdapterRegistry:
 
     # --- model changes (engine worker thread) ---------------------------------------------
 
-    def load(self, name: str, path: str | Path) -> AdapterInfo:
+    def load(self, name: str, path: str | Path, allow_pickle: bool = False) -> AdapterInfo:
         """Read a PEFT directory and attach it under `name`."""
         check_name(name)
         with self._lock:
             if name in self._infos:
                 raise FailedPrecondition(f"adapter {name!r} is already loaded (from {self._infos[name].source}); "
                                          "unload it first")
-        return self.attach(name, read_adapter_dir(path, self.allow_pickle))
+        return self.attach(name, read_adapter_dir(path, allow_pickle))
 
     def attach(self, name: str, files: AdapterFiles) -> AdapterInfo:
         """Inject `files` into the model under `name`; on any incompatibility undo it and refuse."""
@@ -361,8 +360,6 @@ class AdapterRegistry:
         self._hooked_layers = layers
 
     # --- the engine's adapter switch (see model_service/engine.py) ------------------------
-
-    mixes_rows = True  # use() takes per-row names: one forward pass may serve several adapters
 
     def check(self, name: str) -> None:
         """Event loop, on admission: NOT_FOUND for an unknown (or unloading) adapter."""

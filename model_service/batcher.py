@@ -1,13 +1,14 @@
 """Dynamic batching: rows from concurrent requests (unary and streamed alike) share forward passes.
 
-Each request is split into rows (unpadded sequences). While a batch is computing, the collector
-waits up to `max_wait_us` (counted from the oldest row's arrival) for `max_batch_size` rows; with
-the worker idle it goes at once, as waiting would only add latency. It then sorts the waiting rows
+Each request is split into rows (unpadded sequences). While every forward worker is busy, the
+collector waits up to `max_wait_us` (counted from the oldest row's arrival) for `max_batch_size`
+rows; with a worker idle it goes at once, as waiting would only add latency. It then sorts the waiting rows
 by length and cuts them into groups that minimise padded tokens plus a per-forward overhead
 (`plan_groups`), within `token_budget` padded tokens; the group holding the oldest row runs
 next. Padding a mixed batch to its longest row costs up to ~3x on real text. Rows of
-different adapters mix in one batch (see engine.py). Two batches may be in flight: one
-computing, the next queued on the engine, so the worker never waits for the event loop.
+different adapters mix in one batch (see engine.py). Each forward worker (`engine.forward_workers`)
+computes a batch and one more waits queued, so no worker waits for the event loop; a batch with
+adapter rows runs alone (the adapters change the model around it).
 
 Sharing between requests: the rows offered to a forward pass come from the waiting requests in
 least-attained-service order (fewest rows computed so far, then fewest rows waiting, then
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -37,7 +39,7 @@ import torch
 
 from model_service import shaping
 from model_service.requests import InferJob
-from splitserve_common import metrics
+from splitserve_common import metrics, tracing
 from splitserve_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class _Pending:
         self.remaining = job.batch
         self.batch_size = 0
         self.dropped = False
+        self.trace = tracing.current_context()  # the caller's span, for its queue and forward spans
 
 
 @dataclass
@@ -91,6 +94,10 @@ class _Row:
     @property
     def length(self) -> int:
         return len(self.pending.job.rows[self.index])
+
+    @property
+    def shape(self) -> tuple:
+        return self.pending.job.rows[self.index].shape
 
 
 class Batcher:
@@ -116,7 +123,9 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
-        self._slots = asyncio.Semaphore(2)
+        # One batch per forward worker computing, and one more queued, so no worker waits for the event loop.
+        self._slots = asyncio.Semaphore(engine.forward_workers + 1)
+        self._rows_done = threading.Lock()
 
     @property
     def queue_rows(self) -> int:
@@ -141,6 +150,10 @@ class Batcher:
             self.stats.rejected_full += 1
             raise ResourceExhausted(f"queue full: {self._queued_rows} rows waiting (limit {self.max_queue_rows}, "
                                     "--max-queue-rows); retry later")
+        longest = max(len(row) for row in job.rows)
+        if not job.exact_length and longest > self.token_budget:  # it could never be computed
+            raise InvalidArgument(f"a row of {longest} tokens is over the {self.token_budget} padded tokens of "
+                                  "one forward pass (--token-budget)")
         self._check_time(job, timeout)
         self.engine.adapters.check(job.adapter)
         loop = asyncio.get_running_loop()
@@ -167,12 +180,12 @@ class Batcher:
 
         Under fair sharing a request shares the worker with every waiting request up to its own
         size (a smaller one finishes first, a larger one keeps going after it), and waits for the
-        batches already computing."""
+        batches already computing; the forward workers share the work."""
         if self.seconds_per_token is None:
             return None
         own = sum(len(row) for row in job.rows)
         shared = sum(min(p.waiting_tokens, own) for p in self._waiting.values())
-        return (self._computing_tokens + shared + own) * self.seconds_per_token
+        return (self._computing_tokens + shared + own) * self.seconds_per_token / self.engine.forward_workers
 
     def _check_time(self, job: InferJob, timeout: float | None) -> None:
         expected = None if timeout is None else self.expected_seconds(job)
@@ -203,7 +216,8 @@ class Batcher:
             # max_wait counts from the oldest row's arrival: under load nobody waits on purpose. With no
             # batch computing, waiting would only add latency (nothing else is using the worker): go now.
             oldest = next(iter(self._waiting.values())).waiting[0].arrived
-            wait_until = oldest + (self.max_wait if self._running else 0.0)
+            busy = len(self._running) >= self.engine.forward_workers
+            wait_until = oldest + (self.max_wait if busy else 0.0)
             while self._queued_rows < self.max_batch_size and (left := wait_until - loop.time()) > 0:
                 self._wakeup.clear()
                 try:
@@ -254,8 +268,8 @@ class Batcher:
             if len(offered) >= 4 * self.max_batch_size:
                 break
         first = offered[0]
-        if first.pending.job.exact_length:  # audio clips: only clips of the same length share a forward
-            window = [r for r in offered if r.length == first.length][: self.max_batch_size]
+        if first.pending.job.exact_length:  # audio: only clips of the same shape share a forward
+            window = [r for r in offered if r.shape == first.shape][: self.max_batch_size]
         else:
             pool = sorted(offered, key=lambda r: r.length)
             for start, end in plan_groups([r.length for r in pool], self.max_batch_size, self.token_budget,
@@ -277,7 +291,9 @@ class Batcher:
         tokens = sum(r.length for r in batch)
         self._computing_tokens += tokens
         try:
-            finished, stale, size, seconds = await self.engine.run(self._compute, batch)
+            # Rows with adapters change the model around their forward pass: those run alone.
+            run = self.engine.run if any(r.pending.job.adapter for r in batch) else self.engine.run_forward
+            finished, stale, size, seconds = await run(self._compute, batch)
         except Exception as exc:  # noqa: BLE001 - the batch fails, the service keeps serving
             log.exception("forward pass failed")
             for p in {id(r.pending): r.pending for r in batch}.values():
@@ -333,6 +349,8 @@ class Batcher:
         outputs = self.engine.forward(inputs, adapters=adapters, hidden_states=needs_hidden)
         seconds = time.perf_counter() - started
         metrics.observe_stage("forward", seconds)
+        if tracing.enabled:
+            _trace_batch(batch, now, seconds)
 
         length = max(r.length for r in batch)
         if _is_whole_request(batch, length):  # one request, as sent: its outputs need no cutting and restacking
@@ -348,14 +366,17 @@ class Batcher:
         for i, row in enumerate(batch):
             p = row.pending
             cut = not p.job.exact_length
-            p.row_outputs[row.index] = {
+            outputs_of_row = {
                 name: (t[i, : row.length] if cut and shaping.has_sequence_axis(name, t.ndim, p.job.per_token)
                        else t[i])
                 for name, t in outputs.items()
             }
-            p.batch_size = max(p.batch_size, len(batch))
-            p.remaining -= 1
-            if p.remaining == 0:
+            with self._rows_done:  # forward workers may finish rows of one request at the same time
+                p.row_outputs[row.index] = outputs_of_row
+                p.batch_size = max(p.batch_size, len(batch))
+                p.remaining -= 1
+                last = p.remaining == 0
+            if last:
                 try:
                     finished.append((p, Result(assemble(p.job, p.row_outputs), p.batch_size)))
                 except InvalidArgument as exc:
@@ -466,3 +487,14 @@ def _shape_all(job: InferJob, stacked: dict, mask: torch.Tensor) -> dict:
         result.update(shaping.shape(spec, stacked[spec.source], mask, job.per_token))
     return result
 
+
+def _trace_batch(batch: list[_Row], taken: float, forward_seconds: float) -> None:
+    """Each traced request's wait in the queue and the forward pass it was part of, as spans of its call."""
+    forward_end = time.time_ns()
+    forward_start = forward_end - int(forward_seconds * 1e9)
+    for row in {id(r.pending): r for r in batch}.values():
+        if row.pending.trace is not None:
+            queued = forward_start - int(max(0.0, taken - row.arrived) * 1e9)
+            tracing.record_span("queue", queued, forward_start, parent=row.pending.trace)
+            tracing.record_span("forward", forward_start, forward_end, parent=row.pending.trace,
+                                attributes={"splitserve.batch_rows": len(batch)})

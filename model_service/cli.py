@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from model_service.adapters_servicer import ADAPTER_OPTIONS
 from model_service.generation.options import GENERATION_OPTIONS
 from splitserve_common import serving
-from splitserve_common.errors import ConfigurationError
+from splitserve_common.http_front import http_port_option
 from splitserve_common.settings import Option, parse
 
 ENV_PREFIX = "MODEL_SERVICE_"
@@ -26,6 +25,7 @@ MODEL_OPTIONS = [
     Option("allow-pickle", False, "allow pickle (.bin) weights, which can run code on load", bool),
     Option("trust-remote-code", False, "allow models whose code ships with the weights", bool),
     Option("port", 8001, "gRPC port", int),
+    http_port_option(8000, "the v2 REST API (KServe / Triton HTTP: tritonclient.http)"),
     serving.metrics_port_option(8002),
     Option("max-batch-size", 32, "most rows in one forward pass (also the largest batch one request may send)",
            int),
@@ -39,7 +39,10 @@ MODEL_OPTIONS = [
     Option("max-input-values", 480000, "audio models: most samples in one input_values row (480000: 30 s at "
                                        "16 kHz); longer clips are refused", int),
     Option("max-queue-rows", 1024, "rows waiting beyond this are refused with RESOURCE_EXHAUSTED", int),
-    Option("torch-threads", 0, "CPU threads torch may use (0: every CPU of this process)", int),
+    Option("forward-workers", 0, "batched forward passes run at once, each on its own share of the CPUs (0: 2 on "
+           "a CPU node with 2 or more CPUs, else 1); batches with adapter rows run alone", int),
+    Option("torch-threads", 0, "CPU threads torch may use per forward worker (0: the process's CPUs split evenly "
+           "between the workers)", int),
 ]
 OPTIONS = MODEL_OPTIONS + serving.SERVER_OPTIONS + ADAPTER_OPTIONS + GENERATION_OPTIONS
 
@@ -53,19 +56,13 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     from model_service.server import serve
 
     args = parse_args(argv)
     serving.configure_logging(args.log_level, args.log_format)
-    try:
-        asyncio.run(serve(args))
-    except ConfigurationError as exc:
-        print(f"model-service: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        pass
+    return serving.run_service("model-service", serve(args))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,8 +5,9 @@
 - audio models whose main input is the waveform (wav2vec2, HuBERT, ...): `input_values` FP32
   `[B, T]` (+ `attention_mask`); every row is a whole clip (no padding), because a
   padded waveform changes what models without an attention mask compute;
-- models whose main input is a feature matrix (Whisper's `input_features` `[B, mel, frames]`)
-  are served by generation only.
+- models whose main input is a feature matrix (Whisper's `input_features` `[B, mel, frames]`,
+  fixed frames): `input_features` FP32 `[B, mel, frames]`, batched only with rows of the same shape
+  (Whisper's encoder classifiers; Whisper's encoder-decoder has no ModelInfer outputs).
 """
 
 from __future__ import annotations

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from model_service.inputs import InputSpec
-from model_service.shaping import SEQUENCE_OUTPUTS, OutputSpec, parse_specs
+from model_service.shaping import SEQUENCE_OUTPUTS, OutputSpec, answer_bytes, parse_specs
 from splitserve_common import v2_codec
-from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
+MiB = 1024 * 1024
+# Room in the answer message for what is not tensor data (names, shapes, parameters).
+ANSWER_OVERHEAD_BYTES = 64 * 1024
 FLOAT_DATATYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
 
 
@@ -91,6 +94,17 @@ def row_lengths(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     return lengths
 
 
+def check_answer_size(specs, info, batch: int, length: int) -> None:
+    """Refuse, before any compute, an answer that could not be sent (over the message limit)."""
+    size = answer_bytes(specs, info.outputs, batch, length)
+    limit = info.max_message_bytes
+    if limit and size + ANSWER_OVERHEAD_BYTES > limit:
+        raise ResourceExhausted(
+            f"the answer would hold {size} bytes of outputs, over the {limit // MiB} MiB message limit "
+            "(--max-message-mb): send fewer rows or shorter ones, or shrink the outputs (top_k, gather_positions, "
+            "pooling, datatype FP16)")
+
+
 def check_token_types(type_ids: np.ndarray, config, type_vocab_size: int) -> None:
     """Every token type within its vocabulary: one size, or TAPAS' size per column."""
     sizes = getattr(config, "type_vocab_sizes", None)
@@ -138,6 +152,8 @@ def parse(request, info) -> InferJob:
     if type_ids is not None:
         check_token_types(type_ids, info.loaded.config, info.loaded.type_vocab_size)
     specs = parse_specs(request, info.output_names, info.default_outputs, info.loaded.pooling.as_dict(), length)
+    if not inputs[main].floating:  # audio outputs run along frames, not input values (--max-input-values)
+        check_answer_size(specs, info, batch, length)
     adapter = v2_codec.typed(v2_codec.params_to_dict(request.parameters), "adapter", str, "")
     return InferJob(
         request_id=request.id,

@@ -28,6 +28,7 @@ class ServedModel:
     native_outputs: set[str] = field(default_factory=set)  # returned without output_hidden_states
     default_outputs: list[str] = field(default_factory=list)
     versions: tuple[str, ...] = ("1",)
+    max_message_bytes: int = 0  # the largest answer that can be sent (--max-message-mb); 0 = no limit
     adapter_names: callable = list  # () -> list of loaded adapter names (engine.adapters.names)
     default_adapter: callable = str  # () -> adapter of requests that name none ("" = base)
     input_specs: dict[str, InputSpec] = field(default_factory=dict)  # main input first
@@ -52,10 +53,15 @@ class ServedModel:
 
 
 def warmup_inputs(loaded: LoadedModel, length: int = 8) -> dict[str, torch.Tensor]:
-    if getattr(loaded.model, "main_input_name", "input_ids") == "input_values":
+    main = getattr(loaded.model, "main_input_name", "input_ids")
+    config = loaded.config
+    if main == "input_values":
         # One second of a quiet 440 Hz tone at 16 kHz: long enough for any convolutional front end.
         t = torch.arange(16000, dtype=torch.float32) / 16000
         return {"input_values": (0.1 * torch.sin(2 * torch.pi * 440 * t)).unsqueeze(0).to(loaded.device)}
+    if main == "input_features":  # Whisper-style log-mel features: [1, mel bins, 2 x encoder positions]
+        shape = (1, int(config.num_mel_bins), 2 * int(config.max_source_positions))
+        return {"input_features": torch.zeros(shape, dtype=torch.float32, device=loaded.device)}
     vocab = max(loaded.vocab_size, 2)
     ids = torch.arange(length, dtype=torch.int64).remainder(vocab - 1).add(1).unsqueeze(0)
     return {"input_ids": ids.to(loaded.device), "attention_mask": torch.ones_like(ids).to(loaded.device)}
@@ -65,10 +71,10 @@ def discover(engine, name: str, max_batch_size: int, max_input_values: int = 0) 
     """Run the warm-up forward (worker thread) and record what the model returns."""
     loaded = engine.loaded
     info = ServedModel(name=name, loaded=loaded, max_batch_size=max_batch_size,
-                     adapter_names=lambda: engine.adapters.names(),
-                     default_adapter=lambda: getattr(engine.adapters, "default", ""),
-                     input_specs=input_specs(loaded), max_input_values=max_input_values)
-    if loaded.config.is_encoder_decoder:
+                       adapter_names=lambda: engine.adapters.names(),
+                       default_adapter=lambda: engine.adapters.default,
+                       input_specs=input_specs(loaded), max_input_values=max_input_values)
+    if loaded.config.is_encoder_decoder and loaded.model.can_generate():
         # Seq2seq models are served by generation; ModelInfer has no outputs for them.
         return info
     native = engine.forward(warmup_inputs(loaded))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from model_service import adapters_servicer, loader
+from model_service import adapters_servicer, loader, v2_rest
 from model_service.batcher import Batcher
 from model_service.engine import Engine
 from model_service.generation.scheduler import Limits
@@ -59,17 +59,19 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     """Load the weights, warm up, start the batcher, then get adapters and generation ready, in that order."""
     args = runtime.args
     loaded = await asyncio.to_thread(loader.load, load_options(args))
-    engine = Engine(loaded, torch_threads=args.torch_threads)
+    engine = Engine(loaded, torch_threads=args.torch_threads, forward_workers=args.forward_workers)
     info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
                             args.max_input_values)
+    info.max_message_bytes = args.max_message_mb * 1024 * 1024
     batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
                       token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
                       overhead_tokens=args.batch_overhead_tokens)
     _observe_batches(batcher)
     batcher.start()
     runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
-    for install_adapters in runtime.on_ready:  # adapters_servicer.register's: the registry on engine.adapters
-        await install_adapters(runtime)
+    metrics.set_model(info.name)
+    for load_adapters in runtime.on_ready:  # the adapters servicer's: start-up adapters into engine.adapters
+        await load_adapters(runtime)
     await generation.on_ready(runtime)  # after the registry: generation checks adapter names against it
     runtime.ready.set()
     log.info("serving %s (%s, %s) on %s/%s; outputs: %s", info.name, loaded.task, loaded.architecture,
@@ -83,6 +85,7 @@ class RunningServer:
     generation: GenerationServicer
     health: serving.HealthReporter
     port: int
+    http: object = None  # splitserve_common.http_front.HttpFront of the v2 REST door, when --http-port
 
 
 def generation_servicer(runtime: Runtime) -> GenerationServicer:
@@ -97,7 +100,8 @@ async def start(args) -> RunningServer:
     """Bind, start answering (NOT_SERVING), load and warm up, then report SERVING."""
     runtime = Runtime(args)
     server = serving.create_server(args)
-    open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(runtime), server)
+    inference = InferenceServicer(runtime)
+    open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     generation = generation_servicer(runtime)
     generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
     names = [INFERENCE_SERVICE, GENERATION_SERVICE, *adapters_servicer.register(server, runtime)]
@@ -106,6 +110,9 @@ async def start(args) -> RunningServer:
     port = serving.add_port(server, args, args.port)
     await health.set(False)
     await server.start()
+    http = v2_rest.build_front(args, inference) if getattr(args, "http_port", 0) else None
+    if http is not None:
+        log.info("v2 REST on %s:%d", args.host, await http.start())
     log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", args.host, port)
     try:
         await load_runtime(runtime, generation)
@@ -113,11 +120,15 @@ async def start(args) -> RunningServer:
         log.error("cannot serve %s: %s", args.model_dir, exc)
         await server.stop(0)
         raise SystemExit(f"model-service: {exc}") from None
-    await health.set(True)
-    return RunningServer(server, runtime, generation, health, port)
+    # A model without a language-model head: the Generation service is there but cannot serve.
+    await health.set(True, not_serving=[] if generation.can_generate else [GENERATION_SERVICE])
+    return RunningServer(server, runtime, generation, health, port, http)
 
 
 async def shutdown(running: RunningServer, grace: float | None = 0) -> None:
+    if running.http is not None:
+        running.http.begin_drain()
+        await running.http.stop(grace or 0)
     await running.server.stop(grace)
     await running.generation.stop()
     if running.runtime.batcher is not None:
@@ -128,7 +139,19 @@ async def shutdown(running: RunningServer, grace: float | None = 0) -> None:
 
 async def serve(args) -> None:
     running = await start(args)
+    loop = asyncio.get_running_loop()
+    drain_started = loop.time()
+
+    async def on_drain():
+        nonlocal drain_started
+        drain_started = loop.time()
+        if running.http is not None:
+            running.http.begin_drain()  # new HTTP requests get 503, those in flight go on
+
     try:
-        await serving.wait_for_termination(running.server, running.health, args.drain_seconds)
+        await serving.wait_for_termination(running.server, running.health, args.drain_seconds, on_drain=on_drain)
+        if running.http is not None:
+            await running.http.stop(max(0.0, args.drain_seconds - (loop.time() - drain_started)))
+            running.http = None
     finally:
         await shutdown(running)

@@ -8,6 +8,7 @@ worker thread, on torch tensors, so only what the caller asked for is copied out
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,10 @@ def _settings(params: dict, base: dict, padded_length: int) -> dict:
         out["top_k"] = top_k
     gather = typed(params, "gather_positions", str)
     if gather is not None:
+        count = gather.count(",") + 1
+        if count > padded_length:  # more positions than the input has only repeats them: refuse before parsing
+            raise InvalidArgument(f"parameter 'gather_positions' lists {count} positions; at most the input "
+                                  f"length, {padded_length}")
         try:
             positions = tuple(int(p) for p in gather.split(",") if p.strip())
         except ValueError:
@@ -101,9 +106,28 @@ def parse_specs(request, available: list[str], defaults: list[str], pooling: dic
     for name, params in requested:
         if name not in available:
             raise InvalidArgument(f"unknown output '{name}'; this model has {', '.join(available)}")
+        if any(spec.name == name for spec in specs):
+            raise InvalidArgument(f"output '{name}' is requested twice")
         _check_keys(params, SHAPING_KEYS, f"output '{name}' parameters")
         specs.append(OutputSpec(name=name, **_settings(params, base, padded_length)))
     return specs
+
+
+def answer_bytes(specs: list[OutputSpec], catalog: dict, batch: int, padded_length: int) -> int:
+    """The raw bytes of the outputs `specs` will return, from the output catalog's shapes
+    (ModelInfo.outputs: name -> (datatype, shape with -1 for the batch and sequence axes))."""
+    total = 0
+    for spec in specs:
+        datatype, shape = catalog[spec.name]
+        dims = [batch, *shape[1:]]
+        if len(dims) > 1 and dims[1] == -1:  # the sequence axis
+            dims[1] = len(spec.gather_positions) if spec.gather_positions is not None else padded_length
+        itemsize = 8 if datatype == "INT64" else 2 if spec.datatype == "FP16" else 4
+        if spec.top_k > 0:
+            dims[-1] = min(spec.top_k, dims[-1])
+            itemsize += 8  # values and int64 indices
+        total += math.prod(dims) * itemsize
+    return total
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:

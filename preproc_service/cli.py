@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from splitserve_common.channels import client_options
-from splitserve_common.errors import ConfigurationError
 from splitserve_common.http_front import http_port_option
-from splitserve_common.serving import SERVER_OPTIONS
+from splitserve_common.serving import SERVER_OPTIONS, run_service
 from splitserve_common.settings import Option, parse
 
 ENV_PREFIX = "PREPROC_"
@@ -51,9 +49,4 @@ def main(argv=None) -> int:
     hide_torch()
     from preproc_service.server import serve
 
-    try:
-        asyncio.run(serve(args))
-    except ConfigurationError as exc:
-        print(f"preproc-service: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_service("preproc-service", serve(args))

@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from splitserve_common import request_log, v2_codec
+from splitserve_common import call_context, v2_codec
 from splitserve_common.channels import ChannelSecurity, aio_channel
 from splitserve_common.errors import DeadlineExceeded, peer_errors
 from splitserve_pb import open_inference_pb2 as pb
@@ -91,4 +91,4 @@ class ModelClient:
             raise DeadlineExceeded("deadline exceeded before the model service was called")
         async with self._slots:
             with peer_errors(f"model service at {self.address}"):
-                return await method(request, timeout=timeout, metadata=request_log.outgoing_metadata())
+                return await method(request, timeout=timeout, metadata=call_context.outgoing_metadata())

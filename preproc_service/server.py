@@ -13,7 +13,7 @@ from preproc_service.http.app import build_front
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import read_model_dir
 from preproc_service.servicer import PreprocServicer
-from splitserve_common import tasks
+from splitserve_common import metrics, tasks
 from splitserve_common.channels import ChannelSecurity
 from splitserve_common.serving import (
     HealthReporter,
@@ -92,6 +92,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
             await health.set(False)
         else:
             dep.set_model_info(info)
+            metrics.set_model(info.name)
             if not serving:
                 log.info("SERVING %s (model %s at %s, max length %d)", dep.task, info.name, dep.model.address,
                          dep.max_length)
@@ -118,20 +119,15 @@ async def serve(args) -> None:
     log.info("preproc_service listening on %s:%d (model service %s)", args.host, port, args.model_service)
     checker = asyncio.ensure_future(
         handshake(dep, health, args.handshake_retry_seconds, args.handshake_recheck_seconds))
-    loop = asyncio.get_running_loop()
-    drain_started = loop.time()
 
     async def on_drain():
-        nonlocal drain_started
-        drain_started = loop.time()
         checker.cancel()
         if http is not None:
             http.begin_drain()
 
     try:
-        await wait_for_termination(server, health, args.drain_seconds, on_drain=on_drain)
-        if http is not None:
-            await http.stop(max(0.0, args.drain_seconds - (loop.time() - drain_started)))
+        await wait_for_termination(server, health, args.drain_seconds, on_drain=on_drain,
+                                   after_drain=http.stop if http is not None else None)
     finally:
         checker.cancel()
         await dep.model.close()

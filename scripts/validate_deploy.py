@@ -11,7 +11,9 @@
   versus drain time, headless Service, HPA, PDBs and the GPU request;
 - the Dockerfiles: non-root user, grpc.health.v1 HEALTHCHECK, entry point;
 - every MODEL_SERVICE_* / PREPROC_* variable set anywhere is one the service's
-  `--help` lists.
+  `--help` lists;
+- the Grafana dashboards in deploy/grafana/: panels with ids and positions, queries on the
+  `datasource` variable, every splitserve_* metric they query exported by a service.
 
 Exit status 0 when all is well; otherwise each problem is printed and the status is 1.
 """
@@ -38,6 +40,7 @@ COMPOSE_OVERRIDES = sorted((ROOT / "deploy").glob("compose.*.yaml"))
 SCHEMAS = ROOT / "deploy" / "schemas"
 COMPOSE_SCHEMA = SCHEMAS / "compose-spec.json"
 K8S_OVERLAYS = ROOT / "deploy" / "k8s" / "overlays"
+DASHBOARDS = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
 DOCKERFILES = {"model_service": ROOT / "deploy" / "model_service.Dockerfile",
                "preproc_service": ROOT / "deploy" / "preproc_service.Dockerfile"}
 ENV_PREFIXES = {"MODEL_SERVICE_": "model_service", "PREPROC_": "preproc_service"}
@@ -683,6 +686,47 @@ def declared_metrics() -> frozenset[str]:
     return frozenset(names)
 
 
+def unknown_metrics(query: str) -> list[str]:
+    """splitserve_* names in a PromQL query that no service exports (histogram and counter suffixes allowed)."""
+    return [name for name in re.findall(r"splitserve_[a-z0-9_]+", query)
+            if name not in declared_metrics() and re.sub(r"_(bucket|sum|count|created)$", "", name)
+            not in declared_metrics()]
+
+
+def check_dashboard(problems: list[str], path: Path, dashboard: dict) -> None:
+    where = f"{path.relative_to(ROOT)}"
+    variables = {v.get("name"): v for v in dashboard.get("templating", {}).get("list", [])}
+    if variables.get("datasource", {}).get("type") != "datasource":
+        problems.append(f"{where}: needs a `datasource` variable of type datasource (Prometheus)")
+    ids = [panel.get("id") for panel in dashboard.get("panels", [])]
+    if not ids or len(set(ids)) != len(ids):
+        problems.append(f"{where}: panels need unique ids")
+    for panel in dashboard.get("panels", []):
+        pwhere = f"{where}: panel {panel.get('id')} {panel.get('title')!r}"
+        if not {"x", "y", "w", "h"} <= set(panel.get("gridPos", {})):
+            problems.append(f"{pwhere}: gridPos needs x, y, w, h")
+        if not panel.get("targets"):
+            problems.append(f"{pwhere}: no queries")
+        for target in panel.get("targets", []):
+            if target.get("datasource", {}).get("uid") != "${datasource}":
+                problems.append(f"{pwhere}: query {target.get('refId')} should use the ${{datasource}} variable")
+            for name in unknown_metrics(target.get("expr", "")):
+                problems.append(f"{pwhere}: queries {name}, which no service exports")
+    for variable in variables.values():
+        for name in unknown_metrics(str(variable.get("definition", ""))):
+            problems.append(f"{where}: variable {variable['name']} queries {name}, which no service exports")
+
+
+def check_dashboards(problems: list[str]) -> None:
+    for path in DASHBOARDS:
+        try:
+            dashboard = json.loads(path.read_text())
+        except ValueError as exc:
+            problems.append(f"{path.relative_to(ROOT)}: not JSON: {exc}")
+            continue
+        check_dashboard(problems, path, dashboard)
+
+
 def _check_queue_scaling(problems, where, objects, config) -> None:
     """A ScaledObject drives model-service from metrics the service exports; no second HPA fights it."""
     for scaled in _by_kind(objects, "ScaledObject").values():
@@ -694,11 +738,9 @@ def _check_queue_scaling(problems, where, objects, config) -> None:
             problems.append(f"{where}: {target} has both a ScaledObject and a HorizontalPodAutoscaler")
         for trigger in scaled["spec"]["triggers"]:
             query = trigger.get("metadata", {}).get("query", "")
-            for metric in re.findall(r"splitserve_[a-z0-9_]+", query):
-                base = re.sub(r"_(bucket|sum|count|created)$", "", metric)
-                if metric not in declared_metrics() and base not in declared_metrics():
-                    problems.append(f"{where}: ScaledObject trigger {trigger.get('name')} queries {metric}, "
-                                    f"which no service exports")
+            for metric in unknown_metrics(query):
+                problems.append(f"{where}: ScaledObject trigger {trigger.get('name')} queries {metric}, "
+                                f"which no service exports")
 
 
 def _check_service_monitors(problems, where, objects, config) -> None:
@@ -821,6 +863,7 @@ def validate(cross_check: bool = True) -> list[str]:
     check_dockerfiles(problems)
     check_compose(problems, env_names)
     check_k8s(problems, env_names, cross_check)
+    check_dashboards(problems)
     return problems
 
 
@@ -834,7 +877,8 @@ def main(argv=None) -> int:
         print(f"FAIL {problem}")
     overlays = ", ".join(sorted(p.name for p in K8S_OVERLAYS.iterdir() if p.is_dir()))
     print(f"checked: {len(DOCKERFILES)} Dockerfiles, docker-compose.yml + {len(COMPOSE_OVERRIDES)} overrides, "
-          f"k8s overlays ({overlays}) against Kubernetes {', '.join(K8S_VERSIONS)}: "
+          f"k8s overlays ({overlays}) against Kubernetes {', '.join(K8S_VERSIONS)}, "
+          f"{len(DASHBOARDS)} Grafana dashboard(s): "
           f"{'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
 

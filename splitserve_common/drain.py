@@ -8,10 +8,11 @@ happens in two steps:
 1. `DrainGate.close()`: from now on every new call (health checks excepted, they
    answer NOT_SERVING) is refused with UNAVAILABLE, which clients may safely retry
    on another replica, while the server keeps running and the calls in flight go on;
-2. once none is left in flight and no call has arrived or finished for a moment
+2. once none is left in flight and no call has been admitted or finished for a moment
    (a client answered just now may already be sending its next call, which is then
-   refused cleanly instead of dropped), or the drain time is up, the server stops,
-   and whatever still runs is cancelled.
+   refused cleanly instead of dropped), or the drain time is up, the process exits
+   (serving.end_process): a call that reaches it in that instant fails with UNAVAILABLE.
+   Refused calls are not activity: clients that keep retrying do not hold the drain open.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from splitserve_common.metrics import WrappedHandlers, wrap_handler
 
 # Health stays answerable while draining: probes and watchers see NOT_SERVING, not a refused call.
 ALWAYS_ALLOWED = ("/grpc.health.v1.Health/",)
-# How long no call may have arrived or finished before the server stops.
+# How long no call may have been admitted or finished before the process exits.
 QUIET_SECONDS = 0.5
 
 
@@ -43,7 +44,8 @@ class DrainGate(grpc.aio.ServerInterceptor):
         self.closed = True
 
     async def wait_idle(self, timeout: float, quiet: float = QUIET_SECONDS) -> bool:
-        """Wait until no call is in flight and none arrived or finished for `quiet` seconds; False on timeout."""
+        """Wait until no call is in flight and none was admitted or finished for `quiet` seconds; False on
+        timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.in_flight == 0 and time.monotonic() - self.last_activity >= quiet:
@@ -55,13 +57,14 @@ class DrainGate(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(ALWAYS_ALLOWED):
             return handler
-        self.last_activity = time.monotonic()
         if self.closed:
+            # A refused call is not activity: clients that keep retrying must not hold the drain open.
             return wrap_handler(handler, lambda _behavior: _refuse)
         return self._handlers.get(handler_call_details.method, handler)
 
     def _enter(self) -> None:
         self.in_flight += 1
+        self.last_activity = time.monotonic()
 
     def _leave(self) -> None:
         self.in_flight -= 1

@@ -7,9 +7,9 @@ every route but the health probes), `--max-message-mb` (largest request body), t
 Prometheus request metrics under `protocol="http"`, and the drain on SIGTERM (new requests
 get 503 while the ones in flight finish).
 
-The guard also gives every request an id: the caller's `x-request-id` header, or a new one;
-it is answered in the `x-request-id` response header and handed to the handlers as the
-`x-request-id` metadata entry, as a gRPC caller would send it.
+The guard also gives every request an id as gRPC calls get one (splitserve_common.request_log):
+the caller's `x-request-id` header, or a new one; it is answered in the `x-request-id` response
+header, sent on with the calls made on the request's behalf, and written in the access line.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ import hmac
 import logging
 import ssl
 import time
-import uuid
 from collections.abc import Callable
 
 import grpc
 import uvicorn
 
-from splitserve_common import metrics, security
+from splitserve_common import metrics, request_log, security
 from splitserve_common.settings import Option
 
 log = logging.getLogger(__name__)
@@ -53,6 +52,48 @@ HTTP_STATUS = {
 
 def http_status(code: grpc.StatusCode) -> int:
     return HTTP_STATUS.get(code, 500)
+
+
+class CallFailed(Exception):
+    """A call that ended with a gRPC status other than OK (see HttpCallContext)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return http_status(self.code)
+
+
+class HttpCallContext:
+    """The part of grpc.aio.ServicerContext a servicer uses (deadline, metadata, abort), for an HTTP request.
+
+    HTTP routes call the very servicer methods gRPC calls, so the servicer's error mapping
+    (`splitserve_common.errors.grpc_errors`) applies unchanged: it ends a failed call with
+    `context.abort(code, message)`, which here raises `CallFailed` for the route to answer in
+    its protocol's error shape.
+    """
+
+    def __init__(self, request_id: str, timeout: float | None = None):
+        self.request_id = request_id
+        self._timeout = timeout
+
+    def time_remaining(self) -> float | None:
+        return self._timeout
+
+    def invocation_metadata(self):
+        return ((REQUEST_ID_HEADER, self.request_id),)
+
+    def peer(self) -> str:
+        return "http"
+
+    async def send_initial_metadata(self, _metadata) -> None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str = ""):
+        raise CallFailed(code, details)
 
 
 def http_port_option(default_port: int, what: str) -> Option:
@@ -91,11 +132,13 @@ class HttpGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["request_id"], state["max_body"] = request_id, self.max_body
         path = scope["path"]
         name = self.route_name(scope["method"], path)
+        access = request_log.HttpAccess(name, headers.get(b"x-request-id", b"").decode("latin-1"),
+                                        headers.get(b"traceparent", b"").decode("latin-1"))
+        request_id = access.info.request_id
+        state = scope.setdefault("state", {})
+        state["request_id"], state["max_body"] = request_id, self.max_body
         measured = self._metrics.get(name)
         if measured is None:
             measured = self._metrics[name] = metrics.HttpRequestMetrics(name)
@@ -123,6 +166,7 @@ class HttpGuard:
             if not self.in_flight:
                 self._idle.set()
             measured.finish(start, status[0])
+            access.finish(status[0])
 
     def _refusal(self, path: str, headers: dict):
         if self.draining:

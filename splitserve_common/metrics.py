@@ -3,24 +3,36 @@
 Each process is one service, so metrics carry no service label (Prometheus adds
 `job`/`instance`). Code records what it measures through the small API below;
 requests by method and status code and requests in flight are recorded for every
-call by `MetricsInterceptor`, which `serving.create_server` installs.
+call by `MetricsInterceptor`, which `serving.create_server` installs (health checks and
+reflection are not requests: they are not counted). `model` is the served model's name
+(`set_model`), `adapter` the adapter a request asked for (empty: the default); a call
+that failed is counted under adapter "" (so a caller cannot mint label values).
 
 Names (all prefixed `splitserve_`):
 
 | metric | type | labels |
 | --- | --- | --- |
-| `splitserve_requests_total` | counter | `protocol`, `method`, `code` |
-| `splitserve_request_duration_seconds` | histogram | `protocol`, `method` |
+| `splitserve_requests_total` | counter | `protocol`, `method`, `code`, `model`, `adapter` |
+| `splitserve_request_duration_seconds` | histogram | `protocol`, `method`, `model`, `adapter` |
 | `splitserve_requests_in_flight` | gauge | `protocol`, `method` |
+| `splitserve_stream_items_total` | counter | `method`, `code` (items of a request stream, each answered alone) |
+| `splitserve_stage_duration_seconds` | histogram | `stage` (below) |
+| `splitserve_batch_size` | histogram | (model_service) |
+| `splitserve_queue_depth` | gauge | (model_service) rows waiting for a forward pass |
+| `splitserve_generation_sequences` | gauge | (model_service) `state`: `running`, `waiting` |
+| `splitserve_prompt_tokens_total` | counter | (model_service) `model`, `adapter`: prompt tokens of generations |
+| `splitserve_generated_tokens_total` | counter | (model_service) `model`, `adapter` |
+| `splitserve_time_to_first_token_seconds` | histogram | (model_service) `model`, `adapter` |
+| `splitserve_time_per_output_token_seconds` | histogram | (model_service) `model`, `adapter` (1) |
+
+Stages: preproc `tokenize`, `hop` (its call to model_service), `postprocess`, `detokenize`
+(generation); model_service `queue` (a row's or generation's wait), `forward`, `prefill`,
+`decode`. (1): a finished generation's mean time between its output tokens.
 
 `protocol` is `grpc` (method: `package.Service/Method`, code: the status name) or `http`
-(method: the route, e.g. `POST /v1/chat/completions`, code: the HTTP status).
-| `splitserve_stream_items_total` | counter | `method`, `code` (items of a request stream, each answered alone) |
-| `splitserve_stage_duration_seconds` | histogram | `stage` (tokenize, queue, forward, postprocess, hop, ...) |
-| `splitserve_batch_size` | histogram | |
-| `splitserve_queue_depth` | gauge | |
-| `splitserve_generated_tokens_total` | counter | |
-| `splitserve_time_to_first_token_seconds` | histogram | |
+(method: the route, e.g. `POST /v1/chat/completions`, code: the HTTP status). The metrics
+marked (model_service) are registered on first use, so preproc never exports them as
+always-zero series.
 """
 
 from __future__ import annotations
@@ -28,10 +40,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 import time
+from contextlib import contextmanager
 
 import grpc
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+from splitserve_common import call_context
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +55,32 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
+# Health checks and reflection: neither counted nor logged as requests.
+UNMEASURED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Inter-token latency: from a fraction of a millisecond (small models, GPU) to seconds.
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class _Lazy:
+    """A metric registered on first use: a service exports only the series it can produce."""
+
+    def __init__(self, kind, *args, **kwargs):
+        self._make = lambda: kind(*args, **kwargs)
+        self._metric = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        if self._metric is None:
+            with self._lock:
+                if self._metric is None:
+                    self._metric = self._make()
+        return getattr(self._metric, name)
+
+
 REQUESTS = Counter("splitserve_requests_total", "calls finished, by protocol, method and status code",
-                   ["protocol", "method", "code"])
+                   ["protocol", "method", "code", "model", "adapter"])
 REQUEST_DURATION = Histogram("splitserve_request_duration_seconds", "call duration, by protocol and method",
-                             ["protocol", "method"], buckets=LATENCY_BUCKETS)
+                             ["protocol", "method", "model", "adapter"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("splitserve_requests_in_flight", "calls being served now, by protocol and method",
                   ["protocol", "method"])
 STREAM_ITEMS = Counter("splitserve_stream_items_total",
@@ -51,16 +89,42 @@ STREAM_ITEMS = Counter("splitserve_stream_items_total",
 STAGE_DURATION = Histogram("splitserve_stage_duration_seconds",
                            "time spent per stage (tokenize, queue, forward, postprocess, hop, ...)",
                            ["stage"], buckets=LATENCY_BUCKETS)
-BATCH_SIZE = Histogram("splitserve_batch_size", "rows per forward pass", buckets=BATCH_BUCKETS)
-QUEUE_DEPTH = Gauge("splitserve_queue_depth", "requests waiting for a forward pass")
-GENERATED_TOKENS = Counter("splitserve_generated_tokens_total", "tokens generated")
-TIME_TO_FIRST_TOKEN = Histogram("splitserve_time_to_first_token_seconds",
-                                "time from a generation request's arrival to its first token",
-                                buckets=LATENCY_BUCKETS)
+BATCH_SIZE = _Lazy(Histogram, "splitserve_batch_size", "rows per forward pass", buckets=BATCH_BUCKETS)
+QUEUE_DEPTH = _Lazy(Gauge, "splitserve_queue_depth", "rows waiting for a forward pass")
+GENERATION_SEQUENCES = _Lazy(Gauge, "splitserve_generation_sequences", "generation requests by state",
+                             ["state"])
+PROMPT_TOKENS = _Lazy(Counter, "splitserve_prompt_tokens_total", "prompt tokens of generation requests",
+                      ["model", "adapter"])
+GENERATED_TOKENS = _Lazy(Counter, "splitserve_generated_tokens_total", "tokens generated", ["model", "adapter"])
+TIME_TO_FIRST_TOKEN = _Lazy(Histogram, "splitserve_time_to_first_token_seconds",
+                            "time from a generation request's arrival to its first token", ["model", "adapter"],
+                            buckets=LATENCY_BUCKETS)
+TIME_PER_OUTPUT_TOKEN = _Lazy(Histogram, "splitserve_time_per_output_token_seconds",
+                              "a finished generation's mean time between output tokens", ["model", "adapter"],
+                              buckets=TOKEN_BUCKETS)
+
+_model = ""
+
+
+def set_model(name: str) -> None:
+    """The served model's name, the `model` label from now on."""
+    global _model
+    _model = name
 
 
 def observe_stage(stage: str, seconds: float) -> None:
     STAGE_DURATION.labels(stage).observe(seconds)
+    if _stage_hook is not None:
+        _stage_hook(stage, seconds)
+
+
+_stage_hook = None
+
+
+def set_stage_hook(hook) -> None:
+    """`hook(stage, seconds)` also sees every stage (tracing turns each into a span)."""
+    global _stage_hook
+    _stage_hook = hook
 
 
 def count_stream_item(method: str, code: str) -> None:
@@ -73,6 +137,37 @@ def observe_batch_size(rows: int) -> None:
 
 def set_queue_depth(depth: int) -> None:
     QUEUE_DEPTH.set(depth)
+
+
+@contextmanager
+def stage_timer(stage: str):
+    """`with stage_timer("decode"): ...` records the block's wall time under that stage."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        observe_stage(stage, time.perf_counter() - start)
+
+
+def set_generation_sequences(running: int, waiting: int) -> None:
+    GENERATION_SEQUENCES.labels("running").set(running)
+    GENERATION_SEQUENCES.labels("waiting").set(waiting)
+
+
+def add_prompt_tokens(adapter: str, count: int) -> None:
+    PROMPT_TOKENS.labels(_model, adapter).inc(count)
+
+
+def add_generated_tokens(adapter: str, count: int) -> None:
+    GENERATED_TOKENS.labels(_model, adapter).inc(count)
+
+
+def observe_time_to_first_token(adapter: str, seconds: float) -> None:
+    TIME_TO_FIRST_TOKEN.labels(_model, adapter).observe(seconds)
+
+
+def observe_time_per_output_token(adapter: str, seconds: float) -> None:
+    TIME_PER_OUTPUT_TOKEN.labels(_model, adapter).observe(seconds)
 
 
 _serving_ports: dict[int, int] = {}
@@ -106,12 +201,11 @@ class HttpRequestMetrics:
     def __init__(self, method: str):
         self.method = method
         self.in_flight = IN_FLIGHT.labels("http", method)
-        self.duration = REQUEST_DURATION.labels("http", method)
 
     def finish(self, start: float, status: int) -> None:
         self.in_flight.dec()
-        self.duration.observe(time.perf_counter() - start)
-        REQUESTS.labels("http", self.method, str(status)).inc()
+        REQUEST_DURATION.labels("http", self.method, _model, "").observe(time.perf_counter() - start)
+        REQUESTS.labels("http", self.method, str(status), _model, "").inc()
 
 
 def _short_method(full_method: str) -> str:
@@ -142,19 +236,21 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or handler_call_details.method.startswith(UNMEASURED):
+            return handler
         return self._handlers.get(handler_call_details.method, handler)
 
 
 def _measured(behavior, method: str):
     in_flight = IN_FLIGHT.labels("grpc", method)
-    duration = REQUEST_DURATION.labels("grpc", method)
 
     def finish(context, start: float, exc: BaseException | None) -> None:
         in_flight.dec()
-        duration.observe(time.perf_counter() - start)
-        REQUESTS.labels("grpc", method, code_name(context, exc)).inc()
+        code = code_name(context, exc)
+        info = call_context.current()
+        adapter = info.adapter if info is not None and code == "OK" else ""
+        REQUEST_DURATION.labels("grpc", method, _model, adapter).observe(time.perf_counter() - start)
+        REQUESTS.labels("grpc", method, code, _model, adapter).inc()
 
     if inspect.isasyncgenfunction(behavior):
 

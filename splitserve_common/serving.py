@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from collections.abc import Iterable
+import sys
+from collections.abc import Coroutine, Iterable
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from splitserve_common import metrics, request_log, security
+from splitserve_common import metrics, request_log, security, tracing
+from splitserve_common.decoding import DecodeErrorInterceptor
 from splitserve_common.drain import DrainGate
+from splitserve_common.errors import ConfigurationError
 from splitserve_common.settings import Option
 
 log = logging.getLogger(__name__)
@@ -39,15 +44,18 @@ def create_server(args, interceptors=()) -> grpc.aio.Server:
     """A grpc.aio server with the shared options (message limits, keepalive policy).
 
     `args` carries the SERVER_OPTIONS values and `metrics_port` (metrics_port_option).
+    With tracing configured (OTEL_* variables, tracing.py), each call first gets its span.
     Every call gets its request id and access line (request_log.py; outermost, so refused
     calls are logged too), is counted by the metrics interceptor (counted as soon as it
     ends: an aborted call's status reaches the caller at once), then checked for the
     bearer token when one is set, then passes the drain gate (wait_for_termination
-    closes it); the /metrics HTTP endpoint starts here.
+    closes it); innermost, a request that does not parse is answered INVALID_ARGUMENT
+    (decoding.py). The /metrics HTTP endpoint starts here.
     """
     gate = DrainGate()
-    chain = [request_log.AccessLogInterceptor(), metrics.MetricsInterceptor(), *security.server_interceptors(args),
-             gate, *interceptors]
+    tracing.setup(_service_name())
+    chain = [*tracing.server_interceptors(), request_log.AccessLogInterceptor(), metrics.MetricsInterceptor(),
+             *security.server_interceptors(args), gate, *interceptors, DecodeErrorInterceptor()]
     metrics.start_metrics_server(args.metrics_port, args.host)
     server = grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=chain)
     _drain_gates[id(server)] = gate
@@ -57,12 +65,35 @@ def create_server(args, interceptors=()) -> grpc.aio.Server:
 _drain_gates: dict[int, DrainGate] = {}  # id(server) -> its gate
 
 
+def _service_name() -> str:
+    """The running service's package (`python -m preproc_service` -> preproc_service): tracing's default name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name.partition(".")[0] if spec is not None and spec.name else "splitserve"
+
+
 def add_port(server: grpc.aio.Server, args, port: int) -> int:
     """Bind host:port (port 0 picks a free one), with TLS/mTLS when configured; returns the bound port."""
     credentials = security.server_credentials(args)
-    if credentials is None:
-        return server.add_insecure_port(f"{args.host}:{port}")
-    return server.add_secure_port(f"{args.host}:{port}", credentials)
+    address = f"{args.host}:{port}"
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address"
+        raise ConfigurationError(f"cannot listen on {address}: the port is in use by another process or the "
+                                 "address is not this host's (--host, --port)") from exc
+
+
+def run_service(prog: str, main: Coroutine) -> int:
+    """Run a service's main coroutine for its CLI: a ConfigurationError is one line on stderr and exit 2."""
+    try:
+        asyncio.run(main)
+    except ConfigurationError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
@@ -76,6 +107,9 @@ def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
+        # Exclusive bind: with SO_REUSEPORT (grpc's default) a second server on a busy port starts
+        # fine and the kernel splits new connections between the two.
+        ("grpc.so_reuseport", 0),
         # Let clients keep idle connections alive with pings.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -141,11 +175,14 @@ class HealthReporter:
         self.serving = False  # what the HTTP doors' health routes answer
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
-    async def set(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    async def set(self, serving: bool, not_serving: Iterable[str] = ()) -> None:
+        """Every service SERVING (or not); the services named in `not_serving` NOT_SERVING whatever `serving`."""
+        left_out = set(not_serving)
         self.serving = serving and not self.servicer.draining
         for name in self.names:
-            await self.servicer.set(name, status)
+            up = serving and name not in left_out
+            await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if up
+                                    else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def drain(self) -> None:
         """NOT_SERVING for good: later `set` calls are ignored and Watch streams end."""
@@ -161,9 +198,13 @@ def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> 
 
 
 async def wait_for_termination(server: grpc.aio.Server, health_reporter: HealthReporter, drain_seconds: float,
-                               on_drain=None) -> None:
-    """Serve until SIGTERM/SIGINT; then drain: report NOT_SERVING, refuse new calls with UNAVAILABLE,
-    let the calls in flight finish (at most `drain_seconds`), stop. See drain.py for why in two steps."""
+                               on_drain=None, after_drain=None) -> None:
+    """Serve until SIGTERM/SIGINT; then drain and end the process: report NOT_SERVING, refuse new calls
+    with UNAVAILABLE, let the calls in flight finish (at most `drain_seconds`), exit. Returns only
+    when the server stops by itself. See drain.py for the steps and end_process for the exit.
+
+    `on_drain()` runs as the drain starts; `after_drain(seconds_left)` once the gRPC calls are done,
+    for other doors of the process to finish theirs before it exits."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -181,8 +222,24 @@ async def wait_for_termination(server: grpc.aio.Server, health_reporter: HealthR
         if on_drain is not None:
             await on_drain()
         if gate is not None and not await gate.wait_idle(drain_seconds):
-            log.warning("drain time up with %d call(s) still in flight: cancelling them", gate.in_flight)
-        await server.stop(max(0.0, drain_seconds - (loop.time() - started)))
+            log.warning("drain time up with %d call(s) still in flight: ending them", gate.in_flight)
+        if after_drain is not None:
+            await after_drain(max(0.0, drain_seconds - (loop.time() - started)))
         log.info("drained in %.2f s", loop.time() - started)
+        end_process()
     stopper.cancel()
     await server_done
+
+
+def end_process() -> NoReturn:
+    """The drain's last step: exit now, without grpc's server.stop().
+
+    server.stop() cancels the calls that reach the server in its last instant, and their clients
+    see a bare CANCELLED, which they must not retry. Once the drain is over nothing is left to
+    finish (no call in flight, or the drain time is up), so the process exits: the kernel closes
+    the connections and such a call fails with UNAVAILABLE, which clients retry on another replica.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

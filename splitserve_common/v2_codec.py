@@ -213,6 +213,8 @@ def typed(params: dict, key: str, kind: type, default=None):
     value = params[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"parameter '{key}' must be a finite number, got {value}")
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise InvalidArgument(f"parameter '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}")
     return value

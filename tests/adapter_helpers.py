@@ -12,6 +12,16 @@ from pathlib import Path
 
 from tests import model_factory as mf
 
+# Run-time adapter management is off by default; the tests and benchmarks turn it on with these.
+TOKEN = "s3cret-adapter-token"
+TOKEN_METADATA = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def management_flags(root) -> list[str]:
+    """model_service flags that let LoadAdapter/UnloadAdapter (with TOKEN_METADATA) read under `root`."""
+    return ["--adapter-management", "token", "--adapter-token", TOKEN, "--adapter-root", str(root)]
+
+
 # name -> (seed, rank, target modules, task_type): different ranks and targets on purpose.
 ENCODER_ADAPTERS = {
     "alpha": (11, 2, ["query", "value"], None),

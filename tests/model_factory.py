@@ -8,6 +8,7 @@ or as a plain save_pretrained directory. Nothing is fetched from a hub.
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 from pathlib import Path
@@ -59,17 +60,43 @@ def corpus(n: int = 600, seed: int = 0) -> list[str]:
     return lines + UNICODE_SAMPLES * 5
 
 
+def _wordpiece_vocab(normalizer, pre_tokenizer, size: int) -> list[str]:
+    """A WordPiece vocabulary built the same way in every process (tokenizers' WordPieceTrainer is not:
+    its ties fall by hash order, and recorded answers need the same artifact every time): specials,
+    every character alone and as a continuation, then the corpus's most frequent words, word starts
+    and continuations (ties by text)."""
+    words = collections.Counter()
+    for line in corpus():
+        for word, _span in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+            words[word] += 1
+    chars = sorted({c for word in words for c in word})
+    pieces = collections.Counter()
+    for word, count in words.items():
+        pieces[word] += count
+        for n in range(2, min(len(word), 5)):
+            pieces[word[:n]] += count
+            pieces["##" + word[-n:]] += count
+    vocab = [*BERT_SPECIALS, *chars, *("##" + c for c in chars)]
+    seen = set(vocab)
+    for piece, _count in sorted(pieces.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= size:
+            break
+        if piece not in seen:
+            vocab.append(piece)
+            seen.add(piece)
+    return vocab
+
+
 def wordpiece_tokenizer(model_max_length: int = 64):
     """A BERT-style (lowercasing WordPiece) fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    vocab = {token: i for i, token in enumerate(_wordpiece_vocab(normalizer, pre_tokenizer, 400))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=BERT_SPECIALS, min_frequency=1)
-    tok.train_from_iterator(corpus(), trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -381,6 +408,19 @@ def build_audio_classifier(seed: int = 0):
     torch.manual_seed(seed)
     model = Wav2Vec2ForSequenceClassification(_wav2vec2_config(vocab_size=32, **_labels(AUDIO_LABELS))).eval()
     return model, wav2vec2_feature_extractor()
+
+
+def build_whisper_audio_classifier(seed: int = 0):
+    """(model, feature extractor): a tiny Whisper-encoder classifier over AUDIO_LABELS (16 mel bins)."""
+    import torch
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForAudioClassification
+
+    config = WhisperConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=16,
+                           classifier_proj_size=8, decoder_start_token_id=1, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, init_std=0.2, **_labels(AUDIO_LABELS))
+    torch.manual_seed(seed)
+    return WhisperForAudioClassification(config).eval(), WhisperFeatureExtractor(feature_size=16)
 
 
 def save_audio_components(root: Path, model, task: str, instance_type: str, feature_extractor, tokenizer=None,

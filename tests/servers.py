@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-HTTP_SERVICES = ("preproc_service", "no_torch_preproc")  # services with an HTTP door (--http-port)
+HTTP_SERVICES = ("preproc_service", "no_torch_preproc", "model_service")  # services with an HTTP door (--http-port)
 
 
 def free_port() -> int:

@@ -51,17 +51,19 @@ def hidden(response) -> np.ndarray:
 
 def test_server_rss_returns_after_50_load_use_unload_cycles(minilm_adapter):
     directory, path, tok = minilm_adapter
-    with servers.model_service(directory, "--metrics-port", "0", "--torch-threads", "1") as server:
+    with servers.model_service(directory, "--metrics-port", "0", "--torch-threads", "1",
+                               *ah.management_flags(path.parent)) as server:
         channel = grpc.insecure_channel(server.address)
         adapters = adapters_pb2_grpc.AdaptersStub(channel)
         infer = v2_grpc.GRPCInferenceServiceStub(channel)
         base_out = hidden(infer.ModelInfer(embed_request(tok)))
 
         def cycle():
-            info = adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="big", path=str(path)))
+            info = adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="big", path=str(path)),
+                                        metadata=ah.TOKEN_METADATA)
             loaded_rss = ah.rss_mib(server.proc.pid)
             out = hidden(infer.ModelInfer(embed_request(tok, "big")))
-            adapters.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="big"))
+            adapters.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="big"), metadata=ah.TOKEN_METADATA)
             return info, loaded_rss, out
 
         for _ in range(3):  # warm-up: first-use allocations (imports, allocator pools) are not a leak

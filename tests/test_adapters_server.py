@@ -21,7 +21,8 @@ from tests import servers
 
 SENTENCES = mf.SENTENCES
 PROMPTS = ["the river", "alice walks in", "the", "music of the", "who is", "a large city"]
-TOKEN = "s3cret-adapter-token"
+TOKEN = ah.TOKEN
+GOOD = ah.TOKEN_METADATA
 GPT2_RANKS = {name: spec[1] for name, spec in ah.GPT2_ADAPTERS.items()}
 # One torch thread: on a small shared CPU, intra-op threads spinning on each other slow the
 # many small LoRA matmuls by orders of magnitude.
@@ -35,7 +36,7 @@ def encoder_server(tmp_path_factory):
     model_dir = mf.save_components(root / "model", base, tok, "text-classification")
     dirs = ah.save_adapters(base, root / "adapters", ah.ENCODER_ADAPTERS)
     with servers.model_service(model_dir, *SERVER_ARGS, "--adapter", f"alpha={dirs['alpha']}",
-                               "--max-wait-us", "20000") as server:
+                               "--max-wait-us", "20000", *ah.management_flags(root)) as server:
         yield {"server": server, "base": base, "tok": tok, "dirs": dirs, "root": root,
                "refs": ah.reference_models(base, dirs)}
 
@@ -47,9 +48,11 @@ def gpt2_server(tmp_path_factory):
     model_dir = mf.save_components(root / "model", base, tok, "text-generation",
                                    instance_type="TextGenerationPipeline")
     dirs = ah.save_adapters(base, root / "adapters", ah.GPT2_ADAPTERS)
-    startup = [arg for name, path in dirs.items() for arg in ("--adapter", f"{name}={path}")]
-    with servers.model_service(model_dir, *SERVER_ARGS, *startup, "--adapter-management", "token",
-                               "--adapter-token", TOKEN) as server:
+    with servers.model_service(model_dir, *SERVER_ARGS, "--adapter", f"alpha={dirs['alpha']}",
+                               *ah.management_flags(root / "adapters")) as server:
+        stub = adapters_stub(server.address)
+        for name in ("beta", "gamma"):  # loaded at run time: the API may unload them
+            stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name=name, path=str(dirs[name])), metadata=GOOD)
         yield {"server": server, "base": base, "tok": tok, "dirs": dirs, "refs": ah.reference_models(base, dirs)}
 
 
@@ -77,14 +80,15 @@ def ensure_loaded(fixture, name):
     """Load `name` unless an earlier test did (so each test also runs alone)."""
     stub = adapters_stub(fixture["server"].address)
     if name not in [a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters]:
-        stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name=name, path=str(fixture["dirs"][name])))
+        stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name=name, path=str(fixture["dirs"][name])), metadata=GOOD)
 
 
 def test_startup_adapter_and_runtime_loads_are_listed(encoder_server):
     stub = adapters_stub(encoder_server["server"].address)
     assert [a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters] == ["alpha"]
     for name in ("beta", "gamma"):
-        info = stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name=name, path=str(encoder_server["dirs"][name])))
+        info = stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name=name, path=str(encoder_server["dirs"][name])),
+                                metadata=GOOD)
         assert (info.name, info.method, info.source) == (name, "LORA", str(encoder_server["dirs"][name]))
     listed = {a.name: a for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters}
     assert sorted(listed) == ["alpha", "beta", "gamma"]
@@ -143,10 +147,10 @@ def test_incompatible_adapter_refused_and_server_keeps_serving(encoder_server):
                        (ia3, grpc.StatusCode.FAILED_PRECONDITION),
                        (encoder_server["root"] / "missing", grpc.StatusCode.NOT_FOUND)]:
         with pytest.raises(grpc.RpcError) as excinfo:
-            stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="bad", path=str(path)))
+            stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="bad", path=str(path)), metadata=GOOD)
         assert excinfo.value.code() == code, excinfo.value.details()
     with pytest.raises(grpc.RpcError) as excinfo:
-        stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="bad"))
+        stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="bad"), metadata=GOOD)
     assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND
     assert "bad" not in [a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters]
     request, enc = infer_request(encoder_server["tok"], SENTENCES[:3], "alpha")
@@ -158,8 +162,9 @@ def test_incompatible_adapter_refused_and_server_keeps_serving(encoder_server):
 def test_unload_then_requests_are_not_found_and_base_is_back(encoder_server):
     address = encoder_server["server"].address
     stub = adapters_stub(address)
-    stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="temp", path=str(encoder_server["dirs"]["beta"])))
-    unloaded = stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="temp")).unloaded
+    stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="temp", path=str(encoder_server["dirs"]["beta"])),
+                     metadata=GOOD)
+    unloaded = stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="temp"), metadata=GOOD).unloaded
     assert unloaded.name == "temp" and unloaded.rank == 4
     infer = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
     with pytest.raises(grpc.RpcError) as excinfo:
@@ -221,8 +226,7 @@ def test_management_needs_the_token(gpt2_server):
         with pytest.raises(grpc.RpcError) as excinfo:
             stub.LoadAdapter(load, metadata=metadata)
         assert excinfo.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    good = (("authorization", f"Bearer {TOKEN}"),)
-    assert stub.LoadAdapter(load, metadata=good).name == "again"
+    assert stub.LoadAdapter(load, metadata=GOOD).name == "again"
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="again"))
     assert excinfo.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -265,19 +269,19 @@ def test_sdk_adapters_client_lists_loads_and_unloads_with_the_token(gpt2_server)
     assert "sdk-async" in names and unloaded == "sdk-async"
 
 
-def test_management_disabled_refuses_load_and_unload(tmp_path):
+def test_management_is_disabled_by_default(tmp_path):
     base, tok = mf.build_encoder("text-classification")
     model_dir = mf.save_components(tmp_path / "model", base, tok, "text-classification")
     alpha = ah.save_lora(base, tmp_path / "alpha", *ah.ENCODER_ADAPTERS["alpha"])
-    with servers.model_service(model_dir, *SERVER_ARGS, "--adapter", f"alpha={alpha}",
-                               "--adapter-management", "disabled") as server:
+    with servers.model_service(model_dir, *SERVER_ARGS, "--adapter", f"alpha={alpha}") as server:
         stub = adapters_stub(server.address)
-        with pytest.raises(grpc.RpcError) as excinfo:
-            stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="beta", path=str(alpha)))
-        assert excinfo.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        with pytest.raises(grpc.RpcError) as excinfo:
-            stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="alpha"))
-        assert excinfo.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        for metadata in [(), (("authorization", "Bearer anything"),)]:
+            with pytest.raises(grpc.RpcError) as excinfo:
+                stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="beta", path=str(alpha)), metadata=metadata)
+            assert excinfo.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.RpcError) as excinfo:
+                stub.UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="alpha"), metadata=metadata)
+            assert excinfo.value.code() == grpc.StatusCode.PERMISSION_DENIED
         # the adapter named at start still serves requests
         request, enc = infer_request(tok, SENTENCES[:2], "alpha")
         response = v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.address)).ModelInfer(request)
@@ -321,7 +325,6 @@ def test_unload_waits_for_a_generation_in_flight(gpt2_server):
     """UnloadAdapter during a stream that uses the adapter: new requests for it are refused at once,
     the stream still finishes with the adapter's tokens, then the adapter is gone (and loaded back)."""
     tok, address = gpt2_server["tok"], gpt2_server["server"].address
-    good = (("authorization", f"Bearer {TOKEN}"),)
     ids = tok("the river")["input_ids"]
 
     async def scenario():
@@ -335,7 +338,7 @@ def test_unload_waits_for_a_generation_in_flight(gpt2_server):
                 tokens += list(step.token_ids)
                 if unload is None:  # the stream holds the adapter now: ask for the unload
                     unload = asyncio.ensure_future(adapters.UnloadAdapter(
-                        adapters_pb2.UnloadAdapterRequest(name="beta"), metadata=good))
+                        adapters_pb2.UnloadAdapterRequest(name="beta"), metadata=GOOD))
                     await asyncio.sleep(0.05)
                     try:
                         async for _ in gen.Generate(request):
@@ -351,4 +354,4 @@ def test_unload_waits_for_a_generation_in_flight(gpt2_server):
     stub = adapters_stub(address)
     assert "beta" not in [a.name for a in stub.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters]
     stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(name="beta", path=str(gpt2_server["dirs"]["beta"])),
-                     metadata=good)
+                     metadata=GOOD)

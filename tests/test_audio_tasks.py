@@ -4,12 +4,14 @@ for audio the tests synthesise and encode as WAV, FLAC, MP3 and OGG/Opus."""
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 
 import grpc
 import numpy as np
 import pytest
 
+from client import cli
 from client.preproc_client import PreprocClient
 from preproc_service import audio
 from tests import audio_helpers, model_factory, servers
@@ -60,7 +62,7 @@ def ac(tmp_path_factory):
                                                     "AudioClassificationPipeline", fe)
     pipe = transformers.pipeline("audio-classification", model=model, feature_extractor=fe, device="cpu")
     with no_torch_stack(directory, root) as (_, preproc), PreprocClient(preproc.address, timeout=60) as client:
-        yield {"client": client, "pipe": pipe}
+        yield {"client": client, "pipe": pipe, "address": preproc.address}
 
 
 def _same_labels(got, want):
@@ -108,10 +110,38 @@ class TestAudioClassification:
         assert exc.value.code() == code and words in exc.value.details(), exc.value.details()
         assert ac["client"].classify_audio([(audio_helpers.synth(0.5), RATE)], top_k=1)[0]
 
+    def test_cli_predict_reads_audio_files(self, ac, tmp_path, capsys):
+        clips = [audio_helpers.synth(1.0, seed=40), audio_helpers.synth(0.5, seed=41)]
+        paths = [tmp_path / "a.mp3", tmp_path / "b.wav"]
+        for path, clip in zip(paths, clips, strict=True):
+            path.write_bytes(audio_helpers.encode(clip, path.suffix[1:]))
+        assert cli.main(["--address", ac["address"], "predict", "--top-k", "2", *map(str, paths)]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        for line, path in zip(lines, paths, strict=True):
+            want = ac["pipe"](decoded(path.read_bytes()), top_k=2)
+            assert [x["label"] for x in line] == [w["label"] for w in want]
+
     def test_wrong_task_rpc_is_refused(self, ac):
         with pytest.raises(grpc.RpcError) as exc:
             ac["client"].transcribe([(audio_helpers.synth(0.5), RATE)])
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_whisper_encoder_classifier_equals_pipeline(tmp_path):
+    """Log-mel features (WhisperFeatureExtractor, numpy STFT in the torch-less preproc) cross the hop as
+    input_features [1, mel, 3000]."""
+    import transformers
+
+    model, fe = model_factory.build_whisper_audio_classifier(seed=1)
+    directory = model_factory.save_audio_components(tmp_path / "model", model, "audio-classification",
+                                                    "AudioClassificationPipeline", fe)
+    pipe = transformers.pipeline("audio-classification", model=model, feature_extractor=fe, device="cpu")
+    clips = [audio_helpers.synth(seconds, seed=30 + i) for i, seconds in enumerate([0.7, 2.5, 1.2])]
+    files = [audio_helpers.encode(clip, "flac") for clip in clips]
+    with no_torch_stack(directory, tmp_path) as (_, preproc), PreprocClient(preproc.address, timeout=60) as client:
+        got = client.classify_audio(files)
+    for g, data in zip(got, files, strict=True):
+        _same_labels(g, pipe(decoded(data)))
 
 
 # ---------------------------------------------------------------- CTC speech recognition
@@ -133,7 +163,7 @@ def asr(tmp_path_factory):
     with no_torch_stack(directory, root, "--audio-root", str(clips_dir),
                         model_args=("--max-input-values", str(4 * RATE))) as (_, preproc), \
             PreprocClient(preproc.address, timeout=60) as client:
-        yield {"client": client, "pipe": pipe, "clips": clips_dir}
+        yield {"client": client, "pipe": pipe, "clips": clips_dir, "address": preproc.address}
 
 
 class TestCtcSpeechRecognition:
@@ -174,6 +204,17 @@ class TestCtcSpeechRecognition:
         (unary,) = asr["client"].transcribe([data], chunk_length_s=1.0)
         assert "".join(texts) == unary.text == final.text
         assert len(texts) >= 3  # text arrived while later chunks were still being recognised
+
+    def test_cli_predict_transcribes_files(self, asr, tmp_path, capsys):
+        clip = audio_helpers.synth(5.0, seed=50)
+        path = tmp_path / "speech.ogg"
+        path.write_bytes(audio_helpers.encode(clip, "ogg"))
+        args = ["--address", asr["address"], "predict", "--chunk-length-s", "2", "--return-timestamps", "word"]
+        assert cli.main([*args, str(path)]) == 0
+        (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        want = asr["pipe"](decoded(path.read_bytes()), chunk_length_s=2.0, return_timestamps="word")
+        assert line["text"] == want["text"] and [c["text"] for c in line["chunks"]] == [
+            c["text"] for c in want["chunks"]]
 
     def test_local_files_only_under_the_audio_root(self, asr):
         clip = audio_helpers.synth(1.0, seed=2)

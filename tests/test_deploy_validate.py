@@ -251,6 +251,26 @@ def test_custom_resources_are_checked_against_their_crds(rendered):
     assert any("Prefix" in p for p in vd.k8s_schema_problems(route))
 
 
+def test_dashboard_queries_exported_metrics():
+    path = vd.ROOT / "deploy" / "grafana" / "splitserve-dashboard.json"
+    dashboard = vd.json.loads(path.read_text())
+    problems: list[str] = []
+    vd.check_dashboard(problems, path, dashboard)
+    assert problems == []
+    queried = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in ("splitserve_time_per_output_token_seconds_bucket", "splitserve_generation_sequences",
+                   "splitserve_prompt_tokens_total", "splitserve_stage_duration_seconds_bucket",
+                   "splitserve_queue_depth", "splitserve_requests_total"):
+        assert metric in queried
+    broken = copy.deepcopy(dashboard)
+    broken["panels"][0]["targets"][0]["expr"] = "rate(splitserve_request_total[5m])"
+    broken["panels"][1]["targets"][0]["datasource"] = {"type": "prometheus", "uid": "prod-prometheus"}
+    problems = []
+    vd.check_dashboard(problems, path, broken)
+    assert any("splitserve_request_total, which no service exports" in p for p in problems)
+    assert any("${datasource}" in p for p in problems)
+
+
 def test_config_map_names_follow_kustomize(tmp_path):
     # Suffixes printed by `kubectl kustomize` (kustomize v5.5.0) for these literals.
     assert vd.config_map_hash({"A": "1"}) == "89g4tffbfk"

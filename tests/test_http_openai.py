@@ -280,9 +280,18 @@ def test_token_required_on_http(embedder):
         wrong.embeddings.create(model="x", input=["a"])
     assert caught.value.status_code == 401
     assert caught.value.body["code"] == "invalid_api_key"
-    # Probes need no token.
-    with urllib.request.urlopen(embedder["url"] + "/health", timeout=10) as reply:
-        assert reply.status == 200
+    # MLflow's door takes the same token and answers in MLflow's error shape; probes need none.
+    request = urllib.request.Request(embedder["url"] + "/invocations", b'{"inputs": ["a"]}',
+                                     {"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401 and json.loads(refused.value.read())["error_code"] == "UNAUTHENTICATED"
+    request.add_header("authorization", f"Bearer {TOKEN}")
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert len(json.loads(reply.read())["predictions"][0]) == 32  # hidden size of the tiny encoder
+    for probe in ("/health", "/ping"):
+        with urllib.request.urlopen(embedder["url"] + probe, timeout=10) as reply:
+            assert reply.status == 200
 
 
 def test_request_id_and_metrics_protocol_label(tmp_path):
@@ -297,6 +306,9 @@ def test_request_id_and_metrics_protocol_label(tmp_path):
                                          {"content-type": "application/json", "x-request-id": "req-42"})
         with urllib.request.urlopen(request, timeout=30) as reply:
             assert reply.headers["x-request-id"] == "req-42"
+        # The same id on the access lines of both services (sent on with preproc's model call).
+        assert "POST /v1/embeddings 200" in pp.log() and "request_id=req-42" in pp.log()
+        assert "request_id=req-42" in ms.log()
         bad = urllib.request.Request(pp.http_url + "/v1/embeddings", b"{not json", {"content-type": "x"})
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(bad, timeout=30)

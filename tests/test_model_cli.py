@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests import model_factory, servers
-from tests.adapter_helpers import save_lora
+from tests.adapter_helpers import TOKEN, management_flags, save_lora
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def stack(tmp_path_factory):
     model, tokenizer = model_factory.build_encoder("text-classification", seed=11)
     model_dir = model_factory.save_components(root / "model", model, tokenizer, "text-classification")
     adapter_dir = save_lora(model, root / "adapter", seed=5, r=4, target_modules=["query", "value"])
-    with servers.model_service(model_dir, log_dir=root / "logs") as service:
+    with servers.model_service(model_dir, *management_flags(root), log_dir=root / "logs") as service:
         yield {"address": service.address, "model": model, "tokenizer": tokenizer, "adapter": adapter_dir,
                "model_dir": model_dir}
 
@@ -71,23 +71,27 @@ def test_bad_input_names_the_status(stack):
     assert unknown_type.returncode == 2 and "INT5" in unknown_type.stderr
 
 
+def manage(stack, *args: str) -> subprocess.CompletedProcess:
+    return cli(stack, "adapters", *args, "--adapter-token", TOKEN)
+
+
 def test_adapters_load_list_unload(stack):
-    loaded = cli(stack, "adapters", "load", "tone", str(stack["adapter"]))
+    loaded = manage(stack, "load", "tone", str(stack["adapter"]))
     assert loaded.returncode == 0, loaded.stderr
     assert json.loads(loaded.stdout)["name"] == "tone"
     listed = [json.loads(line) for line in cli(stack, "adapters", "list").stdout.splitlines()]  # one per line
     assert [a["name"] for a in listed] == ["tone"] and listed[0]["method"] == "LORA"
-    assert json.loads(cli(stack, "adapters", "unload", "tone").stdout)["name"] == "tone"
-    no_path = cli(stack, "adapters", "load", "tone")
+    assert json.loads(manage(stack, "unload", "tone").stdout)["name"] == "tone"
+    no_path = manage(stack, "load", "tone")
     assert no_path.returncode == 2 and no_path.stdout == ""
     assert "PATH is missing" in json.loads(no_path.stderr)["error"]["message"]
-    missing = cli(stack, "adapters", "unload", "tone")
+    missing = manage(stack, "unload", "tone")
     assert missing.returncode == 1
     assert json.loads(missing.stderr.strip().splitlines()[-1])["error"]["code"] == "NOT_FOUND"
 
 
 def test_reserved_and_unknown_adapter_names(stack):
-    reserved = cli(stack, "adapters", "load", "base", str(stack["adapter"]))
+    reserved = manage(stack, "load", "base", str(stack["adapter"]))
     assert reserved.returncode == 1
     assert "reserved" in json.loads(reserved.stderr.strip().splitlines()[-1])["error"]["message"]
     # A default adapter that is not loaded stops the start-up, naming the flag.

@@ -19,6 +19,7 @@ from splitserve_pb import adapters_pb2, adapters_pb2_grpc
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
 from tests import model_factory, servers
+from tests.adapter_helpers import TOKEN_METADATA, management_flags
 from tests.model_service_helpers import (
     NOT_SERVING,
     SERVING,
@@ -56,7 +57,7 @@ def env(tmp_path_factory):
     # Long wait and a small batch limit here: concurrent calls surely share batches.
     specs["text-classification"] = (specs["text-classification"][0], ["--max-wait-us", "150000",
                                                                        "--max-batch-size", "8"])
-    specs["peft"] = (peft_dir, [])
+    specs["peft"] = (peft_dir, management_flags(root))
     specs["minilm"] = (model_factory.minilm_dir(), ["--model-name", "minilm"])
     with model_services(specs, log_dir=root / "logs") as handles:
         yield {"models": models, "handles": handles, "peft": (peft_model, tokenizer)}
@@ -236,9 +237,9 @@ def test_mlflow_peft_adapter_is_a_named_default_adapter(env):
     np.testing.assert_allclose(as_base, base, atol=TOL, rtol=TOL)
     with grpc.insecure_channel(address(env, "peft")) as channel, pytest.raises(grpc.RpcError) as refused:
         adapters_pb2_grpc.AdaptersStub(channel).UnloadAdapter(adapters_pb2.UnloadAdapterRequest(name="peft"),
-                                                              timeout=10)
+                                                              timeout=10, metadata=TOKEN_METADATA)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "--default-adapter" in refused.value.details()
+    assert "loaded at start" in refused.value.details()
 
 
 # ---------------------------------------------------------------- batching

@@ -29,7 +29,7 @@ def row(n: int) -> dict:
 
 async def with_server(model_dir, *flags, scenario):
     args = cli.parse_args(["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-                           "--metrics-port", "0", *flags])
+                           "--metrics-port", "0", "--http-port", "0", *flags])
     running = await server.start(args)
     try:
         async with AsyncTensorClient(f"127.0.0.1:{running.port}", timeout=60) as client:
@@ -55,7 +55,7 @@ def test_full_queue_is_resource_exhausted_then_serving_resumes(model_dir):
     async def scenario(runtime, client):
         gate, started, blocker = block_engine(runtime)
         await asyncio.to_thread(started.wait, 10)
-        # While blocked at most 2 batches x 4 rows are in flight and 4 rows may wait: 20 calls overflow.
+        # While blocked at most 3 batches x 4 rows are in flight and 4 rows may wait: 20 calls overflow.
         calls = [asyncio.ensure_future(client.infer(row(3 + i % 5), outputs=["logits"])) for i in range(20)]
         while runtime.batcher.stats.rejected_full == 0:
             await asyncio.sleep(0.01)
@@ -112,11 +112,13 @@ def rows(count: int, length: int) -> dict:
 
 
 async def fill_in_flight(runtime, client):
-    """Block the engine and let the batcher hand it its two batches: what is sent next waits in the queue."""
+    """Block the engine and let the batcher hand it every batch it may have in flight (one per forward
+    worker, and one more): what is sent next waits in the queue."""
     gate, started, blocker = block_engine(runtime)
     await asyncio.to_thread(started.wait, 10)
-    in_flight = [asyncio.ensure_future(client.infer(rows(4, 5), outputs=["logits"])) for _ in range(2)]
-    while runtime.batcher.queue_rows or len(runtime.batcher._running) < 2:
+    slots = runtime.engine.forward_workers + 1
+    in_flight = [asyncio.ensure_future(client.infer(rows(4, 5), outputs=["logits"])) for _ in range(slots)]
+    while runtime.batcher.queue_rows or len(runtime.batcher._running) < slots:
         await asyncio.sleep(0.01)
     return gate, blocker, in_flight
 

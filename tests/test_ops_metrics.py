@@ -84,7 +84,51 @@ def test_stage_latencies_are_recorded_on_both_sides(stack):
     assert timings["total"] >= timings["tokenize"]
 
 
-def test_generated_tokens_and_time_to_first_token():
+def families(text: str) -> set[str]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {family.name for family in text_string_to_metric_families(text)}
+
+
+def test_each_service_exports_what_it_produces_and_health_is_not_a_request(stack):
+    stack["stub"].Classify(preproc_pb2.ClassifyRequest(texts=["the river"]), timeout=30)
+    preproc, model = scrape(stack["preproc_metrics"]), scrape(stack["model_metrics"])
+    model_only = {"splitserve_batch_size", "splitserve_queue_depth", "splitserve_generated_tokens",
+                  "splitserve_time_to_first_token_seconds", "splitserve_time_per_output_token_seconds",
+                  "splitserve_prompt_tokens", "splitserve_generation_sequences"}
+    assert not model_only & families(preproc)  # no always-zero series on the service that never produces them
+    assert {"splitserve_batch_size", "splitserve_queue_depth"} <= families(model)
+    # The readiness checks (many, before the test) are not requests.
+    for text in (preproc, model):
+        assert "grpc.health" not in text and "grpc.reflection" not in text
+    # The served model's name labels the requests on both sides; no adapter was asked for.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def models(text, method):
+        return {s.labels["model"] for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "splitserve_requests_total" and s.labels["method"] == method}
+    assert models(preproc, CLASSIFY) == models(model, MODEL_INFER) != {""}
+    assert sample(model, "splitserve_requests_total", method=MODEL_INFER, code="OK", adapter="") >= 1
+
+
+def test_embed_records_its_postprocess_stage(tmp_path):
+    from tests.preproc_helpers import build_task_model
+
+    model_dir, _, _ = build_task_model(tmp_path, "feature-extraction")
+    metrics_port = free_port()
+    with model_service(model_dir, "--metrics-port", "0") as model, \
+            preproc_service(model_dir, model.address, "--metrics-port", str(metrics_port)) as preproc, \
+            grpc.insecure_channel(preproc.address) as channel:
+        stub = preproc_pb2_grpc.PreprocStub(channel)
+        before = scrape(metrics_port)
+        for pooling in ("none", "mean"):
+            stub.Embed(preproc_pb2.EmbedRequest(texts=sentences(2), pooling=pooling), timeout=30)
+        after = scrape(metrics_port)
+    assert (sample(after, "splitserve_stage_duration_seconds_count", stage="postprocess")
+            - sample(before, "splitserve_stage_duration_seconds_count", stage="postprocess")) == 2
+
+
+def test_generation_metrics():
     metrics_port = free_port()
     with model_service(tiny_model("gpt2"), "--metrics-port", str(metrics_port)) as model, \
             grpc.insecure_channel(model.address) as channel:
@@ -98,11 +142,45 @@ def test_generated_tokens_and_time_to_first_token():
             steps = list(stub.Generate(request, timeout=60))
             generated += sum(len(step.token_ids) for step in steps)
         after = scrape(metrics_port)
+
+    def delta(name, **labels):
+        return sample_sum(after, name, **labels) - sample_sum(before, name, **labels)
+
     assert generated == 10
-    assert (sample(after, "splitserve_generated_tokens_total")
-            - sample(before, "splitserve_generated_tokens_total")) == generated
-    assert (sample(after, "splitserve_time_to_first_token_seconds_count")
-            - sample(before, "splitserve_time_to_first_token_seconds_count")) == 2
-    assert (sample(after, "splitserve_requests_total", method=GENERATE, code="OK")
-            - sample(before, "splitserve_requests_total", method=GENERATE, code="OK")) == 2
+    assert delta("splitserve_generated_tokens_total", adapter="") == generated
+    assert delta("splitserve_prompt_tokens_total", adapter="") == 6
+    assert delta("splitserve_time_to_first_token_seconds_count") == 2
+    assert delta("splitserve_time_per_output_token_seconds_count") == 2
+    # Mean time between tokens: positive and no longer than the whole generation took.
+    assert 0 < delta("splitserve_time_per_output_token_seconds_sum") < delta(
+        "splitserve_request_duration_seconds_sum", method=GENERATE)
+    assert delta("splitserve_stage_duration_seconds_count", stage="queue") == 2  # each waited for admission
+    assert delta("splitserve_stage_duration_seconds_count", stage="prefill") == 2
+    assert delta("splitserve_stage_duration_seconds_count", stage="decode") == generated - 2
+    assert sample(after, "splitserve_generation_sequences", state="running") == 0
+    assert sample(after, "splitserve_generation_sequences", state="waiting") == 0
+    assert delta("splitserve_requests_total", method=GENERATE, code="OK") == 2
     assert sample_sum(after, "splitserve_requests_in_flight") == 0
+    model_names = {s for s in after.splitlines() if s.startswith("splitserve_generated_tokens_total{")}
+    assert model_names and all('model="' in line and 'model=""' not in line for line in model_names)
+
+
+def test_preproc_generation_records_hop_and_detokenize(tmp_path):
+    from tests.generation_helpers import save_generative
+
+    model_dir = save_generative(tmp_path / "gpt2")
+    metrics_port = free_port()
+    with model_service(model_dir, "--metrics-port", "0") as model, \
+            preproc_service(model_dir, model.address, "--metrics-port", str(metrics_port)) as preproc, \
+            grpc.insecure_channel(preproc.address) as channel:
+        stub = preproc_pb2_grpc.PreprocStub(channel)
+        before = scrape(metrics_port)
+        params = preproc_pb2.GenerateTextParameters(max_new_tokens=5)
+        stub.GenerateText(preproc_pb2.GenerateTextRequest(prompt="the river", parameters=params), timeout=60)
+        list(stub.GenerateTextStream(preproc_pb2.GenerateTextRequest(prompt="the river", parameters=params),
+                                     timeout=60))
+        after = scrape(metrics_port)
+    for stage in ("tokenize", "hop", "detokenize"):
+        grew = (sample(after, "splitserve_stage_duration_seconds_count", stage=stage)
+                - sample(before, "splitserve_stage_duration_seconds_count", stage=stage))
+        assert grew == 2, f"preproc generation stage {stage}: {grew}"

@@ -54,7 +54,8 @@ def secure_stack(tmp_path_factory):
         with service("preproc_service", ["--model-dir", str(model_dir), "--model-service", model.address,
                                          "--metrics-port", "0", *_server_flags(pki), *hop], wait=False) as preproc:
             _wait_serving(preproc, good)
-            yield {"pki": pki, "good": good, "model": model.address, "preproc": preproc.address}
+            yield {"pki": pki, "good": good, "model": model.address, "preproc": preproc.address,
+                   "preproc_http": preproc.http_port, "model_http": model.http_port}
 
 
 def _classify(address: str, security: ChannelSecurity):
@@ -143,3 +144,34 @@ def test_cli_speaks_mtls_and_token(secure_stack):
     refused = subprocess.run([*base, "info"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1
     assert json.loads(refused.stderr.strip().splitlines()[-1])["error"]["code"] == "UNAUTHENTICATED"
+
+
+def _https(port: int, path: str, pki, body: dict | None = None, client_cert: bool = True, token: str = TOKEN):
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client_cert:
+        context.load_cert_chain(str(pki.client.cert), str(pki.client.key))
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(f"https://127.0.0.1:{port}{path}",
+                                     json.dumps(body).encode() if body is not None else None, headers)
+    with urllib.request.urlopen(request, timeout=30, context=context) as reply:
+        return reply.status, reply.read()
+
+
+def test_http_doors_take_the_same_mtls_and_token(secure_stack):
+    """Both HTTP doors serve HTTPS with the gRPC ports' certificate, client CA and token."""
+    import ssl
+    import urllib.error
+
+    pki = secure_stack["pki"]
+    status, body = _https(secure_stack["preproc_http"], "/splitserve.v1.Preproc/Classify", pki,
+                          {"texts": ["a fine day"]})
+    assert status == 200 and json.loads(body)["results"][0]["labels"]
+    assert _https(secure_stack["model_http"], "/v2/health/ready", pki)[0] == 200
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):  # no client certificate
+        _https(secure_stack["preproc_http"], "/v1/models", pki, client_cert=False)
+    with pytest.raises(urllib.error.HTTPError) as refused:  # certificate but no token
+        _https(secure_stack["model_http"], "/v2/models/x", pki, token="")
+    assert refused.value.code == 401

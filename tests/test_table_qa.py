@@ -8,6 +8,7 @@ import json
 import grpc
 import pytest
 
+from client import cli
 from client.preproc_client import PreprocClient
 from tests import model_factory
 from tests.test_audio_tasks import no_torch_stack
@@ -32,7 +33,7 @@ def tqa(tmp_path_factory):
     pipe = transformers.pipeline("table-question-answering", model=model, tokenizer=tokenizer, device="cpu")
     with no_torch_stack(directory, root, "--max-table-cells", "40") as (_, preproc), \
             PreprocClient(preproc.address, timeout=60) as client:
-        yield {"client": client, "pipe": pipe}
+        yield {"client": client, "pipe": pipe, "address": preproc.address}
 
 
 def _same(got, want):
@@ -90,3 +91,13 @@ def test_bad_truncation_is_refused_by_name(tqa):
     with pytest.raises(grpc.RpcError) as exc:
         tqa["client"].answer_table_question([(CITIES, ["q"])], truncation="longest_first")
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "truncation" in exc.value.details()
+
+
+def test_cli_predict_with_a_table_file(tqa, tmp_path, capsys):
+    (tmp_path / "table.json").write_text(json.dumps(CITIES))
+    args = ["--address", tqa["address"], "predict", "--table", f"@{tmp_path / 'table.json'}", "--sequential"]
+    assert cli.main([*args, *QUERIES[:3]]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    want = tqa["pipe"](table=CITIES, query=QUERIES[:3], sequential=True)
+    assert [line["answer"] for line in lines] == [w["answer"] for w in want]
+    assert [[tuple(c) for c in line["coordinates"]] for line in lines] == [w["coordinates"] for w in want]

@@ -44,6 +44,7 @@ class Sequence:
     # Filled in by the scheduler (event-loop side).
     events: object = None
     submitted_at: float = 0.0
+    first_token_at: float = 0.0
 
     @property
     def reserved_tokens(self) -> int:

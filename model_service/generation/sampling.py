@@ -16,6 +16,7 @@ distribution the token was chosen from (after that processing).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -95,16 +96,16 @@ def resolve(settings, defaults: dict, *, prompt_len: int, context_len: int, eos_
     min_new = int(pick("min_new_tokens") or 0)
     if min_new < 0 or min_new > max_new:
         raise InvalidArgument(f"min_new_tokens must be in [0, max_new_tokens={max_new}], got {min_new}")
-    temperature = float(pick("temperature"))
+    temperature = finite("temperature", pick("temperature"))
     if temperature < 0:
         raise InvalidArgument(f"temperature must be >= 0, got {temperature}")
-    top_p = float(pick("top_p"))
+    top_p = finite("top_p", pick("top_p"))
     if not 0.0 < top_p <= 1.0:
         raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
     top_k = int(pick("top_k"))
     if top_k < 0:
         raise InvalidArgument(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    penalty = float(pick("repetition_penalty"))
+    penalty = finite("repetition_penalty", pick("repetition_penalty"))
     if penalty <= 0:
         raise InvalidArgument(f"repetition_penalty must be > 0, got {penalty}")
     presence, frequency = (settings.presence_penalty if settings.HasField("presence_penalty") else 0.0,
@@ -126,6 +127,14 @@ def resolve(settings, defaults: dict, *, prompt_len: int, context_len: int, eos_
         stop_token_ids=frozenset(settings.stop_token_ids), logprobs=settings.logprobs,
         presence_penalty=presence, frequency_penalty=frequency, top_logprobs=settings.top_logprobs,
     )
+
+
+def finite(name: str, value) -> float:
+    """A float setting as float; NaN and infinities are refused (every comparison with NaN is false)."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number, got {value}")
+    return value
 
 
 class ChosenLogprob(float):

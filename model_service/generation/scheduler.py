@@ -17,8 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from prometheus_client import Gauge
-
+from model_service.adapters import BASE
 from model_service.generation.batch import DecodeBatch, GenerationModel, Sequence
 from model_service.generation.sampling import TokenChooser
 from splitserve_common import metrics
@@ -44,53 +43,42 @@ class StepEvent:
 
 
 class _Core:
-    """The model side of the scheduler: the running batches. Worker thread only.
+    """The model side of the scheduler: the running batch. Worker thread only.
 
-    With an adapter switch that takes per-row names (model_service.adapters) one batch mixes
-    every adapter; otherwise there is one batch per adapter name.
+    One batch holds every running sequence whatever its adapter: the engine's adapter registry
+    applies each row's own adapter (model_service.adapters).
     """
 
     def __init__(self, gm: GenerationModel, engine):
         self.gm = gm
-        self.engine = engine  # engine.adapters may be replaced after start (model_service.adapters)
-        self.batches: dict[str, DecodeBatch] = {}
+        self.engine = engine
+        self.batch: DecodeBatch | None = None
 
-    @property
-    def mixes_rows(self) -> bool:
-        return bool(getattr(self.engine.adapters, "mixes_rows", False))
+    def _use(self, seqs):
+        return self.engine.adapters.use([s.adapter for s in seqs])
 
-    def _use(self, key: str, seqs):
-        return self.engine.adapters.use([s.adapter for s in seqs] if self.mixes_rows else key)
+    def _keep(self, keep) -> None:
+        if self.batch is not None:
+            self.batch = self.batch.filter([i for i, s in enumerate(self.batch.seqs) if keep(s)])
 
     def step(self, admitted: list[Sequence], dropped: list[Sequence]) -> list[tuple[Sequence, StepEvent]]:
         gone = set(dropped)
-        for key, batch in list(self.batches.items()):
-            self._set(key, batch.filter([i for i, s in enumerate(batch.seqs) if s not in gone]))
+        self._keep(lambda s: s not in gone)
         stepped = []
-        for key, batch in list(self.batches.items()):
-            with self._use(key, batch.seqs):
-                batch.decode(self.gm)
-            stepped += batch.seqs
-        groups = collections.defaultdict(list)
-        for seq in admitted:
-            groups["" if self.mixes_rows else seq.adapter].append(seq)
-        for key, seqs in groups.items():
-            with self._use(key, seqs):
-                fresh = DecodeBatch.prefill(self.gm, seqs)
-            stepped += seqs
-            self._set(key, fresh if key not in self.batches else self.batches[key].concat(fresh))
-        for key, batch in list(self.batches.items()):
-            self._set(key, batch.filter([i for i, s in enumerate(batch.seqs) if not s.finish_reason]))
+        if self.batch is not None:
+            with self._use(self.batch.seqs), metrics.stage_timer("decode"):
+                self.batch.decode(self.gm)
+            stepped += self.batch.seqs
+        if admitted:
+            with self._use(admitted), metrics.stage_timer("prefill"):
+                fresh = DecodeBatch.prefill(self.gm, admitted)
+            stepped += admitted
+            self.batch = fresh if self.batch is None else self.batch.concat(fresh)
+        self._keep(lambda s: not s.finish_reason)
         return [(s, StepEvent(s.generated[-1], s.last_logprob, s.finish_reason)) for s in stepped]
 
-    def _set(self, key, batch):
-        if batch is None:
-            self.batches.pop(key, None)
-        else:
-            self.batches[key] = batch
-
     def reset(self) -> None:
-        self.batches.clear()
+        self.batch = None
 
 
 class Scheduler:
@@ -132,6 +120,7 @@ class Scheduler:
         seq.events = asyncio.Queue()
         seq.submitted_at = time.monotonic()
         self._waiting.append(seq)
+        metrics.set_generation_sequences(len(self._active), len(self._waiting))
         self.start()
         self._wakeup.set()
         return seq
@@ -143,6 +132,7 @@ class Scheduler:
         seq.cancelled = True
         if seq in self._waiting:
             self._waiting.remove(seq)
+            metrics.set_generation_sequences(len(self._active), len(self._waiting))
         self.counters["cancelled"] += 1
         self._wakeup.set()
 
@@ -166,6 +156,7 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         """Waiting sequences that fit now, first come first served (no overtaking)."""
         admitted = []
+        now = time.monotonic()
         count = len(self._active)
         tokens = sum(s.reserved_tokens for s in self._active)
         while self._waiting:
@@ -173,6 +164,8 @@ class Scheduler:
             if count + 1 > self.limits.max_sequences or tokens + seq.reserved_tokens > self.limits.max_tokens:
                 break
             self._waiting.popleft()
+            metrics.observe_stage("queue", now - seq.submitted_at)
+            metrics.add_prompt_tokens(_label(seq), len(seq.prompt_ids))
             admitted.append(seq)
             count += 1
             tokens += seq.reserved_tokens
@@ -198,6 +191,7 @@ class Scheduler:
                     seq.finish_reason = "error"
                     seq.events.put_nowait(Unavailable(f"generation failed: {type(exc).__name__}: {exc}"))
                 self._active = []
+                metrics.set_generation_sequences(0, len(self._waiting))
                 continue
             self._active += admitted
             self._record(results, admitted)
@@ -205,10 +199,12 @@ class Scheduler:
     def _record(self, results, admitted) -> None:
         now = time.monotonic()
         for seq in admitted:
-            metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.submitted_at)
+            seq.first_token_at = now
+            metrics.observe_time_to_first_token(_label(seq), now - seq.submitted_at)
         self.counters["steps"] += 1
         self.counters["generated_tokens"] += len(results)
-        metrics.GENERATED_TOKENS.inc(len(results))
+        for adapter, count in collections.Counter(_label(seq) for seq, _ in results).items():
+            metrics.add_generated_tokens(adapter, count)
         for seq, event in results:
             if not seq.cancelled:
                 seq.events.put_nowait(event)
@@ -216,8 +212,13 @@ class Scheduler:
         if finished:
             self.counters["finished"] += len(finished)
             self._active = [s for s in self._active if not s.finish_reason]
-        ACTIVE_SEQUENCES.set(len(self._active))
+            for seq in finished:
+                if len(seq.generated) > 1:
+                    metrics.observe_time_per_output_token(
+                        _label(seq), (now - seq.first_token_at) / (len(seq.generated) - 1))
+        metrics.set_generation_sequences(len(self._active), len(self._waiting))
 
 
-ACTIVE_SEQUENCES = Gauge("splitserve_generation_active_sequences",
-                                 "sequences in the running generation batch")
+def _label(seq: Sequence) -> str:
+    """The metrics' adapter label: the adapter generated with, "" for the base model."""
+    return "" if seq.adapter == BASE else seq.adapter

@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from model_service.generation.batch import GenerationModel, Sequence
@@ -76,7 +77,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             log.warning("encoder-decoder model without decoder_start_token_id: generation is off")
             self.can_generate = False
         if not self.can_generate:
-            return  # Generate answers FAILED_PRECONDITION; the tensor API serves the model
+            return  # Generate answers FAILED_PRECONDITION (health: NOT_SERVING); the tensor API serves the model
         self.gm = GenerationModel(loaded.model, loaded.pad_token_id,
                                   loaded.special_ids.get("decoder_start_token_id"))
         self.vocab_size = loaded.vocab_size
@@ -99,17 +100,24 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         """Check a GenerateRequest and turn it into a Sequence (raises InvalidArgument / NotFound)."""
         if request.model_name and request.model_name != self.model_name:
             raise NotFound(f"model '{request.model_name}' is not served here (this is '{self.model_name}')")
-        ids = list(request.input_ids)
-        if not ids:
+        if not request.input_ids:
             raise InvalidArgument("input_ids is empty: generation needs a prompt of at least one token")
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise InvalidArgument(f"input_ids holds ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        # Sizes first, before any work per id.
+        if self.max_positions and len(request.input_ids) > self.max_positions:
+            raise InvalidArgument(f"input of {len(request.input_ids)} tokens exceeds the model's "
+                                  f"{self.max_positions} positions")
+        stop_ids = request.settings.stop_token_ids
+        if len(stop_ids) > self.vocab_size:
+            raise InvalidArgument(f"{len(stop_ids)} stop_token_ids; the vocabulary has {self.vocab_size} tokens")
+        ids = np.asarray(request.input_ids, dtype=np.int64)
+        for name, values in (("input_ids", ids), ("stop_token_ids", np.asarray(stop_ids, dtype=np.int64))):
+            bad = values[(values < 0) | (values >= self.vocab_size)]
+            if bad.size:
+                raise InvalidArgument(f"{name} holds ids outside the vocabulary [0, {self.vocab_size}): "
+                                      f"{bad[:5].tolist()}")
+        ids = ids.tolist()
         self.engine.adapters.check(request.adapter)
         if self.gm.is_encoder_decoder:
-            if self.max_positions and len(ids) > self.max_positions:
-                raise InvalidArgument(f"input of {len(ids)} tokens exceeds the model's {self.max_positions} "
-                                      "positions")
             prompt_len = 1  # the decoder starts from decoder_start_token_id
         else:
             prompt_len = len(ids)

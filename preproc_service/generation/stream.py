@@ -7,11 +7,12 @@ at its next step) and ends with a piece that carries the finish reason and token
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from preproc_service.generation.detokenizer import IncrementalDetokenizer
 from preproc_service.generation.text_filters import StopMatcher
-from splitserve_common import request_log
+from splitserve_common import call_context, metrics
 from splitserve_common.errors import Unavailable, peer_errors
 from splitserve_pb import generation_pb2 as gpb
 from splitserve_pb import generation_pb2_grpc
@@ -39,11 +40,13 @@ async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, cont
                           timeout: float | None = None, address: str = "model service"):
     detok = IncrementalDetokenizer(tokenizer, context_ids)
     matcher = StopMatcher(stops)
-    model_stream = stub.Generate(request, timeout=timeout, metadata=request_log.outgoing_metadata())
+    model_stream = stub.Generate(request, timeout=timeout, metadata=call_context.outgoing_metadata())
     generated = 0
+    seconds = {"hop": 0.0, "detokenize": 0.0}  # waiting for model_service's steps, turning them into text
     try:
         with peer_errors(address, "finish generating"):
-            async for step in model_stream:
+            async for step in _timed(model_stream, seconds):
+                started = time.perf_counter()
                 ids, logprobs, tops = list(step.token_ids), list(step.logprobs), list(step.top_logprobs)
                 if matcher.stops:  # token by token, so the answer and its count end at the stop string
                     text = ""
@@ -60,6 +63,7 @@ async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, cont
                     text += matcher.feed(detok.flush())
                     if not matcher.stopped:
                         text += matcher.flush()
+                seconds["detokenize"] += time.perf_counter() - started
                 piece = Piece(text, ids, logprobs, tops, prompt_tokens=step.prompt_tokens, completion_tokens=generated)
                 if matcher.stopped:
                     piece.finish_reason = "stop"
@@ -74,3 +78,19 @@ async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, cont
     finally:
         # A stop string, an error or the caller going away: tell the model to stop generating.
         model_stream.cancel()
+        for stage, spent in seconds.items():
+            metrics.observe_stage(stage, spent)
+
+
+async def _timed(model_stream, seconds: dict):
+    """The stream's steps, adding the time spent waiting for each to seconds["hop"]."""
+    steps = model_stream.__aiter__()
+    while True:
+        started = time.perf_counter()
+        try:
+            step = await steps.__anext__()
+        except StopAsyncIteration:
+            return
+        finally:
+            seconds["hop"] += time.perf_counter() - started
+        yield step

@@ -2,9 +2,9 @@
 
 Routes (every one calls the servicer's gRPC methods, never a second implementation):
 - OpenAI-compatible: POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models;
+- MLflow's scoring protocol: POST /invocations, GET /ping, /health, /version (mlflow_api.py);
 - every unary RPC as JSON: POST /splitserve.v1.Preproc/<Method> (the gRPC path), body and answer
-  in protobuf's JSON mapping (field names as in the .proto);
-- GET /health (200 while the gRPC health says SERVING, else 503).
+  in protobuf's JSON mapping (field names as in the .proto).
 """
 
 from __future__ import annotations
@@ -15,20 +15,24 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from preproc_service.http.context import CallFailed, HttpCallContext
 from preproc_service.http.json_io import BadRequest, dumps, read_body
+from preproc_service.http.mlflow_api import MlflowRoutes
+from preproc_service.http.mlflow_api import error_body as mlflow_error_body
 from preproc_service.http.openai_api import OpenAIRoutes
 from preproc_service.http.openai_api import error_body as openai_error_body
-from splitserve_common.http_front import HttpFront, HttpGuard
+from splitserve_common.http_front import CallFailed, HttpCallContext, HttpFront, HttpGuard
 from splitserve_pb import preproc_pb2
 
 SERVICE = preproc_pb2.DESCRIPTOR.services_by_name["Preproc"]
 UNARY_METHODS = {m.name: m for m in SERVICE.methods if not m.client_streaming and not m.server_streaming}
 OPEN_PATHS = ("/health", "/ping")  # probes send no token
+MLFLOW_PATHS = ("/invocations", "/ping", "/health", "/version")
 
 
 def error_body(path: str, status: int, message: str, code: str) -> bytes:
-    """The guard's refusals (401, 413, 503) in OpenAI's error shape."""
+    """The guard's refusals (401, 413, 503) in the error shape of the route's protocol."""
+    if path.startswith(MLFLOW_PATHS):
+        return mlflow_error_body(status, message)
     return openai_error_body(status, message, code)
 
 
@@ -48,7 +52,7 @@ class RpcRoutes:
             return _json_error(404, f"no unary method {SERVICE.full_name}/{name} (streaming methods are gRPC only)")
         try:
             body = await read_body(http_request)
-            request = json_format.Parse(body or b"{}", _message_class(method.input_type))
+            request = json_format.Parse(body or b"{}", _message_class(method.input_type)())
         except BadRequest as exc:
             return _json_error(exc.status, exc.message)
         except json_format.ParseError as exc:
@@ -72,13 +76,8 @@ def _json_error(status: int, message: str, code: str | None = None) -> Response:
 
 def build_front(args, servicer, health) -> HttpFront:
     """The HTTP door on --http-port, with the gRPC port's token, TLS and message limit."""
-    async def health_route(_request: Request) -> Response:
-        serving = health.serving
-        return Response(b"ok\n" if serving else b"not serving\n", 200 if serving else 503, media_type="text/plain")
-
-    openai = OpenAIRoutes(servicer)
-    app = Starlette(routes=[*openai.routes(), *RpcRoutes(servicer).routes(),
-                            Route("/health", health_route, methods=["GET"])])
+    app = Starlette(routes=[*OpenAIRoutes(servicer).routes(), *MlflowRoutes(servicer, health).routes(),
+                            *RpcRoutes(servicer).routes()])
     known = {route.path for route in app.routes}
 
     def route_name(method: str, path: str) -> str:

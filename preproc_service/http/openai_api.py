@@ -10,6 +10,7 @@ of the gRPC code. A field this server does not implement is refused by name.
 from __future__ import annotations
 
 import base64
+import functools
 import time
 
 import numpy as np
@@ -17,9 +18,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from preproc_service.http.context import CallFailed, HttpCallContext
 from preproc_service.http.json_io import BadRequest, Fields, dumps, read_json_object
 from preproc_service.served_models import adapter_names
+from splitserve_common.http_front import CallFailed, HttpCallContext
 from splitserve_pb import preproc_pb2 as pb
 
 # Sampling and length fields chat and completions share: name -> (kind, low, high).
@@ -243,6 +244,21 @@ def completion_json(answer: pb.Completion, prompt_chars: int, top: int) -> dict:
 # ---------------------------------------------------------------- the routes
 
 
+def _openai_errors(route):
+    """A refused request (BadRequest) or a failed call (CallFailed) answered as OpenAI's error object."""
+    @functools.wraps(route)
+    async def answer(self, http_request: Request) -> Response:
+        try:
+            return await route(self, http_request)
+        except BadRequest as exc:
+            return error_response(exc.status, exc.message, exc.code, exc.param)
+        except CallFailed as exc:
+            return failed(exc)
+
+    return answer
+
+
+
 class OpenAIRoutes:
     def __init__(self, servicer):
         self.servicer = servicer
@@ -259,46 +275,34 @@ class OpenAIRoutes:
     def _context(http_request: Request) -> HttpCallContext:
         return HttpCallContext(http_request.scope["state"]["request_id"])
 
+    @_openai_errors
     async def chat(self, http_request: Request) -> Response:
-        try:
-            request, stream, include_usage = chat_request(await read_json_object(http_request))
-            context = self._context(http_request)
-            if stream:
-                return await self._stream(self.servicer.ChatStream(request, context), include_usage,
-                                          _chat_chunk_json, prefetch=2)
-            return json_response(chat_completion_json(await self.servicer.Chat(request, context)))
-        except BadRequest as exc:
-            return error_response(exc.status, exc.message, exc.code, exc.param)
-        except CallFailed as exc:
-            return failed(exc)
+        request, stream, include_usage = chat_request(await read_json_object(http_request))
+        context = self._context(http_request)
+        if stream:
+            return await self._stream(self.servicer.ChatStream(request, context), include_usage, _chat_chunk_json,
+                                      prefetch=2)
+        return json_response(chat_completion_json(await self.servicer.Chat(request, context)))
 
+    @_openai_errors
     async def completions(self, http_request: Request) -> Response:
-        try:
-            request, stream, include_usage = completion_request(await read_json_object(http_request))
-            context = self._context(http_request)
-            top = request.logprobs if request.HasField("logprobs") else 0
-            if stream:
-                offsets: dict[int, int] = {}
+        request, stream, include_usage = completion_request(await read_json_object(http_request))
+        context = self._context(http_request)
+        top = request.logprobs if request.HasField("logprobs") else 0
+        if stream:
+            offsets: dict[int, int] = {}
 
-                def chunk_json(chunk):
-                    return _completion_chunk_json(chunk, offsets, len(request.prompt), top)
+            def chunk_json(chunk):
+                return _completion_chunk_json(chunk, offsets, len(request.prompt), top)
 
-                return await self._stream(self.servicer.CompleteStream(request, context), include_usage, chunk_json)
-            answer = await self.servicer.Complete(request, context)
-            return json_response(completion_json(answer, len(request.prompt), top))
-        except BadRequest as exc:
-            return error_response(exc.status, exc.message, exc.code, exc.param)
-        except CallFailed as exc:
-            return failed(exc)
+            return await self._stream(self.servicer.CompleteStream(request, context), include_usage, chunk_json)
+        answer = await self.servicer.Complete(request, context)
+        return json_response(completion_json(answer, len(request.prompt), top))
 
+    @_openai_errors
     async def embeddings(self, http_request: Request) -> Response:
-        try:
-            request, encoding = embeddings_request(await read_json_object(http_request))
-            answer = await self.servicer.Embeddings(request, self._context(http_request))
-        except BadRequest as exc:
-            return error_response(exc.status, exc.message, exc.code, exc.param)
-        except CallFailed as exc:
-            return failed(exc)
+        request, encoding = embeddings_request(await read_json_object(http_request))
+        answer = await self.servicer.Embeddings(request, self._context(http_request))
         return json_response({
             "object": "list", "model": answer.model,
             "data": [{"object": "embedding", "index": d.index, "embedding": _encode_vector(d.embedding, encoding)}

@@ -90,6 +90,9 @@ def rescale_stride(stride: tuple[int, int, int], ratio: float) -> tuple[int, int
 
 
 def require_ctc(dep: Deployment):
+    if dep.require_info().is_encoder_decoder:
+        raise FailedPrecondition("speech recognition is served for CTC models (wav2vec2-style); encoder-decoder "
+                                 "models such as Whisper are not served yet")
     tokenizer = dep.tokenizer
     if tokenizer is None:
         raise FailedPrecondition("this model directory has no tokenizer: CTC token ids cannot become text")

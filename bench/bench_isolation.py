@@ -1,0 +1,219 @@
+"""Isolation: what one normal caller sees while another floods the service, and while
+model_service is killed and restarted (issue 12, "Show").
+
+    python bench/bench_isolation.py [SENTENCES] [--seconds 20] [--flood-callers 2]
+
+The real all-MiniLM-L6-v2 (feature-extraction) behind preproc_service and model_service on
+loopback. The normal caller sends Embed of one sentence at a time (a 10 s deadline), one call
+after another, through three phases:
+
+1. alone;
+2. while `--flood-callers` callers each send, one after another, the largest Embed the limits
+   allow (`--flood-texts` texts of `--flood-chars` characters: by default preproc's own
+   per-request limits when it has them);
+3. while model_service is killed (SIGKILL) and started again on the same port.
+
+For each phase: the normal caller's calls by status, p50 and p99 of its OK calls, and the flood's
+calls by status. Every call ends with a status (deadlines included), so "unanswered" is
+always 0 unless a call raised something other than a gRPC error. Recovery is the time from
+model_service answering health SERVING again to the normal caller's first OK call after it.
+Targets (issue 12): flood p99 at most 3x the alone p99 and none of the normal calls refused;
+recovery within 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import grpc  # noqa: E402
+from grpc_health.v1 import health_pb2  # noqa: E402
+
+from client.preproc_client import AsyncPreprocClient  # noqa: E402
+from tests import model_factory, servers  # noqa: E402
+
+DEFAULT_SENTENCES = ROOT.parent / "shared" / "bench" / "sentences.txt"
+NORMAL_DEADLINE = 10.0
+FLOOD_DEADLINE = 120.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def read_sentences(path: Path) -> list[str]:
+    if path.exists():
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if lines:
+            return lines
+    return model_factory.corpus(256)
+
+
+def preproc_limit(*names: str, default: int) -> int:
+    """The default of the first preproc option named in `names` (its per-request limits), else `default`."""
+    from preproc_service.cli import OPTIONS
+
+    defaults = {option.name: option.default for option in OPTIONS}
+    return next((int(defaults[n]) for n in names if n in defaults), default)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Calls:
+    """Every call's outcome: (start, end, status name)."""
+
+    def __init__(self):
+        self.records: list[tuple[float, float, str]] = []
+
+    async def run(self, call) -> str:
+        start = time.monotonic()
+        try:
+            await call()
+            code = "OK"
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+        except Exception as exc:  # noqa: BLE001 - a call that ended without a status
+            code = f"unanswered ({type(exc).__name__})"
+        self.records.append((start, time.monotonic(), code))
+        return code
+
+    def codes(self) -> dict:
+        return dict(collections.Counter(code for _, _, code in self.records))
+
+    def ok_latencies_ms(self) -> list[float]:
+        return [1000 * (end - start) for start, end, code in self.records if code == "OK"]
+
+
+async def normal_caller(address: str, sentences: list[str], stop: asyncio.Event, calls: Calls) -> None:
+    async with AsyncPreprocClient(address, timeout=NORMAL_DEADLINE) as client:
+        i = 0
+        while not stop.is_set():
+            code = await calls.run(lambda s=sentences[i % len(sentences)]: client.embed([s]))
+            i += 1
+            if code != "OK":
+                await asyncio.sleep(0.01)  # as a client's retry would
+
+
+async def flood_caller(address: str, texts: list[str], stop: asyncio.Event, calls: Calls) -> None:
+    async with AsyncPreprocClient(address, timeout=FLOOD_DEADLINE) as client:
+        while not stop.is_set():
+            code = await calls.run(lambda: client.embed(texts))
+            if code != "OK":
+                await asyncio.sleep(0.05)
+
+
+async def timed_phase(seconds: float, *tasks_of) -> None:
+    stop = asyncio.Event()
+    tasks = [asyncio.ensure_future(make(stop)) for make in tasks_of]
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(*tasks)
+
+
+async def wait_serving(address: str, timeout: float = 300.0) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(servers.health_status, address, "", 0.5) == SERVING:
+            return time.monotonic()
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"{address} not SERVING after {timeout} s")
+
+
+def row(label: str, normal: Calls, flood: Calls | None = None, extra: str = "") -> str:
+    latencies = normal.ok_latencies_ms()
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    flood_codes = flood.codes() if flood is not None else {}
+    return (f"| {label} | {len(normal.records)} | {normal.codes()} | {p50:.1f} | {p99:.1f} | "
+            f"{flood_codes or '-'} | {extra or '-'} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sentences", nargs="?", default=str(DEFAULT_SENTENCES))
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--flood-callers", type=int, default=2)
+    parser.add_argument("--flood-texts", type=int,
+                        default=preproc_limit("max-texts", "max-texts-per-request", default=256))
+    parser.add_argument("--flood-chars", type=int,
+                        default=preproc_limit("max-text-chars", "max-chars", default=2000))
+    parser.add_argument("--torch-threads", type=int, default=0, help="model_service --torch-threads (0: all CPUs)")
+    args = parser.parse_args()
+
+    sentences = read_sentences(Path(args.sentences))
+    long_text = " ".join(sentences)
+    while len(long_text) < args.flood_chars:
+        long_text += " " + long_text
+    flood_texts = [long_text[i:i + args.flood_chars] for i in range(args.flood_texts)]
+    model_dir = model_factory.minilm_dir()
+    quiet = ["--metrics-port", "0", "--log-level", "WARNING"]
+    port = servers.free_port()
+    model_args = [*quiet, "--torch-threads", str(args.torch_threads)]
+    print(f"all-MiniLM-L6-v2 feature-extraction; normal caller: Embed of 1 sentence, one call after another; "
+          f"flood: {args.flood_callers} callers x Embed of {args.flood_texts} texts x {args.flood_chars} chars; "
+          f"{args.seconds:.0f} s per phase; machine shared with other work, figures are noisy")
+
+    with contextlib.ExitStack() as running:
+        model = running.enter_context(servers.model_service(model_dir, *model_args, port=port))
+        address = running.enter_context(servers.preproc_service(model_dir, model.address, *quiet)).address
+
+        async def scenario():
+            nonlocal model
+            rows = []
+            warm = Calls()
+            await timed_phase(2.0, lambda stop: normal_caller(address, sentences, stop, warm))
+
+            alone = Calls()
+            await timed_phase(args.seconds, lambda stop: normal_caller(address, sentences, stop, alone))
+            rows.append(row("alone", alone))
+
+            normal, flood = Calls(), Calls()
+            floods = [lambda stop: flood_caller(address, flood_texts, stop, flood)] * args.flood_callers
+            await timed_phase(args.seconds, lambda stop: normal_caller(address, sentences, stop, normal), *floods)
+            rows.append(row("flood", normal, flood))
+            ratio = percentile(normal.ok_latencies_ms(), 0.99) / percentile(alone.ok_latencies_ms(), 0.99)
+
+            restart = Calls()
+            stop = asyncio.Event()
+            caller = asyncio.ensure_future(normal_caller(address, sentences, stop, restart))
+            await asyncio.sleep(2.0)
+            killed = time.monotonic()
+            model.proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(model.proc.wait)
+            model = running.enter_context(servers.model_service(model_dir, *model_args, port=port, wait=False))
+            serving = await wait_serving(model.address)
+            await asyncio.sleep(max(2.0, args.seconds - (time.monotonic() - killed)))
+            stop.set()
+            await caller
+            first_ok = min((end for start, end, code in restart.records if code == "OK" and end >= serving),
+                           default=float("nan"))
+            rows.append(row("model_service killed and restarted", restart,
+                            extra=f"down {serving - killed:.1f} s (restart + load); "
+                                  f"recovery {first_ok - serving:.2f} s after SERVING"))
+            return rows, ratio
+
+        rows, ratio = asyncio.run(scenario())
+    print()
+    print("| phase | normal calls | by status | p50 ms | p99 ms | flood calls by status | notes |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for line in rows:
+        print(line)
+    print(f"\nflood p99 / alone p99 = {ratio:.2f} (target <= 3)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

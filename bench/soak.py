@@ -1,0 +1,123 @@
+"""Soak: the pair at saturation for a long while; nothing lost, memory flat (issue 12, "Show").
+
+    python bench/soak.py [SENTENCES] [--minutes 10] [--concurrency 32]
+
+The real all-MiniLM-L6-v2 (feature-extraction) behind preproc_service and model_service on
+loopback; `--concurrency` callers each send Embed of 1-8 sentences, one call after another,
+for `--minutes`. Every call's status is counted: "lost" is every call that did not end OK
+(the target is 0). The resident memory (RSS) of both services is sampled every 5 s; growth
+is measured from `--baseline-minute` (default 2, or a fifth of a shorter run) to the end
+(target under 5 %). Exits 1 when a target is missed.
+
+Too long for a machine shared with other work: run it on its own (a `--minutes 1` run checks
+the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import grpc  # noqa: E402
+
+from client.preproc_client import AsyncPreprocClient  # noqa: E402
+from tests import model_factory, servers  # noqa: E402
+from tests.adapter_helpers import rss_mib  # noqa: E402
+
+DEFAULT_SENTENCES = ROOT.parent / "shared" / "bench" / "sentences.txt"
+SAMPLE_SECONDS = 5.0
+DEADLINE = 60.0
+
+
+def read_sentences(path: Path) -> list[str]:
+    if path.exists():
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if lines:
+            return lines
+    return model_factory.corpus(256)
+
+
+async def caller(address: str, sentences: list[str], worker: int, until: float, codes: collections.Counter) -> None:
+    async with AsyncPreprocClient(address, timeout=DEADLINE) as client:
+        i = worker
+        while time.monotonic() < until:
+            texts = [sentences[(i + k) % len(sentences)] for k in range(1 + i % 8)]
+            try:
+                result = await client.embed(texts)
+                codes["OK" if len(result) == len(texts) else "WRONG"] += 1
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code().name] += 1
+            i += 1
+
+
+async def sample_rss(pids: dict, until: float, samples: list) -> None:
+    started = time.monotonic()
+    while time.monotonic() < until:
+        samples.append((time.monotonic() - started, {name: rss_mib(pid) for name, pid in pids.items()}))
+        await asyncio.sleep(SAMPLE_SECONDS)
+    samples.append((time.monotonic() - started, {name: rss_mib(pid) for name, pid in pids.items()}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sentences", nargs="?", default=str(DEFAULT_SENTENCES))
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--baseline-minute", type=float, default=2.0,
+                        help="RSS growth is measured from here to the end (at most a fifth of the run)")
+    args = parser.parse_args()
+
+    sentences = read_sentences(Path(args.sentences))
+    model_dir = model_factory.minilm_dir()
+    quiet = ["--metrics-port", "0", "--log-level", "WARNING"]
+    seconds = 60 * args.minutes
+    baseline = min(60 * args.baseline_minute, seconds / 5)
+    print(f"all-MiniLM-L6-v2 feature-extraction; {args.concurrency} callers x Embed of 1-8 sentences for "
+          f"{args.minutes:g} min; RSS growth from {baseline:.0f} s to the end")
+    codes: collections.Counter = collections.Counter()
+    samples: list = []
+    with servers.model_service(model_dir, *quiet) as model, \
+            servers.preproc_service(model_dir, model.address, *quiet) as preproc:
+        pids = {"model_service": model.proc.pid, "preproc_service": preproc.proc.pid}
+
+        async def run() -> float:
+            started = time.monotonic()
+            until = started + seconds
+            await asyncio.gather(sample_rss(pids, until, samples),
+                                 *(caller(preproc.address, sentences, w, until, codes)
+                                   for w in range(args.concurrency)))
+            return time.monotonic() - started
+
+        elapsed = asyncio.run(run())
+        alive = {name: proc.poll() is None for name, proc in (("model_service", model.proc),
+                                                              ("preproc_service", preproc.proc))}
+
+    total = sum(codes.values())
+    lost = total - codes["OK"]
+    print(f"\ncalls: {total} in {elapsed:.0f} s ({total / elapsed:.1f}/s); by status {dict(codes)}; lost {lost}")
+    start_rss = next(rss for t, rss in samples if t >= baseline)
+    end_rss = samples[-1][1]
+    print("| service | RSS at start MiB | RSS at baseline MiB | RSS at end MiB | growth from baseline |")
+    print("| --- | --- | --- | --- | --- |")
+    growth = {}
+    for name in pids:
+        growth[name] = 100 * (end_rss[name] - start_rss[name]) / start_rss[name]
+        print(f"| {name} | {samples[0][1][name]:.0f} | {start_rss[name]:.0f} | {end_rss[name]:.0f} | "
+              f"{growth[name]:+.1f} % |")
+    ok = lost == 0 and all(g < 5.0 for g in growth.values()) and all(alive.values())
+    print("targets met" if ok else f"targets missed (lost {lost}, growth {growth}, alive {alive})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""What both servers share (issue 12, items 7 and 8): a busy port is an error, and a drain ends
+when the work ends, with every call that arrives meanwhile refused by UNAVAILABLE."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import grpc
+import pytest
+
+from splitserve_pb import open_inference_pb2 as pb
+from splitserve_pb import open_inference_pb2_grpc as pb_grpc
+from tests.ops_helpers import tiny_model
+from tests.servers import ROOT, model_service
+
+DRAIN_SECONDS = 30.0
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return tiny_model("classifier")
+
+
+@pytest.mark.parametrize("module", ["model_service", "preproc_service"])
+def test_a_busy_port_is_refused_with_a_clear_message(model_dir, module):
+    with model_service(model_dir, "--metrics-port", "0") as first:
+        extra = ["--model-service", first.address] if module == "preproc_service" else []
+        second = subprocess.run(
+            [sys.executable, "-m", module, "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port",
+             str(first.port), "--metrics-port", "0", *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        # The first server still answers every new connection: none went to a second listener.
+        for _ in range(4):
+            with grpc.insecure_channel(first.address) as channel:
+                assert pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+    assert second.returncode == 2, second.stderr[-2000:]
+    prog = module.replace("_service", "-service").replace("_", "-")
+    assert f"{prog}: cannot listen on 127.0.0.1:{first.port}: the port is in use" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_retrying_clients_neither_hold_the_drain_open_nor_see_cancelled(model_dir):
+    with model_service(model_dir, "--drain-seconds", str(DRAIN_SECONDS), "--metrics-port", "0") as model:
+        codes: Counter = Counter()
+        stop = threading.Event()
+
+        def retry_at_once() -> None:
+            # A client that calls again as soon as it is answered, as retrying balancers do:
+            # some of its calls reach the server in the very instant the drain ends.
+            with grpc.insecure_channel(model.address) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                while not stop.is_set():
+                    try:
+                        stub.ServerReady(pb.ServerReadyRequest(), timeout=10)
+                        codes["OK"] += 1
+                    except grpc.RpcError as exc:
+                        codes[exc.code().name] += 1
+                        if model.proc.poll() is not None:
+                            return
+                        if "shutting down" not in (exc.details() or ""):
+                            time.sleep(0.01)
+
+        threads = [threading.Thread(target=retry_at_once) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        model.proc.send_signal(signal.SIGTERM)
+        try:
+            model.proc.wait(DRAIN_SECONDS + 10)
+        finally:
+            exited = time.monotonic() - signalled
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=20)
+        log = model.log()
+
+    assert model.proc.returncode == 0, log[-2000:]
+    drained = float(re.search(r"drained in ([0-9.]+) s", log).group(1))
+    # Nothing was in flight: the drain is over after its quiet moment, not after --drain-seconds.
+    assert drained < 3.0 and exited < DRAIN_SECONDS / 2, (drained, exited)
+    assert codes["OK"] and codes["UNAVAILABLE"]
+    assert set(codes) == {"OK", "UNAVAILABLE"}, dict(codes)
