@@ -140,19 +140,13 @@ async def shutdown(running: RunningServer, grace: float | None = 0) -> None:
 
 async def serve(args) -> None:
     running = await start(args)
-    loop = asyncio.get_running_loop()
-    drain_started = loop.time()
 
     async def on_drain():
-        nonlocal drain_started
-        drain_started = loop.time()
         if running.http is not None:
             running.http.begin_drain()  # new HTTP requests get 503, those in flight go on
 
     try:
-        await serving.wait_for_termination(running.server, running.health, args.drain_seconds, on_drain=on_drain)
-        if running.http is not None:
-            await running.http.stop(max(0.0, args.drain_seconds - (loop.time() - drain_started)))
-            running.http = None
+        await serving.wait_for_termination(running.server, running.health, args.drain_seconds, on_drain=on_drain,
+                                           after_drain=running.http.stop if running.http is not None else None)
     finally:
         await shutdown(running)
