@@ -39,7 +39,7 @@ import torch
 
 from model_service import shaping
 from model_service.requests import InferJob
-from splitserve_common import metrics
+from splitserve_common import metrics, tracing
 from splitserve_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class _Pending:
         self.remaining = job.batch
         self.batch_size = 0
         self.dropped = False
+        self.trace = tracing.current_context()  # the caller's span, for its queue and forward spans
 
 
 @dataclass
@@ -348,6 +349,8 @@ class Batcher:
         outputs = self.engine.forward(inputs, adapters=adapters, hidden_states=needs_hidden)
         seconds = time.perf_counter() - started
         metrics.observe_stage("forward", seconds)
+        if tracing.enabled:
+            _trace_batch(batch, now, seconds)
 
         length = max(r.length for r in batch)
         if _is_whole_request(batch, length):  # one request, as sent: its outputs need no cutting and restacking
@@ -484,3 +487,14 @@ def _shape_all(job: InferJob, stacked: dict, mask: torch.Tensor) -> dict:
         result.update(shaping.shape(spec, stacked[spec.source], mask, job.per_token))
     return result
 
+
+def _trace_batch(batch: list[_Row], taken: float, forward_seconds: float) -> None:
+    """Each traced request's wait in the queue and the forward pass it was part of, as spans of its call."""
+    forward_end = time.time_ns()
+    forward_start = forward_end - int(forward_seconds * 1e9)
+    for row in {id(r.pending): r for r in batch}.values():
+        if row.pending.trace is not None:
+            queued = forward_start - int(max(0.0, taken - row.arrived) * 1e9)
+            tracing.record_span("queue", queued, forward_start, parent=row.pending.trace)
+            tracing.record_span("forward", forward_start, forward_end, parent=row.pending.trace,
+                                attributes={"splitserve.batch_rows": len(batch)})

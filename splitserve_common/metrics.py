@@ -114,6 +114,17 @@ def set_model(name: str) -> None:
 
 def observe_stage(stage: str, seconds: float) -> None:
     STAGE_DURATION.labels(stage).observe(seconds)
+    if _stage_hook is not None:
+        _stage_hook(stage, seconds)
+
+
+_stage_hook = None
+
+
+def set_stage_hook(hook) -> None:
+    """`hook(stage, seconds)` also sees every stage (tracing turns each into a span)."""
+    global _stage_hook
+    _stage_hook = hook
 
 
 def count_stream_item(method: str, code: str) -> None:

@@ -25,7 +25,7 @@ from dataclasses import asdict
 
 import grpc
 
-from splitserve_common import call_context
+from splitserve_common import call_context, tracing
 from splitserve_common.call_context import REQUEST_ID_KEY, RequestInfo
 from splitserve_common.metrics import UNMEASURED, WrappedHandlers, code_name
 
@@ -47,6 +47,7 @@ def _finish(info: RequestInfo, context, start: float, error: BaseException | Non
     info.duration_ms = round((time.perf_counter() - start) * 1e3, 3)
     info.code = code_name(context, error)
     info.trace_id = call_context.current_trace_id() or info.trace_id
+    tracing.annotate(info)
     if access_log.isEnabledFor(logging.INFO):
         access_log.info("%s %s %.1f ms rows=%s tokens=%s adapter=%s request_id=%s trace_id=%s", info.method,
                         info.code, info.duration_ms, _dash(info.rows), _dash(info.tokens), info.adapter or "-",

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from splitserve_common import metrics, request_log, security
+from splitserve_common import metrics, request_log, security, tracing
 from splitserve_common.decoding import DecodeErrorInterceptor
 from splitserve_common.drain import DrainGate
 from splitserve_common.errors import ConfigurationError
@@ -44,6 +44,7 @@ def create_server(args, interceptors=()) -> grpc.aio.Server:
     """A grpc.aio server with the shared options (message limits, keepalive policy).
 
     `args` carries the SERVER_OPTIONS values and `metrics_port` (metrics_port_option).
+    With tracing configured (OTEL_* variables, tracing.py), each call first gets its span.
     Every call gets its request id and access line (request_log.py; outermost, so refused
     calls are logged too), is counted by the metrics interceptor (counted as soon as it
     ends: an aborted call's status reaches the caller at once), then checked for the
@@ -52,8 +53,9 @@ def create_server(args, interceptors=()) -> grpc.aio.Server:
     (decoding.py). The /metrics HTTP endpoint starts here.
     """
     gate = DrainGate()
-    chain = [request_log.AccessLogInterceptor(), metrics.MetricsInterceptor(), *security.server_interceptors(args),
-             gate, *interceptors, DecodeErrorInterceptor()]
+    tracing.setup(_service_name())
+    chain = [*tracing.server_interceptors(), request_log.AccessLogInterceptor(), metrics.MetricsInterceptor(),
+             *security.server_interceptors(args), gate, *interceptors, DecodeErrorInterceptor()]
     metrics.start_metrics_server(args.metrics_port, args.host)
     server = grpc.aio.server(options=grpc_options(args.max_message_mb), interceptors=chain)
     _drain_gates[id(server)] = gate
@@ -61,6 +63,12 @@ def create_server(args, interceptors=()) -> grpc.aio.Server:
 
 
 _drain_gates: dict[int, DrainGate] = {}  # id(server) -> its gate
+
+
+def _service_name() -> str:
+    """The running service's package (`python -m preproc_service` -> preproc_service): tracing's default name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name.partition(".")[0] if spec is not None and spec.name else "splitserve"
 
 
 def add_port(server: grpc.aio.Server, args, port: int) -> int:
