@@ -62,6 +62,7 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     engine = Engine(loaded, torch_threads=args.torch_threads, forward_workers=args.forward_workers)
     info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
                             args.max_input_values)
+    info.max_queue_rows = args.max_queue_rows
     info.max_message_bytes = args.max_message_mb * 1024 * 1024
     batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
                       token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
