@@ -28,7 +28,8 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 @dataclass(frozen=True)
 class AudioSettings:
     root: str = ""                  # --audio-root: local files are readable only below it ("" = none)
-    max_seconds: float = 600.0      # --max-audio-seconds
+    max_seconds: float = 600.0      # --max-audio-seconds, per clip
+    max_inputs: int = 32            # --max-audio-inputs, clips per request
     max_bytes: int = 64 * 1024 * 1024
 
 

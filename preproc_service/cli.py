@@ -27,9 +27,11 @@ OPTIONS = [
     Option("tokenize-batch", 512, "most texts per tokenizer batch call", int),
     Option("audio-root", "", "audio tasks: directory under which a request may name local audio files (empty: "
                              "file locations are refused; URLs are always refused)"),
-    Option("max-audio-seconds", 600.0, "audio tasks: longest audio one request may send, in seconds", float),
+    Option("max-audio-seconds", 600.0, "audio tasks: longest clip a request may send, in seconds", float),
+    Option("max-audio-inputs", 32, "audio tasks: most clips in one request", int),
     Option("max-table-cells", 10000, "table-question-answering: most cells (rows x columns) in one table", int),
-    Option("max-table-queries", 64, "table-question-answering: most queries about one table", int),
+    Option("max-table-queries", 64, "table-question-answering: most queries in one request (all its tables together)",
+           int),
     Option("handshake-retry-seconds", 1.0, "pause between handshake attempts while the model service is down",
            float),
     Option("handshake-recheck-seconds", 10.0, "pause between metadata re-checks once serving", float),

@@ -54,7 +54,7 @@ def build_deployment(args) -> Deployment:
     feature_extractor = load_feature_extractor(model_dir.feature_extractor_path)
     model = ModelClient(args.model_service, args.model_name, args.max_in_flight, args.model_timeout,
                         args.max_message_mb, security=ChannelSecurity.from_args(args, "model-service"))
-    audio = AudioSettings(root=args.audio_root, max_seconds=args.max_audio_seconds,
+    audio = AudioSettings(root=args.audio_root, max_seconds=args.max_audio_seconds, max_inputs=args.max_audio_inputs,
                           max_bytes=args.max_message_mb * 1024 * 1024)
     return Deployment(model_dir, tokenizer, model, task_override=args.task, tokenize_batch=args.tokenize_batch,
                       feature_extractor=feature_extractor, audio=audio,

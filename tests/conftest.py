@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tests import tiers
+from tests.servers import TORCH_THREADS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,18 +24,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _torch_threads_of_the_services():
+    """In-process references run on as many torch threads as the services the tests start
+    (tests/servers.py TORCH_THREADS), so both split their reductions alike; set before each test,
+    since an in-process server's engine sets the (process-wide) count for its worker."""
+    torch = sys.modules.get("torch")  # imported by the test modules collected, if any uses it
+    if torch is not None and torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
+
+
+@pytest.fixture(autouse=True)
 def _unit_tests_start_no_servers(request, monkeypatch):
-    if request.node.get_closest_marker("server") is not None:
-        yield
-        return
-    tiers.forbid_servers(monkeypatch, request.node.nodeid)
-    # Unit tests compare in-process results with in-process references, so they run torch on one
-    # thread: on a small shared machine intra-op threads spinning on each other slow tiny models
-    # by an order of magnitude. (Server tests keep the thread count their services use.)
-    torch = sys.modules.get("torch")
-    before = torch.get_num_threads() if torch else None
-    if torch:
-        torch.set_num_threads(1)
-    yield
-    if torch:
-        torch.set_num_threads(before)
+    if request.node.get_closest_marker("server") is None:
+        tiers.forbid_servers(monkeypatch, request.node.nodeid)

@@ -327,12 +327,15 @@ TAPAS_AGGREGATIONS = {0: "NONE", 1: "SUM", 2: "AVERAGE", 3: "COUNT"}
 
 
 def tapas_tokenizer(root: Path, model_max_length: int = 256):
-    """A TapasTokenizer over the WordPiece vocabulary of `wordpiece_tokenizer` (+ TAPAS' [EMPTY])."""
+    """A TapasTokenizer over a fixed WordPiece vocabulary (BERT specials, TAPAS' [EMPTY], WORDS, NAMES,
+    PLACES, characters and ##characters): the same ids in every process, unlike a trained vocabulary."""
     from transformers import TapasTokenizer
 
-    vocab = sorted(wordpiece_tokenizer(model_max_length).get_vocab().items(), key=lambda item: item[1])
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    words = sorted(set(WORDS) | set(NAMES) | set(PLACES))
+    vocab = [*BERT_SPECIALS, "[EMPTY]", *words, *chars, *(f"##{c}" for c in chars), *".,?!'-"]
     root.mkdir(parents=True, exist_ok=True)
-    (root / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab) + "[EMPTY]\n")
+    (root / "vocab.txt").write_text("".join(f"{token}\n" for token in dict.fromkeys(vocab)))
     return TapasTokenizer(str(root / "vocab.txt"), model_max_length=model_max_length)
 
 

@@ -98,8 +98,16 @@ def service(module: str, args: list[str], *, port: int | None = None, env: dict 
         handle.stop()
 
 
+# torch threads of the model services the tests start, and of the test process (conftest.py), so
+# in-process references split their reductions as the services do. One: on a small shared machine
+# intra-op threads of several processes spinning on each other slow tiny models by an order of magnitude.
+TORCH_THREADS = 1
+
+
 def model_service(model_dir, *extra: str, **kwargs):
-    return service("model_service", ["--model-dir", str(model_dir), *extra], **kwargs)
+    """`extra` may name --torch-threads itself (the last value wins)."""
+    return service("model_service", ["--model-dir", str(model_dir), "--torch-threads", str(TORCH_THREADS), *extra],
+                   **kwargs)
 
 
 def preproc_service(model_dir, model_address: str, *extra: str, **kwargs):

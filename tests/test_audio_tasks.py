@@ -61,7 +61,8 @@ def ac(tmp_path_factory):
     directory = model_factory.save_audio_components(root / "model", model, "audio-classification",
                                                     "AudioClassificationPipeline", fe)
     pipe = transformers.pipeline("audio-classification", model=model, feature_extractor=fe, device="cpu")
-    with no_torch_stack(directory, root) as (_, preproc), PreprocClient(preproc.address, timeout=60) as client:
+    with no_torch_stack(directory, root, "--max-audio-inputs", "4", "--max-audio-seconds", "3") as (_, preproc), \
+            PreprocClient(preproc.address, timeout=60) as client:
         yield {"client": client, "pipe": pipe, "address": preproc.address}
 
 
@@ -109,6 +110,15 @@ class TestAudioClassification:
             ac["client"].classify_audio([item])
         assert exc.value.code() == code and words in exc.value.details(), exc.value.details()
         assert ac["client"].classify_audio([(audio_helpers.synth(0.5), RATE)], top_k=1)[0]
+
+    def test_request_sizes_are_bounded(self, ac):
+        short = (audio_helpers.synth(0.3), RATE)
+        for items, words in [([short] * 5, "--max-audio-inputs"),
+                             ([audio_helpers.encode(audio_helpers.synth(3.5), "flac")], "--max-audio-seconds"),
+                             ([(audio_helpers.synth(3.5), RATE)], "--max-audio-seconds")]:
+            with pytest.raises(grpc.RpcError) as exc:
+                ac["client"].classify_audio(items)
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in exc.value.details()
 
     def test_cli_predict_reads_audio_files(self, ac, tmp_path, capsys):
         clips = [audio_helpers.synth(1.0, seed=40), audio_helpers.synth(0.5, seed=41)]

@@ -18,7 +18,7 @@ from splitserve_common.v2_codec import encode_request
 from splitserve_pb import adapters_pb2, adapters_pb2_grpc
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
-from tests import model_factory
+from tests import model_factory, servers
 from tests.adapter_helpers import TOKEN_METADATA, management_flags
 from tests.model_service_helpers import (
     NOT_SERVING,
@@ -39,10 +39,8 @@ TOL = 1e-5
 @pytest.fixture(scope="module", autouse=True)
 def same_threads_as_the_service():
     """The reference runs with the service's torch thread count, so reductions split alike."""
-    from model_service.engine import default_torch_threads
-
     before = torch.get_num_threads()
-    torch.set_num_threads(default_torch_threads())
+    torch.set_num_threads(servers.TORCH_THREADS)
     yield
     torch.set_num_threads(before)
 

@@ -27,11 +27,11 @@ def tqa(tmp_path_factory):
     import transformers
 
     root = tmp_path_factory.mktemp("tapas")
-    model, tokenizer = model_factory.build_tapas(root, seed=3)
+    model, tokenizer = model_factory.build_tapas(root, seed=2)
     directory = model_factory.save_components(root / "model", model, tokenizer, "table-question-answering",
                                               instance_type="TableQuestionAnsweringPipeline")
     pipe = transformers.pipeline("table-question-answering", model=model, tokenizer=tokenizer, device="cpu")
-    with no_torch_stack(directory, root, "--max-table-cells", "40") as (_, preproc), \
+    with no_torch_stack(directory, root, "--max-table-cells", "40", "--max-table-queries", "12") as (_, preproc), \
             PreprocClient(preproc.address, timeout=60) as client:
         yield {"client": client, "pipe": pipe, "address": preproc.address}
 
@@ -79,6 +79,7 @@ def test_mlflow_input_shape(tqa):
     ((CITIES, []), "query is empty"),
     ((CITIES, [""]), "query is empty"),
     (({"a": [str(i) for i in range(41)]}, ["q"]), "--max-table-cells"),
+    ((CITIES, ["q"] * 13), "--max-table-queries"),
 ])
 def test_bad_inputs_are_refused_and_service_keeps_serving(tqa, item, words):
     with pytest.raises(grpc.RpcError) as exc:

@@ -47,6 +47,9 @@ def require_feature_extractor(dep: Deployment):
 async def load_audio(dep: Deployment, items: list[audio.AudioInput]) -> list[np.ndarray]:
     """Every item decoded / resampled to the feature extractor's rate, off the event loop."""
     require_texts(items, "audio")
+    if len(items) > dep.audio.max_inputs:
+        raise InvalidArgument(f"{len(items)} clips in the request, more than the limit of {dep.audio.max_inputs} "
+                              "(--max-audio-inputs)")
     rate = require_feature_extractor(dep).sampling_rate
     return await asyncio.gather(*(asyncio.to_thread(audio.load, item, rate, dep.audio, i)
                                   for i, item in enumerate(items)))

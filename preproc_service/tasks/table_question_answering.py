@@ -183,9 +183,10 @@ async def run(dep: Deployment, scope: RequestScope, items: list[tuple[str, list[
     for i, (_, queries) in enumerate(items):
         if not queries or any(not q for q in queries):
             raise InvalidArgument(f"input {i}: query is empty: send at least one non-empty query per table")
-        if len(queries) > limits.max_queries:
-            raise InvalidArgument(f"input {i}: {len(queries)} queries, more than the limit of {limits.max_queries} "
-                                  "(--max-table-queries)")
+    total = sum(len(queries) for _, queries in items)
+    if total > limits.max_queries:  # every table has a query: this bounds the tables too
+        raise InvalidArgument(f"{total} queries in the request, more than the limit of {limits.max_queries} "
+                              "(--max-table-queries)")
     tables = [parse_table(table_json, limits.max_cells, i) for i, (table_json, _) in enumerate(items)]
     aggregate = bool(info.aggregation_labels)
 
