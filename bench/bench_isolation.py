@@ -78,6 +78,7 @@ class Calls:
 
     def __init__(self):
         self.records: list[tuple[float, float, str]] = []
+        self.messages: dict[str, str] = {}  # the first message seen per status
 
     async def run(self, call) -> str:
         start = time.monotonic()
@@ -86,6 +87,7 @@ class Calls:
             code = "OK"
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
+            self.messages.setdefault(code, exc.details() or "")
         except Exception as exc:  # noqa: BLE001 - a call that ended without a status
             code = f"unanswered ({type(exc).__name__})"
         self.records.append((start, time.monotonic(), code))
@@ -147,9 +149,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     parser.add_argument("--flood-callers", type=int, default=2)
     parser.add_argument("--flood-texts", type=int,
-                        default=preproc_limit("max-texts", "max-texts-per-request", default=256))
+                        default=preproc_limit("max-texts", "max-texts-per-request", default=64))
     parser.add_argument("--flood-chars", type=int,
-                        default=preproc_limit("max-text-chars", "max-chars", default=2000))
+                        default=preproc_limit("max-text-chars", "max-chars", default=1000))
     parser.add_argument("--torch-threads", type=int, default=0, help="model_service --torch-threads (0: all CPUs)")
     args = parser.parse_args()
 
@@ -184,6 +186,9 @@ def main() -> int:
             floods = [lambda stop: flood_caller(address, flood_texts, stop, flood)] * args.flood_callers
             await timed_phase(args.seconds, lambda stop: normal_caller(address, sentences, stop, normal), *floods)
             rows.append(row("flood", normal, flood))
+            for who, calls in (("normal", normal), ("flood", flood)):
+                for code, message in calls.messages.items():
+                    print(f"{who} caller, first {code}: {message}")
             ratio = percentile(normal.ok_latencies_ms(), 0.99) / percentile(alone.ok_latencies_ms(), 0.99)
 
             restart = Calls()

@@ -47,7 +47,8 @@ def read_sentences(path: Path) -> list[str]:
     return model_factory.corpus(256)
 
 
-async def caller(address: str, sentences: list[str], worker: int, until: float, codes: collections.Counter) -> None:
+async def caller(address: str, sentences: list[str], worker: int, until: float, codes: collections.Counter,
+                 messages: dict) -> None:
     async with AsyncPreprocClient(address, timeout=DEADLINE) as client:
         i = worker
         while time.monotonic() < until:
@@ -57,6 +58,7 @@ async def caller(address: str, sentences: list[str], worker: int, until: float, 
                 codes["OK" if len(result) == len(texts) else "WRONG"] += 1
             except grpc.aio.AioRpcError as exc:
                 codes[exc.code().name] += 1
+                messages.setdefault(exc.code().name, exc.details() or "")
             i += 1
 
 
@@ -85,6 +87,7 @@ def main() -> int:
     print(f"all-MiniLM-L6-v2 feature-extraction; {args.concurrency} callers x Embed of 1-8 sentences for "
           f"{args.minutes:g} min; RSS growth from {baseline:.0f} s to the end")
     codes: collections.Counter = collections.Counter()
+    messages: dict[str, str] = {}  # the first message per status
     samples: list = []
     with servers.model_service(model_dir, *quiet) as model, \
             servers.preproc_service(model_dir, model.address, *quiet) as preproc:
@@ -94,7 +97,7 @@ def main() -> int:
             started = time.monotonic()
             until = started + seconds
             await asyncio.gather(sample_rss(pids, until, samples),
-                                 *(caller(preproc.address, sentences, w, until, codes)
+                                 *(caller(preproc.address, sentences, w, until, codes, messages)
                                    for w in range(args.concurrency)))
             return time.monotonic() - started
 
@@ -105,6 +108,8 @@ def main() -> int:
     total = sum(codes.values())
     lost = total - codes["OK"]
     print(f"\ncalls: {total} in {elapsed:.0f} s ({total / elapsed:.1f}/s); by status {dict(codes)}; lost {lost}")
+    for code, message in messages.items():
+        print(f"first {code}: {message}")
     start_rss = next(rss for t, rss in samples if t >= baseline)
     end_rss = samples[-1][1]
     print("| service | RSS at start MiB | RSS at baseline MiB | RSS at end MiB | growth from baseline |")

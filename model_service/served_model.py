@@ -32,6 +32,7 @@ class ServedModel:
     adapter_names: callable = list  # () -> list of loaded adapter names (engine.adapters.names)
     default_adapter: callable = str  # () -> adapter of requests that name none ("" = base)
     input_specs: dict[str, InputSpec] = field(default_factory=dict)  # main input first
+    max_queue_rows: int = 0  # the batcher's --max-queue-rows, published so callers refuse what never fits
     max_input_values: int = 0  # longest input_values row (audio samples) a request may send; 0 = no limit
 
     @property
@@ -123,6 +124,7 @@ def metadata(info: ServedModel) -> ModelMetadata:
         adapters=list(info.adapter_names()),
         default_adapter=info.default_adapter(),
         max_batch_size=int(info.max_batch_size),
+        max_queue_rows=int(info.max_queue_rows),
         default_outputs=list(info.default_outputs),
         main_input=next(iter(info.input_specs), "input_ids"),
         max_input_values=int(info.max_input_values),

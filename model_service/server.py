@@ -62,6 +62,7 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     engine = Engine(loaded, torch_threads=args.torch_threads, forward_workers=args.forward_workers)
     info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
                             args.max_input_values)
+    info.max_queue_rows = args.max_queue_rows
     info.max_message_bytes = args.max_message_mb * 1024 * 1024
     batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
                       token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
@@ -139,19 +140,13 @@ async def shutdown(running: RunningServer, grace: float | None = 0) -> None:
 
 async def serve(args) -> None:
     running = await start(args)
-    loop = asyncio.get_running_loop()
-    drain_started = loop.time()
 
     async def on_drain():
-        nonlocal drain_started
-        drain_started = loop.time()
         if running.http is not None:
             running.http.begin_drain()  # new HTTP requests get 503, those in flight go on
 
     try:
-        await serving.wait_for_termination(running.server, running.health, args.drain_seconds, on_drain=on_drain)
-        if running.http is not None:
-            await running.http.stop(max(0.0, args.drain_seconds - (loop.time() - drain_started)))
-            running.http = None
+        await serving.wait_for_termination(running.server, running.health, args.drain_seconds, on_drain=on_drain,
+                                           after_drain=running.http.stop if running.http is not None else None)
     finally:
         await shutdown(running)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from preproc_service.limits import LIMIT_OPTIONS
 from splitserve_common.channels import client_options
 from splitserve_common.http_front import http_port_option
 from splitserve_common.serving import SERVER_OPTIONS, run_service
@@ -25,6 +26,8 @@ OPTIONS = [
     Option("stream-window", 64, "most PredictStream items in flight per stream", int),
     Option("max-choices", 8, "most choices (n) one chat or completion request may ask for", int),
     Option("tokenize-batch", 512, "most texts per tokenizer batch call", int),
+    Option("tokenize-round-chars", 65536, "most characters tokenized in one round: a larger request is tokenized "
+           "a round at a time, so small requests pass it", int),
     Option("audio-root", "", "audio tasks: directory under which a request may name local audio files (empty: "
                              "file locations are refused; URLs are always refused)"),
     Option("max-audio-seconds", 600.0, "audio tasks: longest clip a request may send, in seconds", float),
@@ -34,7 +37,11 @@ OPTIONS = [
            int),
     Option("handshake-retry-seconds", 1.0, "pause between handshake attempts while the model service is down",
            float),
-    Option("handshake-recheck-seconds", 10.0, "pause between metadata re-checks once serving", float),
+    Option("handshake-recheck-seconds", 10.0, "pause between metadata re-checks once serving (at most; see "
+           "--model-unreachable-grace-seconds)", float),
+    Option("model-unreachable-grace-seconds", 3.0, "health turns NOT_SERVING once the model service has been "
+           "unreachable this long, and SERVING again when it answers", float),
+    *LIMIT_OPTIONS,
     *SERVER_OPTIONS,
     *client_options("model-service"),  # TLS/mTLS and bearer token towards model_service
 ]

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from preproc_service.audio import AudioSettings
+from preproc_service.limits import RequestLimits
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import ModelDir
 from preproc_service.precedence import Precedence
 from preproc_service.tokenization import Tokenization
 from splitserve_common import metrics, tasks
-from splitserve_common.errors import Unavailable
+from splitserve_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from splitserve_common.v2_codec import ModelMetadata
 
 
@@ -62,11 +63,26 @@ class _Stage:
         metrics.observe_stage("hop" if self.name == "model" else self.name, seconds)
 
 
+async def all_or_nothing(awaitables) -> list:
+    """Their results in order, run at once; when one fails (or the caller is cancelled) the others are
+    cancelled before the error is raised, so a failed request takes all of its model calls with it."""
+    running = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*running)
+    except BaseException:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        raise
+
+
 class Deployment:
     def __init__(self, model_dir: ModelDir, tokenizer, model: ModelClient, task_override: str = "",
                  tokenize_batch: int = 512, feature_extractor=None, audio: AudioSettings | None = None,
-                 table_limits: TableLimits | None = None):
+                 table_limits: TableLimits | None = None, limits: RequestLimits | None = None,
+                 tokenize_round_chars: int = 65536):
         self.model_dir = model_dir
+        self.limits = limits or RequestLimits()
         self.tokenizer = tokenizer          # None for models without one (audio-classification)
         self.feature_extractor = feature_extractor  # audio models
         self.audio = audio or AudioSettings()
@@ -74,11 +90,13 @@ class Deployment:
         self.model = model
         self.task_override = tasks.canonical(task_override)
         self.info: ModelMetadata | None = None
+        self.disagreement: str | None = None  # why tokenizer and model do not match (handshake), or None
         self.precedence = Precedence(model_dir.model_config, model_dir.signature_params)
         self._tokenize_batch = tokenize_batch
         # Micro-batched Rust tokenization for fast tokenizers; slow ones (TAPAS, CTC) are called directly.
         fast = getattr(tokenizer, "is_fast", False)
-        self.tokenization = Tokenization(tokenizer, self._local_max_length(), tokenize_batch) if fast else None
+        self.tokenization = Tokenization(tokenizer, self._local_max_length(), tokenize_batch,
+                                         tokenize_round_chars) if fast else None
 
     @property
     def task(self) -> str:
@@ -104,6 +122,12 @@ class Deployment:
         if self.tokenization:
             self.tokenization.max_length = self._local_max_length(info.max_position_embeddings)
 
+    def require_agreement(self) -> None:
+        """FAILED_PRECONDITION while the handshake finds tokenizer and model disagree (health NOT_SERVING)."""
+        if self.disagreement:
+            raise FailedPrecondition(f"tokenizer and model at {self.model.address} disagree: {self.disagreement}; "
+                                     "this preproc_service is NOT_SERVING until they match")
+
     def require_info(self) -> ModelMetadata:
         if self.info is None:
             raise Unavailable(f"model service at {self.model.address} has not answered the handshake yet")
@@ -120,6 +144,10 @@ class Deployment:
             parameters["adapter"] = scope.adapter
         rows = len(next(iter(inputs.values())))
         limit = self.info.max_batch_size if self.info is not None else 0
+        queue = self.info.max_queue_rows if self.info is not None else 0
+        if queue and rows > queue:
+            raise InvalidArgument(f"this request needs {rows} model rows, more than the model service's whole queue "
+                                  f"holds ({queue} rows, its --max-queue-rows): send fewer or shorter inputs")
         with scope.stage("model"):
             if not limit or rows <= limit:
                 return await self.model.infer(inputs, parameters, outputs, output_parameters,
@@ -128,8 +156,8 @@ class Deployment:
             # batcher recombines them with other traffic) and stack the answers in row order.
             slices = [{name: array[start:start + limit] for name, array in inputs.items()}
                       for start in range(0, rows, limit)]
-            answers = await asyncio.gather(*(self.model.infer(part, parameters, outputs, output_parameters,
-                                                              timeout=scope.remaining()) for part in slices))
+            answers = await all_or_nothing(self.model.infer(part, parameters, outputs, output_parameters,
+                                                            timeout=scope.remaining()) for part in slices)
             return {name: np.concatenate([answer[name] for answer in answers]) for name in answers[0]}
 
     def close(self) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from preproc_service.audio import AudioSettings
 from preproc_service.deployment import Deployment, TableLimits
 from preproc_service.generation import GenerationHandlers
 from preproc_service.handshake import disagreements
 from preproc_service.http.app import build_front
+from preproc_service.limits import RequestLimits
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import read_model_dir
 from preproc_service.servicer import PreprocServicer
@@ -58,27 +60,42 @@ def build_deployment(args) -> Deployment:
                           max_bytes=args.max_message_mb * 1024 * 1024)
     return Deployment(model_dir, tokenizer, model, task_override=args.task, tokenize_batch=args.tokenize_batch,
                       feature_extractor=feature_extractor, audio=audio,
-                      table_limits=TableLimits(args.max_table_cells, args.max_table_queries))
+                      table_limits=TableLimits(args.max_table_cells, args.max_table_queries),
+                      limits=RequestLimits.from_args(args), tokenize_round_chars=args.tokenize_round_chars)
 
 
-async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: float, recheck_seconds: float) -> None:
+async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: float, recheck_seconds: float,
+                    unreachable_grace: float) -> None:
     """Read model_service's metadata until tokenizer and model agree; SERVING only then.
 
-    While the model service is down, keep retrying. Afterwards re-check now and then, so a
-    model service replaced by a different model turns preproc NOT_SERVING again.
+    While the model service is down, keep retrying. Once serving, ask again every
+    `unreachable_grace / 2` seconds (at most every `recheck_seconds`): a model service that stays
+    unreachable for `unreachable_grace` seconds turns preproc NOT_SERVING until it answers again,
+    and one replaced by a different model turns it NOT_SERVING (calls then get FAILED_PRECONDITION
+    naming the mismatch, Deployment.require_agreement).
     """
     serving = False
     last_problem = None
+    unreachable_since = None
+    probe_every = max(0.1, min(recheck_seconds, unreachable_grace / 2))
     while True:
         try:
-            info = await dep.model.metadata()
+            info = await dep.model.metadata(timeout=max(1.0, probe_every))
             info.task = tasks.canonical(info.task)
         except Exception as exc:  # noqa: BLE001 - unreachable or not ready yet: retry
-            if not serving and str(exc) != last_problem:
+            now = time.monotonic()
+            unreachable_since = unreachable_since or now
+            if serving and now - unreachable_since >= unreachable_grace:
+                log.error("NOT_SERVING: the model service at %s has been unreachable for %.1f s: %s",
+                          dep.model.address, now - unreachable_since, exc)
+                serving, last_problem = False, str(exc)
+                await health.set(False)
+            elif not serving and str(exc) != last_problem:
                 log.warning("waiting for the model service at %s: %s", dep.model.address, exc)
                 last_problem = str(exc)
-            await asyncio.sleep(recheck_seconds if serving else retry_seconds)
+            await asyncio.sleep(probe_every if serving else retry_seconds)
             continue
+        unreachable_since = None
         local_task = dep.task_override or dep.model_dir.task
         problems = disagreements(dep.tokenizer, local_task, info)
         if not (local_task or info.task):
@@ -88,17 +105,19 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
             if message != last_problem:
                 log.error("NOT_SERVING: tokenizer and model at %s disagree: %s", dep.model.address, message)
                 last_problem = message
+            dep.disagreement = message
             serving = False
             await health.set(False)
         else:
             dep.set_model_info(info)
+            dep.disagreement = None
             metrics.set_model(info.name)
             if not serving:
                 log.info("SERVING %s (model %s at %s, max length %d)", dep.task, info.name, dep.model.address,
                          dep.max_length)
             serving, last_problem = True, None
             await health.set(True)
-        await asyncio.sleep(recheck_seconds if serving else max(retry_seconds, 2.0))
+        await asyncio.sleep(probe_every if serving else max(retry_seconds, 2.0))
 
 
 async def serve(args) -> None:
@@ -118,7 +137,8 @@ async def serve(args) -> None:
         log.info("preproc_service HTTP (OpenAI, MLflow scoring) on %s:%d", args.host, http_port)
     log.info("preproc_service listening on %s:%d (model service %s)", args.host, port, args.model_service)
     checker = asyncio.ensure_future(
-        handshake(dep, health, args.handshake_retry_seconds, args.handshake_recheck_seconds))
+        handshake(dep, health, args.handshake_retry_seconds, args.handshake_recheck_seconds,
+                  args.model_unreachable_grace_seconds))
 
     async def on_drain():
         checker.cancel()

@@ -8,6 +8,7 @@ Which RPCs a deployment answers follows from its task (splitserve_common/tasks.p
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -35,6 +36,8 @@ from splitserve_common.v2_codec import to_preproc_tensor
 from splitserve_pb import preproc_pb2 as pb
 from splitserve_pb import preproc_pb2_grpc
 
+_TOKENS_PER_SLICE = 20_000  # Tokenize: tokens put in the answer between two turns of the event loop
+
 # The tasks each RPC can serve, from the registry (an RPC of another task is FAILED_PRECONDITION).
 TASKS_OF_RPC: dict[str, list[str]] = {}
 for _spec in tasks.TASKS.values():
@@ -61,6 +64,7 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
 
     def _begin(self, method: str, context, adapter: str = "") -> RequestScope:
         """The request's scope, once this deployment's task is one `method` serves."""
+        self.dep.require_agreement()
         wanted, served = TASKS_OF_RPC[method], self.dep.task
         if served not in wanted:
             raise FailedPrecondition(f"{method} needs a {' or '.join(wanted)} model, but this deployment serves "
@@ -280,9 +284,12 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
 
     @grpc_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context):
+        self.dep.require_agreement()
         if self.dep.tokenization is None:
             raise FailedPrecondition("Tokenize needs a fast (tokenizers-backed) tokenizer; this model has "
                                      + ("a slow one" if self.dep.tokenizer is not None else "none"))
+        if request.texts:
+            self.dep.limits.check_inputs(list(request.texts))
         if request.HasField("max_length") and request.max_length <= 0:
             raise InvalidArgument(f"max_length must be >= 1, got {request.max_length}")
         truncation = request.truncation if request.HasField("truncation") else False
@@ -290,12 +297,20 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
             add_special_tokens=request.add_special_tokens if request.HasField("add_special_tokens") else True,
             max_length=(request.max_length or self.dep.max_length) if truncation else None)
         groups = await self.dep.tokenization.encode(list(request.texts), options)
-        return pb.TokenizeResponse(results=[
-            pb.Tokenized(ids=enc.ids, tokens=enc.tokens, offsets=[pb.Offset(start=s, end=e) for s, e in enc.offsets])
-            for enc in (group[0] for group in groups)])
+        response, built = pb.TokenizeResponse(), 0
+        for group in groups:
+            enc = group[0]
+            response.results.append(pb.Tokenized(ids=enc.ids, tokens=enc.tokens,
+                                                 offsets=[pb.Offset(start=s, end=e) for s, e in enc.offsets]))
+            built += len(enc.ids)
+            if built >= _TOKENS_PER_SLICE:  # a large answer is built a slice at a time: other calls go on
+                built = 0
+                await asyncio.sleep(0)
+        return response
 
     @grpc_errors
     async def Detokenize(self, request: pb.DetokenizeRequest, context):
+        self.dep.require_agreement()
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         if self.dep.tokenizer is None:
             raise FailedPrecondition("this model has no tokenizer")

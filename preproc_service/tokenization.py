@@ -1,7 +1,11 @@
 """Tokenization of concurrent requests, micro-batched through the fast tokenizer's batch API.
 
 Requests await `Tokenization.encode(...)`; everything queued while the tokenizer
-thread is busy goes into the next `encode_batch` call (Rust, releases the GIL).
+thread is busy goes into the next round of `encode_batch` calls (Rust, releases the GIL).
+A round holds at most `max_batch` texts and `round_chars` characters, taken from the requests
+with the least left to do first: a large request is tokenized a round at a time, so small
+requests that arrive meanwhile pass it instead of waiting for all of it. After a lot of
+text, once the queue is empty, freed memory goes back to the system (glibc's malloc_trim).
 Each truncation setting has its own copy of the Rust tokenizer, so no call ever
 mutates a tokenizer another thread is using.
 """
@@ -9,8 +13,10 @@ mutates a tokenizer another thread is using.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
@@ -29,21 +35,46 @@ class EncodeOptions:
     strategy: str = "longest_first"  # longest_first | only_first | only_second
 
 
+_TRIM_AFTER_CHARS = 4_000_000  # text tokenized since the last malloc_trim worth handing memory back for
+
+
+def _text_chars(item) -> int:
+    return len(item) if isinstance(item, str) else sum(len(part) for part in item)
+
+
 @dataclass
 class _Job:
     texts: list
     options: EncodeOptions
     future: asyncio.Future
+    encodings: list = field(default_factory=list)  # of texts[:len(encodings)], so far
+    chars_left: int = 0
+
+    def __post_init__(self):
+        self.chars_left = sum(_text_chars(t) for t in self.texts)
+
+
+def _malloc_trim():
+    """glibc's malloc_trim(0), or None where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return None
 
 
 class Tokenization:
-    def __init__(self, tokenizer, max_length: int, max_batch: int = 512):
+    def __init__(self, tokenizer, max_length: int, max_batch: int = 512, round_chars: int = 65536):
         """`tokenizer`: a transformers fast tokenizer (decode, special tokens); `max_length`: model limit."""
         if not getattr(tokenizer, "is_fast", False):
             raise InvalidArgument("preproc_service needs a fast (tokenizers-backed) tokenizer")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_batch = max_batch
+        self.round_chars = round_chars
+        self._chars_since_trim = 0
+        self._trim = _malloc_trim()
+        self._trim_task: asyncio.Future | None = None
         self._backend_json = tokenizer.backend_tokenizer.to_str()
         self._backends: dict[EncodeOptions, Tokenizer] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
@@ -61,6 +92,8 @@ class Tokenization:
 
         Without `overflow` each list holds one encoding; with it, the overflow windows follow.
         """
+        if not texts:
+            return []
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Job(list(texts), options, future))
         if not self._draining:
@@ -89,26 +122,63 @@ class Tokenization:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                jobs, self._pending = self._pending, []
-                results = await loop.run_in_executor(self._executor, self._encode_jobs, jobs)
-                for job, result in zip(jobs, results, strict=True):
-                    if job.future.done():
-                        continue  # the caller went away
-                    if isinstance(result, BaseException):
-                        job.future.set_exception(result)
-                    else:
-                        job.future.set_result(result)
+                parts = self._next_round()
+                results = await loop.run_in_executor(self._executor, self._encode_parts, parts)
+                for (job, texts), result in zip(parts, results, strict=True):
+                    self._settle(job, texts, result)
+                if not self._pending and self._trim and self._chars_since_trim > _TRIM_AFTER_CHARS:
+                    self._chars_since_trim = 0
+                    self._trim_task = asyncio.ensure_future(self._trim_when_idle())
         finally:
             self._draining = False
 
-    def _encode_jobs(self, jobs: list[_Job]) -> list:
+    async def _trim_when_idle(self, after: float = 0.5) -> None:
+        """Hand freed memory back once the answers built from a lot of text are gone too."""
+        await asyncio.sleep(after)
+        if not self._pending:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._trim)
+
+    def _next_round(self) -> list[tuple[_Job, list]]:
+        """(job, its next texts) for one round: the jobs with the least left first, within the round's
+        budget of texts and characters; the first job always gets at least one text."""
+        self._pending = [job for job in self._pending if not job.future.done()]  # callers that went away
+        parts, texts_left, chars_left = [], self.max_batch, self.round_chars
+        for job in sorted(self._pending, key=lambda j: j.chars_left):
+            start = len(job.encodings)
+            end = start
+            while end < len(job.texts) and texts_left > 0:
+                size = _text_chars(job.texts[end])
+                if size > chars_left and (parts or end > start):  # over budget, unless it is the round's first
+                    break
+                texts_left, chars_left, end = texts_left - 1, chars_left - size, end + 1
+            if end > start:
+                parts.append((job, job.texts[start:end]))
+            if texts_left <= 0 or chars_left <= 0:
+                break
+        return parts
+
+    def _settle(self, job: _Job, texts: list, result) -> None:
+        if job.future.done():
+            return  # the caller went away
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+        else:
+            job.encodings.extend(result)
+            job.chars_left -= sum(_text_chars(t) for t in texts)
+            self._chars_since_trim += sum(_text_chars(t) for t in texts)
+            if len(job.encodings) == len(job.texts):
+                job.future.set_result(job.encodings)
+        if job.future.done():
+            self._pending.remove(job)
+
+    def _encode_parts(self, parts: list[tuple[_Job, list]]) -> list:
         """Runs on the tokenizer thread: one encode_batch per option set (chunks of max_batch texts)."""
-        results: list = [None] * len(jobs)
+        results: list = [None] * len(parts)
         by_options: dict[EncodeOptions, list[int]] = {}
-        for i, job in enumerate(jobs):
+        for i, (job, _) in enumerate(parts):
             by_options.setdefault(job.options, []).append(i)
         for options, indices in by_options.items():
-            texts = [text for i in indices for text in jobs[i].texts]
+            texts = [text for i in indices for text in parts[i][1]]
             try:
                 backend = self._backend(options)
                 encodings = []
@@ -121,7 +191,7 @@ class Tokenization:
                 continue
             offset = 0
             for i in indices:
-                n = len(jobs[i].texts)
+                n = len(parts[i][1])
                 results[i] = encodings[offset:offset + n]
                 offset += n
         return results

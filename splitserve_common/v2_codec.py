@@ -391,6 +391,7 @@ class ModelMetadata:
     adapters: list[str] = _key(kind="json", factory=list)
     default_adapter: str = _key(default="")
     max_batch_size: int = _key(default=0)  # most rows in one request (0: no limit known)
+    max_queue_rows: int = _key(default=0)  # most rows waiting at once; a request needing more never runs
     default_outputs: list[str] = _key(kind="csv", factory=list)  # returned when a request names none
     main_input: str = _key(default="input_ids")  # input_ids, or input_values (audio models)
     max_input_values: int = _key(default=0)  # audio models: most samples per input_values row (0: no limit)

@@ -85,7 +85,7 @@ def _message(draw, descriptor, fields: dict, depth: int):
                 else:
                     target[key] = value
             continue
-        if field.label == FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             values = draw(st.lists(_value(field, fields, depth), max_size=4))
             target = getattr(message, field.name)
             if field.type == FieldDescriptor.TYPE_MESSAGE:

@@ -3,12 +3,14 @@ when the work ends, with every call that arrives meanwhile refused by UNAVAILABL
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 
 import grpc
@@ -17,7 +19,7 @@ import pytest
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
 from tests.ops_helpers import tiny_model
-from tests.servers import ROOT, model_service
+from tests.servers import ROOT, model_service, preproc_service
 
 DRAIN_SECONDS = 30.0
 
@@ -87,3 +89,33 @@ def test_retrying_clients_neither_hold_the_drain_open_nor_see_cancelled(model_di
     assert drained < 3.0 and exited < DRAIN_SECONDS / 2, (drained, exited)
     assert codes["OK"] and codes["UNAVAILABLE"]
     assert set(codes) == {"OK", "UNAVAILABLE"}, dict(codes)
+
+
+def test_an_http_request_in_flight_finishes_before_the_drain_ends_the_process():
+    """The drain ends the process once every door's calls are done: an OpenAI completion in flight on
+    preproc's HTTP door when SIGTERM arrives still gets its whole answer."""
+    gpt2 = tiny_model("gpt2")
+    with model_service(gpt2, "--metrics-port", "0") as model, \
+            preproc_service(gpt2, model.address, "--metrics-port", "0", "--drain-seconds", str(DRAIN_SECONDS)) as pp:
+        body = {"prompt": "the river", "max_tokens": 200}
+        request = urllib.request.Request(pp.http_url + "/v1/completions", json.dumps(body).encode(),
+                                         {"content-type": "application/json"})
+        answer: dict = {}
+
+        def complete() -> None:
+            try:
+                with urllib.request.urlopen(request, timeout=120) as reply:
+                    answer["status"], answer["body"] = reply.status, json.loads(reply.read())
+            except Exception as exc:  # noqa: BLE001 - reported by the assertions below
+                answer["error"] = repr(exc)
+
+        thread = threading.Thread(target=complete)
+        thread.start()
+        time.sleep(0.5)  # the completion is generating
+        assert thread.is_alive(), answer
+        pp.proc.send_signal(signal.SIGTERM)
+        thread.join(timeout=120)
+        code = pp.proc.wait(DRAIN_SECONDS + 10)
+    assert "error" not in answer, answer
+    assert answer["status"] == 200 and answer["body"]["usage"]["completion_tokens"] > 0
+    assert code == 0, pp.log()[-2000:]

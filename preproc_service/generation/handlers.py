@@ -93,6 +93,7 @@ class GenerationHandlers:
         """(prompt ids, params, text to emit first, detokenizer context, collapse?) for GenerateText*."""
         if not request.prompt:
             raise InvalidArgument("prompt is empty: generation needs text to start from")
+        self.dep.limits.check_text(request.prompt, "the prompt")
         params = self._params(explicit_fields(request.parameters, TEXT_KEYS))
         task = self.dep.task
         with scope.stage("tokenize"):
@@ -171,6 +172,7 @@ class GenerationHandlers:
     async def _chat_plan(self, request, scope):
         if not request.messages:
             raise InvalidArgument("messages is empty: send at least one chat message")
+        self.dep.limits.check_text("".join(m.content for m in request.messages), "the messages together")
         if not getattr(self.tokenizer, "chat_template", None):
             raise FailedPrecondition("this model's tokenizer has no chat template (components/tokenizer has no "
                                      "chat_template); use Complete or GenerateText with a plain prompt")
@@ -226,6 +228,7 @@ class GenerationHandlers:
     async def complete_stream(self, request, scope):
         if not request.prompt:
             raise InvalidArgument("prompt is empty: completion needs text to start from")
+        self.dep.limits.check_text(request.prompt, "the prompt")
         n = self._choices(request)
         model, adapter = await resolve_model(self.dep, request.model, request.adapter)
         top = request.logprobs if request.HasField("logprobs") else 0

@@ -9,6 +9,8 @@ the task's pipeline defaults (splitserve_common/tasks.py).
 
 from __future__ import annotations
 
+import math
+
 from preproc_service.precedence import Precedence
 from splitserve_common import tasks
 from splitserve_common.errors import InvalidArgument
@@ -53,7 +55,10 @@ def _typed(key: str, value):
             return value
         if key in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
                    "length_penalty"):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise InvalidArgument(f"parameter '{key}' must be a finite number, got {value!r}")
+            return number
         return int(value)
     except (TypeError, ValueError):
         raise InvalidArgument(f"parameter '{key}' has a value of the wrong type: {value!r}") from None

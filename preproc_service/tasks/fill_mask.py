@@ -7,12 +7,10 @@ softmax probabilities over the whole vocabulary, which need every logit of the r
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 
-from preproc_service.deployment import Deployment, RequestScope
-from preproc_service.tasks.common import check_top_k, require_texts, softmax
+from preproc_service.deployment import Deployment, RequestScope, all_or_nothing
+from preproc_service.tasks.common import check_top_k, softmax
 from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
@@ -45,7 +43,7 @@ def sanitize_parameters(dep: Deployment, params: dict) -> dict:
 
 
 async def preprocess(dep: Deployment, inputs: list[str], params: dict) -> dict:
-    require_texts(inputs)
+    dep.limits.check_inputs(inputs)
     encodings = await dep.tokenization.encode_truncating(inputs, params.get("truncation", True))
     mask_id = dep.tokenizer.mask_token_id
     masks = []
@@ -65,7 +63,7 @@ async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, para
         return (await dep.forward(scope, batch, ["logits"], {"gather_positions": gather}))["logits"][0]
 
     pairs = zip(model_inputs["encodings"], model_inputs["masks"], strict=True)
-    return {"logits": await asyncio.gather(*(forward_one(enc, positions) for enc, positions in pairs))}
+    return {"logits": await all_or_nothing(forward_one(enc, positions) for enc, positions in pairs)}
 
 
 def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list[list[list[dict]]]:

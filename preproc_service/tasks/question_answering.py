@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from preproc_service.deployment import Deployment, RequestScope
-from preproc_service.tasks.common import check_top_k, require_texts
+from preproc_service.tasks.common import check_top_k
 from preproc_service.tokenization import EncodeOptions, pad_batch
 from splitserve_common.errors import InvalidArgument
 
@@ -43,7 +43,7 @@ def sanitize_parameters(dep: Deployment, params: dict) -> dict:
 
 async def preprocess(dep: Deployment, inputs: list[tuple[str, str]], params: dict) -> dict:
     """Each (question, context) becomes its windows; the batch holds every window of every input."""
-    require_texts(inputs, "inputs")
+    dep.limits.check_inputs(inputs, "inputs")
     for i, (question, context) in enumerate(inputs):
         if not question:
             raise InvalidArgument(f"input {i}: question is missing or empty")
@@ -55,6 +55,7 @@ async def preprocess(dep: Deployment, inputs: list[tuple[str, str]], params: dic
                             strategy="only_second" if question_first else "only_first")
     groups = await dep.tokenization.encode(pairs, options, overflow=True)
     windows = [enc for group in groups for enc in group]
+    dep.limits.check_qa_windows(len(windows))
     return {"batch": pad_batch(windows, dep.tokenization.pad_token_id, dep.uses_token_type_ids),
             "contexts": [context for _, context in inputs], "groups": groups, "question_first": question_first}
 

@@ -6,10 +6,11 @@ Each text is paired with `hypothesis_template.format(label)` for every candidate
 
 from __future__ import annotations
 
+import string
+
 import numpy as np
 
 from preproc_service.deployment import Deployment, RequestScope
-from preproc_service.tasks.common import require_texts
 from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import InvalidArgument
 
@@ -28,23 +29,43 @@ def parse_labels(labels) -> list[str]:
     return [label.strip() for label in labels if label.strip()]
 
 
-def check_template(template: str, label: str) -> None:
-    if template.format(label) == template:
+def check_template(template) -> None:
+    """The template must hold exactly the label's place, `{}` (`{0}` too), and no other field:
+    `{x}`, `{1}` or a lone `{` would fail in str.format."""
+    if not isinstance(template, str):
+        raise InvalidArgument(f"hypothesis_template must be a string, got {template!r}")
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        raise InvalidArgument(f"hypothesis_template {template!r} is not a format string ({exc}); write a literal "
+                              "brace as {{ or }}") from None
+    if not fields:
         raise InvalidArgument(
             f"hypothesis_template {template!r} does not place the label: it needs a {{}} (e.g. 'This is {{}}.')")
+    for name, spec, conversion in fields:
+        if name not in ("", "0") or spec or conversion:
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise InvalidArgument(f"hypothesis_template {template!r} has the field {field}: only {{}} (the label) "
+                                  "is allowed; write a literal brace as {{ or }}")
+    try:
+        template.format("label")
+    except (IndexError, ValueError) as exc:  # e.g. "{} and {}", or "{} {0}"
+        raise InvalidArgument(f"hypothesis_template {template!r} cannot place the label: {exc}") from None
 
 
 def sanitize_parameters(dep: Deployment, params: dict) -> dict:
     labels = parse_labels(params.get("candidate_labels") or [])
     if not labels:
         raise InvalidArgument("candidate_labels is empty: zero-shot classification needs at least one label")
-    check_template(params["hypothesis_template"], labels[0])
+    check_template(params["hypothesis_template"])
     dep.require_info()  # the entailment label comes from the model service
     return {"candidate_labels": labels, "multi_label": bool(params["multi_label"])}
 
 
 async def preprocess(dep: Deployment, inputs: list[str], params: dict) -> dict:
-    require_texts(inputs)
+    dep.limits.check_inputs(inputs)
+    dep.limits.check_zero_shot_pairs(len(inputs), len(params["candidate_labels"]))
     template = params["hypothesis_template"]
     pairs = [(text, template.format(label)) for text in inputs for label in params["candidate_labels"]]
     encodings = await dep.tokenization.encode_truncating(pairs, True, strategy="only_first")
