@@ -10,7 +10,7 @@ after another, through three phases:
 1. alone;
 2. while `--flood-callers` callers each send, one after another, the largest Embed the limits
    allow (`--flood-texts` texts of `--flood-chars` characters: by default preproc's own
-   per-request limits when it has them);
+   per-request limits, cut to fit the message size limit);
 3. while model_service is killed (SIGKILL) and started again on the same port.
 
 For each phase: the normal caller's calls by status, p50 and p99 of its OK calls, and the flood's
@@ -148,13 +148,18 @@ def main() -> int:
     parser.add_argument("sentences", nargs="?", default=str(DEFAULT_SENTENCES))
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     parser.add_argument("--flood-callers", type=int, default=2)
-    parser.add_argument("--flood-texts", type=int,
-                        default=preproc_limit("max-texts", "max-texts-per-request", default=64))
-    parser.add_argument("--flood-chars", type=int,
-                        default=preproc_limit("max-text-chars", "max-chars", default=1000))
+    parser.add_argument("--flood-texts", type=int, default=preproc_limit("max-texts", default=64),
+                        help="texts per flood request (default: preproc's --max-texts)")
+    parser.add_argument("--flood-chars", type=int, default=0,
+                        help="characters per flood text (default: preproc's --max-text-chars, cut so that the "
+                             "request fits in --max-message-mb)")
     parser.add_argument("--torch-threads", type=int, default=0, help="model_service --torch-threads (0: all CPUs)")
     args = parser.parse_args()
 
+    if not args.flood_chars:
+        message_bytes = preproc_limit("max-message-mb", default=64) * 1024 * 1024
+        fitting = int(0.9 * message_bytes) // args.flood_texts
+        args.flood_chars = min(preproc_limit("max-text-chars", default=1000), fitting)
     sentences = read_sentences(Path(args.sentences))
     long_text = " ".join(sentences)
     while len(long_text) < args.flood_chars:

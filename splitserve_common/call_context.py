@@ -66,7 +66,10 @@ def begin(method: str, request, metadata) -> tuple[RequestInfo, contextvars.Toke
 
 
 def end(token: contextvars.Token) -> None:
-    _current.reset(token)
+    try:
+        _current.reset(token)
+    except ValueError:  # a streaming call closed from another context (its caller went away)
+        _current.set(None)
 
 
 def describe_response(info: RequestInfo, response) -> None:

@@ -244,7 +244,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 def _measured(behavior, method: str):
     in_flight = IN_FLIGHT.labels("grpc", method)
 
-    def finish(context, start: float, exc: BaseException | None) -> None:
+    def enter(_request, _context) -> float:
+        in_flight.inc()
+        return time.perf_counter()
+
+    def leave(start: float, context, exc: BaseException | None) -> None:
         in_flight.dec()
         code = code_name(context, exc)
         info = call_context.current()
@@ -252,35 +256,48 @@ def _measured(behavior, method: str):
         REQUEST_DURATION.labels("grpc", method, _model, adapter).observe(time.perf_counter() - start)
         REQUESTS.labels("grpc", method, code, _model, adapter).inc()
 
+    return observed(behavior, enter, leave)
+
+
+def observed(behavior, enter, leave, on_response=None):
+    """`behavior` (a unary or response-streaming handler) run between `state = enter(request, context)`
+    (a plain or coroutine function) and `leave(state, context, error)`, which sees the exception that
+    ended the call, if any; `on_response(state, message)` sees each response message."""
+    entered_async = inspect.iscoroutinefunction(enter)
+
     if inspect.isasyncgenfunction(behavior):
 
         async def streaming(request_or_iterator, context):
-            in_flight.inc()
-            start, error = time.perf_counter(), None
+            state = await enter(request_or_iterator, context) if entered_async else enter(request_or_iterator, context)
+            error = None
             try:
                 async for item in behavior(request_or_iterator, context):
+                    if on_response is not None:
+                        on_response(state, item)
                     yield item
             except BaseException as exc:
                 error = exc
                 raise
             finally:
-                finish(context, start, error)
+                leave(state, context, error)
 
         return streaming
 
     async def unary(request_or_iterator, context):
-        in_flight.inc()
-        start, error = time.perf_counter(), None
+        state = await enter(request_or_iterator, context) if entered_async else enter(request_or_iterator, context)
+        error = None
         try:
             result = behavior(request_or_iterator, context)
             if inspect.isawaitable(result):
                 result = await result
+            if on_response is not None:
+                on_response(state, result)
             return result
         except BaseException as exc:
             error = exc
             raise
         finally:
-            finish(context, start, error)
+            leave(state, context, error)
 
     return unary
 

@@ -17,7 +17,6 @@ into one JSON object per line; an access line's fields are top-level keys there.
 from __future__ import annotations
 
 import datetime
-import inspect
 import json
 import logging
 import time
@@ -26,8 +25,8 @@ from dataclasses import asdict
 import grpc
 
 from splitserve_common import call_context, tracing
-from splitserve_common.call_context import REQUEST_ID_KEY, RequestInfo
-from splitserve_common.metrics import UNMEASURED, WrappedHandlers, code_name
+from splitserve_common.call_context import REQUEST_ID_KEY
+from splitserve_common.metrics import UNMEASURED, WrappedHandlers, code_name, observed
 
 access_log = logging.getLogger("splitserve.access")
 
@@ -43,61 +42,34 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         return self._handlers.get(handler_call_details.method, handler)
 
 
-def _finish(info: RequestInfo, context, start: float, error: BaseException | None) -> None:
-    info.duration_ms = round((time.perf_counter() - start) * 1e3, 3)
-    info.code = code_name(context, error)
-    info.trace_id = call_context.current_trace_id() or info.trace_id
-    tracing.annotate(info)
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info("%s %s %.1f ms rows=%s tokens=%s adapter=%s request_id=%s trace_id=%s", info.method,
-                        info.code, info.duration_ms, _dash(info.rows), _dash(info.tokens), info.adapter or "-",
-                        info.request_id, info.trace_id or "-", extra={"access": asdict(info)})
+def _logged(behavior, method: str):
+    async def enter(request, context):
+        start = time.perf_counter()
+        info, token = call_context.begin(method, request, context.invocation_metadata())
+        try:
+            await context.send_initial_metadata(((REQUEST_ID_KEY, info.request_id),))
+        except BaseException:
+            call_context.end(token)
+            raise
+        return start, info, token
+
+    def leave(state, context, error: BaseException | None) -> None:
+        start, info, token = state
+        call_context.end(token)
+        info.duration_ms = round((time.perf_counter() - start) * 1e3, 3)
+        info.code = code_name(context, error)
+        info.trace_id = call_context.current_trace_id() or info.trace_id
+        tracing.annotate(info)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s %s %.1f ms rows=%s tokens=%s adapter=%s request_id=%s trace_id=%s", info.method,
+                            info.code, info.duration_ms, _dash(info.rows), _dash(info.tokens), info.adapter or "-",
+                            info.request_id, info.trace_id or "-", extra={"access": asdict(info)})
+
+    return observed(behavior, enter, leave, lambda state, message: call_context.describe_response(state[1], message))
 
 
 def _dash(value) -> str:
     return "-" if value is None else str(value)
-
-
-def _logged(behavior, method: str):
-    if inspect.isasyncgenfunction(behavior):
-
-        async def streaming(request_or_iterator, context):
-            start = time.perf_counter()
-            info, token = call_context.begin(method, request_or_iterator, context.invocation_metadata())
-            error = None
-            try:
-                await context.send_initial_metadata(((REQUEST_ID_KEY, info.request_id),))
-                async for item in behavior(request_or_iterator, context):
-                    call_context.describe_response(info, item)
-                    yield item
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                call_context.end(token)
-                _finish(info, context, start, error)
-
-        return streaming
-
-    async def unary(request_or_iterator, context):
-        start = time.perf_counter()
-        info, token = call_context.begin(method, request_or_iterator, context.invocation_metadata())
-        error = None
-        try:
-            await context.send_initial_metadata(((REQUEST_ID_KEY, info.request_id),))
-            result = behavior(request_or_iterator, context)
-            if inspect.isawaitable(result):
-                result = await result
-            call_context.describe_response(info, result)
-            return result
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            call_context.end(token)
-            _finish(info, context, start, error)
-
-    return unary
 
 
 class HttpAccess:

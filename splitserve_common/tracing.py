@@ -27,7 +27,6 @@ interceptor would be a second wrapper around every call and knows none of the st
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -168,46 +167,19 @@ def _traced(behavior, full_method: str):
     service, _, rpc = method.partition("/")
     attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc}
 
-    def start(context):
+    def enter(_request, context):
         parent = _otel.propagate.extract({k: v for k, v in (context.invocation_metadata() or ())
                                           if isinstance(v, str)})
         span = _tracer.start_span(method, context=parent, kind=_otel.SpanKind.SERVER, attributes=attributes)
-        return span, _otel.trace.use_span(span, end_on_exit=False)
+        return span, _otel.context.attach(_otel.trace.set_span_in_context(span))
 
-    def finish(span, context, error) -> None:
+    def leave(state, context, error) -> None:
+        span, token = state
         code = metrics.code_name(context, error)
         span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
         if code != "OK":
             span.set_status(_otel.Status(_otel.StatusCode.ERROR, code))
         span.end()
+        _otel.context.detach(token)
 
-    if inspect.isasyncgenfunction(behavior):
-        async def streaming(request_or_iterator, context):
-            span, scope = start(context)
-            error = None
-            with scope:
-                try:
-                    async for item in behavior(request_or_iterator, context):
-                        yield item
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(span, context, error)
-        return streaming
-
-    async def unary(request_or_iterator, context):
-        span, scope = start(context)
-        error = None
-        with scope:
-            try:
-                result = behavior(request_or_iterator, context)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                finish(span, context, error)
-    return unary
+    return metrics.observed(behavior, enter, leave)
