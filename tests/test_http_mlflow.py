@@ -174,3 +174,25 @@ DIFFERENCES = {
     ("zero-shot-classification", "dataframe_split"): _zero_shot_without_template([T1]),
     ("token-classification", "params_aggregation"): _aggregated_entities,
 }
+
+
+def test_question_answering_without_a_recording(tmp_path):
+    """MLflow cannot serve question-answering under transformers 5 (the pipeline is gone), so there is
+    no recording: the answers are the gRPC API's, in MLflow's shape (one answer text per question)."""
+    from tests import model_factory as mf
+
+    model, tokenizer = mf.build_encoder("question-answering")
+    artifact = mf.save_components(tmp_path / "qa", model, tokenizer, "question-answering")
+    rows = [{"question": "Where did Alice walk?", "context": T1}, {"question": "What is old?", "context": T2}]
+    with servers.model_service(artifact, *QUIET) as ms, servers.preproc_service(artifact, ms.address, *QUIET) as pp:
+        answer = preproc_stub(pp.address).AnswerQuestion(pb.AnswerQuestionRequest(
+            inputs=[pb.QuestionContext(**row) for row in rows]))
+        expected = [r.answers[0].answer for r in answer.results]
+        for content_type, body in (("application/json", json.dumps({"dataframe_records": rows})),
+                                   ("application/json", json.dumps({"inputs": {k: [r[k] for r in rows]
+                                                                              for k in rows[0]}})),
+                                   ("text/csv", "question,context\n" + "".join(
+                                       f'"{r["question"]}","{r["context"]}"\n' for r in rows))):
+            status, got = call(pp.http_url + "/invocations", content_type, body)
+            assert status == 200, got
+            assert got == {"predictions": expected}
