@@ -18,9 +18,9 @@ fills a pass while others wait.
 
 Admission, before any work: a request is refused with RESOURCE_EXHAUSTED at once when the queue
 holds `max_queue_rows` rows, or when its deadline cannot be met: the expected time to finish it
-is the measured cost per token (an average over recent forward passes) times the tokens it must
-share the worker with under fair sharing (each waiting request's tokens up to its own size, its
-own, and the batches computing). A request that goes away (cancelled, deadline passed, failed)
+comes from `ForwardCost` (a per-pass overhead plus a measured cost per padded token) over the
+tokens it must share the worker with under fair sharing (each waiting request's tokens up to its
+own size, its own, and the batches computing). A request that goes away (cancelled, deadline passed, failed)
 takes all of its queued rows with it at once.
 
 The forward pass, padding and the cut back per request all run on the engine's worker thread.
@@ -100,10 +100,31 @@ class _Row:
         return self.pending.job.rows[self.index].shape
 
 
-class Batcher:
-    # Weight of the newest forward pass in the measured cost per token (an exponential average).
-    COST_SMOOTHING = 0.2
+class ForwardCost:
+    """Seconds of forward passes: `overhead_tokens` token-equivalents per pass (--batch-overhead-tokens,
+    as in `plan_groups`) plus the padded tokens, at a cost per token-equivalent measured as an
+    exponential average over recent passes. Without the per-pass term, the fixed cost of small passes
+    would be charged per token and inflate the estimate of large ones many times over."""
 
+    SMOOTHING = 0.2  # weight of the newest pass
+
+    def __init__(self, overhead_tokens: int):
+        self.overhead_tokens = overhead_tokens
+        self.seconds_per_token: float | None = None  # None until the first pass is measured
+
+    def observe(self, seconds: float, padded_tokens: int) -> None:
+        cost = seconds / max(padded_tokens + self.overhead_tokens, 1)
+        self.seconds_per_token = cost if self.seconds_per_token is None else \
+            (1 - self.SMOOTHING) * self.seconds_per_token + self.SMOOTHING * cost
+
+    def estimate(self, tokens: int, passes: int) -> float | None:
+        """Seconds for `passes` forward passes over `tokens` in all (None: nothing measured yet)."""
+        if self.seconds_per_token is None:
+            return None
+        return (tokens + passes * self.overhead_tokens) * self.seconds_per_token
+
+
+class Batcher:
     def __init__(self, engine, info, max_batch_size: int = 32, max_wait_us: int = 2000, token_budget: int = 16384,
                  max_queue_rows: int = 1024, overhead_tokens: int = 64):
         self.engine = engine
@@ -115,10 +136,10 @@ class Batcher:
         self.overhead_tokens = overhead_tokens
         self.stats = BatchStats()
         self.observers: list = []           # callables(batch_size: int, queue_rows: int) after each batch
-        self.seconds_per_token: float | None = None  # measured; None until the first forward pass
+        self.cost = ForwardCost(overhead_tokens)
         self._waiting: dict[int, _Pending] = {}  # requests with rows not yet taken, in arrival order
         self._queued_rows = 0
-        self._computing_tokens = 0          # tokens of the batches handed to the engine, not yet done
+        self._computing_tokens = 0          # padded tokens and overhead of the batches computing
         self._arrivals = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -181,11 +202,14 @@ class Batcher:
         Under fair sharing a request shares the worker with every waiting request up to its own
         size (a smaller one finishes first, a larger one keeps going after it), and waits for the
         batches already computing; the forward workers share the work."""
-        if self.seconds_per_token is None:
-            return None
         own = sum(len(row) for row in job.rows)
         shared = sum(min(p.waiting_tokens, own) for p in self._waiting.values())
-        return (self._computing_tokens + shared + own) * self.seconds_per_token / self.engine.forward_workers
+        passes = -(-(job.batch + sum(len(p.waiting) for p in self._waiting.values())) // self.max_batch_size)
+        queued = self.cost.estimate(shared + own, passes)
+        if queued is None:
+            return None
+        computing = self._computing_tokens * self.cost.seconds_per_token
+        return (computing + queued) / self.engine.forward_workers
 
     def _check_time(self, job: InferJob, timeout: float | None) -> None:
         expected = None if timeout is None else self.expected_seconds(job)
@@ -193,7 +217,7 @@ class Batcher:
             self.stats.rejected_late += 1
             raise ResourceExhausted(
                 f"cannot answer within the deadline: about {expected:.2f} s of work would run first "
-                f"({self._queued_rows} rows queued, {self.seconds_per_token * 1e3:.4f} ms per token measured), "
+                f"({self._queued_rows} rows queued, {self.cost.seconds_per_token * 1e3:.4f} ms per token measured), "
                 f"{max(timeout, 0.0):.2f} s are left; retry later or with a longer deadline")
 
     def _withdraw(self, pending: _Pending) -> None:
@@ -288,7 +312,7 @@ class Batcher:
         return window
 
     async def _run(self, batch: list[_Row]) -> None:
-        tokens = sum(r.length for r in batch)
+        tokens = len(batch) * max(r.length for r in batch) + self.overhead_tokens  # padded, plus the pass
         self._computing_tokens += tokens
         try:
             # Rows with adapters change the model around their forward pass: those run alone.
@@ -307,7 +331,8 @@ class Batcher:
         for p in stale:  # went stale while waiting behind the previous batch
             self._drop(p)
         if size:
-            self._measure(seconds, sum(r.length for r in batch if r.pending not in stale))
+            computed = [r.length for r in batch if r.pending not in stale]
+            self.cost.observe(seconds, len(computed) * max(computed))
             self.stats.batches += 1
             self.stats.rows += size
             self.stats.largest_batch = max(self.stats.largest_batch, size)
@@ -322,13 +347,6 @@ class Batcher:
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
-
-    def _measure(self, seconds: float, tokens: int) -> None:
-        """Fold one forward pass into the measured cost per token."""
-        cost = seconds / max(tokens, 1)
-        smoothing = self.COST_SMOOTHING
-        self.seconds_per_token = cost if self.seconds_per_token is None else \
-            (1 - smoothing) * self.seconds_per_token + smoothing * cost
 
     # ------------------------------------------------------------ worker thread
 
