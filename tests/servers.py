@@ -23,6 +23,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(predicate, timeout=60.0, what="condition"):
+    """Poll `predicate` until it returns something true (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def health_status(address: str, service: str = "", timeout: float = 1.0):
     """The grpc.health.v1 status of `service` at `address`, or None when unreachable."""
     with grpc.insecure_channel(address) as channel:

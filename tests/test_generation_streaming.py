@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-import time
 
 import grpc
 import pytest
@@ -23,16 +22,6 @@ PROMPT = "Say:"
 SCRIPT_TEXT = " 東京 は 🙂 日本 の 首都 👍🏽 你好 and then END of river"
 FILLER = " river"  # what the model writes after the script, until max_new_tokens
 QUIET = ("--metrics-port", "0")
-
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +87,9 @@ def test_stop_string_spanning_tokens_cuts_and_stops_the_model(scripted, stop):
     chunks = list(scripted["pre"].GenerateTextStream(pb.GenerateTextRequest(prompt=PROMPT, parameters=params)))
     assert "".join(c.text for c in chunks) == response.generated_text and chunks[-1].finish_reason == "stop"
     # preproc cancelled both model streams long before their ~1000 tokens: the slots are free again.
-    after = wait_for(lambda: (s := scripted["gen"].Stats(gpb.GenerationStatsRequest())).active_sequences == 0 and s,
-                     what="the model to drop the stopped sequences")
+    gen = scripted["gen"]
+    after = servers.wait_for(lambda: (s := gen.Stats(gpb.GenerationStatsRequest())).active_sequences == 0 and s,
+                             what="the model to drop the stopped sequences")
     assert after.cancelled - before.cancelled == 2
     assert after.generated_tokens - before.generated_tokens < scripted["max_new"]
 
@@ -132,7 +122,7 @@ def test_cancel_frees_the_slot_while_other_streams_go_on(scripted):
 
     c_thread = threading.Thread(target=run_c)
     c_thread.start()
-    wait_for(lambda: stats().waiting_sequences == 1, what="the third request to queue")
+    servers.wait_for(lambda: stats().waiting_sequences == 1, what="the third request to queue")
 
     a.cancel()  # the caller goes away: its slot frees at the next step, and C takes it
     c_thread.join(60)
@@ -149,7 +139,7 @@ def test_cancel_frees_the_slot_while_other_streams_go_on(scripted):
         b_tokens += next(b).token_ids
     assert b_tokens == expected_tokens(scripted, len(b_tokens))
     b.cancel()
-    wait_for(lambda: stats().active_sequences == 0, what="B's slot to free")
+    servers.wait_for(lambda: stats().active_sequences == 0, what="B's slot to free")
     assert stats().cancelled - base.cancelled == 2
 
 
@@ -162,7 +152,7 @@ def test_client_cancelling_preproc_stream_cancels_the_model(scripted):
     text = "".join(next(stream).text for _ in range(3))
     assert text and (SCRIPT_TEXT + FILLER * 1000).startswith(text)
     stream.cancel()
-    after = wait_for(lambda: (s := gen.Stats(gpb.GenerationStatsRequest())).active_sequences == 0 and s,
+    after = servers.wait_for(lambda: (s := gen.Stats(gpb.GenerationStatsRequest())).active_sequences == 0 and s,
                      what="the model to drop the cancelled sequence")
     assert after.cancelled - before.cancelled == 1
     assert after.generated_tokens - before.generated_tokens < scripted["max_new"]

@@ -306,8 +306,10 @@ def test_request_id_and_metrics_protocol_label(tmp_path):
                                          {"content-type": "application/json", "x-request-id": "req-42"})
         with urllib.request.urlopen(request, timeout=30) as reply:
             assert reply.headers["x-request-id"] == "req-42"
-        # The same id on the access lines of both services (sent on with preproc's model call).
-        assert "POST /v1/embeddings 200" in pp.log() and "request_id=req-42" in pp.log()
+        # The same id on the access lines of both services (sent on with preproc's model call); the HTTP
+        # access line is written once the response has been sent, so it may follow the reply.
+        servers.wait_for(lambda: "POST /v1/embeddings 200" in pp.log() and "request_id=req-42" in pp.log(),
+                         timeout=10, what="preproc's HTTP access line")
         assert "request_id=req-42" in ms.log()
         bad = urllib.request.Request(pp.http_url + "/v1/embeddings", b"{not json", {"content-type": "x"})
         with pytest.raises(urllib.error.HTTPError) as caught:
