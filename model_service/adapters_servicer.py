@@ -236,14 +236,13 @@ def default_adapter(setting: str, args, loaded) -> str:
     return "" if setting in ("", BASE_REQUEST_NAME) else setting
 
 
-def register(server, runtime) -> list[str]:
-    """Serve splitserve.v1.Adapters on `server`; the adapters named at start load once the model is.
-    Raises ConfigurationError."""
+def register(server, runtime) -> AdaptersServicer:
+    """Serve splitserve.v1.Adapters (SERVICE_NAME) on `server`; server.py calls the servicer's `on_ready`
+    once the model is loaded, to load the adapters named at start. Raises ConfigurationError."""
     args = runtime.args
     token = management_token(args.adapter_management, args.adapter_token, args.auth_token)
     servicer = AdaptersServicer(runtime, token=token, root=adapter_root(args.adapter_management, args.adapter_root),
                                 max_adapters=args.max_adapters, unload_wait=args.adapter_unload_wait,
                                 allow_pickle=args.allow_pickle)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(servicer, server)
-    runtime.on_ready.append(servicer.on_ready)
-    return [SERVICE_NAME]
+    return servicer

@@ -23,7 +23,6 @@ class Runtime:
         self.info = None
         self.batcher = None
         self.ready = asyncio.Event()
-        self.on_ready: list = []   # the adapters servicer's start-up (adapters_servicer.register); server.py runs it
 
     @property
     def is_ready(self) -> bool:

@@ -28,6 +28,7 @@ from model_service.loader import LoadError, LoadOptions
 from model_service.runtime import Runtime
 from model_service.served_model import discover
 from splitserve_common import metrics, serving
+from splitserve_common.errors import ConfigurationError
 from splitserve_pb import generation_pb2, generation_pb2_grpc, open_inference_pb2, open_inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def _observe_batches(batcher) -> None:
     batcher.observers.append(observe)
 
 
-async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None:
+async def load_runtime(runtime: Runtime, adapters: adapters_servicer.AdaptersServicer,
+                       generation: GenerationServicer) -> None:
     """Load the weights, warm up, start the batcher, then get adapters and generation ready, in that order."""
     args = runtime.args
     loaded = await asyncio.to_thread(loader.load, load_options(args))
@@ -71,8 +73,7 @@ async def load_runtime(runtime: Runtime, generation: GenerationServicer) -> None
     batcher.start()
     runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
     metrics.set_model(info.name)
-    for load_adapters in runtime.on_ready:  # the adapters servicer's: start-up adapters into engine.adapters
-        await load_adapters(runtime)
+    await adapters.on_ready(runtime)  # the start-up adapters into engine.adapters
     await generation.on_ready(runtime)  # after the registry: generation checks adapter names against it
     runtime.ready.set()
     log.info("serving %s (%s, %s) on %s/%s; outputs: %s", info.name, loaded.task, loaded.architecture,
@@ -105,22 +106,23 @@ async def start(args) -> RunningServer:
     open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     generation = generation_servicer(runtime)
     generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
-    names = [INFERENCE_SERVICE, GENERATION_SERVICE, *adapters_servicer.register(server, runtime)]
+    adapters = adapters_servicer.register(server, runtime)
+    names = [INFERENCE_SERVICE, GENERATION_SERVICE, adapters_servicer.SERVICE_NAME]
     health = serving.HealthReporter(server, names)
     serving.enable_reflection(server, names)
     port = serving.add_port(server, args, args.port)
     await health.set(False)
     await server.start()
-    http = v2_rest.build_front(args, inference) if getattr(args, "http_port", 0) else None
+    http = v2_rest.build_front(args, inference) if args.http_port else None
     if http is not None:
         log.info("v2 REST on %s:%d", args.host, await http.start())
     log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", args.host, port)
     try:
-        await load_runtime(runtime, generation)
+        await load_runtime(runtime, adapters, generation)
     except LoadError as exc:
         log.error("cannot serve %s: %s", args.model_dir, exc)
         await server.stop(0)
-        raise SystemExit(f"model-service: {exc}") from None
+        raise ConfigurationError(str(exc)) from None  # the CLI prints it and exits 2
     # A model without a language-model head: the Generation service is there but cannot serve.
     await health.set(True, not_serving=[] if generation.can_generate else [GENERATION_SERVICE])
     return RunningServer(server, runtime, generation, health, port, http)
