@@ -43,19 +43,13 @@ from grpc_health.v1 import health_pb2  # noqa: E402
 
 from client.preproc_client import AsyncPreprocClient  # noqa: E402
 from tests import model_factory, servers  # noqa: E402
+from tests.ops_helpers import SHARED_SENTENCES, read_sentences  # noqa: E402
 
-DEFAULT_SENTENCES = ROOT.parent / "shared" / "bench" / "sentences.txt"
 NORMAL_DEADLINE = 10.0
 FLOOD_DEADLINE = 120.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def read_sentences(path: Path) -> list[str]:
-    if path.exists():
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if lines:
-            return lines
-    return model_factory.corpus(256)
 
 
 def preproc_limit(*names: str, default: int) -> int:
@@ -145,7 +139,7 @@ def row(label: str, normal: Calls, flood: Calls | None = None, extra: str = "") 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sentences", nargs="?", default=str(DEFAULT_SENTENCES))
+    parser.add_argument("sentences", nargs="?", default=str(SHARED_SENTENCES))
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     parser.add_argument("--flood-callers", type=int, default=2)
     parser.add_argument("--flood-texts", type=int, default=preproc_limit("max-texts", default=64),

@@ -33,18 +33,12 @@ import grpc  # noqa: E402
 from client.preproc_client import AsyncPreprocClient  # noqa: E402
 from tests import model_factory, servers  # noqa: E402
 from tests.adapter_helpers import rss_mib  # noqa: E402
+from tests.ops_helpers import SHARED_SENTENCES, read_sentences  # noqa: E402
 
-DEFAULT_SENTENCES = ROOT.parent / "shared" / "bench" / "sentences.txt"
 SAMPLE_SECONDS = 5.0
 DEADLINE = 60.0
 
 
-def read_sentences(path: Path) -> list[str]:
-    if path.exists():
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if lines:
-            return lines
-    return model_factory.corpus(256)
 
 
 async def caller(address: str, sentences: list[str], worker: int, until: float, codes: collections.Counter,
@@ -72,7 +66,7 @@ async def sample_rss(pids: dict, until: float, samples: list) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sentences", nargs="?", default=str(DEFAULT_SENTENCES))
+    parser.add_argument("sentences", nargs="?", default=str(SHARED_SENTENCES))
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--baseline-minute", type=float, default=2.0,

@@ -146,13 +146,19 @@ def tiny_model(kind: str) -> Path:
     raise ValueError(kind)
 
 
-def sentences(limit: int = 64) -> list[str]:
-    """Request texts: the shared benchmark sentences when present, else the test corpus."""
-    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "bench" / "sentences.txt"
-    if shared.exists():
-        lines = [line.strip() for line in shared.read_text().splitlines() if line.strip()]
+SHARED_SENTENCES = Path(__file__).resolve().parent.parent.parent / "shared" / "bench" / "sentences.txt"
+
+
+def read_sentences(path: Path = SHARED_SENTENCES, limit: int | None = None) -> list[str]:
+    """Request texts: the lines of `path` (the shared benchmark sentences) when present, else the test corpus."""
+    if path.exists():
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if lines:
             return lines[:limit]
     from tests.model_factory import corpus
 
-    return corpus(limit)[:limit]
+    return corpus(limit or 256)[:limit]
+
+
+def sentences(limit: int = 64) -> list[str]:
+    return read_sentences(limit=limit)

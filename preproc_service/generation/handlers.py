@@ -202,13 +202,18 @@ class GenerationHandlers:
         async for index, piece, usage in self._choice_pieces(ids, params, scope, adapter, n):
             chunk = pb.ChatCompletionChunk(object="chat.completion.chunk", **head)
             choice = chunk.choices.add(index=index, delta=pb.ChatDelta(content=piece.text))
-            self._add_logprobs(choice, piece, params)
-            if piece.finish_reason:
-                choice.finish_reason = piece.finish_reason
-            if usage is not None:
-                chunk.usage.CopyFrom(usage)
-            if piece.text or piece.finish_reason or choice.HasField("logprobs"):
+            if self._fill_chunk(chunk, choice, piece, params, usage):
                 yield chunk
+
+    def _fill_chunk(self, chunk, choice, piece, params, usage) -> bool:
+        """Add a piece's log-probabilities, finish reason and the usage to a streamed chunk; whether the
+        chunk carries anything worth sending."""
+        self._add_logprobs(choice, piece, params)
+        if piece.finish_reason:
+            choice.finish_reason = piece.finish_reason
+        if usage is not None:
+            chunk.usage.CopyFrom(usage)
+        return bool(piece.text or piece.finish_reason or choice.HasField("logprobs"))
 
     async def chat(self, request, scope):
         answer = _Gathered()
@@ -243,12 +248,7 @@ class GenerationHandlers:
         async for index, piece, usage in self._choice_pieces(ids, params, scope, adapter, n):
             chunk = pb.CompletionChunk(object="text_completion", **head)
             choice = chunk.choices.add(index=index, text=piece.text)
-            self._add_logprobs(choice, piece, params)
-            if piece.finish_reason:
-                choice.finish_reason = piece.finish_reason
-            if usage is not None:
-                chunk.usage.CopyFrom(usage)
-            if piece.text or piece.finish_reason or choice.HasField("logprobs"):
+            if self._fill_chunk(chunk, choice, piece, params, usage):
                 yield chunk
 
     async def complete(self, request, scope):
