@@ -16,10 +16,12 @@ from collections import Counter
 import grpc
 import pytest
 
+from splitserve_pb import generation_pb2 as gpb
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
+from tests.generation_helpers import generation_stub
 from tests.ops_helpers import tiny_model
-from tests.servers import ROOT, model_service, preproc_service
+from tests.servers import ROOT, model_service, preproc_service, wait_for
 
 DRAIN_SECONDS = 30.0
 
@@ -111,7 +113,10 @@ def test_an_http_request_in_flight_finishes_before_the_drain_ends_the_process():
 
         thread = threading.Thread(target=complete)
         thread.start()
-        time.sleep(0.5)  # the completion is generating
+        # SIGTERM as soon as the completion is generating (a fixed sleep can outlast 200 tokens of a tiny model).
+        stats = generation_stub(model.address)
+        wait_for(lambda: stats.Stats(gpb.GenerationStatsRequest()).active_sequences == 1 or not thread.is_alive(),
+                 timeout=60, what="the completion to start generating")
         assert thread.is_alive(), answer
         pp.proc.send_signal(signal.SIGTERM)
         thread.join(timeout=120)
