@@ -198,22 +198,25 @@ class V2Routes:
         answer = await self.servicer.ServerReady(pb.ServerReadyRequest(), self._context(request))
         return Response(status_code=200 if answer.ready else 503)
 
-    async def model_ready(self, request: Request) -> Response:
+    async def _per_model(self, request: Request, rpc, message_type):
+        """Call a per-model RPC with the name and version from the path: (answer, None) or (None, error response)."""
         path = request.path_params
         try:
-            answer = await self.servicer.ModelReady(
-                pb.ModelReadyRequest(name=path["name"], version=path.get("version", "")), self._context(request))
+            message = message_type(name=path["name"], version=path.get("version", ""))
+            return await rpc(message, self._context(request)), None
         except CallFailed as exc:
-            return _error(exc.http_status, exc.message)
+            return None, _error(exc.http_status, exc.message)
+
+    async def model_ready(self, request: Request) -> Response:
+        answer, error = await self._per_model(request, self.servicer.ModelReady, pb.ModelReadyRequest)
+        if error is not None:
+            return error
         return Response(status_code=200 if answer.ready else 503)
 
     async def model_metadata(self, request: Request) -> Response:
-        path = request.path_params
-        try:
-            answer = await self.servicer.ModelMetadata(
-                pb.ModelMetadataRequest(name=path["name"], version=path.get("version", "")), self._context(request))
-        except CallFailed as exc:
-            return _error(exc.http_status, exc.message)
+        answer, error = await self._per_model(request, self.servicer.ModelMetadata, pb.ModelMetadataRequest)
+        if error is not None:
+            return error
         return _json({"name": answer.name, "versions": list(answer.versions), "platform": answer.platform,
                       "inputs": _tensor_specs(answer.inputs), "outputs": _tensor_specs(answer.outputs),
                       "parameters": v2_codec.params_to_dict(answer.parameters)})

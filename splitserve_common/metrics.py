@@ -228,17 +228,26 @@ def code_name(context, exc: BaseException | None) -> str:
     return grpc.StatusCode.OK.name
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every call by method and final status code, times it, and tracks calls in flight."""
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the handler of every call but health and reflection (UNMEASURED) with
+    `wrap(behavior, full_method)`, kept per method: the base of the metrics, access-log and tracing
+    interceptors."""
 
-    def __init__(self):
-        self._handlers = WrappedHandlers(lambda behavior, method: _measured(behavior, _short_method(method)))
+    def __init__(self, wrap):
+        self._handlers = WrappedHandlers(wrap)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(UNMEASURED):
             return handler
         return self._handlers.get(handler_call_details.method, handler)
+
+
+class MetricsInterceptor(ObservingInterceptor):
+    """Counts every call by method and final status code, times it, and tracks calls in flight."""
+
+    def __init__(self):
+        super().__init__(lambda behavior, method: _measured(behavior, _short_method(method)))
 
 
 def _measured(behavior, method: str):

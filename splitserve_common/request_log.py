@@ -22,24 +22,16 @@ import logging
 import time
 from dataclasses import asdict
 
-import grpc
-
 from splitserve_common import call_context, tracing
 from splitserve_common.call_context import REQUEST_ID_KEY
-from splitserve_common.metrics import UNMEASURED, WrappedHandlers, code_name, observed
+from splitserve_common.metrics import ObservingInterceptor, code_name, observed
 
 access_log = logging.getLogger("splitserve.access")
 
 
-class AccessLogInterceptor(grpc.aio.ServerInterceptor):
+class AccessLogInterceptor(ObservingInterceptor):
     def __init__(self):
-        self._handlers = WrappedHandlers(lambda behavior, method: _logged(behavior, method.lstrip("/")))
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(UNMEASURED):
-            return handler
-        return self._handlers.get(handler_call_details.method, handler)
+        super().__init__(lambda behavior, method: _logged(behavior, method.lstrip("/")))
 
 
 def _logged(behavior, method: str):

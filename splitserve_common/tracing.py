@@ -149,17 +149,11 @@ def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     return [TracingInterceptor()] if enabled else []
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
+class TracingInterceptor(metrics.ObservingInterceptor):
     """A SERVER span per call (health and reflection aside), child of the caller's W3C trace context."""
 
     def __init__(self):
-        self._handlers = metrics.WrappedHandlers(_traced)
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(metrics.UNMEASURED):
-            return handler
-        return self._handlers.get(handler_call_details.method, handler)
+        super().__init__(_traced)
 
 
 def _traced(behavior, full_method: str):
