@@ -240,3 +240,23 @@ def test_a_small_call_is_answered_before_the_last_pass_of_a_flood_computing(mode
         model_dir, "--forward-workers", "1", "--max-wait-us", "0", "--max-pass-ms", "0.01", scenario=scenario), 120))
     assert done[0] == "small", done
     assert stats.largest_batch == 1 and stats.batches == 2 + 2 * 16
+
+
+def test_base_model_batches_run_on_the_forward_workers(model_dir):
+    """Issue: every request's adapter is leased as BASE when it names none, and the batcher took any
+    name for an adapter, so every forward pass ran alone on the main worker: --forward-workers did
+    nothing in the server."""
+    async def scenario(runtime, client):
+        threads: set[str] = set()
+        forward = runtime.engine.forward
+
+        def recording(*args, **kwargs):
+            threads.add(threading.current_thread().name)
+            return forward(*args, **kwargs)
+
+        runtime.engine.forward = recording
+        await asyncio.gather(*(client.infer(rows(2, 5 + i), outputs=["logits"]) for i in range(4)))
+        return threads
+
+    threads = asyncio.run(with_server(model_dir, "--forward-workers", "2", scenario=scenario))
+    assert threads and all(name.startswith("forward") for name in threads), threads
