@@ -22,6 +22,7 @@ import numpy as np
 
 from preproc_service import audio
 from preproc_service.deployment import Deployment, RequestScope
+from preproc_service.tasks import whisper_asr
 from preproc_service.tasks.audio_classification import features, load_audio
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
@@ -178,8 +179,29 @@ class TextStream:
         return delta
 
 
+def whisper_arguments(dep: Deployment, params: dict) -> tuple:
+    """(chunking, chunk_iter, generate_kwargs) for whisper_asr: chunks cut as for CTC, sample-aligned."""
+    rate = dep.feature_extractor.sampling_rate if dep.feature_extractor else 16000
+    chunking, _ = sanitize_parameters({**params, "return_timestamps": None}, 1, rate)
+    return chunking, chunk_iter, params.get("generate_kwargs") or {}
+
+
+def refuse_whisper_options(params: dict) -> None:
+    """CTC models have no language, task or generation: refused by name, never dropped."""
+    asked = [key for key in ("language", "task") if params.get(key) is not None]
+    asked += sorted(params.get("generate_kwargs") or {})
+    if asked:
+        raise InvalidArgument(f"{', '.join(asked)} applies to encoder-decoder speech models (Whisper); this is a "
+                              "CTC model")
+
+
 async def transcribe_stream(dep: Deployment, scope: RequestScope, item: audio.AudioInput, params: dict):
     """Yields text deltas in order, then the final result dict (text, chunks)."""
+    if dep.require_info().is_encoder_decoder:
+        async for piece in whisper_asr.transcribe_stream(dep, scope, item, params, *whisper_arguments(dep, params)):
+            yield piece
+        return
+    refuse_whisper_options(params)
     tokenizer = require_ctc(dep)
     info = dep.require_info()
     rate = dep.feature_extractor.sampling_rate if dep.feature_extractor else 16000
@@ -207,6 +229,9 @@ async def transcribe_stream(dep: Deployment, scope: RequestScope, item: audio.Au
 
 
 async def run(dep: Deployment, scope: RequestScope, items: list[audio.AudioInput], params: dict) -> list[dict]:
+    if dep.require_info().is_encoder_decoder:
+        return await whisper_asr.run(dep, scope, items, params, *whisper_arguments(dep, params))
+    refuse_whisper_options(params)
     tokenizer = require_ctc(dep)
     info = dep.require_info()
     rate = dep.feature_extractor.sampling_rate if dep.feature_extractor else 16000
