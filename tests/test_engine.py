@@ -83,3 +83,48 @@ def test_run_waits_for_forward_passes_and_holds_them_off(loaded):
 def test_default_split():
     assert default_forward_workers("cpu", 16) == 2 and default_forward_workers("cpu", 1) == 1
     assert default_forward_workers("cuda", 16) == 1
+
+
+def test_model_infer_on_the_base_model_runs_on_the_forward_workers(loaded, tmp_path):
+    """A ModelInfer naming no adapter (the base model) is batched onto the forward workers, not the main
+    worker that runs alone: the path through the servicer and the batcher, observed on the model itself."""
+    import numpy as np
+
+    from model_service import cli
+    from model_service.batcher import Batcher
+    from model_service.inference_servicer import InferenceServicer
+    from model_service.runtime import Runtime
+    from model_service.served_model import discover
+    from splitserve_common import v2_codec
+
+    args = cli.parse_args(["--model-dir", str(tmp_path)])
+    threads: list[str] = []
+    hook = loaded.model.register_forward_pre_hook(lambda module, inputs: threads.append(
+        threading.current_thread().name))
+
+    async def scenario():
+        runtime = Runtime(args)
+        engine = Engine(loaded, torch_threads=1, forward_workers=2)
+        info = await engine.run(discover, engine, "tc", 8)
+        batcher = Batcher(engine, info, max_batch_size=8, max_wait_us=args.max_wait_us,
+                          token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
+                          overhead_tokens=args.batch_overhead_tokens)
+        batcher.start()
+        runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
+        runtime.ready.set()
+        threads.clear()  # the warm-up ran on the main worker
+        try:
+            request = v2_codec.encode_request({"input_ids": np.arange(2, 9, dtype=np.int64)[None, :]})
+            response = await InferenceServicer(runtime).infer(request, None)
+        finally:
+            await batcher.stop()
+            engine.close()
+        return v2_codec.decode_response(response)["logits"]
+
+    try:
+        logits = asyncio.run(scenario())
+    finally:
+        hook.remove()
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.tensor(logits), loaded.model(**inputs(7)).logits)
+    assert threads and all(name.startswith("forward") for name in threads), threads

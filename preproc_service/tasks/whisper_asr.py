@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from preproc_service import audio
-from preproc_service.deployment import Deployment, RequestScope
+from preproc_service.deployment import Deployment, RequestScope, all_or_nothing
 from preproc_service.generation.request_params import GENERATION_KEYS, _typed
 from preproc_service.generation.stream import generation_stub
 from preproc_service.tasks.audio_classification import features, load_audio
@@ -81,29 +81,52 @@ def retrieve_segment(tokens: list[int], timestamp_begin: int, segment_frames: in
     return tokens[:end], (tokens[end - 2] - timestamp_begin) * INPUT_STRIDE
 
 
+def require_components(dep: Deployment):
+    """(tokenizer, feature extractor), or FAILED_PRECONDITION."""
+    if dep.tokenizer is None or dep.feature_extractor is None:
+        raise FailedPrecondition("a Whisper model directory needs its tokenizer and feature extractor components "
+                                 "to transcribe")
+    return dep.tokenizer, dep.feature_extractor
+
+
+def featurise(fe, samples: np.ndarray) -> np.ndarray:
+    """[1, n_mels, frames] float32: 3000 frames, or more for a clip longer than 30 s (long-form)."""
+    if samples.shape[0] > fe.n_samples:
+        out = features(fe, samples, truncation=False, padding="longest", return_attention_mask=True)
+    else:
+        out = features(fe, samples, return_attention_mask=True)
+    return out["input_features"]
+
+
+def decode(dep: Deployment, outputs: list[tuple[list[int], tuple | None]], timestamps: bool) -> dict:
+    """The pipeline's postprocess: `_decode_asr` over (tokens, stride in samples or None) per chunk."""
+    tokenizer, fe = require_components(dep)
+    rate = fe.sampling_rate
+    model_outputs = []
+    for tokens, stride in outputs:
+        output = {"tokens": np.asarray([tokens], dtype=np.int64)}
+        if stride is not None:
+            output["stride"] = tuple(value / rate for value in stride)
+        model_outputs.append(output)
+    time_precision = fe.chunk_length / (fe.nb_max_frames // INPUT_STRIDE)
+    text, optional = tokenizer._decode_asr(model_outputs, return_timestamps=timestamps or None,
+                                           return_language=None, time_precision=time_precision)
+    result = {"text": text}
+    if timestamps:
+        result["chunks"] = [{"text": c["text"], "timestamp": tuple(c["timestamp"])} for c in optional["chunks"]]
+    return result
+
+
 class Whisper:
-    """One request's view of the Whisper model: tokenizer, feature extractor, the Generation stub."""
+    """One request's generation: segments of features to tokens through model_service's Generate."""
 
     def __init__(self, dep: Deployment, scope: RequestScope):
         self.dep, self.scope = dep, scope
-        self.tokenizer = dep.tokenizer
-        self.fe = dep.feature_extractor
-        if self.tokenizer is None or self.fe is None:
-            raise FailedPrecondition("a Whisper model directory needs its tokenizer and feature extractor "
-                                     "components to transcribe")
-        self.segment_frames = int(self.fe.nb_max_frames)
-        self.timestamp_begin = self.tokenizer.convert_tokens_to_ids("<|notimestamps|>") + 1
-        self.time_precision = self.fe.chunk_length / (self.segment_frames // INPUT_STRIDE)
+        tokenizer, fe = require_components(dep)
+        self.segment_frames = int(fe.nb_max_frames)
+        self.timestamp_begin = tokenizer.convert_tokens_to_ids("<|notimestamps|>") + 1
         self.eos = set(dep.require_info().eos_token_ids)
         self.stub = generation_stub(dep.model._channel)
-
-    def featurise(self, samples: np.ndarray) -> np.ndarray:
-        """[1, n_mels, frames] float32: 3000 frames, or more for a clip longer than 30 s (long-form)."""
-        if samples.shape[0] > self.fe.n_samples:
-            out = features(self.fe, samples, truncation=False, padding="longest", return_attention_mask=True)
-        else:
-            out = features(self.fe, samples, return_attention_mask=True)
-        return out["input_features"]
 
     async def generate(self, segment: np.ndarray, prompt: list[int], opts: Options, timestamps: bool):
         """One segment: (the decoder prompt used, the generated tokens, eos removed)."""
@@ -145,28 +168,11 @@ class Whisper:
             prompt, generated = await self.generate(segment, prompt, opts, timestamps)
             kept, offset = retrieve_segment(generated, self.timestamp_begin, width)
             tokens += kept
+            # An offset of 0 (a pair of <|0.00|>) would never move on (generate would loop): the chunk is done.
+            seek = frames if offset <= 0 else seek + offset
             if on_segment is not None:
-                on_segment(tokens)
-            if offset <= 0:  # a pair of <|0.00|>: generate would never move on; the segment is done
-                break
-            seek += offset
+                on_segment(tokens, seek >= frames)
         return tokens
-
-    def decode(self, outputs: list[tuple[list[int], tuple | None]], timestamps: bool) -> dict:
-        """The pipeline's postprocess: `_decode_asr` over (tokens, stride in samples or None) per chunk."""
-        rate = self.fe.sampling_rate
-        model_outputs = []
-        for tokens, stride in outputs:
-            output = {"tokens": np.asarray([tokens], dtype=np.int64)}
-            if stride is not None:
-                output["stride"] = tuple(value / rate for value in stride)
-            model_outputs.append(output)
-        text, optional = self.tokenizer._decode_asr(model_outputs, return_timestamps=timestamps or None,
-                                                    return_language=None, time_precision=self.time_precision)
-        result = {"text": text}
-        if timestamps:
-            result["chunks"] = [{"text": c["text"], "timestamp": tuple(c["timestamp"])} for c in optional["chunks"]]
-        return result
 
 
 class TextStream:
@@ -197,76 +203,81 @@ class TextStream:
         return delta
 
 
-async def _chunks(whisper: Whisper, scope: RequestScope, clip: np.ndarray, chunking, chunk_iter):
-    """[(features, stride or None)] of one clip, as the pipeline's preprocess cuts it."""
-    with scope.stage("features"):
+def sanitize_parameters(dep: Deployment, params: dict) -> dict:
+    """Whisper's options checked (refused by name); chunking is checked by speech_recognition."""
+    require_components(dep)
+    options(params, params.get("generate_kwargs") or {})
+    return {}
+
+
+async def preprocess(dep: Deployment, inputs: list[audio.AudioInput], params: dict, chunking, chunk_iter) -> dict:
+    """{"chunks": (clip index, features, stride in samples or None) per chunk, "clips": how many}: the clips
+    cut as the pipeline's chunk_iter cuts them (chunking from speech_recognition), log-mel per chunk."""
+    _, fe = require_components(dep)
+    clips = await load_audio(dep, inputs)
+    pieces = []
+    for i, clip in enumerate(clips):
         if not chunking.chunk_len:
-            return [(await asyncio.to_thread(whisper.featurise, clip), None)]
-        pieces = chunk_iter(clip, chunking)
-        feats = await asyncio.gather(*(asyncio.to_thread(whisper.featurise, chunk) for chunk, _ in pieces))
-        return list(zip(feats, [stride for _, stride in pieces], strict=True))
+            pieces.append((i, clip, None))
+        else:
+            pieces.extend((i, chunk, stride) for chunk, stride in chunk_iter(clip, chunking))
+    feats = await asyncio.gather(*(asyncio.to_thread(featurise, fe, samples) for _, samples, _ in pieces))
+    return {"chunks": [(i, f, stride) for (i, _, stride), f in zip(pieces, feats, strict=True)], "clips": len(clips)}
 
 
-async def run(dep: Deployment, scope: RequestScope, items: list[audio.AudioInput], params: dict, chunking,
-              chunk_iter, generate_kwargs: dict) -> list[dict]:
+async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict,
+                  on_segment=None) -> dict:
+    """{"tokens": per chunk, its segments' tokens}: every chunk at once, its segments in turn."""
     whisper = Whisper(dep, scope)
-    opts = options(params, generate_kwargs)
-    with scope.stage("decode"):
-        clips = await load_audio(dep, items)
-    per_clip = [await _chunks(whisper, scope, clip, chunking, chunk_iter) for clip in clips]
-    flat = [(i, feats, stride) for i, chunks in enumerate(per_clip) for feats, stride in chunks]
-    tokens = await asyncio.gather(*(whisper.transcribe_features(feats, opts) for _, feats, _ in flat))
-    outputs: list[list] = [[] for _ in clips]
-    for (i, _, stride), chunk_tokens in zip(flat, tokens, strict=True):
-        outputs[i].append((chunk_tokens, stride))
-    with scope.stage("postprocess"):
-        return [whisper.decode(clip_outputs, opts.timestamps) for clip_outputs in outputs]
+    opts = options(params, params.get("generate_kwargs") or {})
+    return {"tokens": await all_or_nothing(
+        whisper.transcribe_features(feats, opts, on_segment and on_segment(k))
+        for k, (_, feats, _) in enumerate(model_inputs["chunks"]))}
 
 
-async def transcribe_stream(dep: Deployment, scope: RequestScope, item: audio.AudioInput, params: dict, chunking,
-                            chunk_iter, generate_kwargs: dict):
-    """Yields text deltas in order, then the final result dict (text, chunks)."""
-    whisper = Whisper(dep, scope)
-    opts = options(params, generate_kwargs)
-    with scope.stage("decode"):
-        (clip,) = await load_audio(dep, [item])
-    chunks = await _chunks(whisper, scope, clip, chunking, chunk_iter)
+def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list[dict]:
+    timestamps = options(params, params.get("generate_kwargs") or {}).timestamps
+    per_clip: list[list] = [[] for _ in range(model_inputs["clips"])]
+    for (i, _, stride), tokens in zip(model_inputs["chunks"], model_outputs["tokens"], strict=True):
+        per_clip[i].append((tokens, stride))
+    return [decode(dep, outputs, timestamps) for outputs in per_clip]
+
+
+async def transcribe_stream(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict):
+    """After preprocess: yields text deltas in order as segments finish, then the final result dict."""
+    chunks = model_inputs["chunks"]
+    timestamps = options(params, params.get("generate_kwargs") or {}).timestamps
     progress: list[list[int]] = [[] for _ in chunks]
+    finished = [False] * len(chunks)
     updated = asyncio.Event()
 
     def on_segment(index):
-        def record(tokens):
+        def record(tokens, done=False):
             progress[index] = list(tokens)
+            finished[index] = finished[index] or done
             updated.set()
         return record
 
-    tasks = [asyncio.ensure_future(whisper.transcribe_features(feats, opts, on_segment(i)))
-             for i, (feats, _) in enumerate(chunks)]
-    for task in tasks:
-        task.add_done_callback(lambda _: updated.set())
+    running = asyncio.ensure_future(forward(dep, scope, model_inputs, params, on_segment))
+    running.add_done_callback(lambda _: updated.set())
     stream = TextStream()
     try:
-        done = 0
-        while done < len(tasks):
+        while not running.done():
             await updated.wait()
             updated.clear()
-            while done < len(tasks) and tasks[done].done():
-                tasks[done].result()  # raises the chunk's error
-                done += 1
             # Finished chunks in order (a later chunk's merge only changes the tail of the one before it);
             # an unchunked clip's segments as they finish.
+            done = next((k for k, flag in enumerate(finished) if not flag), len(chunks))
             partial = [(progress[0], None)] if len(chunks) == 1 else \
-                [(progress[i], stride) for i, (_, stride) in enumerate(chunks[:done])]
-            delta = stream.push(whisper.decode(partial, opts.timestamps)["text"]) if partial else ""
+                [(progress[k], stride) for k, (_, _, stride) in enumerate(chunks[:done])]
+            delta = stream.push(decode(dep, partial, timestamps)["text"]) if partial else ""
             if delta:
                 yield delta
-        results = [task.result() for task in tasks]
+        model_outputs = running.result()
     finally:
-        for task in tasks:
-            task.cancel()
+        running.cancel()
     with scope.stage("postprocess"):
-        result = whisper.decode([(tokens, stride) for tokens, (_, stride) in zip(results, chunks, strict=True)],
-                                opts.timestamps)
+        (result,) = postprocess(dep, model_inputs, model_outputs, params)
     delta = stream.finish(result["text"])
     if delta:
         yield delta
