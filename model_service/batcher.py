@@ -17,8 +17,8 @@ part, is therefore held to about `max_pass_ms` (from `ForwardCost`: its padded t
 request then runs as a sequence of short length-sorted passes, and a one-row request that arrives
 meanwhile (it goes first in the order below) waits for about one of them instead of passes of up to
 `token_budget` tokens (measured: seconds each on 2 CPU cores). Passes cut for one-row requests keep
-`token_budget` alone: a newcomer would not go before them, so shorter passes would only cost
-throughput. A batch that is queued but not yet started is only a reservation: a request that
+`token_budget` alone (and only their rows): a newcomer would not go before them, so shorter passes
+would only cost throughput. A batch that is queued but not yet started is only a reservation: a request that
 arrives and comes first in the order below takes its place (the batch's rows go back to the queue
 and are planned again with it).
 
@@ -81,6 +81,11 @@ class Result:
 def _service_key(pending: _Pending) -> tuple:
     """Least-attained-service order: fewest rows computed so far, then fewest rows waiting, then arrival."""
     return pending.taken, len(pending.waiting), pending.order
+
+
+def _one_row(key: tuple) -> bool:
+    """The request of this service key is one row, none served yet: nothing would go before it."""
+    return key[:2] <= (0, 1)
 
 
 class _Pending:
@@ -354,14 +359,19 @@ class Batcher:
 
     def _take_batch(self) -> _Batch | None:
         """Rows for the next forward: the length group (see plan_groups) holding the first offered row,
-        within `pass_tokens()` when cut for a request a one-row newcomer would go before.
+        within `pass_tokens()` when cut for a request a one-row newcomer would go before; a pass cut for
+        a one-row request holds only one-row requests' rows.
 
         Rows are offered request by request in least-attained-service order, at most `share` from each."""
         if not self._waiting:
             return None
         order = sorted(self._waiting.values(), key=_service_key)
         key = _service_key(order[0])
-        budget = self.pass_tokens() if key[:2] > (0, 1) else self.token_budget
+        if _one_row(key):  # a pass of one-row requests only, so other requests' rows ride in no unbounded pass
+            order = [p for p in order if _one_row(_service_key(p))]
+            budget = self.token_budget
+        else:
+            budget = self.pass_tokens()
         share = -(-self.max_batch_size // len(order))
         offered: list[_Row] = []
         for pending in order:
