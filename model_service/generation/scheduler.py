@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from model_service.adapters import BASE
 from model_service.generation.batch import DecodeBatch, GenerationModel, Sequence
 from model_service.generation.sampling import TokenChooser
+from model_service.generation.threads import StepThreads
 from splitserve_common import metrics
 from splitserve_common.errors import ResourceExhausted, Unavailable
 
@@ -49,9 +50,10 @@ class _Core:
     applies each row's own adapter (model_service.adapters).
     """
 
-    def __init__(self, gm: GenerationModel, engine):
+    def __init__(self, gm: GenerationModel, engine, threads: StepThreads):
         self.gm = gm
         self.engine = engine
+        self.threads = threads
         self.batch: DecodeBatch | None = None
 
     def _use(self, seqs):
@@ -66,11 +68,11 @@ class _Core:
         self._keep(lambda s: s not in gone)
         stepped = []
         if self.batch is not None:
-            with self._use(self.batch.seqs), metrics.stage_timer("decode"):
+            with self._use(self.batch.seqs), metrics.stage_timer("decode"), self.threads.step(len(self.batch)):
                 self.batch.decode(self.gm)
             stepped += self.batch.seqs
         if admitted:
-            with self._use(admitted), metrics.stage_timer("prefill"):
+            with self._use(admitted), metrics.stage_timer("prefill"), self.threads.step(0):
                 fresh = DecodeBatch.prefill(self.gm, admitted)
             stepped += admitted
             self.batch = fresh if self.batch is None else self.batch.concat(fresh)
@@ -82,11 +84,13 @@ class _Core:
 
 
 class Scheduler:
-    def __init__(self, engine, gm: GenerationModel, limits: Limits = Limits()):
+    def __init__(self, engine, gm: GenerationModel, limits: Limits = Limits(), torch_threads: int = 0):
+        """`torch_threads`: intra-op threads of the steps; 0 chooses between 1 and the engine worker's
+        threads by measuring (threads.py)."""
         self.engine = engine
         self.gm = gm
         self.limits = limits
-        self._core = _Core(gm, engine)
+        self._core = _Core(gm, engine, StepThreads(engine.torch_threads * engine.forward_workers, torch_threads))
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
         self._wakeup = asyncio.Event()
