@@ -1,7 +1,11 @@
-"""The generation loop's torch threads: chosen by measuring decode steps (threads.py)."""
+"""The generation loop: torch threads chosen by measuring decode steps (threads.py), prefill in
+length groups."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 import torch
 
 from model_service.generation.threads import StepThreads
@@ -42,3 +46,61 @@ def test_a_step_runs_with_the_chosen_count_and_restores_the_workers():
     with chooser.step(rows=4):
         assert torch.get_num_threads() == before + 1
     assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------- the scheduler on the real engine
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from model_service.engine import Engine
+    from model_service.loader import LoadOptions, load
+    from tests.generation_helpers import save_generative
+
+    eng = Engine(load(LoadOptions(model_dir=str(save_generative(tmp_path_factory.mktemp("gen") / "gpt2")))))
+    yield eng
+    eng.close()
+
+
+async def drain(seq) -> list[int]:
+    tokens = []
+    while True:
+        event = await seq.events.get()
+        if isinstance(event, Exception):
+            raise event
+        tokens.append(event.token)
+        if event.finish_reason:
+            return tokens
+
+
+def test_prompts_admitted_together_prefill_in_length_groups_and_each_equals_generate(engine):
+    """Six requests arrive together, prompts of 1 to ~60 tokens: they prefill in more than one pass
+    (by length), and each still generates exactly what model.generate does alone."""
+    from model_service.generation.batch import GenerationModel, Sequence
+    from model_service.generation.sampling import model_defaults, resolve
+    from model_service.generation.scheduler import Scheduler
+    from splitserve_pb import generation_pb2 as gpb
+    from tests.generation_helpers import reference_generate
+    from tests.model_factory import bytelevel_bpe_tokenizer
+
+    loaded, tokenizer = engine.loaded, bytelevel_bpe_tokenizer()
+    gm = GenerationModel(loaded.model, loaded.pad_token_id, None)
+    texts = ["a", "the river", "Alice walk to the market", "she said that the friend of Alice walks to the old "
+             "market by the river in the morning and Bob", "why " * 30, "東京 🙂 " * 12]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+
+    async def scenario():
+        scheduler = Scheduler(engine, gm)
+        seqs = []
+        for ids in prompts:
+            params = resolve(gpb.GenerationSettings(max_new_tokens=6, min_new_tokens=6), model_defaults({}, {}),
+                             prompt_len=len(ids), context_len=256, eos_token_ids=[])
+            seqs.append(scheduler.submit(Sequence("s", list(ids), params)))
+        results = [await drain(seq) for seq in seqs]
+        await scheduler.stop()
+        return results, scheduler._core.prefill_passes
+
+    results, passes = asyncio.run(scenario())
+    assert passes > 1
+    for tokens, ids in zip(results, prompts, strict=True):
+        assert tokens == reference_generate(loaded.model, tokenizer, ids, max_new_tokens=6, min_new_tokens=6,
+                                            do_sample=False)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from model_service.adapters import BASE
+from model_service.batcher import plan_groups
 from model_service.generation.batch import DecodeBatch, GenerationModel, Sequence
 from model_service.generation.sampling import TokenChooser
 from model_service.generation.threads import StepThreads
@@ -25,6 +26,11 @@ from splitserve_common import metrics
 from splitserve_common.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
+
+# The fixed cost of one prefill pass in prompt-token equivalents, for cutting the admitted prompts
+# into length groups (model_service.batcher.plan_groups). GPT-2-small-sized on CPU: ~3 ms per token,
+# a few ms per pass; 16 leans towards fewer passes for smaller models, whose tokens cost less.
+PREFILL_PASS_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class _Core:
         self.engine = engine
         self.threads = threads
         self.batch: DecodeBatch | None = None
+        self.prefill_passes = 0
 
     def _use(self, seqs):
         return self.engine.adapters.use([s.adapter for s in seqs])
@@ -72,10 +79,16 @@ class _Core:
                 self.batch.decode(self.gm)
             stepped += self.batch.seqs
         if admitted:
-            with self._use(admitted), metrics.stage_timer("prefill"), self.threads.step(0):
-                fresh = DecodeBatch.prefill(self.gm, admitted)
+            # Prompts of similar lengths prefill together: a pass pads every prompt to its longest.
+            ordered = sorted(admitted, key=lambda s: len(s.prompt_ids))
+            lengths = [len(s.prompt_ids) for s in ordered]
+            for start, end in plan_groups(lengths, len(ordered), sum(lengths) * len(ordered), PREFILL_PASS_TOKENS):
+                group = ordered[start:end]
+                with self._use(group), metrics.stage_timer("prefill"), self.threads.step(0):
+                    fresh = DecodeBatch.prefill(self.gm, group)
+                self.prefill_passes += 1
+                self.batch = fresh if self.batch is None else self.batch.concat(fresh)
             stepped += admitted
-            self.batch = fresh if self.batch is None else self.batch.concat(fresh)
         self._keep(lambda s: not s.finish_reason)
         return [(s, StepEvent(s.generated[-1], s.last_logprob, s.finish_reason)) for s in stepped]
 
