@@ -104,3 +104,47 @@ def test_prompts_admitted_together_prefill_in_length_groups_and_each_equals_gene
     for tokens, ids in zip(results, prompts, strict=True):
         assert tokens == reference_generate(loaded.model, tokenizer, ids, max_new_tokens=6, min_new_tokens=6,
                                             do_sample=False)
+
+
+def test_a_greedy_stream_progresses_while_a_beam_search_runs(tmp_path):
+    """A long beam search on the base model runs on one forward worker; the continuous batch keeps
+    stepping on the other: a greedy request submitted after it finishes while the search runs."""
+    from model_service.engine import Engine
+    from model_service.generation.batch import GenerationModel, Sequence
+    from model_service.generation.beam import SearchParams, SearchRunner
+    from model_service.generation.sampling import model_defaults, resolve
+    from model_service.generation.scheduler import Scheduler
+    from model_service.loader import LoadOptions, load
+    from splitserve_pb import generation_pb2 as gpb
+    from tests.generation_helpers import save_generative
+
+    eng = Engine(load(LoadOptions(model_dir=str(save_generative(tmp_path / "gpt2")))), torch_threads=1,
+                 forward_workers=2)
+    loaded = eng.loaded
+    gm = GenerationModel(loaded.model, loaded.pad_token_id, None)
+
+    def seq(new_tokens):
+        params = resolve(gpb.GenerationSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
+                         model_defaults({}, {}), prompt_len=3, context_len=256,
+                         eos_token_ids=loaded.special_ids["eos_token_id"])
+        return Sequence("s", [5, 6, 7], params)
+
+    async def scenario():
+        searches = SearchRunner(eng, loaded.model, False, loaded.pad_token_id, 1 << 20, 8)
+        scheduler = Scheduler(eng, gm)
+        beam = searches.submit(seq(240), SearchParams(num_beams=8, length_penalty=1.0, early_stopping=False,
+                                                      no_repeat_ngram_size=0))
+        await asyncio.sleep(0)  # the search's task reaches the engine first
+        greedy = scheduler.submit(seq(12))
+        tokens = await drain(greedy)
+        beam_running = not beam.finish_reason
+        beam_tokens = await drain(beam)
+        await scheduler.stop()
+        return tokens, beam_running, beam_tokens
+
+    try:
+        tokens, beam_running, beam_tokens = asyncio.run(scenario())
+    finally:
+        eng.close()
+    assert len(tokens) == 12 and len(beam_tokens) == 240
+    assert beam_running  # the greedy request did not wait for the search

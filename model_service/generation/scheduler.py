@@ -2,8 +2,10 @@
 
 Between steps the loop admits waiting requests (their prefill runs in the same engine call
 as the step) and retires finished or cancelled sequences, so a slot frees at the next step.
-All model work goes through `engine.run` (the engine's single worker thread); the loop
-itself and the per-request event queues live on the asyncio event loop.
+A step whose rows all use the base model only reads it: it runs through `engine.run_forward`,
+so a beam search (beam.py) or the tensor API's forward passes run beside it on the other
+forward workers; a step with adapter rows goes through `engine.run` (alone). One step at a
+time either way. The loop itself and the per-request event queues live on the asyncio event loop.
 
 Limits: `max_sequences` running at once, `max_tokens` positions reserved by them (prompt +
 max_new_tokens each), and `max_waiting` requests queued; beyond the last, RESOURCE_EXHAUSTED.
@@ -197,8 +199,9 @@ class Scheduler:
             if not self._active and not admitted and not dropped:
                 self._wakeup.clear()
                 continue
+            run = self.engine.run_forward if _base_only(self._active + admitted) else self.engine.run
             try:
-                results = await self.engine.run(self._core.step, admitted, dropped)
+                results = await run(self._core.step, admitted, dropped)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the rest
@@ -234,6 +237,11 @@ class Scheduler:
                     metrics.observe_time_per_output_token(
                         _label(seq), (now - seq.first_token_at) / (len(seq.generated) - 1))
         metrics.set_generation_sequences(len(self._active), len(self._waiting))
+
+
+def _base_only(seqs) -> bool:
+    """Every row uses the base model: a forward pass only reads it (adapters change its layers)."""
+    return all(seq.adapter in ("", BASE) for seq in seqs)
 
 
 def _label(seq: Sequence) -> str:
