@@ -14,7 +14,7 @@ it would see alone. Encoder states (cross-attention) are right-padded and masked
   no row needs;
 - `decode(model)` advances every row one token in one forward pass, writing only the new
   column of the cache.
-All of it runs on the engine's worker thread.
+All of it runs on an engine worker thread (one step at a time).
 """
 
 from __future__ import annotations
