@@ -28,6 +28,7 @@ from transformers import Cache, DynamicCache, EncoderDecoderCache
 
 from model_service.generation.sampling import SamplingParams, TokenChooser, choose_tokens
 from model_service.generation.slots import SlotCache
+from model_service.generation.whisper import SpeechModel
 
 
 @dataclass(eq=False)
@@ -44,6 +45,10 @@ class Sequence:
     chooser: TokenChooser | None = None
     seen: torch.Tensor | None = None  # ids the repetition penalty looks at
     last_logprob: float | None = None
+    # Speech models (Whisper): the encoder input and the request's logits rules; prompt_ids is then
+    # the decoder prompt (generation/whisper.py).
+    encoder_features: torch.Tensor | None = None
+    speech: object = None
     # Filled in by the scheduler (event-loop side).
     events: object = None
     submitted_at: float = 0.0
@@ -64,6 +69,7 @@ class GenerationModel:
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.pad_token_id = int(pad_token_id or 0)
         self.decoder_start_token_id = decoder_start_token_id
+        self.speech = SpeechModel.of(model)  # None unless Whisper
         if self.is_encoder_decoder and decoder_start_token_id is None:
             raise ValueError("encoder-decoder model without decoder_start_token_id")
         params = inspect.signature(model.forward).parameters
@@ -130,6 +136,8 @@ class DecodeBatch:
     @classmethod
     def prefill(cls, gm: GenerationModel, seqs) -> DecodeBatch:
         """One forward pass over the new sequences' prompts; their first tokens are chosen."""
+        if gm.speech is not None:
+            return cls._prefill_speech(gm, seqs)
         dev = gm.device
         lengths = [len(s.prompt_ids) for s in seqs]
         width = max(lengths)
@@ -163,6 +171,35 @@ class DecodeBatch:
             batch = cls(seqs, cache, mask, None, torch.tensor(lengths, dtype=torch.long, device=dev))
             for seq in seqs:
                 seq.seen = torch.tensor(seq.prompt_ids, dtype=torch.long, device=dev)
+        batch._choose(logits[:, -1, :])
+        return batch
+
+    @classmethod
+    def _prefill_speech(cls, gm: GenerationModel, seqs) -> DecodeBatch:
+        """Whisper: the encoder over the rows' features, the language where it is to be detected, then
+        the decoder over the prompts, left-padded (position ids count real tokens only)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        dev = gm.device
+        features = torch.cat([s.encoder_features for s in seqs]).to(dev, dtype=gm.model.dtype)
+        hidden = gm.model.get_encoder()(features).last_hidden_state
+        gm.speech.fill_language(gm.model, seqs, hidden)
+        lengths = [len(s.prompt_ids) for s in seqs]
+        width = max(lengths)
+        ids = torch.full((len(seqs), width), gm.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - lengths[row]:] = torch.tensor(seq.prompt_ids)
+            mask[row, width - lengths[row]:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache, _ = gm.forward(EncoderDecoderCache(DynamicCache(), DynamicCache()),
+                                      encoder_outputs=BaseModelOutput(last_hidden_state=hidden), decoder_input_ids=ids,
+                                      decoder_attention_mask=mask, decoder_position_ids=positions)
+        encoder_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=dev)
+        batch = cls(seqs, cache, mask, None, torch.tensor(lengths, dtype=torch.long, device=dev), hidden, encoder_mask)
+        for seq in seqs:
+            seq.seen = torch.tensor(seq.prompt_ids, dtype=torch.long, device=dev)
         batch._choose(logits[:, -1, :])
         return batch
 
@@ -215,9 +252,10 @@ class DecodeBatch:
         if gm.is_encoder_decoder:
             from transformers.modeling_outputs import BaseModelOutput
 
+            extra = {"decoder_position_ids": self.positions[:, None]} if gm.speech is not None else {}
             logits, _, _ = gm.forward(
                 self.cache, encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder_hidden),
-                attention_mask=self.encoder_mask, decoder_input_ids=tokens, decoder_attention_mask=mask)
+                attention_mask=self.encoder_mask, decoder_input_ids=tokens, decoder_attention_mask=mask, **extra)
         else:
             inputs = {"input_ids": tokens, "attention_mask": mask}
             if gm.takes_position_ids:
@@ -233,7 +271,8 @@ class DecodeBatch:
     def _choose(self, logits: torch.Tensor) -> None:
         """Pick each row's next token, record it and decide whether the row is finished."""
         choices = choose_tokens(logits, [s.chooser for s in self.seqs], [s.seen for s in self.seqs],
-                                [len(s.generated) for s in self.seqs])
+                                [len(s.generated) for s in self.seqs],
+                                [s.speech and (lambda row, s=s: s.speech.process(row, s.generated)) for s in self.seqs])
         for seq, (token, logprob) in zip(self.seqs, choices, strict=True):
             seq.generated.append(token)
             seq.last_logprob = logprob

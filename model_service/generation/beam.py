@@ -151,16 +151,24 @@ class SearchRunner:
         p = seq.params
         device = next(self.model.parameters()).device
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=device)
+        stopping = StoppingCriteriaList([_Cancelled(seq)])
         with self.engine.adapters.use(seq.adapter):
-            out = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                num_beams=search.num_beams, num_return_sequences=1, length_penalty=search.length_penalty,
-                early_stopping=search.early_stopping, no_repeat_ngram_size=search.no_repeat_ngram_size,
-                max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
-                repetition_penalty=p.repetition_penalty, eos_token_id=sorted(p.end_ids),
-                pad_token_id=self.pad_token_id, stopping_criteria=StoppingCriteriaList([_Cancelled(seq)]),
-                output_scores=p.logprobs, return_dict_in_generate=True)
-        start = 1 if self.is_encoder_decoder else len(seq.prompt_ids)
+            if seq.speech is not None:
+                out = seq.speech.model.beam_search(self.model, seq, search, stopping)
+            else:
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                    num_beams=search.num_beams, num_return_sequences=1, length_penalty=search.length_penalty,
+                    early_stopping=search.early_stopping, no_repeat_ngram_size=search.no_repeat_ngram_size,
+                    max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
+                    repetition_penalty=p.repetition_penalty, eos_token_id=sorted(p.end_ids),
+                    pad_token_id=self.pad_token_id, stopping_criteria=stopping,
+                    output_scores=p.logprobs, return_dict_in_generate=True)
+        # Encoder-decoder output starts with the decoder prompt: decoder_start_token_id, or a speech prompt.
+        if seq.speech is not None:
+            start = len(seq.prompt_ids)
+        else:
+            start = 1 if self.is_encoder_decoder else len(seq.prompt_ids)
         tokens = out.sequences[0, start:].tolist()
         ends = [i for i, token in enumerate(tokens) if token in p.end_ids]
         if ends:  # a finished beam is padded to the longest one
