@@ -1,12 +1,20 @@
-"""Generation throughput over the pair against sequential in-process `model.generate`.
+"""Generation throughput over the pair against sequential in-process `model.generate`, one run.
 
-Starts model_service and preproc_service (subprocesses, loopback) on a tiny GPT-2 built by
-tests/model_factory.py, streams GenerateTextStream with 1, 8 and 32 concurrent streams, and
-prints generated tokens/s, its ratio to sequential in-process greedy `generate` on the same
-model measured in the same run, and time to first token (p50, p95). Every request generates
-exactly --max-new-tokens tokens (min_new_tokens = max_new_tokens), greedy.
+Builds a GPT-2-small-sized model (12 layers, 768 wide, 12 heads, random weights from a fixed
+seed, fp32; the tests' small byte-level BPE tokenizer), saves it in MLflow's transformers
+layout, and starts model_service and preproc_service on it (subprocesses on loopback, default
+settings). Then, in one run:
 
-    python bench/bench_generation.py [--sentences ../shared/bench/sentences.txt] [--concurrency 1,8,32]
+- sequential: in-process greedy `model.generate`, one prompt after another (the reference ids);
+- through the pair: client -> preproc -> model_service with 1, 8 and 32 concurrent streams
+  (GenerateTextStream, as the SDK streams), every prompt once per level.
+
+Every request generates exactly --max-new-tokens tokens (min_new_tokens = max_new_tokens,
+greedy), and every answer's token ids must equal in-process generate's for that prompt.
+Prints a markdown table: generated tokens/s, the ratio to sequential, time to first token and
+the CPU each service used per 1,000 generated tokens. On a shared machine compare ratios.
+
+    python bench/bench_generation.py [--prompts 64] [--max-new-tokens 32] [--concurrency 1,8,32]
 """
 
 from __future__ import annotations
@@ -22,39 +30,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_model_infer import cpu_seconds  # noqa: E402
 from client.generation_client import AsyncGenerationClient  # noqa: E402
 from tests import model_factory, servers  # noqa: E402
-
-DEFAULT_SENTENCES = ROOT.parent / "shared" / "bench" / "sentences.txt"
-
-
-def load_prompts(path: Path, count: int, words: int) -> list[str]:
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return [" ".join(lines[i % len(lines)].split()[:words]) for i in range(count)]
+from tests.ops_helpers import read_sentences  # noqa: E402
 
 
-def sequential_reference(model, tokenizer, prompts, max_new_tokens: int) -> float:
-    """Generated tokens/s of in-process greedy generate, one prompt after another."""
+def build_gpt2_small(seed: int = 0):
+    """GPT-2 small's shape (12 x 768, 12 heads) with random weights and the tests' 500-token BPE."""
+    import torch
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = model_factory.bytelevel_bpe_tokenizer(model_max_length=1024)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.eos_token_id)
+    return model, tokenizer
+
+
+def sequential_reference(model, tokenizer, prompts, max_new_tokens: int):
+    """(generated tokens/s, generated ids per prompt) of in-process greedy generate, one prompt at a time."""
     import torch
 
-    model.generate(torch.tensor([tokenizer(prompts[0])["input_ids"]]), max_new_tokens=2, do_sample=False)  # warm-up
-    tokens, start = 0, time.perf_counter()
+    def generate(prompt):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, ids.shape[1]:].tolist()
+
     with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 min_new_tokens=max_new_tokens, do_sample=False)
-            tokens += out.shape[1] - ids.shape[1]
-    return tokens / (time.perf_counter() - start)
+        generate(prompts[0])  # warm-up
+        start = time.perf_counter()
+        answers = [generate(prompt) for prompt in prompts]
+        elapsed = time.perf_counter() - start
+    return sum(map(len, answers)) / elapsed, answers
 
 
 async def through_the_pair(address: str, prompts, concurrency: int, max_new_tokens: int):
-    """(generated tokens/s, time-to-first-token list) with `concurrency` streams in flight."""
+    """(generated tokens/s, time-to-first-token list, generated ids per prompt) with `concurrency` streams."""
     slots = asyncio.Semaphore(concurrency)
-    ttfts, counts = [], []
+    ttfts, answers = [], [None] * len(prompts)
 
     async with AsyncGenerationClient(address, timeout=600) as client:
-        async def one(prompt):
+        async def one(index, prompt):
             async with slots:
                 start = time.perf_counter()
                 first = None
@@ -64,12 +86,12 @@ async def through_the_pair(address: str, prompts, concurrency: int, max_new_toke
                     if first is None:
                         first = time.perf_counter() - start
                 ttfts.append(first)
-                counts.append(stream.result.completion_tokens)
+                answers[index] = list(stream.result.token_ids)
 
         start = time.perf_counter()
-        await asyncio.gather(*(one(p) for p in prompts))
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         elapsed = time.perf_counter() - start
-    return sum(counts) / elapsed, ttfts
+    return sum(map(len, answers)) / elapsed, ttfts, answers
 
 
 def percentile(values, q: float) -> float:
@@ -79,52 +101,53 @@ def percentile(values, q: float) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sentences", type=Path, default=DEFAULT_SENTENCES, help="one request per line")
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated stream counts")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
-    parser.add_argument("--sequential-requests", type=int, default=16, help="requests for the in-process reference")
+    parser.add_argument("--prompts", type=int, default=64, help="requests per row (sentences of the shared file)")
     parser.add_argument("--prompt-words", type=int, default=8, help="words of each sentence used as the prompt")
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch CPU threads, the same for the reference and model_service")
-    parser.add_argument("--stream-interval", type=int, default=0,
-                        help="model_service --gen-stream-interval: tokens per streamed message (0: adaptive)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated stream counts")
+    parser.add_argument("--model-arg", action="append", default=[],
+                        help="extra model_service flag (repeatable), e.g. --model-arg=--gen-stream-interval=1")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
 
     import torch
 
-    torch.set_num_threads(args.torch_threads)
-    model, tokenizer = model_factory.build_gpt2()
-    prompts = load_prompts(args.sentences, max(args.requests, args.sequential_requests), args.prompt_words)
-    rows = []
+    model, tokenizer = build_gpt2_small()
+    prompts = [" ".join(s.split()[:args.prompt_words]) for s in read_sentences(limit=args.prompts)]
+    rows, mismatched = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        root = model_factory.save_components(Path(tmp) / "gpt2", model, tokenizer, "text-generation",
+        root = model_factory.save_components(Path(tmp) / "gpt2-small", model, tokenizer, "text-generation",
                                              instance_type="TextGenerationPipeline")
-        quiet = ("--metrics-port", "0", "--log-level", "WARNING")
-        threads = ("--torch-threads", str(args.torch_threads), "--gen-stream-interval", str(args.stream_interval))
-        with servers.model_service(root, *quiet, *threads) as ms, \
+        quiet = ("--metrics-port", "0", "--http-port", "0", "--log-level", "WARNING")
+        # model_service's own defaults (the tests' helper pins one torch thread unless told otherwise).
+        with servers.model_service(root, *quiet, "--torch-threads", "0", *args.model_arg) as ms, \
                 servers.preproc_service(root, ms.address, *quiet) as pp:
-            asyncio.run(through_the_pair(pp.address, prompts[:4], 4, 4))  # warm-up
+            sequential, expected = sequential_reference(model, tokenizer, prompts, args.max_new_tokens)
+            asyncio.run(through_the_pair(pp.address, prompts[:2], 2, 2))  # warm-up
             for level in levels:
-                # The reference runs right before each level (the servers idle meanwhile), so both see
-                # the same machine load.
-                reference = sequential_reference(model, tokenizer, prompts[:args.sequential_requests],
-                                                 args.max_new_tokens)
-                rate, ttfts = asyncio.run(through_the_pair(pp.address, prompts[:args.requests], level,
-                                                           args.max_new_tokens))
-                rows.append((level, rate, reference, ttfts))
+                cpu_start = {name: cpu_seconds(s.proc.pid) for name, s in (("model", ms), ("preproc", pp))}
+                rate, ttfts, answers = asyncio.run(through_the_pair(pp.address, prompts, level, args.max_new_tokens))
+                cpu = {name: cpu_seconds(s.proc.pid) - cpu_start[name] for name, s in (("model", ms), ("preproc", pp))}
+                bad = [i for i, (got, want) in enumerate(zip(answers, expected, strict=True)) if got != want]
+                if bad:
+                    mismatched[level] = bad
+                rows.append((level, rate, ttfts, cpu, sum(map(len, answers)), len(bad)))
 
-    print(f"\ngeneration: tiny GPT-2 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params), "
-          f"{args.max_new_tokens} new tokens per request, greedy, {args.torch_threads} torch thread(s), "
-          f"stream interval {args.stream_interval}, prompts from {args.sentences}")
-    print(f"sequential = in-process model.generate, one request after another ({args.sequential_requests} "
-          "requests, measured just before each row)\n")
-    print("| streams | requests | tokens/s | sequential tokens/s | x sequential | TTFT p50 ms | TTFT p95 ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for level, rate, reference, ttfts in rows:
-        print(f"| {level} | {args.requests} | {rate:.1f} | {reference:.1f} | {rate / reference:.2f} | "
-              f"{statistics.median(ttfts) * 1e3:.1f} | {percentile(ttfts, 0.95) * 1e3:.1f} |")
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"\ngeneration: GPT-2-small-sized model ({params:.1f} M params, fp32, random weights), {len(prompts)} "
+          f"prompts of {args.prompt_words} words, {args.max_new_tokens} greedy new tokens each, "
+          f"{torch.get_num_threads()} torch threads in process; model_service flags: {args.model_arg or 'defaults'}")
+    print(f"sequential in-process model.generate, one prompt at a time: **{sequential:.1f} tokens/s**\n")
+    print("| streams | tokens/s | x sequential | TTFT p50 ms | TTFT p95 ms | model_service CPU s / 1k tokens "
+          "| preproc CPU s / 1k tokens | ids equal to generate |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for level, rate, ttfts, cpu, tokens, bad in rows:
+        print(f"| {level} | {rate:.1f} | {rate / sequential:.2f} | {statistics.median(ttfts) * 1e3:.0f} | "
+              f"{percentile(ttfts, 0.95) * 1e3:.0f} | {cpu['model'] / tokens * 1e3:.2f} | "
+              f"{cpu['preproc'] / tokens * 1e3:.2f} | {len(prompts) - bad}/{len(prompts)} |")
+    if mismatched:
+        sys.exit(f"greedy ids differ from in-process generate (level: prompt indexes): {mismatched}")
+
 
 if __name__ == "__main__":
     main()

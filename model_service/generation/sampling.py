@@ -206,11 +206,12 @@ def penalize(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> to
     return logits.scatter(0, seen_ids, picked)
 
 
-def choose_tokens(logits: torch.Tensor, choosers, seen_ids, generated_counts):
+def choose_tokens(logits: torch.Tensor, choosers, seen_ids, generated_counts, processors=None):
     """Next token (and its log-probability, or None) for every row of `logits` [B, V].
 
-    Penalties and min_new_tokens apply per row where asked; greedy rows then share one
-    argmax, sampling rows draw from their own generator.
+    Penalties and min_new_tokens apply per row where asked, then a row's own processor (a model's
+    rules such as Whisper's, `processors[row](scores) -> scores`, None for none); greedy rows then
+    share one argmax, sampling rows draw from their own generator.
     """
     logits = logits.float().clone()
     vocab = logits.shape[1]
@@ -226,6 +227,9 @@ def choose_tokens(logits: torch.Tensor, choosers, seen_ids, generated_counts):
             cols += ends
     if rows:
         logits[rows, cols] = float("-inf")
+    for row, process in enumerate(processors or ()):
+        if process is not None:
+            logits[row] = process(logits[row])
     greedy = logits.argmax(-1).tolist()
     log_probs = None
     if any(c.params.logprobs and not c.params.do_sample for c in choosers):

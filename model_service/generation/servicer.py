@@ -49,9 +49,11 @@ def saved_defaults(source_dir: Path, weights_dir: Path) -> dict:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 0, max_beams: int = 8):
+    def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 0, max_beams: int = 8,
+                 torch_threads: int = 0):
         self.runtime = runtime
         self.limits = limits
+        self.torch_threads = torch_threads  # of the generation steps; 0: chosen by measuring
         self.max_beams = max_beams
         self.searches: SearchRunner | None = None  # beam search / n-gram blocking, apart from the batch
         self.stream_interval = stream_interval  # 0: adapt to the load (see tokens_per_message)
@@ -84,7 +86,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.max_positions = loaded.max_positions
         self.eos_ids = list(loaded.special_ids.get("eos_token_id") or [])
         self.defaults = saved_defaults(loaded.source_dir, loaded.weights_dir)
-        self.scheduler = Scheduler(engine, self.gm, self.limits)
+        self.scheduler = Scheduler(engine, self.gm, self.limits, self.torch_threads)
         self.searches = SearchRunner(engine, loaded.model, self.gm.is_encoder_decoder, self.gm.pad_token_id,
                                      self.limits.max_tokens, self.limits.max_waiting)
 
@@ -100,12 +102,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         """Check a GenerateRequest and turn it into a Sequence (raises InvalidArgument / NotFound)."""
         if request.model_name and request.model_name != self.model_name:
             raise NotFound(f"model '{request.model_name}' is not served here (this is '{self.model_name}')")
-        if not request.input_ids:
+        speech = self.gm.speech
+        if speech is None and (request.HasField("encoder_features") or request.HasField("speech")):
+            raise InvalidArgument("encoder_features and speech are for speech models (Whisper); this model takes "
+                                  "input_ids")
+        if speech is not None and not request.HasField("encoder_features"):
+            raise InvalidArgument(f"this speech model needs encoder_features ({speech.main_input_name} "
+                                  f"[1, {speech.num_mel_bins}, {speech.frames}])")
+        if not request.input_ids and speech is None:
             raise InvalidArgument("input_ids is empty: generation needs a prompt of at least one token")
         # Sizes first, before any work per id.
-        if self.max_positions and len(request.input_ids) > self.max_positions:
+        max_positions = speech.max_target_positions if speech is not None else self.max_positions
+        if max_positions and len(request.input_ids) > max_positions:
             raise InvalidArgument(f"input of {len(request.input_ids)} tokens exceeds the model's "
-                                  f"{self.max_positions} positions")
+                                  f"{max_positions} positions")
         stop_ids = request.settings.stop_token_ids
         if len(stop_ids) > self.vocab_size:
             raise InvalidArgument(f"{len(stop_ids)} stop_token_ids; the vocabulary has {self.vocab_size} tokens")
@@ -117,6 +127,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                       f"{bad[:5].tolist()}")
         ids = ids.tolist()
         self.engine.adapters.check(request.adapter)
+        if speech is not None:
+            features = speech.features(request.encoder_features)
+            if not ids:
+                ids = speech.prompt(request.speech, self.gm.model.config)
+            params = resolve(request.settings, speech.defaults(self.defaults, len(ids)), prompt_len=len(ids),
+                             context_len=speech.max_target_positions, eos_token_ids=self.eos_ids)
+            refused = [name for name, on in (("do_sample", params.do_sample), ("presence_penalty",
+                       params.presence_penalty), ("frequency_penalty", params.frequency_penalty)) if on]
+            if refused:
+                raise InvalidArgument(f"{', '.join(refused)} is not supported for speech models (Whisper's generate "
+                                      "samples only through its temperature fallback)")
+            return Sequence(request_id=request.id, prompt_ids=ids, params=params, adapter=request.adapter,
+                            encoder_features=features, speech=speech.request(request.speech))
         if self.gm.is_encoder_decoder:
             prompt_len = 1  # the decoder starts from decoder_start_token_id
         else:
@@ -129,7 +152,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request, context):
         self._ready()
         seq = self.sequence_of(request)
-        search = resolve_search(request.settings, self.defaults, seq.params, self.max_beams)
+        defaults = self.defaults if seq.speech is None else self.gm.speech.defaults(self.defaults, len(seq.prompt_ids))
+        search = resolve_search(request.settings, defaults, seq.params, self.max_beams)
         runner = self.scheduler if search is None else self.searches
         # The lease makes an adapter unload wait for this generation, and names the adapter meant.
         with self.engine.adapters.lease(request.adapter) as seq.adapter:
@@ -155,6 +179,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 while not _last(events[-1]) and (not seq.events.empty() or len(events) < group):
                     events.append(await seq.events.get())
                 step = pb.GenerateStep(prompt_tokens=len(seq.prompt_ids))
+                if seq.speech is not None and not sent:
+                    step.decoder_prompt_ids.extend(seq.prompt_ids)  # with the detected language filled in
                 for event in events:
                     if isinstance(event, Exception):
                         raise event

@@ -1,23 +1,25 @@
-"""One module per encoder task, each in the transformers pipeline's shape:
+"""One module per non-generation task, each in the transformers pipeline's shape:
 
     sanitize_parameters(dep, params) -> params          every parameter check, values normalised
-    preprocess(dep, inputs, params) -> model_inputs      inputs checked and tokenized; ["batch"] goes to the model
+    preprocess(dep, inputs, params) -> model_inputs      inputs checked, tokenized / decoded to features
     forward(dep, scope, model_inputs, params) -> model_outputs
     postprocess(dep, model_inputs, model_outputs, params) -> results
 
-`run` drives the four in that order and times the stages. Which module serves which task is
-the task registry's `handler` (splitserve_common/tasks.py). audio_classification,
-speech_recognition and table_question_answering (newer) still have a `run` of their own that the
-servicer calls directly; they are not in HANDLERS yet.
+`run` drives the four in that order and times the stages (preprocess as the module's
+PREPROCESS_STAGE, "tokenize" unless it names another). Which module serves which task is the task
+registry's `handler` (splitserve_common/tasks.py).
 """
 
 from __future__ import annotations
 
 from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.tasks import (
+    audio_classification,
     feature_extraction,
     fill_mask,
     question_answering,
+    speech_recognition,
+    table_question_answering,
     text_classification,
     token_classification,
     zero_shot_classification,
@@ -26,7 +28,7 @@ from splitserve_common import tasks
 
 _MODULES = {module.__name__.rsplit(".", 1)[-1]: module for module in (
     text_classification, token_classification, fill_mask, question_answering, zero_shot_classification,
-    feature_extraction)}
+    feature_extraction, audio_classification, speech_recognition, table_question_answering)}
 
 # task -> its module, for every registry task whose handler is one of these modules.
 HANDLERS = {spec.name: _MODULES[spec.handler] for spec in tasks.TASKS.values() if spec.handler in _MODULES}
@@ -36,7 +38,7 @@ async def run(task: str, dep: Deployment, scope: RequestScope, inputs, params: d
     """The task's answer for `inputs`; `params` (after precedence) is updated to the values applied."""
     handler = HANDLERS[task]
     params.update(handler.sanitize_parameters(dep, params))
-    with scope.stage("tokenize"):
+    with scope.stage(getattr(handler, "PREPROCESS_STAGE", "tokenize")):
         model_inputs = await handler.preprocess(dep, inputs, params)
     model_outputs = await handler.forward(dep, scope, model_inputs, params)
     with scope.stage("postprocess"):

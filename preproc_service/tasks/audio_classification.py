@@ -17,24 +17,26 @@ import asyncio
 import numpy as np
 
 from preproc_service import audio
-from preproc_service.deployment import Deployment, RequestScope
-from preproc_service.tasks.common import check_top_k, require_texts, softmax
+from preproc_service.deployment import Deployment, RequestScope, all_or_nothing
+from preproc_service.tasks.common import check_top_k, require_texts
+from preproc_service.tasks.text_classification import label_scores
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
+# The stage preprocess is timed as (decoding and feature extraction; text tasks' is "tokenize").
+PREPROCESS_STAGE = "features"
 
 
-def sanitize_parameters(params: dict, problem_type: str | None, num_labels: int) -> dict:
-    """Checked postprocess parameters, the way the pipeline's _sanitize_parameters/postprocess choose them."""
+def sanitize_parameters(dep: Deployment, params: dict) -> dict:
+    """The pipeline's _sanitize_parameters: top_k checked, function_to_apply checked or chosen for the model."""
+    problem_type = dep.require_info().problem_type
     check_top_k(params.get("top_k"))
-    top_k = params.get("top_k")
     function = params.get("function_to_apply")
     if function is not None and function not in FUNCTIONS:
         raise InvalidArgument(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}")
     if function is None:
         function = {"regression": "none", "multi_label_classification": "sigmoid"}.get(problem_type or "", "softmax")
-    params["function_to_apply"] = function
-    return {"top_k": num_labels if top_k is None else min(top_k, num_labels), "function_to_apply": function}
+    return {"function_to_apply": function}
 
 
 def require_feature_extractor(dep: Deployment):
@@ -63,36 +65,19 @@ def features(feature_extractor, samples: np.ndarray, **kwargs) -> dict[str, np.n
             for name, value in processed.items()}
 
 
-async def preprocess(dep: Deployment, scope: RequestScope,
-                     items: list[audio.AudioInput]) -> list[dict[str, np.ndarray]]:
-    with scope.stage("decode"):
-        clips = await load_audio(dep, items)
-    with scope.stage("features"):
-        return [features(dep.feature_extractor, clip) for clip in clips]
+async def preprocess(dep: Deployment, inputs: list[audio.AudioInput], params: dict) -> dict:
+    """{"clips": the feature extractor's arrays per clip}."""
+    return {"clips": [features(dep.feature_extractor, clip) for clip in await load_audio(dep, inputs)]}
 
 
-async def forward(dep: Deployment, scope: RequestScope, inputs: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
     """One model request per clip (clips differ in length); model_service batches equal lengths."""
-    answers = await asyncio.gather(*(dep.forward(scope, one, ["logits"]) for one in inputs))
-    return [answer["logits"][0] for answer in answers]
+    answers = await all_or_nothing(dep.forward(scope, one, ["logits"]) for one in model_inputs["clips"])
+    return {"logits": np.stack([answer["logits"][0] for answer in answers])}
 
 
-def postprocess(logits: np.ndarray, id2label: dict[int, str], top_k: int, function_to_apply: str) -> list[dict]:
-    logits = logits.astype(np.float32)
-    if function_to_apply == "softmax":
-        probs = softmax(logits)
-    elif function_to_apply == "sigmoid":
-        probs = 1.0 / (1.0 + np.exp(-logits))
-    else:
-        probs = logits
-    order = np.argsort(-probs, kind="stable")[:top_k]
-    return [{"score": float(probs[i]), "label": id2label.get(int(i), f"LABEL_{int(i)}")} for i in order]
-
-
-async def run(dep: Deployment, scope: RequestScope, items: list[audio.AudioInput], params: dict) -> list[list[dict]]:
-    info = dep.require_info()
-    post = sanitize_parameters(params, info.problem_type, info.num_labels)
-    inputs = await preprocess(dep, scope, items)
-    logits = await forward(dep, scope, inputs)
-    with scope.stage("postprocess"):
-        return [postprocess(row, info.id2label, **post) for row in logits]
+def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list[list[dict]]:
+    """The `top_k` best labels per clip (unset: every label), scored by function_to_apply."""
+    top_k = params.get("top_k")
+    return label_scores(model_outputs["logits"], dep.require_info().id2label, params["function_to_apply"], top_k,
+                        all_labels=top_k is None)

@@ -1,5 +1,6 @@
 """automatic-speech-recognition, CTC models (wav2vec2-style): transformers'
 AutomaticSpeechRecognitionPipeline preprocess/postprocess for `self.type == "ctc"`, numpy only.
+Encoder-decoder models (Whisper) are served by whisper_asr.py: each stage here hands them over.
 
 preprocess: audio -> mono float32 at the feature extractor's rate; with `chunk_length_s` the clip
 is cut as the pipeline's `chunk_iter` cuts it (chunks of `chunk_length_s` overlapping by
@@ -21,11 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from preproc_service import audio
-from preproc_service.deployment import Deployment, RequestScope
+from preproc_service.deployment import Deployment, RequestScope, all_or_nothing
+from preproc_service.tasks import whisper_asr
 from preproc_service.tasks.audio_classification import features, load_audio
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
 TIMESTAMPS = ("char", "word")
+PREPROCESS_STAGE = "features"  # decoding and feature extraction, as audio-classification
 
 
 @dataclass(frozen=True)
@@ -35,18 +38,34 @@ class Chunking:
     stride_right: int = 0
 
 
-def sanitize_parameters(params: dict, align_to: int, rate: int) -> tuple[Chunking, str | None]:
-    """(chunking in samples, return_timestamps) from the request's options, checked like the pipeline."""
+def is_whisper(dep: Deployment) -> bool:
+    return dep.require_info().is_encoder_decoder
+
+
+def sanitize_parameters(dep: Deployment, params: dict) -> dict:
+    """return_timestamps, chunk_length_s and stride_length_s checked like the pipeline; the stride
+    normalised to [left, right] seconds (dropped without chunks, as the pipeline ignores it)."""
+    if is_whisper(dep):
+        return {**whisper_asr.sanitize_parameters(dep, params), **chunk_parameters(dep, params)}
+    require_ctc(dep)
     stamps = params.get("return_timestamps") or None
     if stamps is not None and stamps not in TIMESTAMPS:
         raise InvalidArgument(f"return_timestamps must be 'char' or 'word' for a CTC model, got {stamps!r}")
+    asked = [key for key in ("language", "task") if params.get(key) is not None]
+    asked += sorted(params.get("generate_kwargs") or {})
+    if asked:  # refused by name, never dropped
+        raise InvalidArgument(f"{', '.join(asked)} applies to encoder-decoder speech models (Whisper); this is a "
+                              "CTC model")
+    return chunk_parameters(dep, params)
+
+
+def chunk_parameters(dep: Deployment, params: dict) -> dict:
+    """chunk_length_s and stride_length_s checked like the pipeline (CTC and Whisper alike)."""
     chunk_length_s = params.get("chunk_length_s") or 0
     if chunk_length_s < 0:
         raise InvalidArgument(f"chunk_length_s must be >= 0, got {chunk_length_s}")
     if not chunk_length_s:
-        if params.get("stride_length_s"):
-            params["stride_length_s"] = None  # the pipeline ignores a stride without chunks
-        return Chunking(), stamps
+        return {"stride_length_s": None} if params.get("stride_length_s") else {}
     stride = params.get("stride_length_s")
     if stride is None:
         stride = chunk_length_s / 6
@@ -54,15 +73,26 @@ def sanitize_parameters(params: dict, align_to: int, rate: int) -> tuple[Chunkin
     stride = stride * 2 if len(stride) == 1 else stride
     if len(stride) != 2 or min(stride) < 0:
         raise InvalidArgument(f"stride_length_s must be one number or [left, right] >= 0, got {stride}")
-    params["stride_length_s"] = stride
+    chunking = chunking_of(dep, chunk_length_s, stride)
+    if chunking.chunk_len <= chunking.stride_left + chunking.stride_right:
+        raise InvalidArgument(f"chunk_length_s ({chunk_length_s}) must be longer than the two strides {stride}")
+    return {"stride_length_s": stride}
+
+
+def sampling_rate(dep: Deployment) -> int:
+    return dep.feature_extractor.sampling_rate if dep.feature_extractor else 16000
+
+
+def chunking_of(dep: Deployment, chunk_length_s: float, stride: list[float] | None) -> Chunking:
+    """Chunk and strides in samples, rounded to the model's inputs_to_logits_ratio (0 chunk: no chunks)."""
+    if not chunk_length_s:
+        return Chunking()
+    align_to, rate = dep.require_info().inputs_to_logits_ratio, sampling_rate(dep)
 
     def samples(seconds: float) -> int:
         return int(round(seconds * rate / align_to) * align_to)
 
-    chunking = Chunking(samples(chunk_length_s), samples(stride[0]), samples(stride[1]))
-    if chunking.chunk_len <= chunking.stride_left + chunking.stride_right:
-        raise InvalidArgument(f"chunk_length_s ({chunk_length_s}) must be longer than the two strides {stride}")
-    return chunking, stamps
+    return Chunking(samples(chunk_length_s), samples(stride[0]), samples(stride[1]))
 
 
 def chunk_iter(samples: np.ndarray, chunking: Chunking) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
@@ -90,33 +120,53 @@ def rescale_stride(stride: tuple[int, int, int], ratio: float) -> tuple[int, int
 
 
 def require_ctc(dep: Deployment):
-    if dep.require_info().is_encoder_decoder:
-        raise FailedPrecondition("speech recognition is served for CTC models (wav2vec2-style); encoder-decoder "
-                                 "models such as Whisper are not served yet")
     tokenizer = dep.tokenizer
     if tokenizer is None:
         raise FailedPrecondition("this model directory has no tokenizer: CTC token ids cannot become text")
     return tokenizer
 
 
-async def preprocess(dep: Deployment, scope: RequestScope, items: list[audio.AudioInput], chunking: Chunking):
-    """Per clip: a list of (model inputs, stride or None) in chunk order."""
-    with scope.stage("decode"):
-        clips = await load_audio(dep, items)
+async def preprocess(dep: Deployment, inputs: list[audio.AudioInput], params: dict) -> dict:
+    """{"chunks": (clip index, model inputs, stride or None) for every chunk of every clip, in order,
+    "clips": how many clips}."""
+    if is_whisper(dep):
+        return await whisper_asr.preprocess(dep, inputs, params, chunking_of(dep, params.get("chunk_length_s") or 0,
+                                                                            params.get("stride_length_s")), chunk_iter)
+    chunking = chunking_of(dep, params.get("chunk_length_s") or 0, params.get("stride_length_s"))
+    clips = await load_audio(dep, inputs)
     limit = dep.require_info().max_input_values
     fe = dep.feature_extractor
-    with scope.stage("features"):
-        result = []
-        for i, clip in enumerate(clips):
-            if not chunking.chunk_len:
-                if limit and clip.shape[0] > limit:
-                    raise InvalidArgument(f"audio {i}: {clip.shape[0]} samples is more than the model service takes "
-                                          f"in one piece ({limit}); send chunk_length_s to cut it into chunks")
-                result.append([(features(fe, clip, return_attention_mask=True), None)])
-            else:
-                result.append([(features(fe, chunk, return_attention_mask=True), stride)
-                               for chunk, stride in chunk_iter(clip, chunking)])
-        return result
+    chunks = []
+    for i, clip in enumerate(clips):
+        if not chunking.chunk_len:
+            if limit and clip.shape[0] > limit:
+                raise InvalidArgument(f"audio {i}: {clip.shape[0]} samples is more than the model service takes "
+                                      f"in one piece ({limit}); send chunk_length_s to cut it into chunks")
+            chunks.append((i, features(fe, clip, return_attention_mask=True), None))
+        else:
+            chunks.extend((i, features(fe, chunk, return_attention_mask=True), stride)
+                          for chunk, stride in chunk_iter(clip, chunking))
+    return {"chunks": chunks, "clips": len(clips)}
+
+
+async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
+    """{"tokens": token ids per chunk}: one model request per chunk, all at once (model_service
+    batches chunks of equal length)."""
+    if is_whisper(dep):
+        return await whisper_asr.forward(dep, scope, model_inputs, params)
+    return {"tokens": await all_or_nothing(forward_chunk(dep, scope, inputs)
+                                           for _, inputs, _ in model_inputs["chunks"])}
+
+
+def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list[dict]:
+    """One transcription per clip: its chunks' tokens without their strides, joined and decoded."""
+    if is_whisper(dep):
+        return whisper_asr.postprocess(dep, model_inputs, model_outputs, params)
+    align_to = dep.require_info().inputs_to_logits_ratio
+    per_clip: list[list[np.ndarray]] = [[] for _ in range(model_inputs["clips"])]
+    for (i, _, stride), tokens in zip(model_inputs["chunks"], model_outputs["tokens"], strict=True):
+        per_clip[i].append(trim(tokens, stride, align_to))
+    return [transcription(dep, np.concatenate(pieces), params) for pieces in per_clip]
 
 
 async def forward_chunk(dep: Deployment, scope: RequestScope, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -133,15 +183,18 @@ def trim(tokens: np.ndarray, stride: tuple[int, int, int] | None, align_to: int)
     return tokens[left:total_n - right]
 
 
-def postprocess(tokenizer, tokens: np.ndarray, return_timestamps: str | None, align_to: int, rate: int) -> dict:
+def transcription(dep: Deployment, tokens: np.ndarray, params: dict) -> dict:
+    """{"text"} of a clip's CTC tokens, with "chunks" (char or word offsets in seconds) for return_timestamps."""
+    tokenizer, align_to, rate = dep.tokenizer, dep.require_info().inputs_to_logits_ratio, sampling_rate(dep)
+    stamps = params.get("return_timestamps") or None
     ids = [int(t) for t in tokens]
     text = tokenizer.decode(ids, skip_special_tokens=False)
     result = {"text": text}
-    if return_timestamps:
+    if stamps:
         offsets = tokenizer.decode(ids, skip_special_tokens=False, output_char_offsets=True)["char_offsets"]
-        if return_timestamps == "word":
+        if stamps == "word":
             offsets = tokenizer._get_word_offsets(offsets, tokenizer.replace_word_delimiter_char)
-        result["chunks"] = [{"text": item[return_timestamps], "timestamp": (
+        result["chunks"] = [{"text": item[stamps], "timestamp": (
             item["start_offset"] * align_to / rate, item["end_offset"] * align_to / rate)} for item in offsets]
     return result
 
@@ -179,44 +232,31 @@ class TextStream:
 
 
 async def transcribe_stream(dep: Deployment, scope: RequestScope, item: audio.AudioInput, params: dict):
-    """Yields text deltas in order, then the final result dict (text, chunks)."""
-    tokenizer = require_ctc(dep)
-    info = dep.require_info()
-    rate = dep.feature_extractor.sampling_rate if dep.feature_extractor else 16000
-    align_to = info.inputs_to_logits_ratio
-    chunking, stamps = sanitize_parameters(params, align_to, rate)
-    (chunks,) = await preprocess(dep, scope, [item], chunking)
-    tasks = [asyncio.ensure_future(forward_chunk(dep, scope, inputs)) for inputs, _ in chunks]
-    stream = TextStream(tokenizer)
+    """The streamed form of sanitize_parameters -> preprocess -> forward -> postprocess for one clip:
+    yields text deltas in order as its chunks are recognised, then the final result dict (text, chunks)."""
+    params.update(sanitize_parameters(dep, params))
+    with scope.stage(PREPROCESS_STAGE):
+        model_inputs = await preprocess(dep, [item], params)
+    if is_whisper(dep):
+        async for piece in whisper_asr.transcribe_stream(dep, scope, model_inputs, params):
+            yield piece
+        return
+    align_to = dep.require_info().inputs_to_logits_ratio
+    running = [asyncio.ensure_future(forward_chunk(dep, scope, inputs)) for _, inputs, _ in model_inputs["chunks"]]
+    stream = TextStream(dep.tokenizer)
     pieces = []
     try:
-        for task, (_, stride) in zip(tasks, chunks, strict=True):
+        for task, (_, _, stride) in zip(running, model_inputs["chunks"], strict=True):
             pieces.append(trim(await task, stride, align_to))
             delta = stream.push(pieces[-1])
             if delta:
                 yield delta
     finally:
-        for task in tasks:
+        for task in running:
             task.cancel()
     with scope.stage("postprocess"):
-        result = postprocess(tokenizer, np.concatenate(pieces), stamps, align_to, rate)
+        result = transcription(dep, np.concatenate(pieces), params)
     delta = stream.finish(result["text"])
     if delta:
         yield delta
     yield result
-
-
-async def run(dep: Deployment, scope: RequestScope, items: list[audio.AudioInput], params: dict) -> list[dict]:
-    tokenizer = require_ctc(dep)
-    info = dep.require_info()
-    rate = dep.feature_extractor.sampling_rate if dep.feature_extractor else 16000
-    align_to = info.inputs_to_logits_ratio
-    chunking, stamps = sanitize_parameters(params, align_to, rate)
-    clips = await preprocess(dep, scope, items, chunking)
-    flat = [(i, inputs, stride) for i, chunks in enumerate(clips) for inputs, stride in chunks]
-    tokens = await asyncio.gather(*(forward_chunk(dep, scope, inputs) for _, inputs, _ in flat))
-    per_clip: list[list[np.ndarray]] = [[] for _ in clips]
-    for (i, _, stride), chunk_tokens in zip(flat, tokens, strict=True):
-        per_clip[i].append(trim(chunk_tokens, stride, align_to))
-    with scope.stage("postprocess"):
-        return [postprocess(tokenizer, np.concatenate(pieces), stamps, align_to, rate) for pieces in per_clip]

@@ -20,7 +20,7 @@ import json
 
 import numpy as np
 
-from preproc_service.deployment import Deployment, RequestScope, TableLimits
+from preproc_service.deployment import Deployment, RequestScope, all_or_nothing
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
 TRUNCATIONS = ("drop_rows_to_fit", "do_not_truncate")
@@ -28,12 +28,13 @@ TRUNCATIONS = ("drop_rows_to_fit", "do_not_truncate")
 SEGMENT, COLUMN, ROW, PREV_LABELS = 0, 1, 2, 3
 
 
-def sanitize_parameters(params: dict) -> tuple[str, bool]:
+def sanitize_parameters(dep: Deployment, params: dict) -> dict:
+    """A TAPAS model and its tokenizer are required; truncation is one the tokenizer knows."""
+    require_tapas(dep)
     truncation = params.get("truncation") or "drop_rows_to_fit"
     if truncation not in TRUNCATIONS:
         raise InvalidArgument(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
-    params["truncation"] = truncation
-    return truncation, bool(params.get("sequential"))
+    return {"truncation": truncation}
 
 
 def parse_table(table_json: str, max_cells: int, index: int = 0):
@@ -60,15 +61,42 @@ def parse_table(table_json: str, max_cells: int, index: int = 0):
     return frame.astype(str)
 
 
-async def preprocess(dep: Deployment, scope: RequestScope, table, queries: list[str], truncation: str) -> dict:
-    with scope.stage("tokenize"):
-        encoded = await asyncio.to_thread(dep.tokenizer, table, queries, return_tensors="np",
-                                          truncation=truncation, padding=True)
+async def preprocess(dep: Deployment, inputs: list[tuple[str, list[str]]], params: dict) -> dict:
+    """Every (table JSON, queries) item checked and bounded, its table parsed and encoded with its
+    queries: {"tables": DataFrames, "encodings": per table input_ids, attention_mask, token_type_ids}."""
+    limits = dep.table_limits
+    if not inputs:
+        raise InvalidArgument("inputs is empty: send at least one table with its queries")
+    for i, (_, queries) in enumerate(inputs):
+        if not queries or any(not q for q in queries):
+            raise InvalidArgument(f"input {i}: query is empty: send at least one non-empty query per table")
+    total = sum(len(queries) for _, queries in inputs)
+    if total > limits.max_queries:  # every table has a query: this bounds the tables too
+        raise InvalidArgument(f"{total} queries in the request, more than the limit of {limits.max_queries} "
+                              "(--max-table-queries)")
+    tables = [parse_table(table_json, limits.max_cells, i) for i, (table_json, _) in enumerate(inputs)]
+    encodings = await asyncio.gather(*(asyncio.to_thread(encode, dep.tokenizer, table, list(queries),
+                                                         params["truncation"])
+                                       for table, (_, queries) in zip(tables, inputs, strict=True)))
+    return {"tables": tables, "encodings": encodings}
+
+
+def encode(tokenizer, table, queries: list[str], truncation: str) -> dict[str, np.ndarray]:
+    """The TapasTokenizer's arrays for one table and its queries, padded to the longest query."""
+    encoded = tokenizer(table, queries, return_tensors="np", truncation=truncation, padding=True)
     return {name: np.asarray(encoded[name], dtype=np.int64)
             for name in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-async def forward(dep: Deployment, scope: RequestScope, inputs: dict, sequential: bool, aggregate: bool):
+async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
+    """{"logits": per table [B, L], "logits_aggregation": per table [B, A] or None}; the tables at once."""
+    aggregate, sequential = bool(dep.require_info().aggregation_labels), bool(params.get("sequential"))
+    answers = await all_or_nothing(forward_table(dep, scope, inputs, sequential, aggregate)
+                                   for inputs in model_inputs["encodings"])
+    return {"logits": [logits for logits, _ in answers], "logits_aggregation": [agg for _, agg in answers]}
+
+
+async def forward_table(dep: Deployment, scope: RequestScope, inputs: dict, sequential: bool, aggregate: bool):
     """(logits [B, L], logits_aggregation [B, A] or None), batched or one query after the other."""
     outputs = ["logits", "logits_aggregation"] if aggregate else ["logits"]
     if not sequential:
@@ -89,6 +117,15 @@ async def forward(dep: Deployment, scope: RequestScope, inputs: dict, sequential
             all_aggregations.append(answer["logits_aggregation"])
         prev_answers = selected_cells(answer["logits"][0], inputs["attention_mask"][index], token_types)
     return np.concatenate(all_logits), (np.concatenate(all_aggregations) if aggregate else None)
+
+
+def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list[list[dict]]:
+    """One list of answers (one per query) for every table."""
+    info = dep.require_info()
+    return [table_answers(inputs, table, logits, logits_agg, info.aggregation_labels, info.no_aggregation_label_index)
+            for inputs, table, logits, logits_agg in zip(model_inputs["encodings"], model_inputs["tables"],
+                                                         model_outputs["logits"], model_outputs["logits_aggregation"],
+                                                         strict=True)]
 
 
 def prev_labels(token_types: np.ndarray, prev_answers: dict) -> np.ndarray:
@@ -145,7 +182,7 @@ def mean_cell_probs(probabilities: list, segment_ids: list, row_ids: list, colum
     return {coords: np.array(cell_probs).mean() for coords, cell_probs in coords_to_probs.items()}
 
 
-def postprocess(inputs: dict, table, logits: np.ndarray, logits_agg: np.ndarray | None,
+def table_answers(inputs: dict, table, logits: np.ndarray, logits_agg: np.ndarray | None,
                 aggregation_labels: dict[int, str], no_aggregation_index: int | None) -> list[dict]:
     coordinates_batch, agg_predictions = convert_logits_to_predictions(inputs, logits, logits_agg)
     aggregators, prefixes = {}, {}
@@ -171,30 +208,3 @@ def require_tapas(dep: Deployment):
     if dep.tokenizer is None or not hasattr(dep.tokenizer, "convert_logits_to_predictions"):
         raise FailedPrecondition("table-question-answering needs the model's TapasTokenizer")
     return info
-
-
-async def run(dep: Deployment, scope: RequestScope, items: list[tuple[str, list[str]]], params: dict,
-              limits: TableLimits) -> list[list[dict]]:
-    """One list of answers (one per query) for every (table JSON, queries) item."""
-    info = require_tapas(dep)
-    truncation, sequential = sanitize_parameters(params)
-    if not items:
-        raise InvalidArgument("inputs is empty: send at least one table with its queries")
-    for i, (_, queries) in enumerate(items):
-        if not queries or any(not q for q in queries):
-            raise InvalidArgument(f"input {i}: query is empty: send at least one non-empty query per table")
-    total = sum(len(queries) for _, queries in items)
-    if total > limits.max_queries:  # every table has a query: this bounds the tables too
-        raise InvalidArgument(f"{total} queries in the request, more than the limit of {limits.max_queries} "
-                              "(--max-table-queries)")
-    tables = [parse_table(table_json, limits.max_cells, i) for i, (table_json, _) in enumerate(items)]
-    aggregate = bool(info.aggregation_labels)
-
-    async def answer(table, queries):
-        inputs = await preprocess(dep, scope, table, queries, truncation)
-        logits, logits_agg = await forward(dep, scope, inputs, sequential, aggregate)
-        with scope.stage("postprocess"):
-            return postprocess(inputs, table, logits, logits_agg, info.aggregation_labels,
-                               info.no_aggregation_label_index)
-
-    return list(await asyncio.gather(*(answer(t, list(q)) for t, (_, q) in zip(tables, items, strict=True))))
