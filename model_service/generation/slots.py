@@ -62,10 +62,14 @@ class _SlotLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.owner.end - self.owner.start
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        """(kv length, kv offset) for `query`: its length (transformers 5.x) or its cache positions (4.x)."""
+        return self.get_seq_length() + (query if isinstance(query, int) else int(query.shape[0])), 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers 4.x's name for get_max_length
         return -1
 
 
