@@ -62,14 +62,14 @@ async def load_runtime(runtime: Runtime, adapters: adapters_servicer.AdaptersSer
     args = runtime.args
     loaded = await asyncio.to_thread(loader.load, load_options(args))
     engine = Engine(loaded, torch_threads=args.torch_threads, forward_workers=args.forward_workers,
-                    backend=args.engine)
+                    backend=args.engine, release_memory_seconds=args.release_memory_seconds)
     info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
                             args.max_input_values)
     info.max_queue_rows = args.max_queue_rows
     info.max_message_bytes = args.max_message_mb * 1024 * 1024
     batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
                       token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
-                      overhead_tokens=args.batch_overhead_tokens)
+                      overhead_tokens=args.batch_overhead_tokens, max_pass_ms=args.max_pass_ms)
     _observe_batches(batcher)
     batcher.start()
     runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
