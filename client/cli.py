@@ -71,8 +71,12 @@ def _predict(parser):
     parser.add_argument("--chunk-length-s", type=float,
                         help="speech recognition: cut audio into chunks of this many seconds")
     parser.add_argument("--stride-length-s", type=float, help="speech recognition: overlap on each chunk side")
-    parser.add_argument("--return-timestamps", choices=["char", "word"],
-                        help="speech recognition: timed characters or words")
+    parser.add_argument("--return-timestamps", choices=["char", "word", "true"],
+                        help="speech recognition: timed characters or words (CTC), timed segments (Whisper: true)")
+    parser.add_argument("--language", help="speech recognition (Whisper): the language spoken (unset: detected)")
+    parser.add_argument("--task", choices=["transcribe", "translate"], help="speech recognition (Whisper)")
+    parser.add_argument("--max-new-tokens", type=int, help="speech recognition (Whisper): tokens per segment")
+    parser.add_argument("--num-beams", type=int, help="speech recognition (Whisper): beam width (default 5)")
     _truncation_arg(parser)
 
     def run(client: PreprocClient, args):
@@ -82,8 +86,10 @@ def _predict(parser):
             clips = [_read_file(path) for path in texts]
             if task == "audio-classification":
                 return client.classify_audio(clips, top_k=args.top_k, function_to_apply=args.function_to_apply)
+            generation = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
             return client.transcribe(clips, chunk_length_s=args.chunk_length_s, stride_length_s=args.stride_length_s,
-                                     return_timestamps=args.return_timestamps)
+                                     return_timestamps=args.return_timestamps, language=args.language, task=args.task,
+                                     generate_kwargs={k: v for k, v in generation.items() if v is not None})
         if task == "table-question-answering":
             if not args.table:
                 raise UsageError("predict: table-question-answering needs --table JSON (or @FILE)")

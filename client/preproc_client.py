@@ -173,11 +173,20 @@ def classify_audio_request(inputs, *, top_k=None, function_to_apply=None, adapte
                                    **_opt(top_k=top_k, function_to_apply=function_to_apply))
 
 
-def transcribe_request(inputs, *, chunk_length_s=None, stride_length_s=None, return_timestamps=None, adapter=""):
+def transcribe_request(inputs, *, chunk_length_s=None, stride_length_s=None, return_timestamps=None, language=None,
+                       task=None, generate_kwargs=None, adapter=""):
+    """return_timestamps: "char" / "word" (CTC) or True (Whisper's segments); language, task and
+    generate_kwargs (a dict of GenerateTextParameters fields, e.g. max_new_tokens, num_beams): Whisper."""
     if isinstance(stride_length_s, (int, float)):
         stride_length_s = [stride_length_s]
+    if return_timestamps is True:
+        return_timestamps = "true"
+    elif return_timestamps is False:
+        return_timestamps = None
     return pb.TranscribeRequest(inputs=_audios(inputs), stride_length_s=list(stride_length_s or []), adapter=adapter,
-                                **_opt(chunk_length_s=chunk_length_s, return_timestamps=return_timestamps))
+                                generate_kwargs=pb.GenerateTextParameters(**(generate_kwargs or {})),
+                                **_opt(chunk_length_s=chunk_length_s, return_timestamps=return_timestamps,
+                                       language=language, task=task))
 
 
 def table_question_request(inputs, *, sequential=None, truncation=None, adapter=""):
@@ -212,7 +221,9 @@ class Transcription:
 
 
 def _transcription(t: pb.Transcription) -> Transcription:
-    return Transcription(t.text, [{"text": c.text, "timestamp": (c.start, c.end)} for c in t.chunks])
+    return Transcription(t.text, [{"text": c.text, "timestamp": (c.start if c.HasField("start") else None,
+                                                                  c.end if c.HasField("end") else None)}
+                                  for c in t.chunks])
 
 
 def parse_transcribe(reply: pb.TranscribeResponse) -> Results:

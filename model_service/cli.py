@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from model_service.adapters_servicer import ADAPTER_OPTIONS
+from model_service.backends import BACKENDS
 from model_service.generation.options import GENERATION_OPTIONS
 from splitserve_common import serving
 from splitserve_common.http_front import http_port_option
@@ -43,6 +44,8 @@ MODEL_OPTIONS = [
            "a CPU node with 2 or more CPUs, else 1); batches with adapter rows run alone", int),
     Option("torch-threads", 0, "CPU threads torch may use per forward worker (0: the process's CPUs split evenly "
            "between the workers)", int),
+    Option("engine", "eager", "what runs the batched forward passes (model_service/backends.py)",
+           choices=list(BACKENDS)),
 ]
 OPTIONS = MODEL_OPTIONS + serving.SERVER_OPTIONS + ADAPTER_OPTIONS + GENERATION_OPTIONS
 

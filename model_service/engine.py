@@ -2,7 +2,7 @@
 
 API for the other parts of model_service (generation, adapters, batching) — keep it stable:
 
-    engine = Engine(loaded, torch_threads=0, forward_workers=1)   # loaded: loader.LoadedModel
+    engine = Engine(loaded, torch_threads=0, forward_workers=1, backend="eager")   # loaded: loader.LoadedModel
     result = await engine.run(fn, *args, **kwargs)
         Runs `fn(*args, **kwargs)` on the engine's main worker thread under torch.inference_mode()
         and returns its result (exceptions propagate). Calls run one at a time, in submission
@@ -16,8 +16,9 @@ API for the other parts of model_service (generation, adapters, batching) — ke
         wide one); with one worker it is `run`.
     engine.model, engine.device, engine.dtype, engine.loaded
     engine.forward(inputs, adapters=None, hidden_states=False)   # worker threads only
-        One forward pass of the model on a dict of tensors (already on engine.device);
-        `adapters`: one adapter name per row ("" = base model), None = all base.
+        One forward pass of the model on a dict of tensors (already on engine.device), run by the
+        engine's backend (model_service/backends.py: eager PyTorch, or another engine behind the
+        same call); `adapters`: one adapter name per row ("" = base model), None = all base.
         Returns the model's output as {name: tensor}.
     engine.adapters                         # model_service.adapters.AdapterRegistry, empty at start
     engine.close()
@@ -43,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from model_service.adapters import AdapterRegistry
+from model_service.backends import BACKENDS
+from splitserve_common.errors import FailedPrecondition
 
 
 def default_torch_threads() -> int:
@@ -105,11 +108,13 @@ class _SharedOrAlone:
 
 
 class Engine:
-    def __init__(self, loaded, torch_threads: int = 0, forward_workers: int = 1):
+    def __init__(self, loaded, torch_threads: int = 0, forward_workers: int = 1, backend="eager"):
         """`forward_workers`: threads that run batched forward passes at once (0: default_forward_workers);
-        `torch_threads`: torch's intra-op threads per worker (0: the process's CPUs split between them)."""
+        `torch_threads`: torch's intra-op threads per worker (0: the process's CPUs split between them);
+        `backend`: a name in backends.BACKENDS, or a backend built already (backends.py's interface)."""
         self.loaded = loaded
         self.model = loaded.model
+        self.backend = BACKENDS[backend](loaded) if isinstance(backend, str) else backend
         self.device = torch.device(loaded.device)
         self.dtype = getattr(torch, loaded.dtype)
         self.adapters = AdapterRegistry(self.model)
@@ -158,12 +163,10 @@ class Engine:
         """One forward pass (worker thread only): {input name: tensor} -> {output name: tensor}."""
         if adapters is not None and not any(adapters):
             adapters = None
+        if adapters and not self.backend.supports_adapters:
+            raise FailedPrecondition(f"the {type(self.backend).__name__} engine cannot apply adapters")
         with self.adapters.use(adapters) if adapters else contextlib.nullcontext():
-            out = self.model(**inputs, output_hidden_states=hidden_states, return_dict=True)
-        result = {name: value for name, value in out.items() if isinstance(value, torch.Tensor)}
-        if hidden_states and "last_hidden_state" not in result and out.get("hidden_states") is not None:
-            result["last_hidden_state"] = out["hidden_states"][-1]
-        return result
+            return self.backend(inputs, hidden_states)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -169,10 +169,13 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
             meta=self._meta(scope, applied, started))
 
     def _transcribe_params(self, request: pb.TranscribeRequest) -> dict:
-        explicit = explicit_fields(request, ["chunk_length_s", "return_timestamps"])
+        explicit = explicit_fields(request, ["chunk_length_s", "return_timestamps", "language", "task"])
         if request.stride_length_s:
             explicit["stride_length_s"] = list(request.stride_length_s)
-        return self._params("automatic-speech-recognition", explicit)
+        params = self._params("automatic-speech-recognition", explicit)
+        kwargs = request.generate_kwargs
+        params["generate_kwargs"] = explicit_fields(kwargs, [f.name for f in kwargs.DESCRIPTOR.fields])
+        return params
 
     @grpc_errors
     async def AnswerTableQuestion(self, request: pb.TableQuestionRequest, context):
@@ -381,7 +384,8 @@ def _table_answer(answer: dict) -> pb.TableAnswer:
 
 def _transcription(result: dict) -> pb.Transcription:
     return pb.Transcription(text=result["text"], chunks=[
-        pb.TimedText(text=c["text"], start=float(c["timestamp"][0]), end=float(c["timestamp"][1]))
+        pb.TimedText(text=c["text"], **{key: float(value) for key, value in zip(("start", "end"), c["timestamp"],
+                                                                              strict=True) if value is not None})
         for c in result.get("chunks", [])])
 
 

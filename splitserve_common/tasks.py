@@ -78,7 +78,8 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in [
     # CTC or encoder-decoder: MLmodel's pipeline_model_type or the config's architecture says which.
     _spec("automatic-speech-recognition", "", default_outputs=("logits",), rpcs=("Transcribe", "TranscribeStream"),
           handler="speech_recognition",
-          defaults={"chunk_length_s": 0, "stride_length_s": None, "return_timestamps": None}),
+          defaults={"chunk_length_s": 0, "stride_length_s": None, "return_timestamps": None, "language": None,
+                    "task": None}),
     _spec("table-question-answering", "AutoModelForTableQuestionAnswering",
           default_outputs=("logits", "logits_aggregation"), rpcs=("AnswerTableQuestion",),
           handler="table_question_answering", defaults={"sequential": False, "truncation": "drop_rows_to_fit"}),

@@ -383,18 +383,24 @@ class ClassifyAudioResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[LabelScores, _Mapping]]] = ..., meta: _Optional[_Union[ResponseMeta, _Mapping]] = ...) -> None: ...
 
 class TranscribeRequest(_message.Message):
-    __slots__ = ("inputs", "chunk_length_s", "stride_length_s", "return_timestamps", "adapter")
+    __slots__ = ("inputs", "chunk_length_s", "stride_length_s", "return_timestamps", "adapter", "language", "task", "generate_kwargs")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_LENGTH_S_FIELD_NUMBER: _ClassVar[int]
     STRIDE_LENGTH_S_FIELD_NUMBER: _ClassVar[int]
     RETURN_TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_KWARGS_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Audio]
     chunk_length_s: float
     stride_length_s: _containers.RepeatedScalarFieldContainer[float]
     return_timestamps: str
     adapter: str
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Audio, _Mapping]]] = ..., chunk_length_s: _Optional[float] = ..., stride_length_s: _Optional[_Iterable[float]] = ..., return_timestamps: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+    language: str
+    task: str
+    generate_kwargs: GenerateTextParameters
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Audio, _Mapping]]] = ..., chunk_length_s: _Optional[float] = ..., stride_length_s: _Optional[_Iterable[float]] = ..., return_timestamps: _Optional[str] = ..., adapter: _Optional[str] = ..., language: _Optional[str] = ..., task: _Optional[str] = ..., generate_kwargs: _Optional[_Union[GenerateTextParameters, _Mapping]] = ...) -> None: ...
 
 class TimedText(_message.Message):
     __slots__ = ("text", "start", "end")

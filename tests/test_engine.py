@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 from model_service import loader
+from model_service.backends import EagerBackend
 from model_service.engine import Engine, default_forward_workers
+from splitserve_common.errors import FailedPrecondition
 from tests import model_factory
 
 
@@ -85,9 +88,9 @@ def test_default_split():
     assert default_forward_workers("cuda", 16) == 1
 
 
-def test_model_infer_on_the_base_model_runs_on_the_forward_workers(loaded, tmp_path):
-    """A ModelInfer naming no adapter (the base model) is batched onto the forward workers, not the main
-    worker that runs alone: the path through the servicer and the batcher, observed on the model itself."""
+
+async def infer_in_process(engine: Engine, rows: list[list[int]], outputs=None) -> list[dict]:
+    """The ModelInfer path without a server: servicer -> batcher -> engine, one request per row, all at once."""
     import numpy as np
 
     from model_service import cli
@@ -97,34 +100,91 @@ def test_model_infer_on_the_base_model_runs_on_the_forward_workers(loaded, tmp_p
     from model_service.served_model import discover
     from splitserve_common import v2_codec
 
-    args = cli.parse_args(["--model-dir", str(tmp_path)])
+    args = cli.parse_args(["--model-dir", "unused"])
+    runtime = Runtime(args)
+    info = await engine.run(discover, engine, "tc", 8)
+    batcher = Batcher(engine, info, max_batch_size=8, max_wait_us=args.max_wait_us, token_budget=args.token_budget,
+                      max_queue_rows=args.max_queue_rows, overhead_tokens=args.batch_overhead_tokens)
+    batcher.start()
+    runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
+    runtime.ready.set()
+    servicer = InferenceServicer(runtime)
+    try:
+        responses = await asyncio.gather(*(servicer.infer(v2_codec.encode_request(
+            {"input_ids": np.asarray(row, dtype=np.int64)[None, :]}, outputs=outputs), None) for row in rows))
+    finally:
+        await batcher.stop()
+        engine.close()
+    return [dict(v2_codec.decode_response(r)) for r in responses]
+
+
+def test_model_infer_on_the_base_model_runs_on_the_forward_workers(loaded):
+    """A ModelInfer naming no adapter (the base model) is batched onto the forward workers, not the main
+    worker that runs alone: the path through the servicer and the batcher, observed on the model itself."""
     threads: list[str] = []
-    hook = loaded.model.register_forward_pre_hook(lambda module, inputs: threads.append(
-        threading.current_thread().name))
+
+    def record(module, args):
+        threads.append(threading.current_thread().name)
 
     async def scenario():
-        runtime = Runtime(args)
         engine = Engine(loaded, torch_threads=1, forward_workers=2)
-        info = await engine.run(discover, engine, "tc", 8)
-        batcher = Batcher(engine, info, max_batch_size=8, max_wait_us=args.max_wait_us,
-                          token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
-                          overhead_tokens=args.batch_overhead_tokens)
-        batcher.start()
-        runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
-        runtime.ready.set()
-        threads.clear()  # the warm-up ran on the main worker
+        await engine.run(lambda: None)  # the main worker exists
+        hook = loaded.model.register_forward_pre_hook(record)
         try:
-            request = v2_codec.encode_request({"input_ids": np.arange(2, 9, dtype=np.int64)[None, :]})
-            response = await InferenceServicer(runtime).infer(request, None)
+            return await infer_in_process(engine, [list(range(2, 9))])
         finally:
-            await batcher.stop()
-            engine.close()
-        return v2_codec.decode_response(response)["logits"]
+            hook.remove()
 
-    try:
-        logits = asyncio.run(scenario())
-    finally:
-        hook.remove()
+    (answer,) = asyncio.run(scenario())
+    discovery = 2  # served_model.discover's warm-up passes run on the main worker
+    assert threads[discovery:] and all(name.startswith("forward") for name in threads[discovery:]), threads
     with torch.inference_mode():
-        torch.testing.assert_close(torch.tensor(logits), loaded.model(**inputs(7)).logits)
-    assert threads and all(name.startswith("forward") for name in threads), threads
+        torch.testing.assert_close(torch.tensor(answer["logits"]), loaded.model(**inputs(7)).logits)
+
+
+class RowByRowBackend:
+    """A second engine behind model_service/backends.py's interface: every row computed alone at its own
+    length (no padding), outputs padded back to the batch's length. Counts the rows it computed."""
+
+    supports_adapters = False
+
+    def __init__(self, loaded):
+        self.eager = EagerBackend(loaded)
+        self.rows = 0
+        self.largest_batch = 0
+
+    def __call__(self, inputs: dict, hidden_states: bool = False) -> dict:
+        length = inputs["input_ids"].shape[1]
+        self.largest_batch = max(self.largest_batch, len(inputs["input_ids"]))
+        per_row = []
+        for i, used in enumerate(inputs["attention_mask"].sum(dim=1).tolist()):
+            alone = self.eager({name: value[i:i + 1, :used] for name, value in inputs.items()}, hidden_states)
+            per_row.append({name: torch.nn.functional.pad(value, (0, 0, 0, length - used)) if value.ndim == 3
+                            else value for name, value in alone.items()})
+            self.rows += 1
+        return {name: torch.cat([row[name] for row in per_row]) for name in per_row[0]}
+
+
+def test_a_second_backend_plugs_in_with_equal_answers(loaded):
+    """Another engine goes in through Engine(backend=...) alone: the batcher and servicer are the same, the
+    answers equal the eager engine's, rows of different lengths sharing padded batches."""
+    rows = [list(range(2, 2 + n)) for n in (3, 11, 6, 17, 4, 9)]
+    backend = RowByRowBackend(loaded)
+    outputs = ["logits", "last_hidden_state"]
+    other = asyncio.run(infer_in_process(Engine(loaded, torch_threads=1, forward_workers=2, backend=backend),
+                                         rows, outputs))
+    eager = asyncio.run(infer_in_process(Engine(loaded, torch_threads=1, forward_workers=2), rows, outputs))
+    assert backend.rows >= len(rows) + 2  # the warm-up passes and every request's row
+    assert backend.largest_batch > 1  # rows of different lengths were padded into one pass
+    for got, want in zip(other, eager, strict=True):
+        for name in outputs:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_an_engine_without_adapters_refuses_adapter_rows(loaded):
+    engine = Engine(loaded, torch_threads=1, forward_workers=1, backend=RowByRowBackend(loaded))
+    try:
+        with pytest.raises(FailedPrecondition, match="RowByRowBackend engine cannot apply adapters"):
+            asyncio.run(engine.run(engine.forward, inputs(4), adapters=["some-adapter"]))
+    finally:
+        engine.close()

@@ -8,7 +8,7 @@ import pytest
 
 from preproc_service.audio import AudioInput
 from preproc_service.tasks import speech_recognition as sr
-from splitserve_common.errors import FailedPrecondition, InvalidArgument
+from splitserve_common.errors import InvalidArgument
 from tests import audio_helpers, model_factory
 from tests import preproc_helpers as h
 
@@ -108,11 +108,16 @@ def test_a_clip_longer_than_the_model_takes_needs_chunks(local):
     assert got["text"]
 
 
-def test_encoder_decoder_models_are_refused(local):
+def test_options_are_checked_for_the_model_kind(local):
+    """Encoder-decoder models go to whisper_asr (tests/test_whisper.py), whose checks refuse CTC's word
+    timestamps by name; a CTC model refuses Whisper's language, task and generation options by name."""
     deployment = local["deployment"]
     deployment.info.is_encoder_decoder = True
     try:
-        with pytest.raises(FailedPrecondition, match="CTC"):
-            sr.sanitize_parameters(deployment, {})
+        with pytest.raises(InvalidArgument, match="'word'"):
+            sr.sanitize_parameters(deployment, {"return_timestamps": "word"})
     finally:
         deployment.info.is_encoder_decoder = False
+    for params, words in [({"language": "en"}, "language"), ({"generate_kwargs": {"num_beams": 2}}, "num_beams")]:
+        with pytest.raises(InvalidArgument, match=words):
+            sr.sanitize_parameters(deployment, params)

@@ -147,3 +147,149 @@ def test_features_without_speech_model_are_refused(tmp_path):
         with pytest.raises(grpc.RpcError) as exc:
             list(generation_stub(ms.address).Generate(request_of(features, [5, 6], max_new_tokens=2)))
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "speech models" in exc.value.details()
+
+
+# ---------------------------------------------------------------- through the pair: client -> preproc -> model
+
+@pytest.fixture(scope="module")
+def asr(tmp_path_factory):
+    """The tiny Whisper in MLflow's components layout (feature_extractor + tokenizer), served by model_service
+    and a preproc_service that cannot import torch; the in-process pipeline on the same model."""
+    import transformers
+
+    from client.preproc_client import PreprocClient
+    from tests.test_audio_tasks import no_torch_stack
+
+    root = tmp_path_factory.mktemp("whisper_asr")
+    model, tokenizer, fe = model_factory.build_whisper_asr(seed=0)
+    directory = save_whisper(root / "model", model, tokenizer, fe)
+    pipe = transformers.pipeline("automatic-speech-recognition", model=model, tokenizer=tokenizer,
+                                 feature_extractor=fe, device="cpu")
+    with no_torch_stack(directory, root, model_args=("--torch-threads", "1")) as (_, preproc), \
+            PreprocClient(preproc.address, timeout=120) as client:
+        yield {"client": client, "pipe": pipe, "tokenizer": tokenizer, "address": preproc.address}
+
+
+def decoded(data: bytes) -> np.ndarray:
+    from preproc_service import audio
+
+    return audio.decode(data, RATE, 10**8)
+
+
+def same(got, want):
+    assert got.text == want["text"]
+    if "chunks" in want:
+        assert [c["text"] for c in got.chunks] == [c["text"] for c in want["chunks"]]
+        assert [c["timestamp"] for c in got.chunks] == [tuple(c["timestamp"]) for c in want["chunks"]]
+
+
+GREEDY = {"num_beams": 1, "max_new_tokens": 30}
+
+
+class TestWhisperSpeechRecognition:
+    def test_every_container_equals_pipeline(self, asr):
+        clips = [audio_helpers.synth(seconds, seed=60 + i) for i, seconds in enumerate([1.5, 2.0, 0.8, 3.1])]
+        files = [audio_helpers.encode(clip, c) for clip, c in zip(clips, audio_helpers.CONTAINERS, strict=True)]
+        got = asr["client"].transcribe(files, generate_kwargs=GREEDY)
+        texts = set()
+        for g, data in zip(got, files, strict=True):
+            want = asr["pipe"](decoded(data), **GREEDY)
+            same(g, want)
+            texts.add(want["text"])
+        assert len(texts) >= 3 and all(texts)
+
+    def test_pipeline_defaults_beam_search(self, asr):
+        """No generation option: the pipeline's num_beams 5 and the config's max_length, as the pipeline."""
+        clip = audio_helpers.synth(1.2, seed=70)
+        (got,) = asr["client"].transcribe([(clip, RATE)], generate_kwargs={"max_new_tokens": 12})
+        same(got, asr["pipe"](clip, max_new_tokens=12))
+
+    @pytest.mark.parametrize("options", [
+        {"return_timestamps": True},
+        {"language": "fr"},
+        {"language": "de", "task": "translate", "return_timestamps": True},
+    ])
+    def test_language_task_and_timestamps_equal_pipeline(self, asr, options):
+        for seed in (71, 72):
+            clip = audio_helpers.synth(2.5, seed=seed)
+            (got,) = asr["client"].transcribe([(clip, RATE)], generate_kwargs=GREEDY, **options)
+            same(got, asr["pipe"](clip, **GREEDY, **options))
+
+    @pytest.mark.parametrize("options", [
+        {"chunk_length_s": 2.0},
+        {"chunk_length_s": 3.0, "stride_length_s": [0.5, 0.3], "return_timestamps": True},
+    ])
+    def test_chunked_long_audio_equals_pipeline(self, asr, options):
+        clip = audio_helpers.synth(8.0, seed=73)
+        (got,) = asr["client"].transcribe([(clip, RATE)], generate_kwargs=GREEDY, **options)
+        want = asr["pipe"](clip, **GREEDY, **options)
+        same(got, want)
+        assert len(want["text"]) > 20
+
+    def test_long_form_audio_equals_pipeline(self, asr):
+        """Over 30 s without chunk_length_s: generate's own seek loop over 30-second segments."""
+        clip = audio_helpers.synth(34.0, seed=74)
+        (got,) = asr["client"].transcribe([(clip, RATE)], generate_kwargs={"num_beams": 1, "max_new_tokens": 20})
+        same(got, asr["pipe"](clip, num_beams=1, max_new_tokens=20))
+
+    def test_stream_equals_unary(self, asr):
+        clip = audio_helpers.synth(8.0, seed=75)
+        data = audio_helpers.encode(clip, "flac")
+        options = {"chunk_length_s": 1.5, "generate_kwargs": GREEDY}
+        *texts, final = list(asr["client"].transcribe_stream(data, **options))
+        (unary,) = asr["client"].transcribe([data], **options)
+        assert "".join(texts) == unary.text == final.text
+        assert len(texts) >= 2  # text arrived while later chunks were still being transcribed
+        (stamped,) = asr["client"].transcribe([data], return_timestamps=True, **options)
+        *texts, final = list(asr["client"].transcribe_stream(data, return_timestamps=True, **options))
+        assert "".join(texts) == stamped.text and final.chunks == stamped.chunks
+
+    @pytest.mark.parametrize("options, words", [
+        ({"return_timestamps": "word"}, "word"),
+        ({"return_timestamps": "char"}, "char"),
+        ({"generate_kwargs": {"stop": ["x"]}}, "stop"),
+        ({"generate_kwargs": {"do_sample": True, "num_beams": 1}}, "do_sample"),
+        ({"generate_kwargs": {"num_return_sequences": 2}}, "num_return_sequences"),
+        ({"language": "klingon"}, "unsupported language"),
+        ({"generate_kwargs": {"max_new_tokens": 500}}, "max_new_tokens"),
+    ])
+    def test_what_cannot_be_honoured_is_refused_by_name(self, asr, options, words):
+        clip = (audio_helpers.synth(0.5), RATE)
+        with pytest.raises(grpc.RpcError) as exc:
+            asr["client"].transcribe([clip], **options)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in exc.value.details(), \
+            exc.value.details()
+        assert asr["client"].transcribe([clip], generate_kwargs={"num_beams": 1, "max_new_tokens": 3})[0]
+
+    def test_cli_predict_transcribes_files(self, asr, tmp_path, capsys):
+        import json
+
+        from client import cli
+
+        clip = audio_helpers.synth(4.0, seed=76)
+        path = tmp_path / "speech.mp3"
+        path.write_bytes(audio_helpers.encode(clip, "mp3"))
+        args = ["--address", asr["address"], "predict", "--chunk-length-s", "2", "--return-timestamps", "true",
+                "--num-beams", "1", "--max-new-tokens", "20", "--language", "en"]
+        assert cli.main([*args, str(path)]) == 0
+        (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        want = asr["pipe"](decoded(path.read_bytes()), chunk_length_s=2.0, return_timestamps=True, num_beams=1,
+                           max_new_tokens=20, language="en")
+        assert line["text"] == want["text"]
+        assert [tuple(c["timestamp"]) for c in line["chunks"]] == [tuple(c["timestamp"]) for c in want["chunks"]]
+
+
+def test_ctc_model_refuses_whisper_options(tmp_path):
+    from client.preproc_client import PreprocClient
+
+    model, tokenizer, fe = model_factory.build_wav2vec2_ctc(tmp_path, seed=0)
+    directory = model_factory.save_audio_components(tmp_path / "ctc", model, "automatic-speech-recognition",
+                                                    "AutomaticSpeechRecognitionPipeline", fe, tokenizer)
+    with servers.model_service(directory, "--metrics-port", "0") as ms, \
+            servers.preproc_service(directory, ms.address, "--metrics-port", "0") as pp, \
+            PreprocClient(pp.address, timeout=60) as client:
+        for options, words in [({"language": "en"}, "language"), ({"generate_kwargs": {"num_beams": 2}},
+                                                                  "num_beams")]:
+            with pytest.raises(grpc.RpcError) as exc:
+                client.transcribe([(audio_helpers.synth(0.5), RATE)], **options)
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in exc.value.details()

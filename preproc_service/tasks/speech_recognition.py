@@ -1,5 +1,6 @@
 """automatic-speech-recognition, CTC models (wav2vec2-style): transformers'
 AutomaticSpeechRecognitionPipeline preprocess/postprocess for `self.type == "ctc"`, numpy only.
+Encoder-decoder models (Whisper) are served by whisper_asr.py: each stage here hands them over.
 
 preprocess: audio -> mono float32 at the feature extractor's rate; with `chunk_length_s` the clip
 is cut as the pipeline's `chunk_iter` cuts it (chunks of `chunk_length_s` overlapping by
@@ -22,6 +23,7 @@ import numpy as np
 
 from preproc_service import audio
 from preproc_service.deployment import Deployment, RequestScope, all_or_nothing
+from preproc_service.tasks import whisper_asr
 from preproc_service.tasks.audio_classification import features, load_audio
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
@@ -36,13 +38,29 @@ class Chunking:
     stride_right: int = 0
 
 
+def is_whisper(dep: Deployment) -> bool:
+    return dep.require_info().is_encoder_decoder
+
+
 def sanitize_parameters(dep: Deployment, params: dict) -> dict:
     """return_timestamps, chunk_length_s and stride_length_s checked like the pipeline; the stride
     normalised to [left, right] seconds (dropped without chunks, as the pipeline ignores it)."""
+    if is_whisper(dep):
+        return {**whisper_asr.sanitize_parameters(dep, params), **chunk_parameters(dep, params)}
     require_ctc(dep)
     stamps = params.get("return_timestamps") or None
     if stamps is not None and stamps not in TIMESTAMPS:
         raise InvalidArgument(f"return_timestamps must be 'char' or 'word' for a CTC model, got {stamps!r}")
+    asked = [key for key in ("language", "task") if params.get(key) is not None]
+    asked += sorted(params.get("generate_kwargs") or {})
+    if asked:  # refused by name, never dropped
+        raise InvalidArgument(f"{', '.join(asked)} applies to encoder-decoder speech models (Whisper); this is a "
+                              "CTC model")
+    return chunk_parameters(dep, params)
+
+
+def chunk_parameters(dep: Deployment, params: dict) -> dict:
+    """chunk_length_s and stride_length_s checked like the pipeline (CTC and Whisper alike)."""
     chunk_length_s = params.get("chunk_length_s") or 0
     if chunk_length_s < 0:
         raise InvalidArgument(f"chunk_length_s must be >= 0, got {chunk_length_s}")
@@ -102,9 +120,6 @@ def rescale_stride(stride: tuple[int, int, int], ratio: float) -> tuple[int, int
 
 
 def require_ctc(dep: Deployment):
-    if dep.require_info().is_encoder_decoder:
-        raise FailedPrecondition("speech recognition is served for CTC models (wav2vec2-style); encoder-decoder "
-                                 "models such as Whisper are not served yet")
     tokenizer = dep.tokenizer
     if tokenizer is None:
         raise FailedPrecondition("this model directory has no tokenizer: CTC token ids cannot become text")
@@ -114,6 +129,9 @@ def require_ctc(dep: Deployment):
 async def preprocess(dep: Deployment, inputs: list[audio.AudioInput], params: dict) -> dict:
     """{"chunks": (clip index, model inputs, stride or None) for every chunk of every clip, in order,
     "clips": how many clips}."""
+    if is_whisper(dep):
+        return await whisper_asr.preprocess(dep, inputs, params, chunking_of(dep, params.get("chunk_length_s") or 0,
+                                                                            params.get("stride_length_s")), chunk_iter)
     chunking = chunking_of(dep, params.get("chunk_length_s") or 0, params.get("stride_length_s"))
     clips = await load_audio(dep, inputs)
     limit = dep.require_info().max_input_values
@@ -134,12 +152,16 @@ async def preprocess(dep: Deployment, inputs: list[audio.AudioInput], params: di
 async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
     """{"tokens": token ids per chunk}: one model request per chunk, all at once (model_service
     batches chunks of equal length)."""
+    if is_whisper(dep):
+        return await whisper_asr.forward(dep, scope, model_inputs, params)
     return {"tokens": await all_or_nothing(forward_chunk(dep, scope, inputs)
                                            for _, inputs, _ in model_inputs["chunks"])}
 
 
 def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list[dict]:
     """One transcription per clip: its chunks' tokens without their strides, joined and decoded."""
+    if is_whisper(dep):
+        return whisper_asr.postprocess(dep, model_inputs, model_outputs, params)
     align_to = dep.require_info().inputs_to_logits_ratio
     per_clip: list[list[np.ndarray]] = [[] for _ in range(model_inputs["clips"])]
     for (i, _, stride), tokens in zip(model_inputs["chunks"], model_outputs["tokens"], strict=True):
@@ -215,6 +237,10 @@ async def transcribe_stream(dep: Deployment, scope: RequestScope, item: audio.Au
     params.update(sanitize_parameters(dep, params))
     with scope.stage(PREPROCESS_STAGE):
         model_inputs = await preprocess(dep, [item], params)
+    if is_whisper(dep):
+        async for piece in whisper_asr.transcribe_stream(dep, scope, model_inputs, params):
+            yield piece
+        return
     align_to = dep.require_info().inputs_to_logits_ratio
     running = [asyncio.ensure_future(forward_chunk(dep, scope, inputs)) for _, inputs, _ in model_inputs["chunks"]]
     stream = TextStream(dep.tokenizer)
