@@ -10,6 +10,18 @@ different adapters mix in one batch (see engine.py). Each forward worker (`engin
 computes a batch and one more waits queued, so no worker waits for the event loop; a batch with
 adapter rows runs alone (the adapters change the model around it).
 
+Time per pass: a forward pass cannot be interrupted, so whatever arrives while every worker is busy
+waits for the passes computing. A pass cut for a request of several rows, or one already served in
+part, is therefore held to about `max_pass_ms` (from `ForwardCost`: its padded tokens within
+`max_pass_ms / seconds per token - overhead`; one row always fits), on top of `token_budget`. A large
+request then runs as a sequence of short length-sorted passes, and a one-row request that arrives
+meanwhile (it goes first in the order below) waits for about one of them instead of passes of up to
+`token_budget` tokens (measured: seconds each on 2 CPU cores). Passes cut for one-row requests keep
+`token_budget` alone (and only their rows): a newcomer would not go before them, so shorter passes
+would only cost throughput. A batch that is queued but not yet started is only a reservation: a request that
+arrives and comes first in the order below takes its place (the batch's rows go back to the queue
+and are planned again with it).
+
 Sharing between requests: the rows offered to a forward pass come from the waiting requests in
 least-attained-service order (fewest rows computed so far, then fewest rows waiting, then
 arrival), at most ceil(max_batch_size / requests waiting) rows from each. A small request that
@@ -38,9 +50,10 @@ import numpy as np
 import torch
 
 from model_service import shaping
+from model_service.adapters import BASE
 from model_service.requests import InferJob
 from splitserve_common import metrics, tracing
-from splitserve_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from splitserve_common.errors import ConfigurationError, DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +76,16 @@ class BatchStats:
 class Result:
     outputs: dict          # output name -> numpy array
     batch_size: int        # rows in the largest forward pass this request was part of
+
+
+def _service_key(pending: _Pending) -> tuple:
+    """Least-attained-service order: fewest rows computed so far, then fewest rows waiting, then arrival."""
+    return pending.taken, len(pending.waiting), pending.order
+
+
+def _one_row(key: tuple) -> bool:
+    """The request of this service key is one row, none served yet: nothing would go before it."""
+    return key[:2] <= (0, 1)
 
 
 class _Pending:
@@ -100,6 +123,18 @@ class _Row:
         return self.pending.job.rows[self.index].shape
 
 
+class _Batch:
+    """Rows taken for one forward pass. Until a worker starts it, a request that should go first may
+    revoke it (its rows go back to the queue); `started` and `revoked` change under the batcher's lock."""
+
+    def __init__(self, rows: list[_Row], key: tuple, tokens: int):
+        self.rows = rows
+        self.key = key          # the service key of the request it was cut for, when it was cut
+        self.tokens = tokens    # padded tokens plus the per-pass overhead, for the expected wait
+        self.started = False
+        self.revoked = False
+
+
 class ForwardCost:
     """Seconds of forward passes: `overhead_tokens` token-equivalents per pass (--batch-overhead-tokens,
     as in `plan_groups`) plus the padded tokens, at a cost per token-equivalent measured as an
@@ -123,10 +158,16 @@ class ForwardCost:
             return None
         return (tokens + passes * self.overhead_tokens) * self.seconds_per_token
 
+    def tokens_within(self, seconds: float) -> int | None:
+        """Padded tokens one pass may hold to take about `seconds` (None: nothing measured yet)."""
+        if self.seconds_per_token is None:
+            return None
+        return max(1, int(seconds / self.seconds_per_token) - self.overhead_tokens)
+
 
 class Batcher:
     def __init__(self, engine, info, max_batch_size: int = 32, max_wait_us: int = 2000, token_budget: int = 16384,
-                 max_queue_rows: int = 1024, overhead_tokens: int = 64):
+                 max_queue_rows: int = 1024, overhead_tokens: int = 64, max_pass_ms: float = 50.0):
         self.engine = engine
         self.info = info
         self.max_batch_size = max_batch_size
@@ -134,6 +175,9 @@ class Batcher:
         self.token_budget = token_budget
         self.max_queue_rows = max_queue_rows
         self.overhead_tokens = overhead_tokens
+        if not 0 <= max_pass_ms < float("inf"):
+            raise ConfigurationError(f"--max-pass-ms must be a finite number of milliseconds >= 0, not {max_pass_ms}")
+        self.max_pass = max_pass_ms / 1e3     # 0: passes bounded by token_budget only
         self.stats = BatchStats()
         self.observers: list = []           # callables(batch_size: int, queue_rows: int) after each batch
         self.cost = ForwardCost(overhead_tokens)
@@ -143,10 +187,11 @@ class Batcher:
         self._arrivals = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._running: dict[asyncio.Task, _Batch] = {}  # batches taken and not finished (started or queued)
         # One batch per forward worker computing, and one more queued, so no worker waits for the event loop.
         self._slots = asyncio.Semaphore(engine.forward_workers + 1)
         self._rows_done = threading.Lock()
+        self._claims = threading.Lock()     # a worker starting a batch against the event loop revoking it
 
     @property
     def queue_rows(self) -> int:
@@ -185,6 +230,7 @@ class Batcher:
         pending = _Pending(job, future, deadline, needs_hidden, self._arrivals, loop.time())
         self._waiting[pending.order] = pending
         self._queued_rows += job.batch
+        self._revoke_for(pending)
         self._wakeup.set()
         try:
             return await future
@@ -204,7 +250,8 @@ class Batcher:
         batches already computing; the forward workers share the work."""
         own = sum(len(row) for row in job.rows)
         shared = sum(min(p.waiting_tokens, own) for p in self._waiting.values())
-        passes = -(-(job.batch + sum(len(p.waiting) for p in self._waiting.values())) // self.max_batch_size)
+        rows = job.batch + sum(min(len(p.waiting), job.batch) for p in self._waiting.values())
+        passes = min(rows, max(-(-rows // self.max_batch_size), -(-(shared + own) // self.pass_tokens())))
         queued = self.cost.estimate(shared + own, passes)
         if queued is None:
             return None
@@ -219,6 +266,37 @@ class Batcher:
                 f"cannot answer within the deadline: about {expected:.2f} s of work would run first "
                 f"({self._queued_rows} rows queued, {self.cost.seconds_per_token * 1e3:.4f} ms per token measured), "
                 f"{max(timeout, 0.0):.2f} s are left; retry later or with a longer deadline")
+
+    def pass_tokens(self) -> int:
+        """Most padded tokens in one forward pass: --token-budget, and what the measured cost says takes
+        about --max-pass-ms."""
+        within = self.cost.tokens_within(self.max_pass) if self.max_pass else None
+        return self.token_budget if within is None else min(self.token_budget, within)
+
+    def _revoke_for(self, newcomer: _Pending) -> None:
+        """Put back the rows of queued (not started) batches cut for requests that `newcomer` now goes
+        before, so it rides in the next pass a worker starts rather than after them."""
+        key = _service_key(newcomer)
+        with self._claims:
+            revoked = [b for b in self._running.values() if not b.started and not b.revoked and key < b.key]
+            for batch in revoked:
+                batch.revoked = True
+        for batch in revoked:
+            self._computing_tokens -= batch.tokens
+            self._slots.release()  # the reservation's slot: the collector cuts a new batch at once
+            for row in batch.rows:
+                pending = row.pending
+                if pending.dropped or pending.future.done():
+                    continue
+                position = next((i for i, r in enumerate(pending.waiting) if r.index > row.index),
+                                len(pending.waiting))
+                pending.waiting.insert(position, row)
+                pending.waiting_tokens += row.length
+                pending.taken -= 1
+                self._queued_rows += 1
+                self._waiting[pending.order] = pending
+        if revoked:
+            self._waiting = dict(sorted(self._waiting.items()))  # arrival order, for max_wait
 
     def _withdraw(self, pending: _Pending) -> None:
         """Take every row of `pending` that is still waiting out of the queue (its rows computing finish
@@ -240,7 +318,7 @@ class Batcher:
             # max_wait counts from the oldest row's arrival: under load nobody waits on purpose. With no
             # batch computing, waiting would only add latency (nothing else is using the worker): go now.
             oldest = next(iter(self._waiting.values())).waiting[0].arrived
-            busy = len(self._running) >= self.engine.forward_workers
+            busy = sum(not b.revoked for b in self._running.values()) >= self.engine.forward_workers
             wait_until = oldest + (self.max_wait if busy else 0.0)
             while self._queued_rows < self.max_batch_size and (left := wait_until - loop.time()) > 0:
                 self._wakeup.clear()
@@ -254,12 +332,13 @@ class Batcher:
                 self._slots.release()
                 continue
             task = loop.create_task(self._run(batch))
-            self._running.add(task)
+            self._running[task] = batch
             task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task) -> None:
-        self._running.discard(task)
-        self._slots.release()
+        batch = self._running.pop(task)
+        if not batch.revoked:  # a revoked batch gave its slot back when it was revoked
+            self._slots.release()
 
     def _drop_stale(self) -> None:
         now = time.monotonic()
@@ -278,13 +357,21 @@ class Batcher:
             self.stats.dropped_deadline += 1
             pending.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
 
-    def _take_batch(self) -> list[_Row]:
-        """Rows for the next forward: the length group (see plan_groups) holding the first offered row.
+    def _take_batch(self) -> _Batch | None:
+        """Rows for the next forward: the length group (see plan_groups) holding the first offered row,
+        within `pass_tokens()` when cut for a request a one-row newcomer would go before; a pass cut for
+        a one-row request holds only one-row requests' rows.
 
         Rows are offered request by request in least-attained-service order, at most `share` from each."""
         if not self._waiting:
-            return []
-        order = sorted(self._waiting.values(), key=lambda p: (p.taken, len(p.waiting), p.order))
+            return None
+        order = sorted(self._waiting.values(), key=_service_key)
+        key = _service_key(order[0])
+        if _one_row(key):  # a pass of one-row requests only, so other requests' rows ride in no unbounded pass
+            order = [p for p in order if _one_row(_service_key(p))]
+            budget = self.token_budget
+        else:
+            budget = self.pass_tokens()
         share = -(-self.max_batch_size // len(order))
         offered: list[_Row] = []
         for pending in order:
@@ -296,7 +383,7 @@ class Batcher:
             window = [r for r in offered if r.shape == first.shape][: self.max_batch_size]
         else:
             pool = sorted(offered, key=lambda r: r.length)
-            for start, end in plan_groups([r.length for r in pool], self.max_batch_size, self.token_budget,
+            for start, end in plan_groups([r.length for r in pool], self.max_batch_size, budget,
                                           self.overhead_tokens):
                 window = pool[start:end]
                 if any(r is first for r in window):
@@ -309,15 +396,21 @@ class Batcher:
             self._queued_rows -= 1
             if not pending.waiting:
                 del self._waiting[pending.order]
-        return window
+        tokens = len(window) * max(r.length for r in window) + self.overhead_tokens  # padded, plus the pass
+        return _Batch(window, key, tokens)
 
-    async def _run(self, batch: list[_Row]) -> None:
-        tokens = len(batch) * max(r.length for r in batch) + self.overhead_tokens  # padded, plus the pass
-        self._computing_tokens += tokens
+    async def _run(self, taken: _Batch) -> None:
+        batch = taken.rows
+        self._computing_tokens += taken.tokens
         try:
-            # Rows with adapters change the model around their forward pass: those run alone.
-            run = self.engine.run if any(r.pending.job.adapter for r in batch) else self.engine.run_forward
-            finished, stale, size, seconds = await run(self._compute, batch)
+            # Rows with adapters change the model around their forward pass: those run alone. A request
+            # naming none holds BASE (the base model, adapter layers inactive): it only reads the model.
+            run = self.engine.run if any(r.pending.job.adapter not in ("", BASE) for r in batch) \
+                else self.engine.run_forward
+            computed = await run(self._compute, taken)
+            if computed is None:  # revoked before a worker started it: its rows are queued again
+                return
+            finished, stale, size, seconds = computed
         except Exception as exc:  # noqa: BLE001 - the batch fails, the service keeps serving
             log.exception("forward pass failed")
             for p in {id(r.pending): r.pending for r in batch}.values():
@@ -327,7 +420,8 @@ class Batcher:
                     p.future.set_exception(exc)
             return
         finally:
-            self._computing_tokens -= tokens
+            if not taken.revoked:
+                self._computing_tokens -= taken.tokens
         for p in stale:  # went stale while waiting behind the previous batch
             self._drop(p)
         if size:
@@ -350,9 +444,14 @@ class Batcher:
 
     # ------------------------------------------------------------ worker thread
 
-    def _compute(self, batch: list[_Row]) -> tuple[list, list, int, float]:
+    def _compute(self, taken: _Batch) -> tuple[list, list, int, float] | None:
         """Pad, forward and cut back: (finished (pending, Result | error), stale pendings, rows computed,
-        seconds of the forward pass)."""
+        seconds of the forward pass); None when the batch was revoked before this worker reached it."""
+        with self._claims:
+            if taken.revoked:
+                return None
+            taken.started = True
+        batch = taken.rows
         now = time.monotonic()
         stale = {id(r.pending): r.pending for r in batch if _is_stale(r.pending, now)}
         batch = [r for r in batch if id(r.pending) not in stale]

@@ -33,6 +33,9 @@ MODEL_OPTIONS = [
     Option("max-wait-us", 2000, "while a batch computes, how long the next one waits for more rows, in µs "
            "(an idle worker starts at once)", int),
     Option("token-budget", 16384, "most padded tokens (rows x longest row) in one forward pass", int),
+    Option("max-pass-ms", 50.0, "a forward pass for a request of several rows is cut to take about this long "
+           "by the measured cost (one row always fits), so a one-row request arriving meanwhile waits about one "
+           "such pass; 0: only --token-budget bounds a pass", float),
     Option("batch-overhead-tokens", 64, "fixed cost of one forward pass in padded-token equivalents: higher "
            "merges rows of different lengths into fewer, more padded batches", int),
     Option("stream-window", 64, "most ModelStreamInfer requests of one stream in flight at once; the next is read "

@@ -26,8 +26,9 @@ OPTIONS = [
     Option("stream-window", 64, "most PredictStream items in flight per stream", int),
     Option("max-choices", 8, "most choices (n) one chat or completion request may ask for", int),
     Option("tokenize-batch", 512, "most texts per tokenizer batch call", int),
-    Option("tokenize-round-chars", 65536, "most characters tokenized in one round: a larger request is tokenized "
-           "a round at a time, so small requests pass it", int),
+    Option("tokenize-round-chars", 16384, "most characters tokenized in one round: a larger request is tokenized "
+           "a round at a time, so small requests pass it (a small one waits for at most one round: ~6 ms of "
+           "one core here)", int),
     Option("audio-root", "", "audio tasks: directory under which a request may name local audio files (empty: "
                              "file locations are refused; URLs are always refused)"),
     Option("max-audio-seconds", 600.0, "audio tasks: longest clip a request may send, in seconds", float),

@@ -80,7 +80,7 @@ class Deployment:
     def __init__(self, model_dir: ModelDir, tokenizer, model: ModelClient, task_override: str = "",
                  tokenize_batch: int = 512, feature_extractor=None, audio: AudioSettings | None = None,
                  table_limits: TableLimits | None = None, limits: RequestLimits | None = None,
-                 tokenize_round_chars: int = 65536):
+                 tokenize_round_chars: int = 16384):
         self.model_dir = model_dir
         self.limits = limits or RequestLimits()
         self.tokenizer = tokenizer          # None for models without one (audio-classification)

@@ -64,7 +64,7 @@ def _malloc_trim():
 
 
 class Tokenization:
-    def __init__(self, tokenizer, max_length: int, max_batch: int = 512, round_chars: int = 65536):
+    def __init__(self, tokenizer, max_length: int, max_batch: int = 512, round_chars: int = 16384):
         """`tokenizer`: a transformers fast tokenizer (decode, special tokens); `max_length`: model limit."""
         if not getattr(tokenizer, "is_fast", False):
             raise InvalidArgument("preproc_service needs a fast (tokenizers-backed) tokenizer")

@@ -434,9 +434,10 @@ def save_audio_components(root: Path, model, task: str, instance_type: str, feat
     root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(root / "model", safe_serialization=True)
     if as_processor:
-        from transformers import Wav2Vec2Processor
+        from transformers import Wav2Vec2Processor, WhisperFeatureExtractor, WhisperProcessor
 
-        processor = Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+        kind = WhisperProcessor if isinstance(feature_extractor, WhisperFeatureExtractor) else Wav2Vec2Processor
+        processor = kind(feature_extractor=feature_extractor, tokenizer=tokenizer)
         processor.save_pretrained(root / "components" / "processor")
         components = {"processor": type(processor).__name__}
     else:

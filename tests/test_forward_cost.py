@@ -30,3 +30,12 @@ def test_each_pass_pays_its_overhead_and_the_average_follows_new_passes():
     assert cost.estimate(90, passes=3) == pytest.approx((90 + 30) * 0.01)
     cost.observe(seconds=2.0, padded_tokens=90)  # slower now: the average moves by SMOOTHING
     assert cost.seconds_per_token == pytest.approx(0.8 * 0.01 + 0.2 * 0.02)
+
+
+def test_tokens_within_a_time_leave_room_for_the_pass_overhead_and_at_least_one_token():
+    cost = ForwardCost(overhead_tokens=10)
+    assert cost.tokens_within(0.05) is None  # nothing measured yet
+    cost.observe(seconds=1.0, padded_tokens=990)  # 1 ms per token-equivalent
+    assert cost.tokens_within(0.05) == 40
+    assert cost.estimate(cost.tokens_within(0.05), passes=1) == pytest.approx(0.05)
+    assert cost.tokens_within(0.001) == 1  # less than one pass's overhead: one row still fits

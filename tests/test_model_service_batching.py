@@ -211,3 +211,52 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once(model_dir):
     assert "cannot answer within the deadline" in refused.details() and "ms per token" in refused.details()
     assert waited < 0.05 and stats.rejected_late == 1
     assert patient["logits"].shape == (1, 3)
+
+
+def test_a_small_call_is_answered_before_the_last_pass_of_a_flood_computing(model_dir):
+    """Issue 12: under two callers' floods a one-sentence call waited 4-5 s, behind forward passes of
+    up to --token-budget padded tokens already cut from the floods' rows. Here the flood computes
+    (one forward worker, real passes): with passes cut to about --max-pass-ms (one row each at
+    0.01 ms) and a queued pass giving way to it, the small call is answered before any flood call;
+    before, each flood request was one pass and the small call came after the one computing and
+    the one queued."""
+    async def scenario(runtime, client):
+        done: list[str] = []
+
+        async def call(name, inputs):
+            await client.infer(inputs, outputs=["logits"])
+            done.append(name)
+
+        await call("warm-up", rows(1, 12))  # the batcher measures its cost per token
+        done.clear()
+        flood = [asyncio.ensure_future(call(f"flood{i}", rows(16, 40))) for i in range(2)]
+        while runtime.batcher.stats.batches < 2:  # the flood is computing: one pass done
+            await asyncio.sleep(0.001)
+        small = asyncio.ensure_future(call("small", rows(1, 12)))
+        await asyncio.gather(small, *flood)
+        return done, runtime.batcher.stats
+
+    done, stats = asyncio.run(asyncio.wait_for(with_server(
+        model_dir, "--forward-workers", "1", "--max-wait-us", "0", "--max-pass-ms", "0.01", scenario=scenario), 120))
+    assert done[0] == "small", done
+    assert stats.largest_batch == 1 and stats.batches == 2 + 2 * 16
+
+
+def test_base_model_batches_run_on_the_forward_workers(model_dir):
+    """Issue: every request's adapter is leased as BASE when it names none, and the batcher took any
+    name for an adapter, so every forward pass ran alone on the main worker: --forward-workers did
+    nothing in the server."""
+    async def scenario(runtime, client):
+        threads: set[str] = set()
+        forward = runtime.engine.forward
+
+        def recording(*args, **kwargs):
+            threads.add(threading.current_thread().name)
+            return forward(*args, **kwargs)
+
+        runtime.engine.forward = recording
+        await asyncio.gather(*(client.infer(rows(2, 5 + i), outputs=["logits"]) for i in range(4)))
+        return threads
+
+    threads = asyncio.run(with_server(model_dir, "--forward-workers", "2", scenario=scenario))
+    assert threads and all(name.startswith("forward") for name in threads), threads

@@ -293,3 +293,25 @@ def test_ctc_model_refuses_whisper_options(tmp_path):
             with pytest.raises(grpc.RpcError) as exc:
                 client.transcribe([(audio_helpers.synth(0.5), RATE)], **options)
             assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in exc.value.details()
+
+
+def test_processor_component_layout_equals_pipeline(tmp_path):
+    """One components/processor/ (WhisperProcessor: feature extractor + tokenizer), as MLflow saves a pipeline
+    built with a processor."""
+    import transformers
+
+    from client.preproc_client import PreprocClient
+
+    model, tokenizer, fe = model_factory.build_whisper_asr(seed=0)
+    directory = model_factory.save_audio_components(tmp_path / "model", model, "automatic-speech-recognition",
+                                                    "AutomaticSpeechRecognitionPipeline", fe, tokenizer,
+                                                    as_processor=True)
+    assert (directory / "components" / "processor").is_dir()
+    pipe = transformers.pipeline("automatic-speech-recognition", model=model, tokenizer=tokenizer,
+                                 feature_extractor=fe, device="cpu")
+    clip = audio_helpers.synth(2.0, seed=80)
+    with servers.model_service(directory, "--metrics-port", "0", "--torch-threads", "1") as ms, \
+            servers.preproc_service(directory, ms.address, "--metrics-port", "0") as pp, \
+            PreprocClient(pp.address, timeout=60) as client:
+        (got,) = client.transcribe([(clip, RATE)], return_timestamps=True, generate_kwargs=GREEDY)
+    same(got, pipe(clip, return_timestamps=True, **GREEDY))

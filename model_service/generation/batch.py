@@ -1,18 +1,20 @@
 """The running batch of a continuous-batching generator, as plain data operations.
 
-A DecodeBatch holds every active sequence of one adapter in one transformers KV cache
-(DynamicCache, or EncoderDecoderCache for T5/BART-style models) plus the tensors a decode
-step needs. Rows are left-padded in the decoder so every row's newest token sits in the
-last column; the attention mask hides the padding and position ids count only real
-tokens, so each row sees exactly what it would see alone. Encoder states (cross-attention)
-are right-padded and masked the same way.
+A DecodeBatch holds every active sequence in one transformers KV cache (the decoder's keys and
+values in a SlotCache, slots.py; T5/BART-style models add a DynamicCache of cross-attention
+keys and values in an EncoderDecoderCache) plus the tensors a decode step needs. Rows are
+left-padded in the decoder so every row's newest token sits in the last column; the attention
+mask hides the padding and position ids count only real tokens, so each row sees exactly what
+it would see alone. Encoder states (cross-attention) are right-padded and masked the same way.
 
 - `prefill(model, seqs)` builds a batch from new sequences (one forward pass) and picks
   their first token;
-- `concat(other)` merges two batches (pads the shorter caches);
-- `filter(keep)` drops rows (finished or cancelled) and trims padding no row needs;
-- `decode(model)` advances every row one token in one forward pass.
-All of it runs on the engine's worker thread.
+- `concat(other)` merges two batches (copies the other's rows into this batch's buffers);
+- `filter(keep)` drops rows (finished or cancelled; rows may change places) and trims padding
+  no row needs;
+- `decode(model)` advances every row one token in one forward pass, writing only the new
+  column of the cache.
+All of it runs on an engine worker thread (one step at a time).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from transformers import Cache, DynamicCache, EncoderDecoderCache
 
 from model_service.generation.sampling import SamplingParams, TokenChooser, choose_tokens
+from model_service.generation.slots import SlotCache
 from model_service.generation.whisper import SpeechModel
 
 
@@ -103,9 +106,14 @@ def _pad_seq(t: torch.Tensor, dim: int, left: int = 0, right: int = 0) -> torch.
 class DecodeBatch:
     def __init__(self, seqs, cache, attention_mask, next_tokens, positions, encoder_hidden=None,
                  encoder_mask=None):
+        """`cache`: a prefill's transformers cache and `attention_mask` [B, L] its decoder mask
+        (left-padded); the decoder's keys and values move into a SlotCache."""
         self.seqs = list(seqs)
-        self.cache = cache                    # transformers Cache, rows = seqs
-        self.attention_mask = attention_mask  # [B, L] decoder self-attention, left-padded
+        self.slots = SlotCache(len(_self_layers(cache)))
+        self.slots.add_rows([(layer.keys, layer.values) for layer in _self_layers(cache)], attention_mask)
+        # transformers Cache, rows = seqs
+        self.cache = EncoderDecoderCache(self.slots, cache.cross_attention_cache) \
+            if hasattr(cache, "cross_attention_cache") else self.slots
         self.next_tokens = next_tokens        # [B] chosen but not yet fed
         self.positions = positions            # [B] position id of next_tokens (decoder-only)
         self.encoder_hidden = encoder_hidden  # [B, S, E] right-padded (encoder-decoder)
@@ -113,6 +121,11 @@ class DecodeBatch:
 
     def __len__(self):
         return len(self.seqs)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[B, L] decoder self-attention mask, left-padded."""
+        return self.slots.attention_mask
 
     @property
     def padded_length(self) -> int:
@@ -191,14 +204,8 @@ class DecodeBatch:
         return batch
 
     def concat(self, other: DecodeBatch) -> DecodeBatch:
-        """Append `other`'s rows to this batch (in place); the shorter side's caches are padded."""
-        width = max(self.padded_length, other.padded_length)
-        pad_a, pad_b = width - self.padded_length, width - other.padded_length
-        for a, b in zip(_self_layers(self.cache), _self_layers(other.cache), strict=True):
-            a.keys = torch.cat([_pad_seq(a.keys, -2, left=pad_a), _pad_seq(b.keys, -2, left=pad_b)])
-            a.values = torch.cat([_pad_seq(a.values, -2, left=pad_a), _pad_seq(b.values, -2, left=pad_b)])
-        self.attention_mask = torch.cat([_pad_seq(self.attention_mask, 1, left=pad_a),
-                                         _pad_seq(other.attention_mask, 1, left=pad_b)])
+        """Append `other`'s rows to this batch (in place); cross-attention caches are padded."""
+        self.slots.add_rows([(layer.keys, layer.values) for layer in other.slots.layers], other.attention_mask)
         if self.encoder_hidden is not None:
             s_a, s_b = self.encoder_mask.shape[1], other.encoder_mask.shape[1]
             width = max(s_a, s_b)
@@ -216,18 +223,13 @@ class DecodeBatch:
         return self
 
     def filter(self, keep: list[int]) -> DecodeBatch | None:
-        """Keep only rows `keep` (in place); None when no row is left."""
+        """Keep only rows `keep` (in place; the rows left may change places); None when no row is left."""
         if not keep:
             return None
         if len(keep) == len(self.seqs):
             return self
-        idx = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
-        mask = self.attention_mask.index_select(0, idx)
-        first = int((mask.sum(0) > 0).nonzero()[0])  # left columns that only padding uses
-        for layer in _self_layers(self.cache):
-            layer.keys = layer.keys.index_select(0, idx)[..., first:, :]
-            layer.values = layer.values.index_select(0, idx)[..., first:, :]
-        self.attention_mask = mask[:, first:]
+        order = self.slots.keep_rows(keep)
+        idx = torch.tensor(order, dtype=torch.long, device=self.attention_mask.device)
         if self.encoder_hidden is not None:
             enc_mask = self.encoder_mask.index_select(0, idx)
             end = int((enc_mask.sum(0) > 0).nonzero()[-1]) + 1  # right columns that only padding uses
@@ -238,29 +240,28 @@ class DecodeBatch:
             self.encoder_mask = enc_mask[:, :end]
         self.next_tokens = self.next_tokens.index_select(0, idx)
         self.positions = self.positions.index_select(0, idx)
-        self.seqs = [self.seqs[i] for i in keep]
+        self.seqs = [self.seqs[i] for i in order]
         return self
 
     # ------------------------------------------------------------------ stepping
 
     def decode(self, gm: GenerationModel) -> None:
         """Feed every row's pending token (one forward pass) and choose the next ones."""
-        ones = torch.ones((len(self.seqs), 1), dtype=torch.long, device=self.attention_mask.device)
-        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        mask = self.slots.next_column()
         tokens = self.next_tokens[:, None]
         if gm.is_encoder_decoder:
             from transformers.modeling_outputs import BaseModelOutput
 
             extra = {"decoder_position_ids": self.positions[:, None]} if gm.speech is not None else {}
-            logits, self.cache, _ = gm.forward(
+            logits, _, _ = gm.forward(
                 self.cache, encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder_hidden),
-                attention_mask=self.encoder_mask, decoder_input_ids=tokens, decoder_attention_mask=self.attention_mask,
-                **extra)
+                attention_mask=self.encoder_mask, decoder_input_ids=tokens, decoder_attention_mask=mask, **extra)
         else:
-            inputs = {"input_ids": tokens, "attention_mask": self.attention_mask}
+            inputs = {"input_ids": tokens, "attention_mask": mask}
             if gm.takes_position_ids:
                 inputs["position_ids"] = self.positions[:, None]
-            logits, self.cache, _ = gm.forward(self.cache, **inputs)
+            logits, _, _ = gm.forward(self.cache, **inputs)
+        self.slots.advance()
         self.positions = self.positions + 1
         for seq, token in zip(self.seqs, self.next_tokens.tolist(), strict=True):
             if seq.params.repetition_penalty != 1.0:

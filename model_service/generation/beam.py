@@ -5,9 +5,11 @@ num_beams hypotheses per request and reorders them every step, and no_repeat_ngr
 looks at each row's whole history. A request that needs either is generated here instead:
 by transformers' own `model.generate` on the engine's worker thread, one request per call,
 so its tokens are exactly `model.generate(num_beams=..., ...)`'s. The whole answer is sent
-when the search ends (a beam's tokens are not final before that). While it runs, the
-continuous batch waits for the worker: `--gen-max-beams` bounds the width, the model's
-context and `--gen-max-tokens` bound its length.
+when the search ends (a beam's tokens are not final before that). A search on the base model
+runs on one of the engine's forward workers (`engine.run_forward`), so the continuous batch
+keeps stepping on another meanwhile (with one forward worker, or adapter rows on either side,
+they take turns): `--gen-max-beams` bounds the width, the model's context and `--gen-max-tokens`
+bound its length.
 
 What a request may combine (anything else is refused by name, never dropped):
 - num_beams > 1 with length_penalty, early_stopping, no_repeat_ngram_size, min_new_tokens,
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from model_service.adapters import BASE
 from model_service.generation.batch import Sequence
 from model_service.generation.sampling import ChosenLogprob, SamplingParams
 from model_service.generation.scheduler import StepEvent
@@ -129,7 +132,8 @@ class SearchRunner:
 
     async def _run(self, seq: Sequence, search: SearchParams) -> None:
         try:
-            tokens, logprobs = await self.engine.run(self.generate, seq, search)
+            run = self.engine.run_forward if seq.adapter in ("", BASE) else self.engine.run  # see scheduler.py
+            tokens, logprobs = await run(self.generate, seq, search)
         except Exception as exc:  # noqa: BLE001 - fail this request, keep serving
             log.exception("beam search failed")
             seq.events.put_nowait(Unavailable(f"generation failed: {type(exc).__name__}: {exc}"))

@@ -11,4 +11,6 @@ GENERATION_OPTIONS = [
            "the continuous batch, one request at a time on the model's worker)", int),
     Option("gen-stream-interval", 0, "generation: tokens per streamed message after the first, which always goes "
            "out at once; 0 = adapt to the load: 1 up to 7 running sequences, then 1 more per 4 (at most 8)", int),
+    Option("gen-torch-threads", 0, "generation: torch threads of the decode steps; 0 = measure and keep the faster of "
+           "1 and the model worker's threads (one is faster when other processes share the cores)", int),
 ]

@@ -2,8 +2,10 @@
 
 Between steps the loop admits waiting requests (their prefill runs in the same engine call
 as the step) and retires finished or cancelled sequences, so a slot frees at the next step.
-All model work goes through `engine.run` (the engine's single worker thread); the loop
-itself and the per-request event queues live on the asyncio event loop.
+A step whose rows all use the base model only reads it: it runs through `engine.run_forward`,
+so a beam search (beam.py) or the tensor API's forward passes run beside it on the other
+forward workers; a step with adapter rows goes through `engine.run` (alone). One step at a
+time either way. The loop itself and the per-request event queues live on the asyncio event loop.
 
 Limits: `max_sequences` running at once, `max_tokens` positions reserved by them (prompt +
 max_new_tokens each), and `max_waiting` requests queued; beyond the last, RESOURCE_EXHAUSTED.
@@ -18,12 +20,19 @@ import time
 from dataclasses import dataclass
 
 from model_service.adapters import BASE
+from model_service.batcher import plan_groups
 from model_service.generation.batch import DecodeBatch, GenerationModel, Sequence
 from model_service.generation.sampling import TokenChooser
+from model_service.generation.threads import StepThreads
 from splitserve_common import metrics
 from splitserve_common.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
+
+# The fixed cost of one prefill pass in prompt-token equivalents, for cutting the admitted prompts
+# into length groups (model_service.batcher.plan_groups). GPT-2-small-sized on CPU: ~3 ms per token,
+# a few ms per pass; 16 leans towards fewer passes for smaller models, whose tokens cost less.
+PREFILL_PASS_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -49,10 +58,12 @@ class _Core:
     applies each row's own adapter (model_service.adapters).
     """
 
-    def __init__(self, gm: GenerationModel, engine):
+    def __init__(self, gm: GenerationModel, engine, threads: StepThreads):
         self.gm = gm
         self.engine = engine
+        self.threads = threads
         self.batch: DecodeBatch | None = None
+        self.prefill_passes = 0
 
     def _use(self, seqs):
         return self.engine.adapters.use([s.adapter for s in seqs])
@@ -66,14 +77,20 @@ class _Core:
         self._keep(lambda s: s not in gone)
         stepped = []
         if self.batch is not None:
-            with self._use(self.batch.seqs), metrics.stage_timer("decode"):
+            with self._use(self.batch.seqs), metrics.stage_timer("decode"), self.threads.step(len(self.batch)):
                 self.batch.decode(self.gm)
             stepped += self.batch.seqs
         if admitted:
-            with self._use(admitted), metrics.stage_timer("prefill"):
-                fresh = DecodeBatch.prefill(self.gm, admitted)
+            # Prompts of similar lengths prefill together: a pass pads every prompt to its longest.
+            ordered = sorted(admitted, key=lambda s: len(s.prompt_ids))
+            lengths = [len(s.prompt_ids) for s in ordered]
+            for start, end in plan_groups(lengths, len(ordered), sum(lengths) * len(ordered), PREFILL_PASS_TOKENS):
+                group = ordered[start:end]
+                with self._use(group), metrics.stage_timer("prefill"), self.threads.step(0):
+                    fresh = DecodeBatch.prefill(self.gm, group)
+                self.prefill_passes += 1
+                self.batch = fresh if self.batch is None else self.batch.concat(fresh)
             stepped += admitted
-            self.batch = fresh if self.batch is None else self.batch.concat(fresh)
         self._keep(lambda s: not s.finish_reason)
         return [(s, StepEvent(s.generated[-1], s.last_logprob, s.finish_reason)) for s in stepped]
 
@@ -82,11 +99,13 @@ class _Core:
 
 
 class Scheduler:
-    def __init__(self, engine, gm: GenerationModel, limits: Limits = Limits()):
+    def __init__(self, engine, gm: GenerationModel, limits: Limits = Limits(), torch_threads: int = 0):
+        """`torch_threads`: intra-op threads of the steps; 0 chooses between 1 and the engine worker's
+        threads by measuring (threads.py)."""
         self.engine = engine
         self.gm = gm
         self.limits = limits
-        self._core = _Core(gm, engine)
+        self._core = _Core(gm, engine, StepThreads(engine.torch_threads * engine.forward_workers, torch_threads))
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
         self._wakeup = asyncio.Event()
@@ -180,8 +199,9 @@ class Scheduler:
             if not self._active and not admitted and not dropped:
                 self._wakeup.clear()
                 continue
+            run = self.engine.run_forward if _base_only(self._active + admitted) else self.engine.run
             try:
-                results = await self.engine.run(self._core.step, admitted, dropped)
+                results = await run(self._core.step, admitted, dropped)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the rest
@@ -217,6 +237,11 @@ class Scheduler:
                     metrics.observe_time_per_output_token(
                         _label(seq), (now - seq.first_token_at) / (len(seq.generated) - 1))
         metrics.set_generation_sequences(len(self._active), len(self._waiting))
+
+
+def _base_only(seqs) -> bool:
+    """Every row uses the base model: a forward pass only reads it (adapters change its layers)."""
+    return all(seq.adapter in ("", BASE) for seq in seqs)
 
 
 def _label(seq: Sequence) -> str:

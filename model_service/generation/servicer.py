@@ -49,9 +49,11 @@ def saved_defaults(source_dir: Path, weights_dir: Path) -> dict:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 0, max_beams: int = 8):
+    def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 0, max_beams: int = 8,
+                 torch_threads: int = 0):
         self.runtime = runtime
         self.limits = limits
+        self.torch_threads = torch_threads  # of the generation steps; 0: chosen by measuring
         self.max_beams = max_beams
         self.searches: SearchRunner | None = None  # beam search / n-gram blocking, apart from the batch
         self.stream_interval = stream_interval  # 0: adapt to the load (see tokens_per_message)
@@ -84,7 +86,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.max_positions = loaded.max_positions
         self.eos_ids = list(loaded.special_ids.get("eos_token_id") or [])
         self.defaults = saved_defaults(loaded.source_dir, loaded.weights_dir)
-        self.scheduler = Scheduler(engine, self.gm, self.limits)
+        self.scheduler = Scheduler(engine, self.gm, self.limits, self.torch_threads)
         self.searches = SearchRunner(engine, loaded.model, self.gm.is_encoder_decoder, self.gm.pad_token_id,
                                      self.limits.max_tokens, self.limits.max_waiting)
 

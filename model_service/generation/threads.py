@@ -1,0 +1,81 @@
+"""How many torch intra-op threads the generation loop uses: fixed, or chosen by measuring steps.
+
+A decode step is ~100 small operators; with several intra-op threads each one ends in a barrier
+where the threads wait for each other. On an idle node that splits the matrix products across
+the cores; on a node whose cores are shared with other busy processes (preproc_service, the
+client, other services) a thread that lost its core holds every barrier up: measured on 2
+shared cores, GPT-2-small-sized decode steps of 32 rows took 1.4-4x the wall time and
+1.4-10x the CPU with 2 threads than with 1 (bench/NOTES.md). Neither choice is right on every
+node, so by default the loop measures: it runs with the current choice and every `period`
+steps tries the other for `probe` steps, then keeps whichever cost less per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class StepThreads:
+    def __init__(self, available: int, fixed: int = 0, period: int = 48, probe: int = 4, margin: float = 0.9):
+        """`available`: the worker's threads; `fixed` > 0 pins the count, 0 chooses between 1 and `available`."""
+        self.choices = [fixed] if fixed else sorted({1, max(1, available)})
+        self.current = self.choices[-1]
+        self.period, self.probe, self.margin = period, probe, margin
+        self._since_probe = period - probe  # the first probe comes early
+        self._recent: list[float] = []  # seconds per row of the last steps on `current`
+        self._probing: list[float] | None = None  # seconds per row of the steps on the other choice
+
+    @property
+    def _other(self) -> int:
+        return self.choices[0] if self.current == self.choices[-1] else self.choices[-1]
+
+    def threads(self) -> int:
+        """The thread count for the next step."""
+        return self._other if self._probing is not None else self.current
+
+    def record(self, seconds: float, rows: int) -> None:
+        """One decode step of `rows` rows took `seconds` on threads() threads."""
+        if len(self.choices) == 1 or rows <= 0:
+            return
+        cost = seconds / rows
+        if self._probing is not None:
+            self._probing.append(cost)
+            if len(self._probing) >= self.probe:
+                if self._recent and _mean(self._probing) < self.margin * _mean(self._recent):
+                    log.info("generation steps now use %d torch thread(s): %.2f ms per row against %.2f with %d",
+                             self._other, _mean(self._probing) * 1e3, _mean(self._recent) * 1e3, self.current)
+                    self.current = self._other
+                    self._recent = self._probing[-self.probe:]
+                self._probing, self._since_probe = None, 0
+            return
+        self._recent = (self._recent + [cost])[-self.probe:]
+        self._since_probe += 1
+        if self._since_probe >= self.period and len(self._recent) >= self.probe:
+            self._probing = []
+
+    @contextlib.contextmanager
+    def step(self, rows: int):
+        """Run a block (on the worker thread) with threads() intra-op threads; time it for `rows` rows
+        (0: run it so, record nothing). The worker's own count is restored afterwards."""
+        before = torch.get_num_threads()
+        threads = self.threads()
+        if threads != before:
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if rows:
+                self.record(time.perf_counter() - start, rows)
+            if threads != before:
+                torch.set_num_threads(before)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

@@ -1,0 +1,160 @@
+"""The batcher's scheduling policy without a server: a real tiny model in a real Engine, requests
+submitted straight to model_service.batcher.Batcher (issue 12 "fairness", issue 13 "batches nearer
+to sorted"). A large request runs as passes of about --max-pass-ms; a small request that arrives
+while passes of a large one are queued takes their place; answers are those of one whole pass."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from model_service import loader, requests
+from model_service.batcher import Batcher
+from model_service.engine import Engine
+from model_service.served_model import discover
+from splitserve_common.errors import ConfigurationError
+from splitserve_common.v2_codec import encode_request
+from tests import model_factory
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    model, tokenizer = model_factory.build_encoder("text-classification", seed=6)
+    directory = model_factory.save_components(tmp_path_factory.mktemp("policy") / "tc", model, tokenizer,
+                                              "text-classification")
+    return loader.load(loader.LoadOptions(model_dir=str(directory), device="cpu"))
+
+
+def job(info, lengths: list[int]):
+    """One request of rows of `lengths` (distinct ids per row, right-padded with an attention mask)."""
+    ids = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = np.arange(5 + i, 5 + i + n) % 90 + 5
+        mask[i, :n] = 1
+    return requests.parse(encode_request({"input_ids": ids, "attention_mask": mask}, outputs=["logits"]), info)
+
+
+async def serving(loaded, **batcher_args):
+    engine = Engine(loaded, torch_threads=1, forward_workers=2)
+    info = await engine.run(discover, engine, "tc", 32)  # requests of up to 32 rows; passes per batcher_args
+    batcher = Batcher(engine, info, **batcher_args)
+    batcher.start()
+    return engine, info, batcher
+
+
+async def closing(engine, batcher):
+    await batcher.stop()
+    engine.close()
+
+
+def test_a_large_request_runs_as_passes_of_about_max_pass_ms_with_the_same_answers(loaded):
+    """No forward pass of a few µs exists, so --max-pass-ms 0.01 leaves one row per pass; 0 leaves one
+    pass for the whole request (--token-budget alone; a high per-pass overhead keeps its rows together)."""
+    lengths = [9, 30, 4, 17, 30, 12, 25, 6]
+
+    async def run(max_pass_ms):
+        engine, info, batcher = await serving(loaded, max_wait_us=0, max_pass_ms=max_pass_ms, overhead_tokens=1000)
+        try:
+            await batcher.submit(job(info, [8]))  # the cost per token is measured on a first pass
+            before = dict(batcher.stats.sizes)
+            result = await batcher.submit(job(info, lengths))
+            sizes = {k: v - before.get(k, 0) for k, v in batcher.stats.sizes.items() if v != before.get(k, 0)}
+            return result.outputs["logits"], sizes, batcher.pass_tokens()
+        finally:
+            await closing(engine, batcher)
+
+    split, split_sizes, split_tokens = asyncio.run(run(0.01))
+    whole, whole_sizes, whole_tokens = asyncio.run(run(0))
+    assert whole_sizes == {len(lengths): 1} and whole_tokens == 16384
+    assert split_sizes == {1: len(lengths)} and split_tokens == 1
+    np.testing.assert_allclose(split, whole, rtol=1e-4, atol=1e-5)  # rows back in order, equal values
+
+
+def test_passes_of_one_row_requests_keep_the_token_budget(loaded):
+    """A one-row newcomer would not go before other one-row requests, so their shared pass is not cut
+    to --max-pass-ms (that would only cost throughput: issue 13's one-sentence-per-call traffic)."""
+    async def scenario():
+        engine, info, batcher = await serving(loaded, max_wait_us=0, max_pass_ms=0.01)
+        try:
+            await batcher.submit(job(info, [8]))  # measured: --max-pass-ms 0.01 leaves one row per pass
+            before = dict(batcher.stats.sizes)
+            # Queued in one turn of the event loop, before the collector wakes: they share one pass.
+            await asyncio.gather(*(batcher.submit(job(info, [10])) for _ in range(8)))
+            return {k: v - before.get(k, 0) for k, v in batcher.stats.sizes.items() if v != before.get(k, 0)}, \
+                batcher.pass_tokens()
+        finally:
+            await closing(engine, batcher)
+
+    sizes, pass_tokens = asyncio.run(scenario())
+    assert pass_tokens == 1 and sizes == {8: 1}
+
+
+def test_pass_tokens_follow_the_measured_cost(loaded):
+    async def scenario():
+        engine, info, batcher = await serving(loaded, token_budget=4096, overhead_tokens=10, max_pass_ms=50)
+        try:
+            unmeasured = batcher.pass_tokens()
+            batcher.cost.observe(seconds=1.0, padded_tokens=990)  # 1 ms per token-equivalent
+            measured = batcher.pass_tokens()
+            batcher.cost.seconds_per_token = 1e-7  # a much faster engine: the token budget rules
+            return unmeasured, measured, batcher.pass_tokens()
+        finally:
+            await closing(engine, batcher)
+
+    # Nothing measured: --token-budget; then 50 ms / 1 ms less the pass's own 10 token-equivalents.
+    assert asyncio.run(scenario()) == (4096, 40, 4096)
+
+
+def test_max_pass_ms_must_be_a_finite_number_at_least_zero(loaded):
+    engine = Engine(loaded, torch_threads=1, forward_workers=1)
+    try:
+        for bad in (-1.0, float("inf"), float("nan")):
+            with pytest.raises(ConfigurationError, match="--max-pass-ms"):
+                Batcher(engine, None, max_pass_ms=bad)
+    finally:
+        engine.close()
+
+
+def test_a_small_request_takes_the_place_of_queued_passes_of_a_large_one(loaded):
+    """Issue 12: a one-sentence call waited behind every pass already cut from a flood's rows (4-5 s).
+    With the engine held, the batcher queues one batch per forward worker and one more, all cut from
+    the large request; the small one arriving then is computed in the first pass the engine starts."""
+    async def scenario():
+        engine, info, batcher = await serving(loaded, max_batch_size=4, max_wait_us=0)
+        gate, inside = threading.Event(), threading.Event()
+
+        def hold():
+            inside.set()
+            gate.wait(30)
+
+        try:
+            blocker = asyncio.ensure_future(engine.run(hold))
+            await asyncio.to_thread(inside.wait, 10)
+            done: list[str] = []
+
+            async def call(name, lengths):
+                result = await batcher.submit(job(info, lengths))
+                done.append(name)
+                return result
+
+            large = asyncio.ensure_future(call("large", [12] * 12))  # three passes of 4 rows
+            while batcher.queue_rows or len(batcher._running) < engine.forward_workers + 1:
+                await asyncio.sleep(0.005)
+            small = asyncio.ensure_future(call("small", [12]))
+            await asyncio.sleep(0.05)
+            gate.set()
+            await blocker
+            small_result, large_result = await small, await large
+            return done, small_result.batch_size, large_result, await batcher.submit(job(info, [12] * 12))
+        finally:
+            gate.set()
+            await closing(engine, batcher)
+
+    done, small_batch, large, large_again = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert done == ["small", "large"]
+    assert small_batch <= 4
+    np.testing.assert_allclose(large.outputs["logits"], large_again.outputs["logits"], rtol=1e-4, atol=1e-5)
