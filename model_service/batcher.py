@@ -22,9 +22,9 @@ would only cost throughput. A batch that is queued but not yet started is only a
 arrives and comes first in the order below takes its place (the batch's rows go back to the queue
 and are planned again with it).
 
-Sharing between requests: the rows offered to a forward pass come from the waiting requests in
-least-attained-service order (fewest rows computed so far, then fewest rows waiting, then
-arrival), at most ceil(max_batch_size / requests waiting) rows from each. A small request that
+Sharing between requests: the rows offered to a forward pass (4 x max_batch_size, `VIEW`) come
+from the waiting requests in least-attained-service order (fewest rows computed so far, then
+fewest rows waiting, then arrival), at most an equal share from each. A small request that
 arrives behind a flood of large ones therefore rides in the next forward pass, and no request
 fills a pass while others wait.
 
@@ -56,6 +56,10 @@ from splitserve_common import metrics, tracing
 from splitserve_common.errors import ConfigurationError, DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
+
+# Rows offered to the plan of one pass, in units of max_batch_size: a wider view groups rows of closer
+# lengths (bench/batching_ceiling.py, one request of 2,000 sentences: 0.90 of sorted batches at 4, 0.88 at 1).
+VIEW = 4
 
 
 @dataclass
@@ -372,11 +376,12 @@ class Batcher:
             budget = self.token_budget
         else:
             budget = self.pass_tokens()
-        share = -(-self.max_batch_size // len(order))
+        view = VIEW * self.max_batch_size
+        share = -(-view // len(order))
         offered: list[_Row] = []
         for pending in order:
             offered += pending.waiting[:share]
-            if len(offered) >= 4 * self.max_batch_size:
+            if len(offered) >= view:
                 break
         first = offered[0]
         if first.pending.job.exact_length:  # audio: only clips of the same shape share a forward
