@@ -20,7 +20,9 @@ meanwhile (it goes first in the order below) waits for about one of them instead
 `token_budget` alone (and only their rows): a newcomer would not go before them, so shorter passes
 would only cost throughput. A batch that is queued but not yet started is only a reservation: a request that
 arrives and comes first in the order below takes its place (the batch's rows go back to the queue
-and are planned again with it).
+and are planned again with it). And for `RESERVE_SECONDS` after a one-row request arrived, those
+passes use at most `forward_workers - 1` workers (with two or more): the next one-row request finds a
+worker free instead of waiting for a pass (the long ones' throughput drops while short ones come).
 
 Sharing between requests: the rows offered to a forward pass (4 x max_batch_size, `VIEW`) come
 from the waiting requests in least-attained-service order (fewest rows computed so far, then
@@ -60,6 +62,9 @@ log = logging.getLogger(__name__)
 # Rows offered to the plan of one pass, in units of max_batch_size: a wider view groups rows of closer
 # lengths (bench/batching_ceiling.py, one request of 2,000 sentences: 0.90 of sorted batches at 4, 0.88 at 1).
 VIEW = 4
+# For this long after a one-row request arrived, passes for other requests leave one forward worker free
+# (with two or more): a one-row request then waits for no pass at all, only for its own.
+RESERVE_SECONDS = 1.0
 
 
 @dataclass
@@ -189,6 +194,7 @@ class Batcher:
         self._queued_rows = 0
         self._computing_tokens = 0          # padded tokens and overhead of the batches computing
         self._arrivals = 0
+        self._one_row_arrived = float("-inf")  # event loop time of the last one-row request
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._running: dict[asyncio.Task, _Batch] = {}  # batches taken and not finished (started or queued)
@@ -234,6 +240,8 @@ class Batcher:
         pending = _Pending(job, future, deadline, needs_hidden, self._arrivals, loop.time())
         self._waiting[pending.order] = pending
         self._queued_rows += job.batch
+        if job.batch == 1:
+            self._one_row_arrived = pending.waiting[0].arrived
         self._revoke_for(pending)
         self._wakeup.set()
         try:
@@ -276,6 +284,13 @@ class Batcher:
         about --max-pass-ms."""
         within = self.cost.tokens_within(self.max_pass) if self.max_pass else None
         return self.token_budget if within is None else min(self.token_budget, within)
+
+    def _holding_a_worker(self) -> bool:
+        """One-row requests came within RESERVE_SECONDS and passes for others hold all workers but one."""
+        workers = self.engine.forward_workers
+        if workers < 2 or asyncio.get_running_loop().time() - self._one_row_arrived > RESERVE_SECONDS:
+            return False
+        return sum(not b.revoked and not _one_row(b.key) for b in self._running.values()) >= workers - 1
 
     def _revoke_for(self, newcomer: _Pending) -> None:
         """Put back the rows of queued (not started) batches cut for requests that `newcomer` now goes
@@ -332,8 +347,14 @@ class Batcher:
                     break
             self._drop_stale()
             batch = self._take_batch()
-            if not batch:
+            if batch is None:
                 self._slots.release()
+                if self._waiting:  # held back: a worker stays free for one-row requests (RESERVE_SECONDS)
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), RESERVE_SECONDS)
+                    except asyncio.TimeoutError:
+                        pass
                 continue
             task = loop.create_task(self._run(batch))
             self._running[task] = batch
@@ -341,6 +362,7 @@ class Batcher:
 
     def _batch_done(self, task: asyncio.Task) -> None:
         batch = self._running.pop(task)
+        self._wakeup.set()  # a batch held back for the reserved worker may go now
         if not batch.revoked:  # a revoked batch gave its slot back when it was revoked
             self._slots.release()
 
@@ -375,6 +397,8 @@ class Batcher:
             order = [p for p in order if _one_row(_service_key(p))]
             budget = self.token_budget
         else:
+            if self._holding_a_worker():
+                return None
             budget = self.pass_tokens()
         view = VIEW * self.max_batch_size
         share = -(-view // len(order))
