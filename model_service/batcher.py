@@ -268,7 +268,10 @@ class Batcher:
         if queued is None:
             return None
         computing = self._computing_tokens * self.cost.seconds_per_token
-        return (computing + queued) / self.engine.forward_workers
+        workers = self.engine.forward_workers
+        if job.batch > 1 and self._reserving():  # it gets all workers but one (RESERVE_SECONDS)
+            workers -= 1
+        return (computing + queued) / workers
 
     def _check_time(self, job: InferJob, timeout: float | None) -> None:
         expected = None if timeout is None else self.expected_seconds(job)
@@ -285,12 +288,15 @@ class Batcher:
         within = self.cost.tokens_within(self.max_pass) if self.max_pass else None
         return self.token_budget if within is None else min(self.token_budget, within)
 
+    def _reserving(self) -> bool:
+        """A one-row request came within RESERVE_SECONDS and there are workers enough to keep one free."""
+        return (self.engine.forward_workers >= 2
+                and asyncio.get_running_loop().time() - self._one_row_arrived <= RESERVE_SECONDS)
+
     def _holding_a_worker(self) -> bool:
-        """One-row requests came within RESERVE_SECONDS and passes for others hold all workers but one."""
-        workers = self.engine.forward_workers
-        if workers < 2 or asyncio.get_running_loop().time() - self._one_row_arrived > RESERVE_SECONDS:
-            return False
-        return sum(not b.revoked and not _one_row(b.key) for b in self._running.values()) >= workers - 1
+        """While reserving, passes for requests other than one-row ones hold all workers but one."""
+        busy = sum(not b.revoked and not _one_row(b.key) for b in self._running.values())
+        return self._reserving() and busy >= self.engine.forward_workers - 1
 
     def _revoke_for(self, newcomer: _Pending) -> None:
         """Put back the rows of queued (not started) batches cut for requests that `newcomer` now goes
