@@ -16,7 +16,6 @@ Thread use: `load`/`unload` and forwards inside `use()` run on the engine's one 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import re
 import threading
@@ -25,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitserve_common import memory
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 BASE = "__base__"  # peft's name for "no adapter" in per-row adapter_names
@@ -137,10 +137,7 @@ def release_freed_memory() -> None:
     The adapter's tensors are already freed by reference counting when its layers go; no
     gc.collect() here: a full collection takes ~0.5 s and would stall the engine's worker.
     """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    memory.release_free_memory()
     import torch
 
     if torch.cuda.is_available():

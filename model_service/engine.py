@@ -2,7 +2,8 @@
 
 API for the other parts of model_service (generation, adapters, batching) — keep it stable:
 
-    engine = Engine(loaded, torch_threads=0, forward_workers=1, backend="eager")   # loaded: loader.LoadedModel
+    engine = Engine(loaded, torch_threads=0, forward_workers=1, backend="eager",   # loaded: loader.LoadedModel
+                    release_memory_seconds=0.0)
     result = await engine.run(fn, *args, **kwargs)
         Runs `fn(*args, **kwargs)` on the engine's main worker thread under torch.inference_mode()
         and returns its result (exceptions propagate). Calls run one at a time, in submission
@@ -46,6 +47,7 @@ import torch
 from model_service.adapters import AdapterRegistry
 from model_service.backends import BACKENDS
 from splitserve_common.errors import FailedPrecondition
+from splitserve_common.memory import MemoryReleaser
 
 
 def default_torch_threads() -> int:
@@ -107,10 +109,14 @@ class _SharedOrAlone:
 
 
 class Engine:
-    def __init__(self, loaded, torch_threads: int = 0, forward_workers: int = 1, backend="eager"):
+    def __init__(self, loaded, torch_threads: int = 0, forward_workers: int = 1, backend="eager",
+                 release_memory_seconds: float = 0.0):
         """`forward_workers`: threads that run batched forward passes at once (0: default_forward_workers);
         `torch_threads`: torch's intra-op threads per worker (0: the process's CPUs split between them);
-        `backend`: a name in backends.BACKENDS, or a backend built already (backends.py's interface)."""
+        `backend`: a name in backends.BACKENDS, or a backend built already (backends.py's interface);
+        `release_memory_seconds`: after model work, hand the allocator's free memory back to the system at
+        most this often (0: never; see splitserve_common/memory.py: tensors of ever-changing shapes
+        fragment glibc's arenas, and RSS grew without bound under varied batches)."""
         self.loaded = loaded
         self.model = loaded.model
         self.backend = BACKENDS[backend](loaded) if isinstance(backend, str) else backend
@@ -127,6 +133,7 @@ class Engine:
             max_workers=self.forward_workers, thread_name_prefix="forward", initializer=self._init_worker,
             initargs=(self.torch_threads, False))
         self._model_use = _SharedOrAlone()
+        self.memory = MemoryReleaser(release_memory_seconds)
         self.worker_thread: threading.Thread | None = None
 
     def _init_worker(self, threads: int, main: bool) -> None:
@@ -137,11 +144,17 @@ class Engine:
     def _call(self, fn, args, kwargs):
         with self._model_use.alone() if self._forward_executor else contextlib.nullcontext(), \
                 torch.inference_mode():
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.memory.worked()
 
     def _call_shared(self, fn, args, kwargs):
         with self._model_use.shared(), torch.inference_mode():
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.memory.worked()
 
     async def run(self, fn, *args, **kwargs):
         """Run fn(*args, **kwargs) on the worker thread under inference_mode; await its result.
@@ -168,6 +181,7 @@ class Engine:
             return self.backend(inputs, hidden_states)
 
     def close(self) -> None:
+        self.memory.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._forward_executor is not None:
             self._forward_executor.shutdown(wait=False, cancel_futures=True)

@@ -129,6 +129,7 @@ def metadata(info: ServedModel) -> ModelMetadata:
         main_input=next(iter(info.input_specs), "input_ids"),
         max_input_values=int(info.max_input_values),
         inputs_to_logits_ratio=int(getattr(config, "inputs_to_logits_ratio", 1) or 1),
+        return_timestamps=bool(getattr(getattr(loaded.model, "generation_config", None), "return_timestamps", False)),
         aggregation_labels={int(k): v for k, v in (getattr(config, "aggregation_labels", None) or {}).items()},
         no_aggregation_label_index=getattr(config, "no_aggregation_label_index", None),
     )

@@ -62,7 +62,7 @@ async def load_runtime(runtime: Runtime, adapters: adapters_servicer.AdaptersSer
     args = runtime.args
     loaded = await asyncio.to_thread(loader.load, load_options(args))
     engine = Engine(loaded, torch_threads=args.torch_threads, forward_workers=args.forward_workers,
-                    backend=args.engine)
+                    backend=args.engine, release_memory_seconds=args.release_memory_seconds)
     info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
                             args.max_input_values)
     info.max_queue_rows = args.max_queue_rows

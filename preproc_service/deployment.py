@@ -19,7 +19,7 @@ from preproc_service.limits import RequestLimits
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import ModelDir
 from preproc_service.precedence import Precedence
-from preproc_service.tokenization import Tokenization
+from preproc_service.tokenization import Tokenization, pad_batch
 from splitserve_common import metrics, tasks
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from splitserve_common.v2_codec import ModelMetadata
@@ -136,6 +136,10 @@ class Deployment:
     @property
     def uses_token_type_ids(self) -> bool:
         return "token_type_ids" in getattr(self.tokenizer, "model_input_names", [])
+
+    def pad(self, encodings: list) -> dict[str, np.ndarray]:
+        """Encodings as the model's padded arrays: input_ids, attention_mask (+ token_type_ids if it takes them)."""
+        return pad_batch(encodings, self.tokenization.pad_token_id, self.uses_token_type_ids)
 
     async def forward(self, scope: RequestScope, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
                       parameters: dict | None = None, output_parameters: dict | None = None) -> dict[str, np.ndarray]:

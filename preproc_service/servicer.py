@@ -148,7 +148,17 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
         return pb.EmbedResponse(embeddings=[to_preproc_tensor(v) for v in vectors], prompt_tokens=prompt_tokens,
                                 meta=self._meta(scope, applied, started))
 
-    async def _classify_audio(self, request: pb.ClassifyAudioRequest, context) -> pb.ClassifyAudioResponse:
+    # The RPCs PredictStream serves too, where its items call the handlers above unwrapped (a failure is
+    # that item's error, not the stream's).
+    Classify = grpc_errors(_classify)
+    ClassifyTokens = grpc_errors(_classify_tokens)
+    FillMask = grpc_errors(_fill_mask)
+    AnswerQuestion = grpc_errors(_answer_question)
+    ZeroShotClassify = grpc_errors(_zero_shot)
+    Embed = grpc_errors(_embed)
+
+    @grpc_errors
+    async def ClassifyAudio(self, request: pb.ClassifyAudioRequest, context) -> pb.ClassifyAudioResponse:
         started = time.perf_counter()
         scope = self._begin("ClassifyAudio", context, request.adapter)
         results, applied = await self._run("audio-classification", scope, _audio_inputs(request.inputs),
@@ -179,10 +189,6 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
                                         meta=self._meta(scope, applied, started))
 
     @grpc_errors
-    async def ClassifyAudio(self, request, context):
-        return await self._classify_audio(request, context)
-
-    @grpc_errors
     async def Transcribe(self, request: pb.TranscribeRequest, context):
         started = time.perf_counter()
         scope = self._begin("Transcribe", context, request.adapter)
@@ -205,30 +211,6 @@ class PreprocServicer(preproc_pb2_grpc.PreprocServicer):
                 yield pb.TranscribeChunk(text=piece)
             else:
                 yield pb.TranscribeChunk(result=_transcription(piece), meta=self._meta(scope, params, started))
-
-    @grpc_errors
-    async def Classify(self, request, context):
-        return await self._classify(request, context)
-
-    @grpc_errors
-    async def ClassifyTokens(self, request, context):
-        return await self._classify_tokens(request, context)
-
-    @grpc_errors
-    async def FillMask(self, request, context):
-        return await self._fill_mask(request, context)
-
-    @grpc_errors
-    async def AnswerQuestion(self, request, context):
-        return await self._answer_question(request, context)
-
-    @grpc_errors
-    async def ZeroShotClassify(self, request, context):
-        return await self._zero_shot(request, context)
-
-    @grpc_errors
-    async def Embed(self, request, context):
-        return await self._embed(request, context)
 
     @grpc_errors
     async def Embeddings(self, request: pb.EmbeddingsRequest, context):

@@ -13,14 +13,13 @@ mutates a tokenizer another thread is using.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from splitserve_common import memory
 from splitserve_common.errors import InvalidArgument
 
 _MAX_BACKENDS = 16
@@ -54,15 +53,6 @@ class _Job:
         self.chars_left = sum(_text_chars(t) for t in self.texts)
 
 
-def _malloc_trim():
-    """glibc's malloc_trim(0), or None where there is no glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return lambda: libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        return None
-
-
 class Tokenization:
     def __init__(self, tokenizer, max_length: int, max_batch: int = 512, round_chars: int = 16384):
         """`tokenizer`: a transformers fast tokenizer (decode, special tokens); `max_length`: model limit."""
@@ -73,7 +63,7 @@ class Tokenization:
         self.max_batch = max_batch
         self.round_chars = round_chars
         self._chars_since_trim = 0
-        self._trim = _malloc_trim()
+        self._trim = memory.release_free_memory if memory.can_release() else None
         self._trim_task: asyncio.Future | None = None
         self._backend_json = tokenizer.backend_tokenizer.to_str()
         self._backends: dict[EncodeOptions, Tokenizer] = {}

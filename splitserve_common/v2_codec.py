@@ -396,6 +396,7 @@ class ModelMetadata:
     main_input: str = _key(default="input_ids")  # input_ids, or input_values (audio models)
     max_input_values: int = _key(default=0)  # audio models: most samples per input_values row (0: no limit)
     inputs_to_logits_ratio: int = _key(default=1)  # audio models: input samples per output frame
+    return_timestamps: bool = _key(default=False)  # Whisper: its generation config's return_timestamps
     aggregation_labels: dict[int, str] = _key(kind="id2label", factory=dict)  # TAPAS aggregation head
     no_aggregation_label_index: int | None = _key(kind="optional_int")
 

@@ -158,3 +158,35 @@ def test_a_small_request_takes_the_place_of_queued_passes_of_a_large_one(loaded)
     assert done == ["small", "large"]
     assert small_batch <= 4
     np.testing.assert_allclose(large.outputs["logits"], large_again.outputs["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_after_a_one_row_request_passes_for_others_leave_a_worker_free(loaded):
+    """Issue 12: a one-sentence call under a flood waited for a forward worker (each busy with a pass of
+    the flood, one row of ~200 tokens being the least a pass can hold). For a second after a one-row
+    request, passes for larger requests hold at most forward_workers - 1 workers; later, all of them."""
+    async def scenario():
+        engine, info, batcher = await serving(loaded, max_wait_us=0, max_pass_ms=0.01)
+        most = {"reserved": 0, "free": 0}
+        phase = "reserved"
+
+        async def sample():
+            while True:
+                held = sum(not b.revoked and len(b.rows[0].pending.job.rows) > 1 for b in batcher._running.values())
+                most[phase] = max(most[phase], held)
+                await asyncio.sleep(0)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            await batcher.submit(job(info, [8]))  # a one-row request: the reserve starts
+            await batcher.submit(job(info, [20] * 16))  # one row per pass (--max-pass-ms 0.01)
+            await asyncio.sleep(1.1)  # the reserve lapses
+            phase = "free"
+            await batcher.submit(job(info, [20] * 16))
+            return most, engine.forward_workers
+        finally:
+            sampler.cancel()
+            await closing(engine, batcher)
+
+    most, workers = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert workers == 2
+    assert most["reserved"] == 1 and most["free"] == workers + 1, most

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from preproc_service.tasks import fill_mask
-from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import InvalidArgument
 from tests import preproc_helpers as h
 
@@ -27,7 +26,7 @@ def _run(local, texts, explicit):
     def forward(model_inputs):  # what model_service's gather_positions returns: logits at the masks
         logits = []
         for enc, positions in zip(model_inputs["encodings"], model_inputs["masks"], strict=True):
-            batch = pad_batch([enc], deployment.tokenization.pad_token_id, deployment.uses_token_type_ids)
+            batch = deployment.pad([enc])
             logits.append(h.torch_forward(local.model, batch)["logits"][0, positions])
         return {"logits": logits}
 

@@ -297,12 +297,13 @@ def test_ctc_model_refuses_whisper_options(tmp_path):
 
 def test_processor_component_layout_equals_pipeline(tmp_path):
     """One components/processor/ (WhisperProcessor: feature extractor + tokenizer), as MLflow saves a pipeline
-    built with a processor."""
+    built with a processor; a generation config with return_timestamps true gives timestamps unasked, as the
+    pipeline does."""
     import transformers
 
     from client.preproc_client import PreprocClient
 
-    model, tokenizer, fe = model_factory.build_whisper_asr(seed=0)
+    model, tokenizer, fe = model_factory.build_whisper_asr(seed=0, return_timestamps=True)
     directory = model_factory.save_audio_components(tmp_path / "model", model, "automatic-speech-recognition",
                                                     "AutomaticSpeechRecognitionPipeline", fe, tokenizer,
                                                     as_processor=True)
@@ -313,5 +314,25 @@ def test_processor_component_layout_equals_pipeline(tmp_path):
     with servers.model_service(directory, "--metrics-port", "0", "--torch-threads", "1") as ms, \
             servers.preproc_service(directory, ms.address, "--metrics-port", "0") as pp, \
             PreprocClient(pp.address, timeout=60) as client:
-        (got,) = client.transcribe([(clip, RATE)], return_timestamps=True, generate_kwargs=GREEDY)
-    same(got, pipe(clip, return_timestamps=True, **GREEDY))
+        (got,) = client.transcribe([(clip, RATE)], generate_kwargs=GREEDY)
+    want = pipe(clip, **GREEDY)
+    assert want["chunks"]
+    same(got, want)
+
+
+def test_forced_decoder_ids_of_openai_checkpoints(tmp_path):
+    """openai's generation configs carry forced_decoder_ids [[1, None], [2, <|transcribe|>], [3, <|notimestamps|>]]:
+    the language slot is detected, the task and notimestamps kept, as generate builds the prompt."""
+    tokenizer = model_factory.whisper_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    forced = [[1, None], [2, ids("<|transcribe|>")], [3, ids("<|notimestamps|>")]]
+    model, tokenizer, fe = model_factory.build_whisper_asr(seed=0, forced_decoder_ids=forced)
+    directory = save_whisper(tmp_path / "model", model, tokenizer, fe)
+    with servers.model_service(directory, "--metrics-port", "0", "--torch-threads", "1") as ms:
+        stub = generation_stub(ms.address)
+        for seed, speech, kwargs in [(1, {}, {}), (2, {"return_timestamps": True}, {"return_timestamps": True})]:
+            features = features_of(fe, audio_helpers.synth(2.0, seed=seed))
+            prompt, tokens, _ = served(stub, request_of(features, speech=gpb.SpeechOptions(**speech),
+                                                        max_new_tokens=20, num_beams=1))
+            want = reference(model, features, max_new_tokens=20, num_beams=1, **kwargs)
+            assert prompt[2] == ids("<|transcribe|>") and prompt + tokens == want[: len(prompt) + len(tokens)]

@@ -13,9 +13,10 @@ head dim], and a step writes only the new column:
 - `add_rows` copies a prefilled batch's keys and values in, right-aligned at `end`;
 - `keep_rows` moves the last rows into the holes the leaving ones left (only moved rows are
   copied) and drops columns no remaining row uses.
-When a buffer is full it is re-laid out into a larger one (capacity grows by half), so copies
-are amortized. Columns of the window a row does not own hold zeros or an earlier row's values:
-always finite, and masked, so they weigh exactly zero.
+When a buffer is full it is re-laid out (room for half as many columns again and twice the
+rows then running, so it also shrinks after many rows left), so copies are amortized. Columns
+of the window a row does not own hold zeros or an earlier row's values: always finite, and
+masked, so they weigh exactly zero.
 """
 
 from __future__ import annotations
@@ -61,10 +62,14 @@ class _SlotLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.owner.end - self.owner.start
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        """(kv length, kv offset) for `query`: its length (transformers 5.x) or its cache positions (4.x)."""
+        return self.get_seq_length() + (query if isinstance(query, int) else int(query.shape[0])), 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers 4.x's name for get_max_length
         return -1
 
 
@@ -84,7 +89,7 @@ class SlotCache(Cache):
         window in use moves so that it ends at column `width`. `kv`: a layer's new rows, which give
         the buffers' shapes when there are none yet."""
         used = self.end - self.start
-        row_cap = rows if self.mask is None else max(rows, 2 * self.mask.shape[0])
+        row_cap = max(rows, 2 * self.rows)  # room for as many rows again; shrinks after rows left
         col_cap = width + max(16, width // 2)
         start = width - used
         like = kv[0][0] if kv else self.layers[0].key_buffer

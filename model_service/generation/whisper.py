@@ -62,8 +62,8 @@ class SpeechModel:
         eos = gc.eos_token_id if gc.eos_token_id is not None else gc.bos_token_id
         if isinstance(eos, (list, tuple)):
             eos = eos[0]
-        frames = config.max_source_positions * model.model.encoder.conv1.stride[0] * \
-            model.model.encoder.conv2.stride[0]
+        encoder = model.get_encoder()
+        frames = config.max_source_positions * encoder.conv1.stride[0] * encoder.conv2.stride[0]
         return cls(generation_config=gc, main_input_name=model.main_input_name, num_mel_bins=config.num_mel_bins,
                    frames=frames, max_target_positions=config.max_target_positions,
                    decoder_start=gc.decoder_start_token_id, eos=eos,

@@ -19,10 +19,9 @@ import numpy as np
 from preproc_service import audio
 from preproc_service.deployment import Deployment, RequestScope, all_or_nothing
 from preproc_service.tasks.common import check_top_k, require_texts
-from preproc_service.tasks.text_classification import label_scores
+from preproc_service.tasks.text_classification import FUNCTIONS, label_scores
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
-FUNCTIONS = ("softmax", "sigmoid", "none")
 # The stage preprocess is timed as (decoding and feature extraction; text tasks' is "tokenize").
 PREPROCESS_STAGE = "features"
 

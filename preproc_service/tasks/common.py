@@ -12,6 +12,11 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return shifted / shifted.sum(axis=axis, keepdims=True)
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for very negative x: 1 / inf is the right 0
+        return 1.0 / (1.0 + np.exp(-x))
+
+
 def require_texts(texts, what: str = "texts") -> None:
     if len(texts) == 0:
         raise InvalidArgument(f"{what} is empty: send at least one input")

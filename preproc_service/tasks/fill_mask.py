@@ -11,7 +11,6 @@ import numpy as np
 
 from preproc_service.deployment import Deployment, RequestScope, all_or_nothing
 from preproc_service.tasks.common import check_top_k, softmax
-from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
 
@@ -58,7 +57,7 @@ async def preprocess(dep: Deployment, inputs: list[str], params: dict) -> dict:
 async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
     """Logits at the mask positions, [masks, vocab] per text: one model request per text."""
     async def forward_one(enc, positions):
-        batch = pad_batch([enc], dep.tokenization.pad_token_id, dep.uses_token_type_ids)
+        batch = dep.pad([enc])
         gather = ",".join(str(int(p)) for p in positions)
         return (await dep.forward(scope, batch, ["logits"], {"gather_positions": gather}))["logits"][0]
 

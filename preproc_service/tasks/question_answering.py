@@ -21,7 +21,7 @@ import numpy as np
 
 from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.tasks.common import check_top_k
-from preproc_service.tokenization import EncodeOptions, pad_batch
+from preproc_service.tokenization import EncodeOptions
 from splitserve_common.errors import InvalidArgument
 
 
@@ -56,8 +56,8 @@ async def preprocess(dep: Deployment, inputs: list[tuple[str, str]], params: dic
     groups = await dep.tokenization.encode(pairs, options, overflow=True)
     windows = [enc for group in groups for enc in group]
     dep.limits.check_qa_windows(len(windows))
-    return {"batch": pad_batch(windows, dep.tokenization.pad_token_id, dep.uses_token_type_ids),
-            "contexts": [context for _, context in inputs], "groups": groups, "question_first": question_first}
+    return {"batch": dep.pad(windows), "contexts": [context for _, context in inputs], "groups": groups,
+            "question_first": question_first}
 
 
 async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:

@@ -21,6 +21,7 @@ import json
 import numpy as np
 
 from preproc_service.deployment import Deployment, RequestScope, all_or_nothing
+from preproc_service.tasks.common import sigmoid
 from splitserve_common.errors import FailedPrecondition, InvalidArgument
 
 TRUNCATIONS = ("drop_rows_to_fit", "do_not_truncate")
@@ -139,13 +140,10 @@ def prev_labels(token_types: np.ndarray, prev_answers: dict) -> np.ndarray:
 
 def selected_cells(logits: np.ndarray, attention_mask: np.ndarray, token_types: np.ndarray) -> dict:
     """(col, row) -> mean token probability > 0.5, as sequential_inference keeps between queries."""
-    probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float32))) * attention_mask.astype(np.float32)
-    coords_to_probs = collections.defaultdict(list)
-    for i, p in enumerate(probabilities.tolist()):
-        segment, col, row = token_types[i, SEGMENT], token_types[i, COLUMN] - 1, token_types[i, ROW] - 1
-        if col >= 0 and row >= 0 and segment == 1:
-            coords_to_probs[(col, row)].append(p)
-    return {key: np.array(coords_to_probs[key]).mean() > 0.5 for key in coords_to_probs}
+    probabilities = sigmoid(logits.astype(np.float32)) * attention_mask.astype(np.float32)
+    cell_probs = mean_cell_probs(probabilities.tolist(), token_types[:, SEGMENT].tolist(), token_types[:, ROW].tolist(),
+                                 token_types[:, COLUMN].tolist())
+    return {cell: prob > 0.5 for cell, prob in cell_probs.items()}
 
 
 def convert_logits_to_predictions(inputs: dict, logits: np.ndarray, logits_agg: np.ndarray | None,
@@ -153,7 +151,7 @@ def convert_logits_to_predictions(inputs: dict, logits: np.ndarray, logits_agg: 
     """TapasTokenizer.convert_logits_to_predictions on numpy arrays."""
     logits = logits.astype(np.float32)
     logits[logits < -88.7] = -88.7
-    probabilities = 1 / (1 + np.exp(-logits)) * inputs["attention_mask"]
+    probabilities = sigmoid(logits) * inputs["attention_mask"]
     token_types = inputs["token_type_ids"]
     coordinates = []
     for i in range(inputs["input_ids"].shape[0]):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from preproc_service.deployment import Deployment, RequestScope
-from preproc_service.tasks.common import softmax
-from preproc_service.tokenization import pad_batch
+from preproc_service.tasks.common import sigmoid, softmax
 from splitserve_common.errors import InvalidArgument
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
@@ -57,7 +56,7 @@ def sanitize_parameters(dep: Deployment, params: dict) -> dict:
 async def preprocess(dep: Deployment, inputs: list, params: dict) -> dict:
     dep.limits.check_inputs(inputs)
     encodings = await dep.tokenization.encode_truncating(inputs, params.get("truncation", True))
-    return {"batch": pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids)}
+    return {"batch": dep.pad(encodings)}
 
 
 async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
@@ -75,7 +74,7 @@ def label_scores(logits: np.ndarray, id2label: dict[int, str], function_to_apply
     None, every label with all_labels."""
     logits = logits.astype(np.float32)
     if function_to_apply == "sigmoid":
-        scores = 1.0 / (1.0 + np.exp(-logits))
+        scores = sigmoid(logits)
     elif function_to_apply == "softmax":
         scores = softmax(logits)
     else:

@@ -10,7 +10,6 @@ import numpy as np
 
 from preproc_service.deployment import Deployment, RequestScope
 from preproc_service.tasks.common import softmax
-from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import InvalidArgument
 
 STRATEGIES = ("none", "simple", "first", "average", "max")
@@ -28,8 +27,7 @@ def sanitize_parameters(dep: Deployment, params: dict) -> dict:
 async def preprocess(dep: Deployment, inputs: list[str], params: dict) -> dict:
     dep.limits.check_inputs(inputs)
     encodings = await dep.tokenization.encode_truncating(inputs, params.get("truncation", True))
-    return {"batch": pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids),
-            "texts": inputs, "encodings": encodings}
+    return {"batch": dep.pad(encodings), "texts": inputs, "encodings": encodings}
 
 
 async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:

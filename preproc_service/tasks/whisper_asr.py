@@ -46,11 +46,14 @@ class Options:
     settings: gpb.GenerationSettings
 
 
-def options(params: dict, generate_kwargs: dict) -> Options:
-    """The request's Whisper options, checked as the pipeline checks them; refused by name otherwise."""
+def options(params: dict, generate_kwargs: dict, model_default: bool = False) -> Options:
+    """The request's Whisper options, checked as the pipeline checks them; refused by name otherwise.
+    `model_default`: the generation config's return_timestamps, which the pipeline uses unless asked."""
     stamps = params.get("return_timestamps")
     if isinstance(stamps, str):
         stamps = {"true": True, "false": False, "": None}.get(stamps.lower(), stamps)
+    if model_default:
+        stamps = stamps or True
     if stamps == "char":
         raise InvalidArgument("return_timestamps 'char' is not available for Whisper: use true (segments)")
     if stamps == "word":
@@ -68,6 +71,10 @@ def options(params: dict, generate_kwargs: dict) -> Options:
         setattr(settings, key, _typed(key, value))
     speech = gpb.SpeechOptions(**{k: params[k] for k in ("language", "task") if params.get(k) is not None})
     return Options(bool(stamps), speech, settings)
+
+
+def options_of(dep: Deployment, params: dict) -> Options:
+    return options(params, params.get("generate_kwargs") or {}, dep.require_info().return_timestamps)
 
 
 def retrieve_segment(tokens: list[int], timestamp_begin: int, segment_frames: int) -> tuple[list[int], int]:
@@ -206,7 +213,7 @@ class TextStream:
 def sanitize_parameters(dep: Deployment, params: dict) -> dict:
     """Whisper's options checked (refused by name); chunking is checked by speech_recognition."""
     require_components(dep)
-    options(params, params.get("generate_kwargs") or {})
+    options_of(dep, params)
     return {}
 
 
@@ -229,14 +236,14 @@ async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, para
                   on_segment=None) -> dict:
     """{"tokens": per chunk, its segments' tokens}: every chunk at once, its segments in turn."""
     whisper = Whisper(dep, scope)
-    opts = options(params, params.get("generate_kwargs") or {})
+    opts = options_of(dep, params)
     return {"tokens": await all_or_nothing(
         whisper.transcribe_features(feats, opts, on_segment and on_segment(k))
         for k, (_, feats, _) in enumerate(model_inputs["chunks"]))}
 
 
 def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params: dict) -> list[dict]:
-    timestamps = options(params, params.get("generate_kwargs") or {}).timestamps
+    timestamps = options_of(dep, params).timestamps
     per_clip: list[list] = [[] for _ in range(model_inputs["clips"])]
     for (i, _, stride), tokens in zip(model_inputs["chunks"], model_outputs["tokens"], strict=True):
         per_clip[i].append((tokens, stride))
@@ -246,7 +253,7 @@ def postprocess(dep: Deployment, model_inputs: dict, model_outputs: dict, params
 async def transcribe_stream(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict):
     """After preprocess: yields text deltas in order as segments finish, then the final result dict."""
     chunks = model_inputs["chunks"]
-    timestamps = options(params, params.get("generate_kwargs") or {}).timestamps
+    timestamps = options_of(dep, params).timestamps
     progress: list[list[int]] = [[] for _ in chunks]
     finished = [False] * len(chunks)
     updated = asyncio.Event()

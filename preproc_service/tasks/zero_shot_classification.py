@@ -11,7 +11,6 @@ import string
 import numpy as np
 
 from preproc_service.deployment import Deployment, RequestScope
-from preproc_service.tokenization import pad_batch
 from splitserve_common.errors import InvalidArgument
 
 
@@ -69,7 +68,7 @@ async def preprocess(dep: Deployment, inputs: list[str], params: dict) -> dict:
     template = params["hypothesis_template"]
     pairs = [(text, template.format(label)) for text in inputs for label in params["candidate_labels"]]
     encodings = await dep.tokenization.encode_truncating(pairs, True, strategy="only_first")
-    return {"batch": pad_batch(encodings, dep.tokenization.pad_token_id, dep.uses_token_type_ids), "texts": inputs}
+    return {"batch": dep.pad(encodings), "texts": inputs}
 
 
 async def forward(dep: Deployment, scope: RequestScope, model_inputs: dict, params: dict) -> dict:
