@@ -40,19 +40,8 @@ from tests.ops_helpers import read_sentences  # noqa: E402
 
 
 def build_gpt2_small(seed: int = 0):
-    """GPT-2 small's shape (12 x 768, 12 heads) with random weights and the tests' 500-token BPE."""
-    import torch
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
-
-    tokenizer = model_factory.bytelevel_bpe_tokenizer(model_max_length=1024)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config).eval()
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.eos_token_id)
-    return model, tokenizer
+    """GPT-2 small's shape (12 x 768, 12 heads, its initializer range), random weights, the tests' 500-token BPE."""
+    return model_factory.build_gpt2(seed, n_positions=1024, n_embd=768, n_layer=12, n_head=12, initializer_range=0.02)
 
 
 def sequential_reference(model, tokenizer, prompts, max_new_tokens: int, threads: int):

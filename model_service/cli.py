@@ -7,7 +7,7 @@ import sys
 from model_service.adapters_servicer import ADAPTER_OPTIONS
 from model_service.backends import BACKENDS
 from model_service.generation.options import GENERATION_OPTIONS
-from splitserve_common import serving
+from splitserve_common import memory, serving
 from splitserve_common.http_front import http_port_option
 from splitserve_common.settings import Option, parse
 
@@ -45,9 +45,7 @@ MODEL_OPTIONS = [
     Option("max-queue-rows", 1024, "rows waiting beyond this are refused with RESOURCE_EXHAUSTED", int),
     Option("forward-workers", 0, "batched forward passes run at once, each on its own share of the CPUs (0: 2 on "
            "a CPU node with 2 or more CPUs, else 1); batches with adapter rows run alone", int),
-    Option("release-memory-seconds", 1.0, "after model work, hand memory the C allocator holds free back to the "
-           "system at most this often (glibc malloc_trim; tensors of ever-changing shapes fragment its heaps "
-           "and RSS grows without it); 0: never", float),
+    memory.release_memory_option(),
     Option("torch-threads", 0, "CPU threads torch may use per forward worker (0: the process's CPUs split evenly "
            "between the workers)", int),
     Option("engine", "eager", "what runs the batched forward passes (model_service/backends.py)",
@@ -62,10 +60,7 @@ def parse_args(argv=None):
     if not args.model_dir:
         print("model-service: --model-dir (or MODEL_SERVICE_MODEL_DIR) is required", file=sys.stderr)
         raise SystemExit(2)
-    if not 0 <= args.release_memory_seconds < float("inf"):  # NaN fails too
-        print(f"model-service: --release-memory-seconds must be a number of seconds >= 0 (0: never), "
-              f"not {args.release_memory_seconds}", file=sys.stderr)
-        raise SystemExit(2)
+    memory.check_interval("model-service", args.release_memory_seconds)
     return args
 
 

@@ -51,11 +51,10 @@ from splitserve_common.memory import MemoryReleaser
 
 
 def default_torch_threads() -> int:
-    """Every CPU this process may use: a model_service replica owns its node's cores.
+    """Every CPU this process may use (split between the forward workers): a replica uses its node's cores.
 
-    Measured on 2 idle cores (bench/bench_model_infer.py, concurrency 32): 2 threads gave
-    0.68-0.78 of in-process throughput against 0.46 with 1 thread. On a machine shared with
-    other busy processes torch's spinning threads cost more; pass --torch-threads there.
+    On a node shared with busy processes, threads per worker above one spin at the end of every parallel
+    region: see "Threads and wait policy" in docs/model_service.md for the measured trade-off.
     """
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from preproc_service.limits import LIMIT_OPTIONS
+from splitserve_common import memory
 from splitserve_common.channels import client_options
 from splitserve_common.http_front import http_port_option
 from splitserve_common.serving import SERVER_OPTIONS, run_service
@@ -29,6 +30,7 @@ OPTIONS = [
     Option("tokenize-round-chars", 16384, "most characters tokenized in one round: a larger request is tokenized "
            "a round at a time, so small requests pass it (a small one waits for at most one round: ~6 ms of "
            "one core here)", int),
+    memory.release_memory_option(),
     Option("audio-root", "", "audio tasks: directory under which a request may name local audio files (empty: "
                              "file locations are refused; URLs are always refused)"),
     Option("max-audio-seconds", 600.0, "audio tasks: longest clip a request may send, in seconds", float),
@@ -54,6 +56,7 @@ def main(argv=None) -> int:
     if not args.model_dir:
         print("preproc-service: --model-dir (or PREPROC_MODEL_DIR) is required", file=sys.stderr)
         return 2
+    memory.check_interval("preproc-service", args.release_memory_seconds)
     from preproc_service.torch_guard import hide_torch
 
     hide_torch()

@@ -22,6 +22,7 @@ from preproc_service.precedence import Precedence
 from preproc_service.tokenization import Tokenization, pad_batch
 from splitserve_common import metrics, tasks
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from splitserve_common.memory import MemoryReleaser
 from splitserve_common.v2_codec import ModelMetadata
 
 
@@ -80,7 +81,7 @@ class Deployment:
     def __init__(self, model_dir: ModelDir, tokenizer, model: ModelClient, task_override: str = "",
                  tokenize_batch: int = 512, feature_extractor=None, audio: AudioSettings | None = None,
                  table_limits: TableLimits | None = None, limits: RequestLimits | None = None,
-                 tokenize_round_chars: int = 16384):
+                 tokenize_round_chars: int = 16384, release_memory_seconds: float = 0.0):
         self.model_dir = model_dir
         self.limits = limits or RequestLimits()
         self.tokenizer = tokenizer          # None for models without one (audio-classification)
@@ -93,10 +94,12 @@ class Deployment:
         self.disagreement: str | None = None  # why tokenizer and model do not match (handshake), or None
         self.precedence = Precedence(model_dir.model_config, model_dir.signature_params)
         self._tokenize_batch = tokenize_batch
+        # After tokenizing and after each call, free memory goes back to the system (splitserve_common/memory.py).
+        self.memory = MemoryReleaser(release_memory_seconds)
         # Micro-batched Rust tokenization for fast tokenizers; slow ones (TAPAS, CTC) are called directly.
         fast = getattr(tokenizer, "is_fast", False)
         self.tokenization = Tokenization(tokenizer, self._local_max_length(), tokenize_batch,
-                                         tokenize_round_chars) if fast else None
+                                         tokenize_round_chars, self.memory) if fast else None
 
     @property
     def task(self) -> str:
@@ -165,5 +168,6 @@ class Deployment:
             return {name: np.concatenate([answer[name] for answer in answers]) for name in answers[0]}
 
     def close(self) -> None:
+        self.memory.close()
         if self.tokenization:
             self.tokenization.close()

@@ -15,7 +15,7 @@ from preproc_service.limits import RequestLimits
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import read_model_dir
 from preproc_service.servicer import PreprocServicer
-from splitserve_common import metrics, tasks
+from splitserve_common import memory, metrics, tasks
 from splitserve_common.channels import ChannelSecurity
 from splitserve_common.serving import (
     HealthReporter,
@@ -61,7 +61,8 @@ def build_deployment(args) -> Deployment:
     return Deployment(model_dir, tokenizer, model, task_override=args.task, tokenize_batch=args.tokenize_batch,
                       feature_extractor=feature_extractor, audio=audio,
                       table_limits=TableLimits(args.max_table_cells, args.max_table_queries),
-                      limits=RequestLimits.from_args(args), tokenize_round_chars=args.tokenize_round_chars)
+                      limits=RequestLimits.from_args(args), tokenize_round_chars=args.tokenize_round_chars,
+                      release_memory_seconds=args.release_memory_seconds)
 
 
 async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: float, recheck_seconds: float,
@@ -123,7 +124,7 @@ async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: floa
 async def serve(args) -> None:
     configure_logging(args.log_level, args.log_format)
     dep = build_deployment(args)
-    server = create_server(args)
+    server = create_server(args, interceptors=[memory.release_after_calls(dep.memory)])
     servicer = PreprocServicer(dep, GenerationHandlers(dep, max_choices=args.max_choices), args.stream_window)
     preproc_pb2_grpc.add_PreprocServicer_to_server(servicer, server)
     health = HealthReporter(server, [SERVICE_NAME])

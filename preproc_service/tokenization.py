@@ -4,8 +4,9 @@ Requests await `Tokenization.encode(...)`; everything queued while the tokenizer
 thread is busy goes into the next round of `encode_batch` calls (Rust, releases the GIL).
 A round holds at most `max_batch` texts and `round_chars` characters, taken from the requests
 with the least left to do first: a large request is tokenized a round at a time, so small
-requests that arrive meanwhile pass it instead of waiting for all of it. After a lot of
-text, once the queue is empty, freed memory goes back to the system (glibc's malloc_trim).
+requests that arrive meanwhile pass it instead of waiting for all of it. Each round counts as
+work for the deployment's MemoryReleaser (splitserve_common/memory.py), so the memory a lot of
+text took goes back to the system soon after (glibc's malloc_trim).
 Each truncation setting has its own copy of the Rust tokenizer, so no call ever
 mutates a tokenizer another thread is using.
 """
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from splitserve_common import memory
 from splitserve_common.errors import InvalidArgument
+from splitserve_common.memory import MemoryReleaser
 
 _MAX_BACKENDS = 16
 
@@ -32,9 +33,6 @@ class EncodeOptions:
     max_length: int | None = None   # None: no truncation
     stride: int = 0                 # overlap of overflow windows (question-answering)
     strategy: str = "longest_first"  # longest_first | only_first | only_second
-
-
-_TRIM_AFTER_CHARS = 4_000_000  # text tokenized since the last malloc_trim worth handing memory back for
 
 
 def _text_chars(item) -> int:
@@ -54,17 +52,17 @@ class _Job:
 
 
 class Tokenization:
-    def __init__(self, tokenizer, max_length: int, max_batch: int = 512, round_chars: int = 16384):
-        """`tokenizer`: a transformers fast tokenizer (decode, special tokens); `max_length`: model limit."""
+    def __init__(self, tokenizer, max_length: int, max_batch: int = 512, round_chars: int = 16384,
+                 memory: MemoryReleaser | None = None):
+        """`tokenizer`: a transformers fast tokenizer (decode, special tokens); `max_length`: model limit;
+        `memory`: told after each round (None: nothing is released)."""
         if not getattr(tokenizer, "is_fast", False):
             raise InvalidArgument("preproc_service needs a fast (tokenizers-backed) tokenizer")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_batch = max_batch
         self.round_chars = round_chars
-        self._chars_since_trim = 0
-        self._trim = memory.release_free_memory if memory.can_release() else None
-        self._trim_task: asyncio.Future | None = None
+        self._memory = memory
         self._backend_json = tokenizer.backend_tokenizer.to_str()
         self._backends: dict[EncodeOptions, Tokenizer] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
@@ -116,17 +114,10 @@ class Tokenization:
                 results = await loop.run_in_executor(self._executor, self._encode_parts, parts)
                 for (job, texts), result in zip(parts, results, strict=True):
                     self._settle(job, texts, result)
-                if not self._pending and self._trim and self._chars_since_trim > _TRIM_AFTER_CHARS:
-                    self._chars_since_trim = 0
-                    self._trim_task = asyncio.ensure_future(self._trim_when_idle())
+                if self._memory is not None:
+                    self._memory.worked()
         finally:
             self._draining = False
-
-    async def _trim_when_idle(self, after: float = 0.5) -> None:
-        """Hand freed memory back once the answers built from a lot of text are gone too."""
-        await asyncio.sleep(after)
-        if not self._pending:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._trim)
 
     def _next_round(self) -> list[tuple[_Job, list]]:
         """(job, its next texts) for one round: the jobs with the least left first, within the round's
@@ -155,7 +146,6 @@ class Tokenization:
         else:
             job.encodings.extend(result)
             job.chars_left -= sum(_text_chars(t) for t in texts)
-            self._chars_since_trim += sum(_text_chars(t) for t in texts)
             if len(job.encodings) == len(job.texts):
                 job.future.set_result(job.encodings)
         if job.future.done():

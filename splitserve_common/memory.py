@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import sys
 import threading
+
+from splitserve_common import metrics
+from splitserve_common.settings import Option
 
 
 def _load_malloc_trim():
@@ -81,3 +85,27 @@ class MemoryReleaser:
     def close(self) -> None:
         self._closed.set()
         self._worked.set()
+
+
+
+def release_memory_option(default: float = 1.0) -> Option:
+    return Option("release-memory-seconds", default, "after work, hand memory the C allocator holds free back to "
+                  "the system at most this often (glibc malloc_trim: buffers of ever-changing sizes fragment its "
+                  "heaps and RSS grows without it); 0: never", float)
+
+
+def check_interval(prog: str, seconds: float) -> None:
+    """Exit 2 naming the flag unless `seconds` is a finite number >= 0 (NaN fails too)."""
+    if not 0 <= seconds < float("inf"):
+        print(f"{prog}: --release-memory-seconds must be a number of seconds >= 0 (0: never), not {seconds}",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
+def release_after_calls(releaser: MemoryReleaser) -> metrics.ObservingInterceptor:
+    """A grpc.aio server interceptor: each call's end (its answer built) counts as work for `releaser`."""
+    def wrap(behavior, _method):
+        return metrics.observed(behavior, lambda _request, _context: None,
+                                lambda _state, _context, _error: releaser.worked())
+
+    return metrics.ObservingInterceptor(wrap)

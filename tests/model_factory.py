@@ -174,14 +174,16 @@ def build_encoder(task: str, seed: int = 0, model_max_length: int = 64):
     return model, tokenizer
 
 
-def build_gpt2(seed: int = 0):
+def build_gpt2(seed: int = 0, n_positions: int = 256, **shape):
+    """A tiny GPT-2 (2 x 32) unless `shape` overrides GPT2Config fields (n_embd, n_layer, n_head, ...)."""
     import torch
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-    tokenizer = bytelevel_bpe_tokenizer()
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        initializer_range=0.2)
+    tokenizer = bytelevel_bpe_tokenizer(model_max_length=n_positions)
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
+                        **{"n_positions": n_positions, "n_embd": 32, "n_layer": 2, "n_head": 2,
+                           "initializer_range": 0.2, **shape})
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,

@@ -118,3 +118,31 @@ def test_model_service_rss_stays_flat_over_varied_shapes():
 
 
 RSS_GROWTH_MIB = 25.0
+
+
+@needs_glibc
+def test_preproc_rss_comes_back_after_large_tokenize():
+    """Tokenize of 100 texts x 50,000 characters (~1.3 M tokens, a ~40 MB answer) left preproc's RSS
+    hundreds of MiB up; released after the call it comes back within PREPROC_RSS_LEFT_MIB."""
+    from client.preproc_client import PreprocClient
+    from tests.ops_helpers import SHARED_SENTENCES, read_sentences
+
+    text = " ".join(read_sentences(SHARED_SENTENCES)) * 200
+    texts = [text[i:i + 50_000] for i in range(100)]
+    directory = model_factory.minilm_dir()
+    with servers.model_service(directory, "--metrics-port", "0") as model, \
+            servers.preproc_service(directory, model.address, "--metrics-port", "0",
+                                    "--release-memory-seconds", "0.5") as preproc, \
+            PreprocClient(preproc.address, timeout=300) as client:
+        client.tokenize(texts[:2])
+        start = rss_mib(preproc.proc.pid)
+        answers = client.tokenize(texts)
+        assert len(answers) == 100 and len(answers[0].ids) > 5000
+        del answers
+        time.sleep(1.5)  # the release after the call
+        end = rss_mib(preproc.proc.pid)
+    print(f"preproc RSS before {start:.0f} MiB, after the large Tokenize {end:.0f} MiB")
+    assert end - start < PREPROC_RSS_LEFT_MIB
+
+
+PREPROC_RSS_LEFT_MIB = 40.0
