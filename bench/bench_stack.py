@@ -41,33 +41,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from bench.bench_model_infer import cpu_seconds  # noqa: E402
+from bench.bench_ops import build_model  # noqa: E402  (MiniLM body + seeded 3-label head, MLflow layout)
 from client.preproc_client import AsyncPreprocClient, PreprocClient  # noqa: E402
-from tests import model_factory, servers  # noqa: E402
+from tests import servers  # noqa: E402
 from tests.ops_helpers import SHARED_SENTENCES, read_sentences  # noqa: E402
 
-LABELS = ["negative", "neutral", "positive"]
 SCORE_TOLERANCE = 1e-4  # batched and padded vs one-row float32 forwards differ in the last bits
-
-
-def build_model(root: Path):
-    """MiniLM body + seeded classification head, saved as MLflow components; (dir, model, tokenizer)."""
-    import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
-    source = model_factory.minilm_dir()
-    torch.manual_seed(0)
-    model = BertForSequenceClassification.from_pretrained(
-        str(source), num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
-        label2id={n: i for i, n in enumerate(LABELS)}).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    directory = model_factory.save_components(root / "minilm-classifier", model, tokenizer, "text-classification")
-    return directory, model, tokenizer
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:

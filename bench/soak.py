@@ -106,7 +106,11 @@ def main() -> int:
         print(f"first {code}: {message}")
     start_rss = next(rss for t, rss in samples if t >= baseline)
     end_rss = samples[-1][1]
-    print("| service | RSS at start MiB | RSS at baseline MiB | RSS at end MiB | growth from baseline |")
+    minutes = [next((rss for t, rss in samples if t >= 60 * m), end_rss) for m in range(1, int(elapsed // 60) + 1)]
+    for name in pids:  # the trend, one sample a minute
+        print(f"{name} RSS MiB at each minute: " + " ".join(f"{rss[name]:.0f}" for rss in minutes))
+    print(f"| service | RSS at start MiB | RSS at {baseline:.0f} s MiB | RSS at end MiB | "
+          f"growth from {baseline:.0f} s |")
     print("| --- | --- | --- | --- | --- |")
     growth = {}
     for name in pids:

@@ -54,6 +54,7 @@ def test_saved_model_config_beams_are_not_served_greedy():
     ({"num_beams": 2, "presence_penalty": 0.5}, None, "presence_penalty with num_beams > 1 is not supported"),
     ({"no_repeat_ngram_size": 2, "frequency_penalty": 0.5}, None, "frequency_penalty with no_repeat_ngram_size"),
     ({"num_beams": 2}, {"early_stopping": "never"}, "early_stopping='never'"),
+    ({"num_beams": 2, "ignore_eos": True}, None, "ignore_eos with num_beams > 1"),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(settings, defaults, words):
     with pytest.raises(InvalidArgument) as excinfo:

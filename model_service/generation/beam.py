@@ -13,7 +13,8 @@ bound its length.
 
 What a request may combine (anything else is refused by name, never dropped):
 - num_beams > 1 with length_penalty, early_stopping, no_repeat_ngram_size, min_new_tokens,
-  repetition_penalty, stop ids; greedy only (beam sampling is refused), no logprobs, no
+  repetition_penalty, stop ids; greedy only (beam sampling is refused), an end id needed (ignore_eos
+  without stop ids is refused), no logprobs, no
   presence / frequency penalties (transformers' generate has none);
 - num_beams 1 with no_repeat_ngram_size > 0: greedy decoding with n-gram blocking (logprobs and
   top_logprobs allowed); length_penalty and early_stopping set on a num_beams 1 request are refused;
@@ -84,6 +85,10 @@ def resolve_search(settings, defaults: dict, params: SamplingParams, max_beams: 
     if penalties:
         raise InvalidArgument(f"{', '.join(penalties)} with {why} is not supported: transformers' generate has no "
                               "OpenAI penalties")
+    if num_beams > 1 and not params.end_ids:
+        # transformers' beam search needs an end id to finish hypotheses (an empty list fails inside it).
+        raise InvalidArgument("ignore_eos with num_beams > 1 and no stop token ids is not supported: beam search "
+                              "needs an end token; use num_beams 1 or give stop ids")
     if params.logprobs and num_beams > 1:
         raise InvalidArgument("logprobs with num_beams > 1 is not supported: a beam's tokens have no single "
                               "log-probability; use num_beams 1")
