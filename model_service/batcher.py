@@ -52,7 +52,6 @@ import numpy as np
 import torch
 
 from model_service import shaping
-from model_service.adapters import BASE
 from model_service.requests import InferJob
 from splitserve_common import metrics, tracing
 from splitserve_common.errors import ConfigurationError, DeadlineExceeded, InvalidArgument, ResourceExhausted
@@ -438,10 +437,9 @@ class Batcher:
         batch = taken.rows
         self._computing_tokens += taken.tokens
         try:
-            # Rows with adapters change the model around their forward pass: those run alone. A request
-            # naming none holds BASE (the base model, adapter layers inactive): it only reads the model.
-            run = self.engine.run if any(r.pending.job.adapter not in ("", BASE) for r in batch) \
-                else self.engine.run_forward
+            # Rows with adapters change the model around their forward pass: those run alone ("" is the
+            # base model: the servicer maps the lease's BASE to it).
+            run = self.engine.run if any(r.pending.job.adapter for r in batch) else self.engine.run_forward
             computed = await run(self._compute, taken)
             if computed is None:  # revoked before a worker started it: its rows are queued again
                 return
