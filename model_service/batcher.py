@@ -20,15 +20,17 @@ meanwhile (it goes first in the order below) waits for about one of them instead
 `token_budget` alone (and only their rows): a newcomer would not go before them, so shorter passes
 would only cost throughput. A batch that is queued but not yet started is only a reservation: a request that
 arrives and comes first in the order below takes its place (the batch's rows go back to the queue
-and are planned again with it). And for `RESERVE_SECONDS` after a one-row request arrived, those
-passes use at most `forward_workers - 1` workers (with two or more): the next one-row request finds a
-worker free instead of waiting for a pass (the long ones' throughput drops while short ones come).
+and are planned again with it). And for `RESERVE_SECONDS` after a one-row request arrived, passes
+for long requests (`LONG_REQUEST_PASSES`) use at most `forward_workers - 1` workers (with two or
+more): the next one-row request finds a worker free instead of waiting for a pass (the long ones'
+throughput drops while short ones come).
 
 Sharing between requests: the rows offered to a forward pass (4 x max_batch_size, `VIEW`) come
 from the waiting requests in least-attained-service order (fewest rows computed so far, then
 fewest rows waiting, then arrival), at most an equal share from each. A small request that
 arrives behind a flood of large ones therefore rides in the next forward pass, and no request
-fills a pass while others wait.
+fills a pass while others wait. A request waiting longer than `AGED_SECONDS` goes before the
+newer ones (but after one-row requests), by arrival, so under sustained load none starves.
 
 Admission, before any work: a request is refused with RESOURCE_EXHAUSTED at once when the queue
 holds `max_queue_rows` rows, or when its deadline cannot be met: the expected time to finish it
@@ -61,9 +63,17 @@ log = logging.getLogger(__name__)
 # Rows offered to the plan of one pass, in units of max_batch_size: a wider view groups rows of closer
 # lengths (bench/batching_ceiling.py, one request of 2,000 sentences: 0.90 of sorted batches at 4, 0.88 at 1).
 VIEW = 4
-# For this long after a one-row request arrived, passes for other requests leave one forward worker free
+# For this long after a one-row request arrived, passes for long requests leave one forward worker free
 # (with two or more): a one-row request then waits for no pass at all, only for its own.
 RESERVE_SECONDS = 1.0
+# A request is long when its waiting rows need more than this many passes of --max-pass-ms. Only long
+# requests give up a worker to one-row ones: holding one back from short requests' passes (which a
+# one-row request waits for briefly anyway) halved the throughput of a soak of 1-8 sentence requests.
+LONG_REQUEST_PASSES = 8
+# A request waiting longer than this goes before newer ones that are not one row (arrival order):
+# under least attained service alone, a request served in part waited behind every newcomer (a soak
+# at saturation saw 60 s deadlines pass).
+AGED_SECONDS = 2.0
 
 
 @dataclass
@@ -86,14 +96,21 @@ class Result:
     batch_size: int        # rows in the largest forward pass this request was part of
 
 
-def _service_key(pending: _Pending) -> tuple:
-    """Least-attained-service order: fewest rows computed so far, then fewest rows waiting, then arrival."""
-    return pending.taken, len(pending.waiting), pending.order
+def _service_key(pending: _Pending, aged_before: float = float("-inf")) -> tuple:
+    """The order requests are served in. First one-row requests not served yet (by arrival); then requests
+    that arrived before `aged_before` (AGED_SECONDS ago), by arrival, so that none starves while newer
+    ones keep coming; then least attained service: fewest rows computed so far, then fewest rows
+    waiting, then arrival."""
+    if pending.taken == 0 and len(pending.waiting) == 1:
+        return 0, pending.order
+    if pending.arrived < aged_before:
+        return 1, pending.order
+    return 2, pending.taken, len(pending.waiting), pending.order
 
 
 def _one_row(key: tuple) -> bool:
     """The request of this service key is one row, none served yet: nothing would go before it."""
-    return key[:2] <= (0, 1)
+    return key[0] == 0
 
 
 class _Pending:
@@ -106,6 +123,7 @@ class _Pending:
         self.deadline = deadline            # time.monotonic() value, or None
         self.needs_hidden = needs_hidden
         self.order = order                  # arrival number
+        self.arrived = arrived              # event loop time
         self.waiting = [_Row(self, i, arrived) for i in range(job.batch)]
         self.waiting_tokens = sum(row.length for row in self.waiting)
         self.taken = 0                      # rows handed to forward passes so far
@@ -268,7 +286,7 @@ class Batcher:
             return None
         computing = self._computing_tokens * self.cost.seconds_per_token
         workers = self.engine.forward_workers
-        if job.batch > 1 and self._reserving():  # it gets all workers but one (RESERVE_SECONDS)
+        if job.batch > 1 and self._is_long(own) and self._reserving():  # all workers but one (RESERVE_SECONDS)
             workers -= 1
         return (computing + queued) / workers
 
@@ -286,6 +304,10 @@ class Batcher:
         about --max-pass-ms."""
         within = self.cost.tokens_within(self.max_pass) if self.max_pass else None
         return self.token_budget if within is None else min(self.token_budget, within)
+
+    def _is_long(self, tokens: int) -> bool:
+        """A request with this many tokens waiting needs more than LONG_REQUEST_PASSES passes."""
+        return tokens > LONG_REQUEST_PASSES * self.pass_tokens()
 
     def _reserving(self) -> bool:
         """A one-row request came within RESERVE_SECONDS and there are workers enough to keep one free."""
@@ -396,15 +418,16 @@ class Batcher:
         Rows are offered request by request in least-attained-service order, at most `share` from each."""
         if not self._waiting:
             return None
-        order = sorted(self._waiting.values(), key=_service_key)
-        key = _service_key(order[0])
+        aged_before = asyncio.get_running_loop().time() - AGED_SECONDS
+        order = sorted(self._waiting.values(), key=lambda p: _service_key(p, aged_before))
+        key = _service_key(order[0], aged_before)
         if _one_row(key):  # a pass of one-row requests only, so other requests' rows ride in no unbounded pass
             order = [p for p in order if _one_row(_service_key(p))]
             budget = self.token_budget
         else:
-            if self._holding_a_worker():
-                return None
             budget = self.pass_tokens()
+            if self._is_long(order[0].waiting_tokens) and self._holding_a_worker():
+                return None
         view = VIEW * self.max_batch_size
         share = -(-view // len(order))
         offered: list[_Row] = []

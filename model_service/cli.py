@@ -60,7 +60,6 @@ def parse_args(argv=None):
     if not args.model_dir:
         print("model-service: --model-dir (or MODEL_SERVICE_MODEL_DIR) is required", file=sys.stderr)
         raise SystemExit(2)
-    memory.check_interval("model-service", args.release_memory_seconds)
     return args
 
 

@@ -9,7 +9,7 @@ from splitserve_common import memory
 from splitserve_common.channels import client_options
 from splitserve_common.http_front import http_port_option
 from splitserve_common.serving import SERVER_OPTIONS, run_service
-from splitserve_common.settings import Option, parse
+from splitserve_common.settings import Option, parse, seconds
 
 ENV_PREFIX = "PREPROC_"
 
@@ -33,17 +33,17 @@ OPTIONS = [
     memory.release_memory_option(),
     Option("audio-root", "", "audio tasks: directory under which a request may name local audio files (empty: "
                              "file locations are refused; URLs are always refused)"),
-    Option("max-audio-seconds", 600.0, "audio tasks: longest clip a request may send, in seconds", float),
+    Option("max-audio-seconds", 600.0, "audio tasks: longest clip a request may send, in seconds", seconds),
     Option("max-audio-inputs", 32, "audio tasks: most clips in one request", int),
     Option("max-table-cells", 10000, "table-question-answering: most cells (rows x columns) in one table", int),
     Option("max-table-queries", 64, "table-question-answering: most queries in one request (all its tables together)",
            int),
     Option("handshake-retry-seconds", 1.0, "pause between handshake attempts while the model service is down",
-           float),
+           seconds),
     Option("handshake-recheck-seconds", 10.0, "pause between metadata re-checks once serving (at most; see "
-           "--model-unreachable-grace-seconds)", float),
+           "--model-unreachable-grace-seconds)", seconds),
     Option("model-unreachable-grace-seconds", 3.0, "health turns NOT_SERVING once the model service has been "
-           "unreachable this long, and SERVING again when it answers", float),
+           "unreachable this long, and SERVING again when it answers", seconds),
     *LIMIT_OPTIONS,
     *SERVER_OPTIONS,
     *client_options("model-service"),  # TLS/mTLS and bearer token towards model_service
@@ -56,7 +56,6 @@ def main(argv=None) -> int:
     if not args.model_dir:
         print("preproc-service: --model-dir (or PREPROC_MODEL_DIR) is required", file=sys.stderr)
         return 2
-    memory.check_interval("preproc-service", args.release_memory_seconds)
     from preproc_service.torch_guard import hide_torch
 
     hide_torch()

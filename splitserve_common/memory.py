@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import sys
 import threading
 
 from splitserve_common import metrics
-from splitserve_common.settings import Option
+from splitserve_common.settings import Option, seconds
 
 
 def _load_malloc_trim():
@@ -91,15 +90,7 @@ class MemoryReleaser:
 def release_memory_option(default: float = 1.0) -> Option:
     return Option("release-memory-seconds", default, "after work, hand memory the C allocator holds free back to "
                   "the system at most this often (glibc malloc_trim: buffers of ever-changing sizes fragment its "
-                  "heaps and RSS grows without it); 0: never", float)
-
-
-def check_interval(prog: str, seconds: float) -> None:
-    """Exit 2 naming the flag unless `seconds` is a finite number >= 0 (NaN fails too)."""
-    if not 0 <= seconds < float("inf"):
-        print(f"{prog}: --release-memory-seconds must be a number of seconds >= 0 (0: never), not {seconds}",
-              file=sys.stderr)
-        raise SystemExit(2)
+                  "heaps and RSS grows without it); 0: never", seconds)
 
 
 def release_after_calls(releaser: MemoryReleaser) -> metrics.ObservingInterceptor:

@@ -19,7 +19,7 @@ from splitserve_common import metrics, request_log, security, tracing
 from splitserve_common.decoding import DecodeErrorInterceptor
 from splitserve_common.drain import DrainGate
 from splitserve_common.errors import ConfigurationError
-from splitserve_common.settings import Option
+from splitserve_common.settings import Option, seconds
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SERVER_OPTIONS = [
     Option("host", "0.0.0.0", "address to listen on"),
     Option("max-message-mb", 64, "largest request or response message in MiB", int),
-    Option("drain-seconds", 25.0, "on SIGTERM, how long in-flight calls may take to finish", float),
+    Option("drain-seconds", 25.0, "on SIGTERM, how long in-flight calls may take to finish", seconds),
     Option("log-level", "INFO", "logging level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
     Option("log-format", "text", "log lines as text or as one JSON object each (access lines: one per request)",
            choices=list(request_log.LOG_FORMATS)),

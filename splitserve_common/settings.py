@@ -42,6 +42,15 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def seconds(text: str) -> float:
+    """The type of every `*-seconds` option: a finite number >= 0 (NaN, inf and negatives are refused
+    by the parser, naming the flag or variable, before the service starts)."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"not a finite number of seconds >= 0: {text!r}")
+    return value
+
+
 def build_parser(prog: str, description: str, options: Sequence[Option], env_prefix: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for opt in options:

@@ -190,3 +190,26 @@ def test_after_a_one_row_request_passes_for_others_leave_a_worker_free(loaded):
     most, workers = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert workers == 2
     assert most["reserved"] == 1 and most["free"] == workers + 1, most
+
+
+def test_a_request_served_in_part_does_not_wait_behind_every_newcomer(loaded):
+    """Least attained service alone puts a request served in part behind every fresh one, forever under
+    sustained load; once it has waited AGED_SECONDS it goes first (after one-row requests), by arrival."""
+    from model_service import batcher as batcher_module
+
+    engine = Engine(loaded, torch_threads=1, forward_workers=1)
+    info = discover(engine, "tc", 32)
+    engine.close()
+    future = None
+    old = batcher_module._Pending(job(info, [5, 6, 7]), future, None, False, order=1, arrived=100.0)
+    old.taken, old.waiting = 2, old.waiting[2:]
+    fresh = batcher_module._Pending(job(info, [5, 6]), future, None, False, order=2, arrived=101.5)
+    one_row = batcher_module._Pending(job(info, [5]), future, None, False, order=3, arrived=101.9)
+
+    def order(now):
+        aged_before = now - batcher_module.AGED_SECONDS
+        pendings = sorted([old, fresh, one_row], key=lambda p: batcher_module._service_key(p, aged_before))
+        return [p.order for p in pendings]
+
+    assert order(now=101.0) == [3, 2, 1]  # not aged yet: least attained service
+    assert order(now=102.5) == [3, 1, 2]  # aged: before the newer request, still after the one-row one

@@ -152,10 +152,21 @@ PREPROC_RSS_LEFT_MIB = 40.0
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
-def test_release_interval_out_of_range_is_refused_by_name(value, capsys):
+@pytest.mark.parametrize("flag", ["--release-memory-seconds", "--drain-seconds"])
+def test_seconds_out_of_range_are_refused_by_name(flag, value, capsys):
     from model_service.cli import parse_args
 
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--model-dir", "x", "--release-memory-seconds", value])
+        parse_args(["--model-dir", "x", flag, value])
     assert exit_info.value.code == 2
-    assert "--release-memory-seconds" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
+
+
+def test_seconds_in_the_environment_are_checked_too(monkeypatch, capsys):
+    from preproc_service.cli import main
+
+    monkeypatch.setenv("PREPROC_MODEL_UNREACHABLE_GRACE_SECONDS", "nan")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model-dir", "x"])
+    assert exit_info.value.code == 2
+    assert "PREPROC_MODEL_UNREACHABLE_GRACE_SECONDS" in capsys.readouterr().err
