@@ -103,9 +103,11 @@ def test_answer_over_the_message_limit_is_refused_before_the_forward_pass(env):
         error = call_error(stub.ModelInfer, request_of(ids_of(rows, length), ["logits"]))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
         assert "--max-message-mb" in error.details() and str(answer) in error.details()
-        # Shaped down (top-k over the vocabulary) the same request fits and is answered.
+        assert forward_passes(env) == passes  # refused before any forward pass
+        # Shaped down (top-k over the vocabulary) the same request fits and is answered (in one or
+        # more passes: --max-pass-ms may cut a request of several rows).
         reply = stub.ModelInfer(request_of(ids_of(rows, length), ["logits"], top_k=3), timeout=30)
-    assert forward_passes(env) == passes + 1
+    assert forward_passes(env) > passes
     assert sorted(o.name for o in reply.outputs) == ["logits_topk_indices", "logits_topk_values"]
 
 
