@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import grpc  # noqa: E402
 
+from bench.bench_model_infer import padded_batches  # noqa: E402
 from client.tensor_client import AsyncTensorClient  # noqa: E402
 from splitserve_pb import adapters_pb2, adapters_pb2_grpc  # noqa: E402
 from tests import adapter_helpers, model_factory, servers  # noqa: E402
@@ -69,17 +70,11 @@ def in_process_rate(base, peft_model, rows: list[np.ndarray], rotation: list[str
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     start = time.perf_counter()
     with torch.inference_mode():
-        for b in range(0, len(order), batch_size):
-            chunk = order[b:b + batch_size]
-            length = max(len(rows[i]) for i in chunk)
-            ids = torch.zeros((len(chunk), length), dtype=torch.int64)
-            mask = torch.zeros_like(ids)
-            for j, i in enumerate(chunk):
-                ids[j, : len(rows[i])] = torch.from_numpy(rows[i])
-                mask[j, : len(rows[i])] = 1
+        for b, (ids, mask) in enumerate(padded_batches([rows[i] for i in order], batch_size)):
             if use_base:
                 base(input_ids=ids, attention_mask=mask)
             else:
+                chunk = order[b * batch_size:(b + 1) * batch_size]
                 peft_model(input_ids=ids, attention_mask=mask, adapter_names=[names[i] for i in chunk])
     return len(rows) / (time.perf_counter() - start)
 

@@ -77,6 +77,20 @@ def in_process_rate(model_dir: Path, rows: list[np.ndarray], batch_size: int, so
     return best
 
 
+def padded_batches(rows, batch_size: int):
+    """(input_ids, attention_mask) tensors, right-padded, for consecutive batches of `rows` (token ids)."""
+    import torch
+
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b:b + batch_size]
+        ids = torch.zeros((len(chunk), max(len(r) for r in chunk)), dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(chunk):
+            ids[j, : len(r)] = torch.as_tensor(r)
+            mask[j, : len(r)] = 1
+        yield ids, mask
+
+
 def _in_process_once(model_dir: Path, rows: list[np.ndarray], batch_size: int, sort: bool) -> tuple[float, float]:
     import torch
 
@@ -86,17 +100,10 @@ def _in_process_once(model_dir: Path, rows: list[np.ndarray], batch_size: int, s
     if model_dir not in _MODELS:
         _MODELS[model_dir] = load(LoadOptions(str(model_dir), device="cpu")).model
     model = _MODELS[model_dir]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i])) if sort else list(range(len(rows)))
+    ordered = sorted(rows, key=len) if sort else rows
     start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        for b in range(0, len(order), batch_size):
-            chunk = [rows[i] for i in order[b:b + batch_size]]
-            length = max(len(r) for r in chunk)
-            ids = torch.zeros((len(chunk), length), dtype=torch.int64)
-            mask = torch.zeros_like(ids)
-            for j, r in enumerate(chunk):
-                ids[j, : len(r)] = torch.from_numpy(r)
-                mask[j, : len(r)] = 1
+        for ids, mask in padded_batches(ordered, batch_size):
             hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
             pool(hidden, mask, "mean", True).numpy()
     return len(rows) / (time.perf_counter() - start), 1000 * (time.process_time() - cpu_start) / len(rows)

@@ -41,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from bench.bench_model_infer import cpu_seconds  # noqa: E402
+from bench.bench_model_infer import cpu_seconds, padded_batches  # noqa: E402
 from bench.bench_ops import build_model  # noqa: E402  (MiniLM body + seeded 3-label head, MLflow layout)
 from client.preproc_client import AsyncPreprocClient, PreprocClient  # noqa: E402
 from tests import servers  # noqa: E402
@@ -90,14 +90,7 @@ def _sorted_forwards(model, tokenizer, sentences: list[str], batch_size: int) ->
     meter.start()
     rows = sorted(tokenizer(sentences, truncation=True)["input_ids"], key=len)
     with torch.inference_mode():
-        for b in range(0, len(rows), batch_size):
-            chunk = rows[b:b + batch_size]
-            length = max(len(r) for r in chunk)
-            ids = torch.zeros((len(chunk), length), dtype=torch.int64)
-            mask = torch.zeros_like(ids)
-            for j, r in enumerate(chunk):
-                ids[j, :len(r)] = torch.tensor(r)
-                mask[j, :len(r)] = 1
+        for ids, mask in padded_batches(rows, batch_size):
             model(input_ids=ids, attention_mask=mask).logits.softmax(-1).numpy()
     elapsed, cpu = meter.stop()
     return {"rate": len(rows) / elapsed, "cpu": cpu}
