@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 import pytest
 
@@ -121,15 +123,21 @@ def test_each_service_exports_what_it_produces_and_health_is_not_a_request(stack
     assert sample(model, "splitserve_requests_total", method=MODEL_INFER, code="OK", adapter="") >= 1
 
 
-def test_embed_records_its_postprocess_stage(tmp_path):
-    from tests.preproc_helpers import build_task_model
-
-    model_dir, _, _ = build_task_model(tmp_path, "feature-extraction")
+@contextlib.contextmanager
+def preproc_with_metrics(model_dir):
+    """Both services on `model_dir`; yields a Preproc stub and preproc's metrics port."""
     metrics_port = free_port()
     with model_service(model_dir, "--metrics-port", "0") as model, \
             preproc_service(model_dir, model.address, "--metrics-port", str(metrics_port)) as preproc, \
             grpc.insecure_channel(preproc.address) as channel:
-        stub = preproc_pb2_grpc.PreprocStub(channel)
+        yield preproc_pb2_grpc.PreprocStub(channel), metrics_port
+
+
+def test_embed_records_its_postprocess_stage(tmp_path):
+    from tests.preproc_helpers import build_task_model
+
+    model_dir, _, _ = build_task_model(tmp_path, "feature-extraction")
+    with preproc_with_metrics(model_dir) as (stub, metrics_port):
         before = scrape(metrics_port)
         for pooling in ("none", "mean"):
             stub.Embed(preproc_pb2.EmbedRequest(texts=sentences(2), pooling=pooling), timeout=30)
@@ -179,11 +187,7 @@ def test_preproc_generation_records_hop_and_detokenize(tmp_path):
     from tests.generation_helpers import save_generative
 
     model_dir = save_generative(tmp_path / "gpt2")
-    metrics_port = free_port()
-    with model_service(model_dir, "--metrics-port", "0") as model, \
-            preproc_service(model_dir, model.address, "--metrics-port", str(metrics_port)) as preproc, \
-            grpc.insecure_channel(preproc.address) as channel:
-        stub = preproc_pb2_grpc.PreprocStub(channel)
+    with preproc_with_metrics(model_dir) as (stub, metrics_port):
         before = scrape(metrics_port)
         params = preproc_pb2.GenerateTextParameters(max_new_tokens=5)
         stub.GenerateText(preproc_pb2.GenerateTextRequest(prompt="the river", parameters=params), timeout=60)
