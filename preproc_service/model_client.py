@@ -20,6 +20,7 @@ import numpy as np
 from splitserve_common import call_context, v2_codec
 from splitserve_common.channels import ChannelSecurity, aio_channel
 from splitserve_common.errors import DeadlineExceeded, peer_errors
+from splitserve_pb import generation_pb2_grpc
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
 
@@ -68,6 +69,7 @@ class ModelClient:
         self.default_timeout = default_timeout
         self._channel = aio_channel(address, security, options=channel_options(max_message_mb))
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self.generation = generation_pb2_grpc.GenerationStub(self._channel)  # the Generation API, same channel
         self._slots = asyncio.Semaphore(max_in_flight)
 
     async def close(self) -> None:

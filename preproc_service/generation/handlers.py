@@ -21,7 +21,7 @@ import time
 import uuid
 
 from preproc_service.generation.request_params import GenerationParams
-from preproc_service.generation.stream import Piece, generate_pieces, generation_stub
+from preproc_service.generation.stream import Piece, generate_pieces
 from preproc_service.generation.text_filters import WhitespaceCollapser
 from preproc_service.precedence import explicit_fields
 from preproc_service.served_models import resolve_model
@@ -56,14 +56,11 @@ class GenerationHandlers:
     def __init__(self, deployment, max_choices: int = DEFAULT_MAX_CHOICES):
         self.dep = deployment
         self.max_choices = max_choices
-        self._stub = None
         self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
 
     @property
     def stub(self):
-        if self._stub is None:
-            self._stub = generation_stub(self.dep.model._channel)
-        return self._stub
+        return self.dep.model.generation
 
     @property
     def tokenizer(self):

@@ -34,7 +34,7 @@ class GenerationParams:
         self.settings = generation_pb2.GenerationSettings()
         for key in GENERATION_KEYS:
             if key in self.applied:
-                setattr(self.settings, key, _typed(key, self.applied[key]))
+                setattr(self.settings, key, typed_setting(key, self.applied[key]))
         if isinstance(self.options["stop"], str):
             self.options["stop"] = [self.options["stop"]]
         if explicit.get("logprobs"):
@@ -45,7 +45,7 @@ class GenerationParams:
         return self.options[key]
 
 
-def _typed(key: str, value):
+def typed_setting(key: str, value):
     try:
         if key == "do_sample":
             return bool(value)

@@ -15,7 +15,6 @@ from preproc_service.generation.text_filters import StopMatcher
 from splitserve_common import call_context, metrics
 from splitserve_common.errors import Unavailable, peer_errors
 from splitserve_pb import generation_pb2 as gpb
-from splitserve_pb import generation_pb2_grpc
 
 # Model finish reasons -> OpenAI's: an eos or a stop token both end the answer naturally.
 FINISH_REASONS = {gpb.FINISH_REASON_LENGTH: "length", gpb.FINISH_REASON_EOS: "stop", gpb.FINISH_REASON_STOP: "stop"}
@@ -30,10 +29,6 @@ class Piece:
     finish_reason: str = ""     # on the last piece: length | stop
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens generated (so far)
-
-
-def generation_stub(channel) -> generation_pb2_grpc.GenerationStub:
-    return generation_pb2_grpc.GenerationStub(channel)
 
 
 async def generate_pieces(stub, request: gpb.GenerateRequest, tokenizer, *, context_ids=(), stops=(),

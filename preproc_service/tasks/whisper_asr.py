@@ -28,8 +28,7 @@ import numpy as np
 
 from preproc_service import audio
 from preproc_service.deployment import Deployment, RequestScope, all_or_nothing
-from preproc_service.generation.request_params import GENERATION_KEYS, _typed
-from preproc_service.generation.stream import generation_stub
+from preproc_service.generation.request_params import GENERATION_KEYS, typed_setting
 from preproc_service.tasks.audio_classification import features, load_audio
 from splitserve_common import call_context
 from splitserve_common.errors import FailedPrecondition, InvalidArgument, Unavailable, peer_errors
@@ -68,7 +67,7 @@ def options(params: dict, generate_kwargs: dict, model_default: bool = False) ->
     for key, value in generate_kwargs.items():
         if key not in GENERATION_KEYS:
             raise InvalidArgument(f"generation option {key!r} is not supported for speech recognition")
-        setattr(settings, key, _typed(key, value))
+        setattr(settings, key, typed_setting(key, value))
     speech = gpb.SpeechOptions(**{k: params[k] for k in ("language", "task") if params.get(k) is not None})
     return Options(bool(stamps), speech, settings)
 
@@ -133,7 +132,7 @@ class Whisper:
         self.segment_frames = int(fe.nb_max_frames)
         self.timestamp_begin = tokenizer.convert_tokens_to_ids("<|notimestamps|>") + 1
         self.eos = set(dep.require_info().eos_token_ids)
-        self.stub = generation_stub(dep.model._channel)
+        self.stub = dep.model.generation
 
     async def generate(self, segment: np.ndarray, prompt: list[int], opts: Options, timestamps: bool):
         """One segment: (the decoder prompt used, the generated tokens, eos removed)."""
