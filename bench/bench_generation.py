@@ -81,6 +81,8 @@ def batched_bound(model, tokenizer, prompts, max_new_tokens: int, rows: int, thr
     from model_service.generation.sampling import SamplingParams, TokenChooser
 
     gm = GenerationModel(model, tokenizer.pad_token_id or 0, None)
+    if onednn:
+        matmuls.install(model)  # as model_service's scheduler does (same parameters; torch's kernels outside)
     params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                             temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,
                             eos_token_ids=frozenset(), stop_token_ids=frozenset(), logprobs=False)
