@@ -208,6 +208,18 @@ def test_seconds_out_of_range_are_refused_by_name(flag, value, capsys):
     assert flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_onednn_cache_entries_is_a_count(value, capsys):
+    from model_service.cli import parse_args
+
+    assert parse_args(["--model-dir", "x"]).onednn_cache_entries == 64
+    assert parse_args(["--model-dir", "x", "--onednn-cache-entries", "0"]).onednn_cache_entries == 0
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--model-dir", "x", "--onednn-cache-entries", value])
+    assert exit_info.value.code == 2
+    assert "--onednn-cache-entries" in capsys.readouterr().err
+
+
 def test_seconds_in_the_environment_are_checked_too(monkeypatch, capsys):
     from preproc_service.cli import main
 
