@@ -36,6 +36,9 @@ MODEL_OPTIONS = [
     Option("max-pass-ms", 50.0, "a forward pass for a request of several rows is cut to take about this long "
            "by the measured cost (one row always fits), so a one-row request arriving meanwhile waits about one "
            "such pass; 0: only --token-budget bounds a pass", float),
+    Option("lone-pass-ms", 30.0, "a forward pass with nothing else computing or waiting, expected to take at most "
+           "this on one forward worker, runs alone with every worker's torch threads (kept only while that measures "
+           "faster); a request arriving meanwhile waits for it; 0: every pass on a forward worker's share", float),
     Option("batch-overhead-tokens", 64, "fixed cost of one forward pass in padded-token equivalents: higher "
            "merges rows of different lengths into fewer, more padded batches", int),
     Option("stream-window", 64, "most ModelStreamInfer requests of one stream in flight at once; the next is read "

@@ -69,7 +69,8 @@ async def load_runtime(runtime: Runtime, adapters: adapters_servicer.AdaptersSer
     info.max_message_bytes = args.max_message_mb * 1024 * 1024
     batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
                       token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
-                      overhead_tokens=args.batch_overhead_tokens, max_pass_ms=args.max_pass_ms)
+                      overhead_tokens=args.batch_overhead_tokens, max_pass_ms=args.max_pass_ms,
+                      lone_pass_ms=args.lone_pass_ms)
     _observe_batches(batcher)
     batcher.start()
     runtime.engine, runtime.info, runtime.batcher = engine, info, batcher

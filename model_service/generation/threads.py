@@ -22,10 +22,13 @@ log = logging.getLogger(__name__)
 
 
 class StepThreads:
-    def __init__(self, available: int, fixed: int = 0, period: int = 48, probe: int = 4, margin: float = 0.9):
-        """`available`: the worker's threads; `fixed` > 0 pins the count, 0 chooses between 1 and `available`."""
-        self.choices = [fixed] if fixed else sorted({1, max(1, available)})
-        self.current = self.choices[-1]
+    def __init__(self, available: int, fixed: int = 0, period: int = 48, probe: int = 4, margin: float = 0.9,
+                 fewest: int = 1, start_with_fewest: bool = False):
+        """`available`: the worker's threads; `fixed` > 0 pins the count, 0 chooses between `fewest` and
+        `available` (the batcher's lone forward passes choose between a forward worker's share and all),
+        starting with `available` unless `start_with_fewest`."""
+        self.choices = [fixed] if fixed else sorted({max(1, min(fewest, available)), max(1, available)})
+        self.current = self.choices[0 if start_with_fewest else -1]
         self.period, self.probe, self.margin = period, probe, margin
         self._since_probe = period - probe  # the first probe comes early
         self._recent: list[float] = []  # seconds per row of the last steps on `current`
