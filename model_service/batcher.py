@@ -345,13 +345,17 @@ class Batcher:
 
     def _is_lone(self, batch: _Batch) -> bool:
         """Nothing but `batch` to compute (no batch computing or queued, no row waiting), there are other
-        workers' threads to give it, and it is expected to take at most `lone_pass` on one worker."""
+        workers' threads to give it, it is expected to take at most `lone_pass` on one worker, and the
+        node's cores are not busy with other work right now."""
         if (not self.lone_pass or self.engine.forward_workers < 2 or self._waiting
                 or any(not b.revoked for b in self._running.values())
                 or any(r.pending.job.adapter for r in batch.rows)):  # adapter passes run alone anyway
             return False
         expected = self.cost.estimate(batch.tokens - self.overhead_tokens, 1)
-        return expected is not None and expected <= self.lone_pass
+        if expected is None or expected > self.lone_pass:
+            return False
+        runnable = runnable_threads()
+        return runnable is None or runnable <= self.engine.cpus
 
     def _revoke_for(self, newcomer: _Pending) -> None:
         """Put back the rows of queued (not started) batches cut for requests that `newcomer` now goes
@@ -625,6 +629,18 @@ class Batcher:
         if types is not None:
             inputs["token_type_ids"] = torch.from_numpy(types).to(device)
         return inputs, mask_tensor
+
+
+def runnable_threads() -> int | None:
+    """Threads runnable on the node at this instant, this one included (the kernel's count in
+    /proc/loadavg; ~20 µs); None where unknown. Several intra-op threads against busy processes wait on
+    each other at every barrier: measured here under load average 7, a lone MiniLM pass on 2 threads
+    cost 25x the one on 1 thread per token, so a lone pass keeps its worker's share then (even to probe)."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _is_stale(pending: _Pending, now: float) -> bool:

@@ -123,9 +123,9 @@ class Engine:
         self.device = torch.device(loaded.device)
         self.dtype = getattr(torch, loaded.dtype)
         self.adapters = AdapterRegistry(self.model)
-        cpus = default_torch_threads()
-        self.forward_workers = forward_workers or default_forward_workers(self.device.type, cpus)
-        self.torch_threads = torch_threads or max(1, cpus // self.forward_workers)
+        self.cpus = default_torch_threads()  # the CPUs this process may use
+        self.forward_workers = forward_workers or default_forward_workers(self.device.type, self.cpus)
+        self.torch_threads = torch_threads or max(1, self.cpus // self.forward_workers)
         # The main worker runs alone (no forward worker meanwhile): it may use every worker's threads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine", initializer=self._init_worker,
                                             initargs=(self.torch_threads * self.forward_workers, True))
