@@ -227,7 +227,7 @@ class Batcher:
         # Lone passes: every worker's threads, or one worker's share, whichever measures cheaper per token.
         # They start on the share (safe on a busy node) and try every thread after a few passes.
         self.lone_threads = StepThreads(engine.torch_threads * engine.forward_workers, fewest=engine.torch_threads,
-                                        start_with_fewest=True)
+                                        start_with_fewest=True, what="lone forward passes")
         self.stats = BatchStats()
         self.observers: list = []           # callables(batch_size: int, queue_rows: int) after each batch
         self.cost = ForwardCost(overhead_tokens)
