@@ -96,7 +96,8 @@ def generation_servicer(runtime: Runtime) -> GenerationServicer:
     limits = Limits(max_sequences=args.gen_max_sequences, max_tokens=args.gen_max_tokens,
                     max_waiting=args.gen_max_waiting)
     return GenerationServicer(runtime, limits, stream_interval=args.gen_stream_interval,
-                              max_beams=args.gen_max_beams, torch_threads=args.gen_torch_threads)
+                              max_beams=args.gen_max_beams, torch_threads=args.gen_torch_threads,
+                              onednn_matmuls=args.gen_onednn_matmuls)
 
 
 async def start(args) -> RunningServer:
