@@ -5,7 +5,9 @@ collector waits up to `max_wait_us` (counted from the oldest row's arrival) for 
 rows; with a worker idle it goes at once, as waiting would only add latency. It then sorts the waiting rows
 by length and cuts them into groups that minimise padded tokens plus a per-forward overhead
 (`plan_groups`), within `token_budget` padded tokens; the group holding the oldest row runs
-next. Padding a mixed batch to its longest row costs up to ~3x on real text. Rows of
+next. Padding a mixed batch to its longest row costs up to ~3x on real text; with a padding-free
+engine (`engine.backend.padding_free`, backends.py) a pass costs its rows' own tokens, and groups are
+cut by row count and token budget only. Rows of
 different adapters mix in one batch (see engine.py). Each forward worker (`engine.forward_workers`)
 computes a batch and one more waits queued, so no worker waits for the event loop; a batch with
 adapter rows runs alone (the adapters change the model around it).
@@ -231,6 +233,8 @@ class Batcher:
         self.stats = BatchStats()
         self.observers: list = []           # callables(batch_size: int, queue_rows: int) after each batch
         self.cost = ForwardCost(overhead_tokens)
+        # The engine computes only the rows' own tokens (backends.py): rows of any lengths share a pass.
+        self.padding_free = bool(getattr(getattr(engine, "backend", None), "padding_free", False))
         self._waiting: dict[int, _Pending] = {}  # requests with rows not yet taken, in arrival order
         self._queued_rows = 0
         self._computing_tokens = 0          # padded tokens and overhead of the batches computing
@@ -481,7 +485,7 @@ class Batcher:
         else:
             pool = sorted(offered, key=lambda r: r.length)
             for start, end in plan_groups([r.length for r in pool], self.max_batch_size, budget,
-                                          self.overhead_tokens):
+                                          self.overhead_tokens, self.padding_free):
                 window = pool[start:end]
                 if any(r is first for r in window):
                     break
@@ -493,7 +497,7 @@ class Batcher:
             self._queued_rows -= 1
             if not pending.waiting:
                 del self._waiting[pending.order]
-        tokens = len(window) * max(r.length for r in window) + self.overhead_tokens  # padded, plus the pass
+        tokens = pass_tokens_of([r.length for r in window], self.padding_free) + self.overhead_tokens
         return _Batch(window, key, tokens)
 
     async def _run(self, taken: _Batch) -> None:
@@ -523,12 +527,12 @@ class Batcher:
             self._drop(p)
         if size:
             computed = [r.length for r in batch if r.pending not in stale]
-            padded = len(computed) * max(computed)
+            tokens = pass_tokens_of(computed, self.padding_free)
             if taken.lone:
-                self.lone_threads.record(seconds, padded + self.overhead_tokens)
+                self.lone_threads.record(seconds, tokens + self.overhead_tokens)
                 self.stats.lone_wide += taken.wide
             if not taken.wide:  # ForwardCost is the cost of a pass on one forward worker's threads
-                self.cost.observe(seconds, padded)
+                self.cost.observe(seconds, tokens)
             self.stats.batches += 1
             self.stats.rows += size
             self.stats.largest_batch = max(self.stats.largest_batch, size)
@@ -648,19 +652,30 @@ def _is_stale(pending: _Pending, now: float) -> bool:
     return pending.dropped or pending.future.done() or (pending.deadline is not None and now >= pending.deadline)
 
 
-def plan_groups(lengths: list[int], max_rows: int, token_budget: int, overhead_tokens: int) -> list[tuple[int, int]]:
+def pass_tokens_of(lengths: list[int], padding_free: bool) -> int:
+    """Tokens a forward pass over rows of these lengths computes: rows x longest row when the engine pads
+    them, their own tokens when it is padding-free (backends.py)."""
+    return sum(lengths) if padding_free else len(lengths) * max(lengths)
+
+
+def plan_groups(lengths: list[int], max_rows: int, token_budget: int, overhead_tokens: int,
+                padding_free: bool = False) -> list[tuple[int, int]]:
     """Cut ascending `lengths` into contiguous groups [start, end) for separate forward passes.
 
-    Minimises the padded tokens computed (rows x longest row, per group) plus `overhead_tokens`
-    per forward pass (the fixed cost of one call, in token-equivalents), with at most
-    `max_rows` rows and `token_budget` padded tokens per group. Dynamic programming, O(n x max_rows).
+    Minimises the tokens computed (rows x longest row per group; with a `padding_free` engine the rows'
+    own tokens, so groups differ only by the per-pass term) plus `overhead_tokens` per forward pass (the
+    fixed cost of one call, in token-equivalents), with at most `max_rows` rows and `token_budget` tokens
+    per group. Dynamic programming, O(n x max_rows).
     """
     n = len(lengths)
     best = [0.0] + [float("inf")] * n
     cut = [0] * (n + 1)
+    prefix = [0]
+    for length in lengths:
+        prefix.append(prefix[-1] + length)
     for end in range(1, n + 1):
         for start in range(max(0, end - max_rows), end):
-            padded = (end - start) * lengths[end - 1]
+            padded = prefix[end] - prefix[start] if padding_free else (end - start) * lengths[end - 1]
             if padded > token_budget and end - start > 1:
                 continue
             cost = best[start] + padded + overhead_tokens

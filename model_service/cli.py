@@ -51,7 +51,8 @@ MODEL_OPTIONS = [
     memory.release_memory_option(),
     Option("torch-threads", 0, "CPU threads torch may use per forward worker (0: the process's CPUs split evenly "
            "between the workers)", int),
-    Option("engine", "eager", "what runs the batched forward passes (model_service/backends.py)",
+    Option("engine", "eager", "what runs the batched forward passes (model_service/backends.py): eager (padding-free "
+           "for BERT encoders, the model's own forward otherwise) or eager-padded (always the model's own forward)",
            choices=list(BACKENDS)),
 ]
 OPTIONS = MODEL_OPTIONS + serving.SERVER_OPTIONS + ADAPTER_OPTIONS + GENERATION_OPTIONS

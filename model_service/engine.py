@@ -180,8 +180,12 @@ class Engine:
             adapters = None
         if adapters and not self.backend.supports_adapters:
             raise FailedPrecondition(f"the {type(self.backend).__name__} engine cannot apply adapters")
-        with self.adapters.use(adapters) if adapters else contextlib.nullcontext():
+        if not adapters:
             return self.backend(inputs, hidden_states)
+        # Adapter hooks apply row i's adapter to row i of a padded batch: a padding-free backend gives way.
+        backend = getattr(self.backend, "padded", self.backend)
+        with self.adapters.use(adapters):
+            return backend(inputs, hidden_states)
 
     def close(self) -> None:
         self.memory.close()
