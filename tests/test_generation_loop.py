@@ -4,6 +4,7 @@ length groups."""
 from __future__ import annotations
 
 import asyncio
+import collections
 
 import pytest
 import torch
@@ -148,3 +149,89 @@ def test_a_greedy_stream_progresses_while_a_beam_search_runs(tmp_path):
         eng.close()
     assert len(tokens) == 12 and len(beam_tokens) == 240
     assert beam_running  # the greedy request did not wait for the search
+
+
+# ---------------------------------------------------------------- matrix products on oneDNN (matmuls.py)
+
+def test_the_onednn_mode_routes_linear_and_addmm_and_leaves_everything_else():
+    import threading
+
+    import torch.nn.functional as F
+
+    from model_service.generation.matmuls import OneDnnMatmuls, available
+
+    assert available()  # torch 2.13's CPU build carries oneDNN
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(shape, generator=gen) for shape in ((5, 3, 48), (24, 48), (24,)))
+    conv_w = torch.randn(48, 24, generator=gen)  # transformers' Conv1D layout: [in, out]
+    calls = [
+        (lambda: F.linear(x, w, b), lambda: x @ w.T + b),
+        (lambda: F.linear(x, weight=w), lambda: x @ w.T),
+        (lambda: torch.addmm(b, x[0], conv_w), lambda: x[0] @ conv_w + b),
+        (lambda: F.linear(x.transpose(0, 1), w, b), lambda: x.transpose(0, 1) @ w.T + b),  # strided input
+    ]
+    with torch.inference_mode(), torch.profiler.profile() as prof, OneDnnMatmuls():
+        routed = [call() for call, _ in calls]
+        passed = [torch.addmm(b, x[0], conv_w, beta=0.5),  # beta: not a plain linear, stays addmm
+                  F.linear(x.double(), w.double())]  # not fp32
+        other = []
+        thread = threading.Thread(target=lambda: other.append(F.linear(x, w, b)))  # the mode is this thread's only
+        thread.start()
+        thread.join()
+    names = [e.name for e in prof.events()]
+    assert names.count("mkldnn::_linear_pointwise") == len(calls)
+    for got, (_, want) in zip(routed, calls, strict=True):
+        torch.testing.assert_close(got, want(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(passed[0], 0.5 * b + x[0] @ conv_w)
+    assert passed[1].dtype == torch.float64
+    assert torch.equal(other[0], F.linear(x, w, b))  # torch's own kernel on the other thread
+    with torch.enable_grad():  # autograd: torch's own ops (oneDNN's linear has no backward here)
+        leaf = w.clone().requires_grad_()
+        with OneDnnMatmuls():
+            F.linear(x, leaf, b).sum().backward()
+    assert leaf.grad is not None
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_generate(engine, onednn, monkeypatch):
+    """The scheduler's prefill and decode steps route the model's matrix products to oneDNN (unless
+    turned off), and greedy ids still equal model.generate's (torch's default kernels) token for token."""
+    from model_service.generation import matmuls
+    from model_service.generation.batch import GenerationModel, Sequence
+    from model_service.generation.sampling import model_defaults, resolve
+    from model_service.generation.scheduler import Scheduler
+    from splitserve_pb import generation_pb2 as gpb
+    from tests.generation_helpers import reference_generate
+    from tests.model_factory import bytelevel_bpe_tokenizer
+
+    loaded, tokenizer = engine.loaded, bytelevel_bpe_tokenizer()
+    gm = GenerationModel(loaded.model, loaded.pad_token_id, None)
+    prompts = [tokenizer(t)["input_ids"] for t in ("the river", "Alice walks to the old market", "why " * 20)]
+
+    async def scenario():
+        scheduler = Scheduler(engine, gm, onednn_matmuls=onednn)
+        settings = gpb.GenerationSettings(max_new_tokens=12, min_new_tokens=12)
+        seqs = [scheduler.submit(Sequence("s", list(ids), resolve(settings, model_defaults({}, {}), prompt_len=len(ids),
+                                                                   context_len=256, eos_token_ids=[])))
+                for ids in prompts]
+        results = [await drain(seq) for seq in seqs]
+        await scheduler.stop()
+        return results
+
+    routed = collections.Counter()  # (rows, weight shape) of each product oneDNN ran, on the engine's worker
+
+    def counted(x, weight, bias, linear=matmuls._linear):
+        routed[(x.shape[0], tuple(weight.shape))] += 1
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(matmuls, "_linear", counted)
+    results = asyncio.run(scenario())
+    config = loaded.model.config
+    # Each forward pass: 4 products per layer + the lm_head; rows: 3 prompts in the decode steps.
+    assert (sum(routed.values()) >= 11 * (4 * config.n_layer + 1)) is onednn
+    assert bool(routed) is onednn
+    if onednn:
+        assert routed[(3, (3 * config.n_embd, config.n_embd))] == 11 * config.n_layer  # c_attn in 11 decode steps
+    for tokens, ids in zip(results, prompts, strict=True):
+        assert tokens == reference_generate(loaded.model, tokenizer, ids, max_new_tokens=12, min_new_tokens=12,
+                                            do_sample=False)
