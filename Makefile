@@ -8,10 +8,12 @@ setup:
 demo: setup
 	.venv/bin/python scripts/demo.py
 
+# Two pytest-xdist workers (the CI machine has two cores): each takes whole test files (--dist loadfile),
+# so a file's module-scoped servers start once; every test starts its servers on free ports in its own tmp dir.
 test: setup
 	.venv/bin/python scripts/gen_protos.py --check
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 # The unit tier while developing: no servers, no processes, no soak tests; well under a minute.
 test-fast:
