@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
+from model_service.generation.matmuls import available as onednn_available
+
 # Padded attention tokens a group of rows may waste before it is cut in two (per row: rows x longest
 # minus the rows' own lengths); each group is one more set of attention calls per layer.
 ATTENTION_WASTE_TOKENS = 256
@@ -132,16 +134,7 @@ def _padded_heads(packed: torch.Tensor, within: torch.Tensor, rows: int, length:
     return full.view(rows, length, heads, size).transpose(1, 2)
 
 
-def _onednn_available() -> bool:
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return torch.ops.mkldnn._linear_pointwise.default is not None
-    except (AttributeError, RuntimeError):
-        return False
-
-
-ONEDNN = _onednn_available()
+ONEDNN = onednn_available()
 
 
 def _dense(linear, x: torch.Tensor) -> torch.Tensor:
