@@ -51,6 +51,14 @@ def seconds(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """A count that may be 0 (a negative one is refused by the parser, naming the flag or variable)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"not a whole number >= 0: {text!r}")
+    return value
+
+
 def build_parser(prog: str, description: str, options: Sequence[Option], env_prefix: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for opt in options:

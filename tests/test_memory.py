@@ -1,7 +1,9 @@
-"""Memory the C allocator holds free goes back to the system (splitserve_common/memory.py, issue 12).
+"""Memory the C allocator holds free goes back to the system, and oneDNN's cache of kernels per shape
+stays small (splitserve_common/memory.py, issue 12).
 
 Forward passes of ever-changing shapes fragment glibc's heaps: without releasing, a real
-model_service's RSS grew 76 % over a 10-minute soak while the memory in use stayed flat.
+model_service's RSS grew 76 % over a 10-minute soak while the memory in use stayed flat. With the
+release, what still grew was memory in use: one cached oneDNN GELU kernel per new batch shape.
 """
 
 from __future__ import annotations
@@ -86,6 +88,50 @@ def test_releaser_off_with_zero_interval():
     releaser.close()
 
 
+# GELU (oneDNN's kernel on CPU) over new shapes, as MiniLM's six layers run it: the memory in use (mallinfo2,
+# after a trim) that the new shapes left behind. argv[1]: "default" (oneDNN's own bound) or a bound to apply
+# the way model_service does, after torch is imported and before the first kernel.
+_GELU_SHAPES = textwrap.dedent("""
+    import ctypes, sys
+    import torch
+    from splitserve_common import memory
+    if sys.argv[1] != "default":
+        memory.bound_onednn_cache(int(sys.argv[1]))
+    torch.set_num_threads(1)
+    libc = ctypes.CDLL("libc.so.6")
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    libc.mallinfo2.restype = MallInfo2
+    def in_use():
+        libc.malloc_trim(0)
+        return libc.mallinfo2().uordblks / 2**20
+    shapes = [(rows, length) for length in range(1, 201) for rows in (1, 2)]
+    for rows, length in shapes[:100]:
+        torch.nn.functional.gelu(torch.ones(rows, length, 384 * 4))
+    before = in_use()
+    for rows, length in shapes[100:]:
+        for _layer in range(6):
+            torch.nn.functional.gelu(torch.ones(rows, length, 384 * 4))
+    print(in_use() - before)
+""")
+
+
+def _gelu_growth_mib(bound: str) -> float:
+    return float(subprocess.run([sys.executable, "-c", _GELU_SHAPES, bound], capture_output=True, text=True,
+                                check=True, cwd=servers.ROOT).stdout)
+
+
+@needs_glibc
+def test_onednn_cache_bound_keeps_kernels_of_new_shapes_from_accumulating():
+    """300 new shapes: with oneDNN's own cache (1,024 entries) each left ~27 KiB in use; bounded to 64 (the
+    default of --onednn-cache-entries), the first 64 fill the cache and the rest replace them."""
+    unbounded, bounded = _gelu_growth_mib("default"), _gelu_growth_mib("64")
+    print(f"memory in use after 300 new GELU shapes: +{unbounded:.1f} MiB unbounded, +{bounded:.1f} MiB bounded")
+    assert unbounded > 6, "oneDNN no longer caches a GELU kernel per shape: revisit bound_onednn_cache"
+    assert bounded < 1, f"+{bounded:.1f} MiB in use over 300 new shapes with the cache bounded to 64"
+
+
 def _varied_passes(address: str, shapes: list[tuple[int, int]], callers: int = 2) -> None:
     """Embeddings of random token ids, one shape per request, from `callers` threads at once."""
     def call(k: int) -> None:
@@ -160,6 +206,18 @@ def test_seconds_out_of_range_are_refused_by_name(flag, value, capsys):
         parse_args(["--model-dir", "x", flag, value])
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_onednn_cache_entries_is_a_count(value, capsys):
+    from model_service.cli import parse_args
+
+    assert parse_args(["--model-dir", "x"]).onednn_cache_entries == 64
+    assert parse_args(["--model-dir", "x", "--onednn-cache-entries", "0"]).onednn_cache_entries == 0
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--model-dir", "x", "--onednn-cache-entries", value])
+    assert exit_info.value.code == 2
+    assert "--onednn-cache-entries" in capsys.readouterr().err
 
 
 def test_seconds_in_the_environment_are_checked_too(monkeypatch, capsys):
