@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
+from model_service.generation.matmuls import OneDnnLinear
 from model_service.generation.matmuls import available as onednn_available
 
 # Padded attention tokens a group of rows may waste before it is cut in two (per row: rows x longest
@@ -135,6 +136,7 @@ def _padded_heads(packed: torch.Tensor, within: torch.Tensor, rows: int, length:
 
 
 ONEDNN = onednn_available()
+_PLAIN_LINEAR = (torch.nn.Linear, OneDnnLinear)  # generation's routing subclass: the same layer
 
 
 def _dense(linear, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +146,7 @@ def _dense(linear, x: torch.Tensor) -> torch.Tensor:
     Same fp32 precision, sums in another order (the last bits differ, as between batch sizes). Anything
     else (LoRA-wrapped layers, other dtypes or devices) runs the module itself."""
     weight = getattr(linear, "weight", None)
-    if (ONEDNN and type(linear) is torch.nn.Linear and weight.dtype == torch.float32 and x.dtype == torch.float32
+    if (ONEDNN and type(linear) in _PLAIN_LINEAR and weight.dtype == torch.float32 and x.dtype == torch.float32
             and weight.device.type == "cpu" and type(weight) is torch.nn.Parameter):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, linear.bias, "none", [], "")
     return linear(x)
