@@ -120,7 +120,7 @@ async def service_passes(lengths: list[int], slice_rows: int, overhead_tokens: i
     from model_service.batcher import Batcher, _Pending
     from model_service.requests import InferJob
 
-    engine = SimpleNamespace(forward_workers=2)  # only the policy runs here: nothing is computed
+    engine = SimpleNamespace(forward_workers=2, torch_threads=1)  # only the policy runs here: nothing is computed
     batcher = Batcher(engine, None, max_batch_size=slice_rows, overhead_tokens=overhead_tokens,
                       max_pass_ms=max_pass_ms)
     batcher.cost.seconds_per_token = seconds_per_token

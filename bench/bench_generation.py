@@ -8,6 +8,10 @@ settings). Then, in one run:
 - sequential: in-process greedy `model.generate`, one prompt after another (the reference ids),
   with torch's default threads (every core) and again with one thread: on cores shared with busy
   processes, intra-op threads waiting on each other slow it several-fold;
+- the in-process bound of batching: model_service's own batch (DecodeBatch: prefill, then one
+  decode step for all rows per token; its kernels, oneDNN matrix products unless
+  --model-arg=--no-gen-onednn-matmuls) on the prompts 32 at a time (--bound-rows), no
+  services, with torch's default threads and with one;
 - through the pair: client -> preproc -> model_service with 1, 8 and 32 concurrent streams
   (GenerateTextStream, as the SDK streams), every prompt once per level.
 
@@ -67,6 +71,43 @@ def sequential_reference(model, tokenizer, prompts, max_new_tokens: int, threads
     return sum(map(len, answers)) / elapsed, answers
 
 
+def batched_bound(model, tokenizer, prompts, max_new_tokens: int, rows: int, threads: int, onednn: bool):
+    """(generated tokens/s, generated ids per prompt) of model_service's DecodeBatch in process: `rows`
+    prompts at a time, one prefill pass then one decode step per token, `threads` torch threads."""
+    import torch
+
+    from model_service.generation import matmuls
+    from model_service.generation.batch import DecodeBatch, GenerationModel, Sequence
+    from model_service.generation.sampling import SamplingParams, TokenChooser
+
+    gm = GenerationModel(model, tokenizer.pad_token_id or 0, None)
+    if onednn:
+        matmuls.install(model)  # as model_service's scheduler does (same parameters; torch's kernels outside)
+    params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                            temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,
+                            eos_token_ids=frozenset(), stop_token_ids=frozenset(), logprobs=False)
+
+    def run(part):
+        seqs = [Sequence(str(i), tokenizer(p)["input_ids"], params) for i, p in enumerate(part)]
+        for seq in seqs:
+            seq.chooser = TokenChooser(params, gm.device)
+        with matmuls.matmul_mode(onednn):
+            batch = DecodeBatch.prefill(gm, seqs)
+            for _ in range(max_new_tokens - 1):
+                batch.decode(gm)
+        return [seq.generated for seq in seqs]
+
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        run(prompts[:2])  # warm-up
+        start = time.perf_counter()
+        answers = [ids for i in range(0, len(prompts), rows) for ids in run(prompts[i:i + rows])]
+        elapsed = time.perf_counter() - start
+    torch.set_num_threads(default_threads)
+    return sum(map(len, answers)) / elapsed, answers
+
+
 async def through_the_pair(address: str, prompts, concurrency: int, max_new_tokens: int):
     """(generated tokens/s, time-to-first-token list, generated ids per prompt) with `concurrency` streams."""
     slots = asyncio.Semaphore(concurrency)
@@ -102,6 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-words", type=int, default=8, help="words of each sentence used as the prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated stream counts")
+    parser.add_argument("--bound-rows", type=int, default=32, help="rows of the in-process batched bound")
     parser.add_argument("--model-arg", action="append", default=[],
                         help="extra model_service flag (repeatable), e.g. --model-arg=--gen-stream-interval=1")
     args = parser.parse_args(argv)
@@ -125,6 +167,14 @@ def main(argv=None) -> None:
             differ = [i for i, (a, b) in enumerate(zip(single_ids, expected, strict=True)) if a != b]
             if differ:
                 mismatched["in-process with 1 thread"] = differ
+            onednn = "--no-gen-onednn-matmuls" not in args.model_arg
+            bounds = {}
+            for count in sorted({threads, 1}, reverse=True):
+                bounds[count], bound_ids = batched_bound(model, tokenizer, prompts, args.max_new_tokens,
+                                                         args.bound_rows, count, onednn)
+                differ = [i for i, (a, b) in enumerate(zip(bound_ids, expected, strict=True)) if a != b]
+                if differ:
+                    mismatched[f"in-process batch, {count} thread(s)"] = differ
             asyncio.run(through_the_pair(pp.address, prompts[:2], 2, 2))  # warm-up
             for level in levels:
                 cpu_start = {name: cpu_seconds(s.proc.pid) for name, s in (("model", ms), ("preproc", pp))}
@@ -140,13 +190,18 @@ def main(argv=None) -> None:
           f"prompts of {args.prompt_words} words, {args.max_new_tokens} greedy new tokens each, "
           f"model_service flags: {args.model_arg or 'defaults'}")
     print(f"sequential in-process model.generate, one prompt at a time: **{sequential:.1f} tokens/s** with {threads} "
-          f"torch threads (torch's default), {single:.1f} with 1 thread\n")
+          f"torch threads (torch's default), {single:.1f} with 1 thread")
+    print(f"in-process bound, model_service's batch {args.bound_rows} prompts at a time "
+          f"({'oneDNN' if onednn else 'default'} matrix products): "
+          + ", ".join(f"**{rate:.1f} tokens/s** ({rate / sequential:.2f}x) with {count} thread(s)"
+                      for count, rate in bounds.items()) + "\n")
     best = max(sequential, single)
-    print("| streams | tokens/s | x sequential | x best sequential | TTFT p50 ms | TTFT p95 ms | model_service CPU s "
-          "/ 1k tokens | preproc CPU s / 1k tokens | ids equal to generate |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    bound = max(bounds.values())
+    print("| streams | tokens/s | x sequential | x best sequential | x in-process bound | TTFT p50 ms | TTFT p95 ms | "
+          "model_service CPU s / 1k tokens | preproc CPU s / 1k tokens | ids equal to generate |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for level, rate, ttfts, cpu, tokens, bad in rows:
-        print(f"| {level} | {rate:.1f} | {rate / sequential:.2f} | {rate / best:.2f} | "
+        print(f"| {level} | {rate:.1f} | {rate / sequential:.2f} | {rate / best:.2f} | {rate / bound:.2f} | "
               f"{statistics.median(ttfts) * 1e3:.0f} | {percentile(ttfts, 0.95) * 1e3:.0f} | "
               f"{cpu['model'] / tokens * 1e3:.2f} | {cpu['preproc'] / tokens * 1e3:.2f} | "
               f"{len(prompts) - bad}/{len(prompts)} |")

@@ -5,10 +5,24 @@ collector waits up to `max_wait_us` (counted from the oldest row's arrival) for 
 rows; with a worker idle it goes at once, as waiting would only add latency. It then sorts the waiting rows
 by length and cuts them into groups that minimise padded tokens plus a per-forward overhead
 (`plan_groups`), within `token_budget` padded tokens; the group holding the oldest row runs
-next. Padding a mixed batch to its longest row costs up to ~3x on real text. Rows of
+next. Padding a mixed batch to its longest row costs up to ~3x on real text; with a padding-free
+engine (`engine.backend.padding_free`, backends.py) a pass costs its rows' own tokens, and groups are
+cut by row count and token budget only. Rows of
 different adapters mix in one batch (see engine.py). Each forward worker (`engine.forward_workers`)
 computes a batch and one more waits queued, so no worker waits for the event loop; a batch with
 adapter rows runs alone (the adapters change the model around it).
+
+Lone passes: a pass with nothing else computing, queued or waiting (concurrency 1, the first of a
+burst), expected to take at most `lone_pass_ms` on one forward worker, runs on the engine's main
+worker, alone, with every worker's torch threads: a one-row pass alone on a one-thread worker left
+the other cores idle (~6 ms more per MiniLM sentence on 2 cores). Passes that overlap keep their
+worker's share. A request arriving during a lone pass waits for it (it holds every core; running
+beside it would put more runnable threads than cores, whose OpenMP barriers then stall), which the
+bound keeps short. On cores shared with busy processes a pass with several threads can cost many
+times more (threads spin at each barrier), so the lone passes measure it: they keep whichever of
+all threads or the worker's share cost less per token, probing the other now and then
+(`StepThreads`, as the generation steps do). Lone passes on every thread do not feed `ForwardCost`,
+which is the cost of a pass on one forward worker.
 
 Time per pass: a forward pass cannot be interrupted, so whatever arrives while every worker is busy
 waits for the passes computing. A pass cut for a request of several rows, or one already served in
@@ -54,6 +68,7 @@ import numpy as np
 import torch
 
 from model_service import shaping
+from model_service.generation.threads import StepThreads
 from model_service.requests import InferJob
 from splitserve_common import metrics, tracing
 from splitserve_common.errors import ConfigurationError, DeadlineExceeded, InvalidArgument, ResourceExhausted
@@ -87,6 +102,7 @@ class BatchStats:
     dropped_cancelled: int = 0
     rejected_full: int = 0
     rejected_late: int = 0   # refused at once: the deadline could not be met
+    lone_wide: int = 0       # lone passes run with every worker's torch threads
     sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches
 
 
@@ -159,6 +175,8 @@ class _Batch:
         self.tokens = tokens    # padded tokens plus the per-pass overhead, for the expected wait
         self.started = False
         self.revoked = False
+        self.lone = False       # nothing else computing, queued or waiting when it was cut (and short)
+        self.wide = False       # runs alone with every worker's threads (a lone pass, when that measured faster)
 
 
 class ForwardCost:
@@ -193,7 +211,8 @@ class ForwardCost:
 
 class Batcher:
     def __init__(self, engine, info, max_batch_size: int = 32, max_wait_us: int = 2000, token_budget: int = 16384,
-                 max_queue_rows: int = 1024, overhead_tokens: int = 64, max_pass_ms: float = 50.0):
+                 max_queue_rows: int = 1024, overhead_tokens: int = 64, max_pass_ms: float = 50.0,
+                 lone_pass_ms: float = 30.0):
         self.engine = engine
         self.info = info
         self.max_batch_size = max_batch_size
@@ -204,9 +223,18 @@ class Batcher:
         if not 0 <= max_pass_ms < float("inf"):
             raise ConfigurationError(f"--max-pass-ms must be a finite number of milliseconds >= 0, not {max_pass_ms}")
         self.max_pass = max_pass_ms / 1e3     # 0: passes bounded by token_budget only
+        if not 0 <= lone_pass_ms < float("inf"):
+            raise ConfigurationError(f"--lone-pass-ms must be a finite number of milliseconds >= 0, not {lone_pass_ms}")
+        self.lone_pass = lone_pass_ms / 1e3   # 0: every pass on a forward worker, with its share of the threads
+        # Lone passes: every worker's threads, or one worker's share, whichever measures cheaper per token.
+        # They start on the share (safe on a busy node) and try every thread after a few passes.
+        self.lone_threads = StepThreads(engine.torch_threads * engine.forward_workers, fewest=engine.torch_threads,
+                                        start_with_fewest=True, what="lone forward passes")
         self.stats = BatchStats()
         self.observers: list = []           # callables(batch_size: int, queue_rows: int) after each batch
         self.cost = ForwardCost(overhead_tokens)
+        # The engine computes only the rows' own tokens (backends.py): rows of any lengths share a pass.
+        self.padding_free = bool(getattr(getattr(engine, "backend", None), "padding_free", False))
         self._waiting: dict[int, _Pending] = {}  # requests with rows not yet taken, in arrival order
         self._queued_rows = 0
         self._computing_tokens = 0          # padded tokens and overhead of the batches computing
@@ -319,6 +347,20 @@ class Batcher:
         busy = sum(not b.revoked and not _one_row(b.key) for b in self._running.values())
         return self._reserving() and busy >= self.engine.forward_workers - 1
 
+    def _is_lone(self, batch: _Batch) -> bool:
+        """Nothing but `batch` to compute (no batch computing or queued, no row waiting), there are other
+        workers' threads to give it, it is expected to take at most `lone_pass` on one worker, and the
+        node's cores are not busy with other work right now."""
+        if (not self.lone_pass or self.engine.forward_workers < 2 or self._waiting
+                or any(not b.revoked for b in self._running.values())
+                or any(r.pending.job.adapter for r in batch.rows)):  # adapter passes run alone anyway
+            return False
+        expected = self.cost.estimate(batch.tokens - self.overhead_tokens, 1)
+        if expected is None or expected > self.lone_pass:
+            return False
+        runnable = runnable_threads()
+        return runnable is None or runnable <= self.engine.cpus
+
     def _revoke_for(self, newcomer: _Pending) -> None:
         """Put back the rows of queued (not started) batches cut for requests that `newcomer` now goes
         before, so it rides in the next pass a worker starts rather than after them."""
@@ -383,6 +425,8 @@ class Batcher:
                     except asyncio.TimeoutError:
                         pass
                 continue
+            batch.lone = self._is_lone(batch)
+            batch.wide = batch.lone and self.lone_threads.threads() > self.engine.torch_threads
             task = loop.create_task(self._run(batch))
             self._running[task] = batch
             task.add_done_callback(self._batch_done)
@@ -441,7 +485,7 @@ class Batcher:
         else:
             pool = sorted(offered, key=lambda r: r.length)
             for start, end in plan_groups([r.length for r in pool], self.max_batch_size, budget,
-                                          self.overhead_tokens):
+                                          self.overhead_tokens, self.padding_free):
                 window = pool[start:end]
                 if any(r is first for r in window):
                     break
@@ -453,7 +497,7 @@ class Batcher:
             self._queued_rows -= 1
             if not pending.waiting:
                 del self._waiting[pending.order]
-        tokens = len(window) * max(r.length for r in window) + self.overhead_tokens  # padded, plus the pass
+        tokens = pass_tokens_of([r.length for r in window], self.padding_free) + self.overhead_tokens
         return _Batch(window, key, tokens)
 
     async def _run(self, taken: _Batch) -> None:
@@ -461,8 +505,9 @@ class Batcher:
         self._computing_tokens += taken.tokens
         try:
             # Rows with adapters change the model around their forward pass: those run alone ("" is the
-            # base model: the servicer maps the lease's BASE to it).
-            run = self.engine.run if any(r.pending.job.adapter for r in batch) else self.engine.run_forward
+            # base model: the servicer maps the lease's BASE to it); so does a lone pass on every thread.
+            alone = taken.wide or any(r.pending.job.adapter for r in batch)
+            run = self.engine.run if alone else self.engine.run_forward
             computed = await run(self._compute, taken)
             if computed is None:  # revoked before a worker started it: its rows are queued again
                 return
@@ -482,7 +527,12 @@ class Batcher:
             self._drop(p)
         if size:
             computed = [r.length for r in batch if r.pending not in stale]
-            self.cost.observe(seconds, len(computed) * max(computed))
+            tokens = pass_tokens_of(computed, self.padding_free)
+            if taken.lone:
+                self.lone_threads.record(seconds, tokens + self.overhead_tokens)
+                self.stats.lone_wide += taken.wide
+            if not taken.wide:  # ForwardCost is the cost of a pass on one forward worker's threads
+                self.cost.observe(seconds, tokens)
             self.stats.batches += 1
             self.stats.rows += size
             self.stats.largest_batch = max(self.stats.largest_batch, size)
@@ -523,7 +573,7 @@ class Batcher:
         seconds = time.perf_counter() - started
         metrics.observe_stage("forward", seconds)
         if tracing.enabled:
-            _trace_batch(batch, now, seconds)
+            _trace_batch(batch, now, seconds, torch.get_num_threads())
 
         length = max(r.length for r in batch)
         if _is_whole_request(batch, length):  # one request, as sent: its outputs need no cutting and restacking
@@ -585,24 +635,47 @@ class Batcher:
         return inputs, mask_tensor
 
 
+def runnable_threads() -> int | None:
+    """Threads runnable on the node at this instant, this one included (the kernel's count in
+    /proc/loadavg; ~20 µs); None where unknown. Several intra-op threads against busy processes wait on
+    each other at every barrier: measured here under load average 7, a lone MiniLM pass on 2 threads
+    cost 25x the one on 1 thread per token, so a lone pass keeps its worker's share then (even to probe)."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _is_stale(pending: _Pending, now: float) -> bool:
     """The caller went away (its future is done/cancelled) or its deadline passed."""
     return pending.dropped or pending.future.done() or (pending.deadline is not None and now >= pending.deadline)
 
 
-def plan_groups(lengths: list[int], max_rows: int, token_budget: int, overhead_tokens: int) -> list[tuple[int, int]]:
+def pass_tokens_of(lengths: list[int], padding_free: bool) -> int:
+    """Tokens a forward pass over rows of these lengths computes: rows x longest row when the engine pads
+    them, their own tokens when it is padding-free (backends.py)."""
+    return sum(lengths) if padding_free else len(lengths) * max(lengths)
+
+
+def plan_groups(lengths: list[int], max_rows: int, token_budget: int, overhead_tokens: int,
+                padding_free: bool = False) -> list[tuple[int, int]]:
     """Cut ascending `lengths` into contiguous groups [start, end) for separate forward passes.
 
-    Minimises the padded tokens computed (rows x longest row, per group) plus `overhead_tokens`
-    per forward pass (the fixed cost of one call, in token-equivalents), with at most
-    `max_rows` rows and `token_budget` padded tokens per group. Dynamic programming, O(n x max_rows).
+    Minimises the tokens computed (rows x longest row per group; with a `padding_free` engine the rows'
+    own tokens, so groups differ only by the per-pass term) plus `overhead_tokens` per forward pass (the
+    fixed cost of one call, in token-equivalents), with at most `max_rows` rows and `token_budget` tokens
+    per group. Dynamic programming, O(n x max_rows).
     """
     n = len(lengths)
     best = [0.0] + [float("inf")] * n
     cut = [0] * (n + 1)
+    prefix = [0]
+    for length in lengths:
+        prefix.append(prefix[-1] + length)
     for end in range(1, n + 1):
         for start in range(max(0, end - max_rows), end):
-            padded = (end - start) * lengths[end - 1]
+            padded = prefix[end] - prefix[start] if padding_free else (end - start) * lengths[end - 1]
             if padded > token_budget and end - start > 1:
                 continue
             cost = best[start] + padded + overhead_tokens
@@ -661,7 +734,7 @@ def _shape_all(job: InferJob, stacked: dict, mask: torch.Tensor) -> dict:
     return result
 
 
-def _trace_batch(batch: list[_Row], taken: float, forward_seconds: float) -> None:
+def _trace_batch(batch: list[_Row], taken: float, forward_seconds: float, threads: int) -> None:
     """Each traced request's wait in the queue and the forward pass it was part of, as spans of its call."""
     forward_end = time.time_ns()
     forward_start = forward_end - int(forward_seconds * 1e9)
@@ -670,4 +743,5 @@ def _trace_batch(batch: list[_Row], taken: float, forward_seconds: float) -> Non
             queued = forward_start - int(max(0.0, taken - row.arrived) * 1e9)
             tracing.record_span("queue", queued, forward_start, parent=row.pending.trace)
             tracing.record_span("forward", forward_start, forward_end, parent=row.pending.trace,
-                                attributes={"splitserve.batch_rows": len(batch)})
+                                attributes={"splitserve.batch_rows": len(batch),
+                                            "splitserve.torch_threads": threads})

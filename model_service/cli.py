@@ -36,6 +36,9 @@ MODEL_OPTIONS = [
     Option("max-pass-ms", 50.0, "a forward pass for a request of several rows is cut to take about this long "
            "by the measured cost (one row always fits), so a one-row request arriving meanwhile waits about one "
            "such pass; 0: only --token-budget bounds a pass", float),
+    Option("lone-pass-ms", 30.0, "a forward pass with nothing else computing or waiting, expected to take at most "
+           "this on one forward worker, runs alone with every worker's torch threads (kept only while that measures "
+           "faster); a request arriving meanwhile waits for it; 0: every pass on a forward worker's share", float),
     Option("batch-overhead-tokens", 64, "fixed cost of one forward pass in padded-token equivalents: higher "
            "merges rows of different lengths into fewer, more padded batches", int),
     Option("stream-window", 64, "most ModelStreamInfer requests of one stream in flight at once; the next is read "
@@ -46,9 +49,11 @@ MODEL_OPTIONS = [
     Option("forward-workers", 0, "batched forward passes run at once, each on its own share of the CPUs (0: 2 on "
            "a CPU node with 2 or more CPUs, else 1); batches with adapter rows run alone", int),
     memory.release_memory_option(),
+    memory.onednn_cache_option(),
     Option("torch-threads", 0, "CPU threads torch may use per forward worker (0: the process's CPUs split evenly "
            "between the workers)", int),
-    Option("engine", "eager", "what runs the batched forward passes (model_service/backends.py)",
+    Option("engine", "eager", "what runs the batched forward passes (model_service/backends.py): eager (padding-free "
+           "for BERT encoders, the model's own forward otherwise) or eager-padded (always the model's own forward)",
            choices=list(BACKENDS)),
 ]
 OPTIONS = MODEL_OPTIONS + serving.SERVER_OPTIONS + ADAPTER_OPTIONS + GENERATION_OPTIONS

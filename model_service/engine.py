@@ -8,14 +8,17 @@ API for the other parts of model_service (generation, adapters, batching) — ke
         Runs `fn(*args, **kwargs)` on the engine's main worker thread under torch.inference_mode()
         and returns its result (exceptions propagate). Calls run one at a time, in submission
         order, and no forward worker runs meanwhile, so `fn` may touch the model (forward,
-        generate step, load/unload an adapter) without locks. Never call engine.run from inside
-        `fn` (it would wait on itself).
+        generate step, load/unload an adapter) without locks. The main worker has every forward
+        worker's torch threads (torch_threads x forward_workers): the batcher also runs a lone
+        forward pass here (nothing else to compute: batcher.py, "Lone passes"). Never call
+        engine.run from inside `fn` (it would wait on itself).
     result = await engine.run_forward(fn, *args, **kwargs)
         For work that only reads the model (the batcher's forward passes without adapters): with
         `forward_workers` > 1 it runs on one of that many threads, beside the others, each with
         `torch_threads` intra-op threads (several smaller forwards use a CPU node better than one
         wide one); with one worker it is `run`.
     engine.model, engine.device, engine.dtype, engine.loaded
+    engine.forward_workers, engine.torch_threads (per forward worker), engine.cpus (this process may use)
     engine.forward(inputs, adapters=None, hidden_states=False)   # worker threads only
         One forward pass of the model on a dict of tensors (already on engine.device), run by the
         engine's backend (model_service/backends.py: eager PyTorch, or another engine behind the
@@ -123,9 +126,9 @@ class Engine:
         self.device = torch.device(loaded.device)
         self.dtype = getattr(torch, loaded.dtype)
         self.adapters = AdapterRegistry(self.model)
-        cpus = default_torch_threads()
-        self.forward_workers = forward_workers or default_forward_workers(self.device.type, cpus)
-        self.torch_threads = torch_threads or max(1, cpus // self.forward_workers)
+        self.cpus = default_torch_threads()  # the CPUs this process may use
+        self.forward_workers = forward_workers or default_forward_workers(self.device.type, self.cpus)
+        self.torch_threads = torch_threads or max(1, self.cpus // self.forward_workers)
         # The main worker runs alone (no forward worker meanwhile): it may use every worker's threads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine", initializer=self._init_worker,
                                             initargs=(self.torch_threads * self.forward_workers, True))
@@ -177,8 +180,12 @@ class Engine:
             adapters = None
         if adapters and not self.backend.supports_adapters:
             raise FailedPrecondition(f"the {type(self.backend).__name__} engine cannot apply adapters")
-        with self.adapters.use(adapters) if adapters else contextlib.nullcontext():
+        if not adapters:
             return self.backend(inputs, hidden_states)
+        # Adapter hooks apply row i's adapter to row i of a padded batch: a padding-free backend gives way.
+        backend = getattr(self.backend, "padded", self.backend)
+        with self.adapters.use(adapters):
+            return backend(inputs, hidden_states)
 
     def close(self) -> None:
         self.memory.close()

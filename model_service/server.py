@@ -27,7 +27,7 @@ from model_service.inference_servicer import InferenceServicer
 from model_service.loader import LoadError, LoadOptions
 from model_service.runtime import Runtime
 from model_service.served_model import discover
-from splitserve_common import metrics, serving
+from splitserve_common import memory, metrics, serving
 from splitserve_common.errors import ConfigurationError
 from splitserve_pb import generation_pb2, generation_pb2_grpc, open_inference_pb2, open_inference_pb2_grpc
 
@@ -60,6 +60,7 @@ async def load_runtime(runtime: Runtime, adapters: adapters_servicer.AdaptersSer
                        generation: GenerationServicer) -> None:
     """Load the weights, warm up, start the batcher, then get adapters and generation ready, in that order."""
     args = runtime.args
+    memory.bound_onednn_cache(args.onednn_cache_entries)  # before the first forward pass, when oneDNN reads it
     loaded = await asyncio.to_thread(loader.load, load_options(args))
     engine = Engine(loaded, torch_threads=args.torch_threads, forward_workers=args.forward_workers,
                     backend=args.engine, release_memory_seconds=args.release_memory_seconds)
@@ -69,7 +70,8 @@ async def load_runtime(runtime: Runtime, adapters: adapters_servicer.AdaptersSer
     info.max_message_bytes = args.max_message_mb * 1024 * 1024
     batcher = Batcher(engine, info, max_batch_size=args.max_batch_size, max_wait_us=args.max_wait_us,
                       token_budget=args.token_budget, max_queue_rows=args.max_queue_rows,
-                      overhead_tokens=args.batch_overhead_tokens, max_pass_ms=args.max_pass_ms)
+                      overhead_tokens=args.batch_overhead_tokens, max_pass_ms=args.max_pass_ms,
+                      lone_pass_ms=args.lone_pass_ms)
     _observe_batches(batcher)
     batcher.start()
     runtime.engine, runtime.info, runtime.batcher = engine, info, batcher
@@ -96,7 +98,8 @@ def generation_servicer(runtime: Runtime) -> GenerationServicer:
     limits = Limits(max_sequences=args.gen_max_sequences, max_tokens=args.gen_max_tokens,
                     max_waiting=args.gen_max_waiting)
     return GenerationServicer(runtime, limits, stream_interval=args.gen_stream_interval,
-                              max_beams=args.gen_max_beams, torch_threads=args.gen_torch_threads)
+                              max_beams=args.gen_max_beams, torch_threads=args.gen_torch_threads,
+                              onednn_matmuls=args.gen_onednn_matmuls)
 
 
 async def start(args) -> RunningServer:

@@ -4,6 +4,7 @@ length groups."""
 from __future__ import annotations
 
 import asyncio
+import collections
 
 import pytest
 import torch
@@ -148,3 +149,99 @@ def test_a_greedy_stream_progresses_while_a_beam_search_runs(tmp_path):
         eng.close()
     assert len(tokens) == 12 and len(beam_tokens) == 240
     assert beam_running  # the greedy request did not wait for the search
+
+
+# ---------------------------------------------------------------- matrix products on oneDNN (matmuls.py)
+
+def test_installed_linears_run_on_onednn_only_inside_routed_on_this_thread(monkeypatch):
+    import copy
+    import threading
+
+    from transformers.pytorch_utils import Conv1D
+
+    from model_service.generation import matmuls
+
+    assert matmuls.available()  # torch 2.13's CPU build carries oneDNN
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 24), Conv1D(16, 24), torch.nn.Linear(16, 8, bias=False),
+                                torch.nn.Linear(8, 8).double())
+    x = torch.randn(5, 3, 48)
+    with torch.inference_mode():
+        expected = model[2](model[1](model[0](x)))
+    assert matmuls.install(model) == 4 and matmuls.install(model) == 0  # once; same classes' subclasses
+    assert isinstance(model[1], Conv1D) and isinstance(model[0], torch.nn.Linear)
+    routed = []
+    monkeypatch.setattr(matmuls, "_linear", lambda x, w, b, linear=matmuls._linear: routed.append(w.shape) or
+                        linear(x, w, b))
+
+    def run(x):
+        return model[2](model[1](model[0](x)))
+
+    with torch.inference_mode():
+        outside = run(x)
+        with matmuls.routed():
+            inside = run(x)
+            strided = run(x.transpose(0, 1))
+            as_double = model[3](torch.randn(2, 8, dtype=torch.float64))  # not fp32: torch's own
+            other = []
+            thread = threading.Thread(target=lambda: other.append(run(x)))  # routed() is this thread's only
+            thread.start()
+            thread.join()
+    assert routed == [(24, 48), (16, 24), (8, 16)] * 2  # Conv1D's [in, out] weight goes as its [out, in] view
+    assert torch.equal(outside, expected) and torch.equal(other[0], expected)
+    torch.testing.assert_close(inside, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(strided, expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
+    assert as_double.dtype == torch.float64
+    with matmuls.routed():  # autograd: torch's own kernels
+        run(x).sum().backward()
+    assert model[0].weight.grad is not None and len(routed) == 6
+    clone = copy.deepcopy(model)  # a copy computes with its own parameters
+    with torch.no_grad():
+        clone[2].weight.zero_()
+        with matmuls.routed():
+            assert not run(x).eq(0).all() and clone[2](clone[1](clone[0](x))).eq(0).all()
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_generate(engine, onednn, monkeypatch):
+    """The scheduler's prefill and decode steps route the model's matrix products to oneDNN (unless
+    turned off), and greedy ids still equal model.generate's (torch's default kernels) token for token."""
+    from model_service.generation import matmuls
+    from model_service.generation.batch import GenerationModel, Sequence
+    from model_service.generation.sampling import model_defaults, resolve
+    from model_service.generation.scheduler import Scheduler
+    from splitserve_pb import generation_pb2 as gpb
+    from tests.generation_helpers import reference_generate
+    from tests.model_factory import bytelevel_bpe_tokenizer
+
+    loaded, tokenizer = engine.loaded, bytelevel_bpe_tokenizer()
+    gm = GenerationModel(loaded.model, loaded.pad_token_id, None)
+    prompts = [tokenizer(t)["input_ids"] for t in ("the river", "Alice walks to the old market", "why " * 20)]
+
+    async def scenario():
+        scheduler = Scheduler(engine, gm, onednn_matmuls=onednn)
+        settings = gpb.GenerationSettings(max_new_tokens=12, min_new_tokens=12)
+        seqs = [scheduler.submit(Sequence("s", list(ids), resolve(settings, model_defaults({}, {}), prompt_len=len(ids),
+                                                                   context_len=256, eos_token_ids=[])))
+                for ids in prompts]
+        results = [await drain(seq) for seq in seqs]
+        await scheduler.stop()
+        return results
+
+    routed = collections.Counter()  # (rows, weight shape) of each product oneDNN ran, on the engine's worker
+
+    def counted(x, weight, bias, linear=matmuls._linear):
+        routed[(x.shape[0], tuple(weight.shape))] += 1
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(matmuls, "_linear", counted)
+    results = asyncio.run(scenario())
+    config = loaded.model.config
+    # Each forward pass: 4 products per layer + the lm_head; rows: 3 prompts in the decode steps.
+    assert (sum(routed.values()) >= 11 * (4 * config.n_layer + 1)) is onednn
+    assert bool(routed) is onednn
+    if onednn:
+        assert routed[(3, (3 * config.n_embd, config.n_embd))] == 11 * config.n_layer  # c_attn in 11 decode steps
+    for tokens, ids in zip(results, prompts, strict=True):
+        assert tokens == reference_generate(loaded.model, tokenizer, ids, max_new_tokens=12, min_new_tokens=12,
+                                            do_sample=False)

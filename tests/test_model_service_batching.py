@@ -9,9 +9,10 @@ import threading
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from client.tensor_client import AsyncTensorClient
-from model_service import cli, server
+from model_service import batcher, cli, server
 from model_service.batcher import plan_groups
 from tests import model_factory
 
@@ -206,7 +207,7 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once(model_dir):
 
     refused, waited, patient, stats = asyncio.run(with_server(
         model_dir, "--max-batch-size", "4", "--max-wait-us", "0", "--max-queue-rows", "100000", "--torch-threads",
-        "1", scenario=scenario))
+        "1", "--lone-pass-ms", "0", scenario=scenario))  # lone passes on every thread do not feed the cost model
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
     assert "cannot answer within the deadline" in refused.details() and "ms per token" in refused.details()
     assert waited < 0.05 and stats.rejected_late == 1
@@ -260,3 +261,50 @@ def test_base_model_batches_run_on_the_forward_workers(model_dir):
 
     threads = asyncio.run(with_server(model_dir, "--forward-workers", "2", scenario=scenario))
     assert threads and all(name.startswith("forward") for name in threads), threads
+
+
+def test_a_lone_pass_runs_on_every_workers_threads_and_overlapping_passes_on_their_share(model_dir, monkeypatch):
+    """Issue 13: at concurrency 1 each one-row pass ran on one forward worker's single torch thread
+    while the other worker's core idled. A pass with nothing else computing or waiting may now run
+    alone on the main worker with both workers' threads: lone passes start on a worker's share and
+    after 4 of them try every thread for 4 (StepThreads), keeping whichever costs less. Passes cut
+    while other rows wait always keep one thread each, and so does every pass while the node's cores
+    are busy (the kernel's runnable count, set here: this machine's load is whatever the other jobs make it)."""
+    runnable = [1]
+    monkeypatch.setattr(batcher, "runnable_threads", lambda: runnable[0])
+
+    async def scenario(runtime, client):
+        seen: list[tuple[str, int, int]] = []  # (thread, torch threads, rows) per forward pass
+        forward = runtime.engine.forward
+
+        def recording(inputs, *args, **kwargs):
+            seen.append((threading.current_thread().name, torch.get_num_threads(), len(inputs["input_ids"])))
+            return forward(inputs, *args, **kwargs)
+
+        async def passes(*requests):
+            seen.clear()
+            for request in requests:
+                await client.infer(request, outputs=["logits"])
+            return list(seen)
+
+        runtime.engine.forward = recording
+        first = await passes(rows(1, 5))  # the first pass measures the cost per token
+        large = await passes(rows(8, 6))  # cut one row per pass (--max-pass-ms 0.01)
+        lone = await passes(*(rows(1, length) for length in range(7, 15)))  # one at a time: each alone
+        runnable[0] = runtime.engine.cpus + 1  # one more runnable thread than cores
+        busy = await passes(*(rows(1, length) for length in range(7, 15)))
+        return first, large, lone, busy, runtime.batcher.stats
+
+    first, large, lone, busy, stats = asyncio.run(with_server(
+        model_dir, "--forward-workers", "2", "--torch-threads", "1", "--max-wait-us", "0", "--max-pass-ms", "0.01",
+        scenario=scenario))
+    assert [(name[:7], threads) for name, threads, _ in first] == [("forward", 1)]  # no cost measured yet
+    assert len(large) == 8 and all(n == 1 for _, _, n in large)
+    # Every pass but the last had rows of its request waiting: a forward worker with its one thread.
+    assert sum(name.startswith("forward") for name, _, _ in large[:-1]) == 7, large
+    passes = first + large + lone + busy
+    assert all(threads == (2 if name.startswith("engine") else 1) for name, threads, _ in passes), passes
+    wide = [name.startswith("engine") for name, _, _ in lone]
+    assert wide[:3] == [False] * 3 and sum(wide) >= 4, lone  # the share first, then every thread tried
+    assert [name[:7] for name, _, _ in busy] == ["forward"] * 8, busy
+    assert stats.lone_wide == sum(name.startswith("engine") for name, _, _ in passes)

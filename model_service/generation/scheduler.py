@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from model_service.adapters import BASE
 from model_service.batcher import plan_groups
+from model_service.generation import matmuls
 from model_service.generation.batch import DecodeBatch, GenerationModel, Sequence
 from model_service.generation.sampling import TokenChooser
 from model_service.generation.threads import StepThreads
@@ -58,10 +59,11 @@ class _Core:
     applies each row's own adapter (model_service.adapters).
     """
 
-    def __init__(self, gm: GenerationModel, engine, threads: StepThreads):
+    def __init__(self, gm: GenerationModel, engine, threads: StepThreads, onednn: bool = False):
         self.gm = gm
         self.engine = engine
         self.threads = threads
+        self.onednn = onednn  # matrix products on oneDNN (matmuls.py)
         self.batch: DecodeBatch | None = None
         self.prefill_passes = 0
 
@@ -77,7 +79,8 @@ class _Core:
         self._keep(lambda s: s not in gone)
         stepped = []
         if self.batch is not None:
-            with self._use(self.batch.seqs), metrics.stage_timer("decode"), self.threads.step(len(self.batch)):
+            with self._use(self.batch.seqs), metrics.stage_timer("decode"), self.threads.step(len(self.batch)), \
+                    matmuls.matmul_mode(self.onednn):
                 self.batch.decode(self.gm)
             stepped += self.batch.seqs
         if admitted:
@@ -86,7 +89,8 @@ class _Core:
             lengths = [len(s.prompt_ids) for s in ordered]
             for start, end in plan_groups(lengths, len(ordered), sum(lengths) * len(ordered), PREFILL_PASS_TOKENS):
                 group = ordered[start:end]
-                with self._use(group), metrics.stage_timer("prefill"), self.threads.step(0):
+                with self._use(group), metrics.stage_timer("prefill"), self.threads.step(0), \
+                        matmuls.matmul_mode(self.onednn):
                     fresh = DecodeBatch.prefill(self.gm, group)
                 self.prefill_passes += 1
                 self.batch = fresh if self.batch is None else self.batch.concat(fresh)
@@ -99,13 +103,19 @@ class _Core:
 
 
 class Scheduler:
-    def __init__(self, engine, gm: GenerationModel, limits: Limits = Limits(), torch_threads: int = 0):
+    def __init__(self, engine, gm: GenerationModel, limits: Limits = Limits(), torch_threads: int = 0,
+                 onednn_matmuls: bool = True):
         """`torch_threads`: intra-op threads of the steps; 0 chooses between 1 and the engine worker's
-        threads by measuring (threads.py)."""
+        threads by measuring (threads.py). `onednn_matmuls`: the steps' fp32 matrix products on oneDNN
+        where the model is on CPU and torch has it (matmuls.py)."""
         self.engine = engine
         self.gm = gm
         self.limits = limits
-        self._core = _Core(gm, engine, StepThreads(engine.torch_threads * engine.forward_workers, torch_threads))
+        onednn = onednn_matmuls and gm.device.type == "cpu" and matmuls.available()
+        if onednn:
+            matmuls.install(gm.model)
+        self._core = _Core(gm, engine, StepThreads(engine.torch_threads * engine.forward_workers, torch_threads),
+                           onednn)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
         self._wakeup = asyncio.Event()

@@ -1,4 +1,5 @@
-"""How many torch intra-op threads the generation loop uses: fixed, or chosen by measuring steps.
+"""How many torch intra-op threads the generation loop uses: fixed, or chosen by measuring steps
+(the batcher's lone forward passes choose the same way between all threads and a worker's share).
 
 A decode step is ~100 small operators; with several intra-op threads each one ends in a barrier
 where the threads wait for each other. On an idle node that splits the matrix products across
@@ -22,10 +23,14 @@ log = logging.getLogger(__name__)
 
 
 class StepThreads:
-    def __init__(self, available: int, fixed: int = 0, period: int = 48, probe: int = 4, margin: float = 0.9):
-        """`available`: the worker's threads; `fixed` > 0 pins the count, 0 chooses between 1 and `available`."""
-        self.choices = [fixed] if fixed else sorted({1, max(1, available)})
-        self.current = self.choices[-1]
+    def __init__(self, available: int, fixed: int = 0, period: int = 48, probe: int = 4, margin: float = 0.9,
+                 fewest: int = 1, start_with_fewest: bool = False, what: str = "generation steps"):
+        """`available`: the worker's threads; `fixed` > 0 pins the count, 0 chooses between `fewest` and
+        `available` (the batcher's lone forward passes choose between a forward worker's share and all),
+        starting with `available` unless `start_with_fewest`; `what` names them in the log."""
+        self.what = what
+        self.choices = [fixed] if fixed else sorted({max(1, min(fewest, available)), max(1, available)})
+        self.current = self.choices[0 if start_with_fewest else -1]
         self.period, self.probe, self.margin = period, probe, margin
         self._since_probe = period - probe  # the first probe comes early
         self._recent: list[float] = []  # seconds per row of the last steps on `current`
@@ -48,7 +53,7 @@ class StepThreads:
             self._probing.append(cost)
             if len(self._probing) >= self.probe:
                 if self._recent and _mean(self._probing) < self.margin * _mean(self._recent):
-                    log.info("generation steps now use %d torch thread(s): %.2f ms per row against %.2f with %d",
+                    log.info("%s now use %d torch thread(s): %.4f ms per unit against %.4f with %d", self.what,
                              self._other, _mean(self._probing) * 1e3, _mean(self._recent) * 1e3, self.current)
                     self.current = self._other
                     self._recent = self._probing[-self.probe:]

@@ -1,0 +1,98 @@
+"""The continuous batch's fp32 matrix products on oneDNN instead of torch's default BLAS (CPU).
+
+torch's eager fp32 `addmm` / `linear` on CPU call MKL's sgemm, which takes its AVX2 code path on
+AMD CPUs; oneDNN, also inside torch, uses AVX-512 wherever the CPU has it. Measured on this
+project's 2-core AMD EPYC (AVX-512), one thread, [32, 768] x [768, 3072] (a GPT-2-small MLP
+product at 32 rows): MKL 73-78 GFLOP/s, oneDNN 149-195; at 700 rows (a prefill) 96-103 against
+~200. The matrix products are ~73 % of a decode step, so a step costs ~1.5x less CPU.
+
+Same precision: fp32 in, fp32 accumulation, fp32 out (no TF32 / bf16). The sums run in another
+order, so values differ in the last bits, as they already do with MKL between batch sizes (a row
+computed in a batch of 1 and of 32 differs there too); greedy ids equal `model.generate`'s in the
+tests and on the benchmark's 64 prompts (bench/NOTES.md).
+
+Scope: the model's `nn.Linear` and transformers `Conv1D` modules (exactly those classes) get a
+subclass (install(), once) whose forward takes oneDNN only while the calling thread is inside
+`routed()`, which the scheduler enters around its prefill and decode on the engine worker; beam
+search, the tensor API and every other thread run torch's default kernels. Only float32 CPU
+products outside autograd are routed. A subclass (not a TorchFunctionMode, which would see all of a
+step's ~850 torch calls: 7 % of a 32-row GPT-2-small step) costs one check per linear layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+_state = threading.local()
+
+
+def available() -> bool:
+    """oneDNN is built into this torch and offers the fused linear operator."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default is not None
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _routed_here(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (getattr(_state, "on", False) and not torch.is_grad_enabled() and x.dtype == weight.dtype == torch.float32
+            and x.device.type == "cpu" and weight.device.type == "cpu")
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias; `weight` [out, in], any strides (a Conv1D's [in, out] weight transposed is a view)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+class OneDnnLinear(nn.Linear):
+    def forward(self, x):
+        if _routed_here(x, self.weight):
+            return _linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class OneDnnConv1D(Conv1D):
+    """transformers' Conv1D (GPT-2): weight [in, out], x @ weight + bias."""
+
+    def forward(self, x):
+        if _routed_here(x, self.weight):
+            return _linear(x, self.weight.t(), self.bias)
+        return super().forward(x)
+
+
+_SUBCLASS = {nn.Linear: OneDnnLinear, Conv1D: OneDnnConv1D}
+
+
+def install(model: nn.Module) -> int:
+    """Give the model's nn.Linear and Conv1D modules the routing subclass (same parameters, same
+    behaviour outside routed()); the number of modules changed."""
+    count = 0
+    for module in model.modules():
+        subclass = _SUBCLASS.get(type(module))
+        if subclass is not None:
+            module.__class__ = subclass
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def routed():
+    """Within: this thread's passes through installed modules run their products on oneDNN."""
+    before = getattr(_state, "on", False)
+    _state.on = True
+    try:
+        yield
+    finally:
+        _state.on = before
+
+
+def matmul_mode(enabled: bool):
+    """The context for a generation forward pass: routed() when `enabled`, else nothing."""
+    return routed() if enabled else contextlib.nullcontext()
