@@ -8,8 +8,8 @@ settings). Then, in one run:
 - sequential: in-process greedy `model.generate`, one prompt after another (the reference ids),
   with torch's default threads (every core) and again with one thread: on cores shared with busy
   processes, intra-op threads waiting on each other slow it several-fold;
-- the in-process bound of batching: model_service's own batch (DecodeBatch: prefill, then one
-  decode step for all rows per token; its kernels, oneDNN matrix products unless
+- the in-process bound of batching: model_service's own batch (DecodeBatch: prefill in length
+  groups as the scheduler does, then one decode step for all rows per token; its kernels, oneDNN matrix products unless
   --model-arg=--no-gen-onednn-matmuls) on the prompts 32 at a time (--bound-rows), no
   services, with torch's default threads and with one;
 - through the pair: client -> preproc -> model_service with 1, 8 and 32 concurrent streams
@@ -79,6 +79,7 @@ def batched_bound(model, tokenizer, prompts, max_new_tokens: int, rows: int, thr
     from model_service.generation import matmuls
     from model_service.generation.batch import DecodeBatch, GenerationModel, Sequence
     from model_service.generation.sampling import SamplingParams, TokenChooser
+    from model_service.generation.scheduler import PREFILL_PASS_TOKENS, plan_groups
 
     gm = GenerationModel(model, tokenizer.pad_token_id or 0, None)
     if onednn:
@@ -91,8 +92,14 @@ def batched_bound(model, tokenizer, prompts, max_new_tokens: int, rows: int, thr
         seqs = [Sequence(str(i), tokenizer(p)["input_ids"], params) for i, p in enumerate(part)]
         for seq in seqs:
             seq.chooser = TokenChooser(params, gm.device)
+        # Prompts of similar lengths prefill together, as model_service's scheduler does.
+        ordered = sorted(seqs, key=lambda seq: len(seq.prompt_ids))
+        lengths = [len(seq.prompt_ids) for seq in ordered]
         with matmuls.matmul_mode(onednn):
-            batch = DecodeBatch.prefill(gm, seqs)
+            batch = None
+            for start, end in plan_groups(lengths, len(ordered), sum(lengths) * len(ordered), PREFILL_PASS_TOKENS):
+                fresh = DecodeBatch.prefill(gm, ordered[start:end])
+                batch = fresh if batch is None else batch.concat(fresh)
             for _ in range(max_new_tokens - 1):
                 batch.decode(gm)
         return [seq.generated for seq in seqs]
@@ -168,13 +175,13 @@ def main(argv=None) -> None:
             if differ:
                 mismatched["in-process with 1 thread"] = differ
             onednn = "--no-gen-onednn-matmuls" not in args.model_arg
-            bounds = {}
+            bounds, bound_differ = {}, {}
             for count in sorted({threads, 1}, reverse=True):
                 bounds[count], bound_ids = batched_bound(model, tokenizer, prompts, args.max_new_tokens,
                                                          args.bound_rows, count, onednn)
-                differ = [i for i, (a, b) in enumerate(zip(bound_ids, expected, strict=True)) if a != b]
-                if differ:
-                    mismatched[f"in-process batch, {count} thread(s)"] = differ
+                # Not a failure: batched rows may break a near-tie otherwise than generate alone (prompt 37 of
+                # sentences.txt does in process, with MKL as with oneDNN); the services' answers are the target.
+                bound_differ[count] = [i for i, (a, b) in enumerate(zip(bound_ids, expected, strict=True)) if a != b]
             asyncio.run(through_the_pair(pp.address, prompts[:2], 2, 2))  # warm-up
             for level in levels:
                 cpu_start = {name: cpu_seconds(s.proc.pid) for name, s in (("model", ms), ("preproc", pp))}
@@ -194,7 +201,9 @@ def main(argv=None) -> None:
     print(f"in-process bound, model_service's batch {args.bound_rows} prompts at a time "
           f"({'oneDNN' if onednn else 'default'} matrix products): "
           + ", ".join(f"**{rate:.1f} tokens/s** ({rate / sequential:.2f}x) with {count} thread(s)"
-                      for count, rate in bounds.items()) + "\n")
+                      for count, rate in bounds.items())
+          + "".join(f"; its ids differ from generate's on prompts {d} with {c} thread(s)"
+                    for c, d in bound_differ.items() if d) + "\n")
     best = max(sequential, single)
     bound = max(bounds.values())
     print("| streams | tokens/s | x sequential | x best sequential | x in-process bound | TTFT p50 ms | TTFT p95 ms | "
