@@ -10,7 +10,7 @@ settings). Then, in one run:
   processes, intra-op threads waiting on each other slow it several-fold;
 - the in-process bound of batching: model_service's own batch (DecodeBatch: prefill, then one
   decode step for all rows per token; its kernels, oneDNN matrix products unless
-  --model-arg=--gen-onednn-matmuls=false) on the prompts 32 at a time (--bound-rows), no
+  --model-arg=--no-gen-onednn-matmuls) on the prompts 32 at a time (--bound-rows), no
   services, with torch's default threads and with one;
 - through the pair: client -> preproc -> model_service with 1, 8 and 32 concurrent streams
   (GenerateTextStream, as the SDK streams), every prompt once per level.
@@ -81,6 +81,8 @@ def batched_bound(model, tokenizer, prompts, max_new_tokens: int, rows: int, thr
     from model_service.generation.sampling import SamplingParams, TokenChooser
 
     gm = GenerationModel(model, tokenizer.pad_token_id or 0, None)
+    if onednn:
+        matmuls.install(model)  # as model_service's scheduler does (same parameters; torch's kernels outside)
     params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                             temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,
                             eos_token_ids=frozenset(), stop_token_ids=frozenset(), logprobs=False)
@@ -165,8 +167,7 @@ def main(argv=None) -> None:
             differ = [i for i, (a, b) in enumerate(zip(single_ids, expected, strict=True)) if a != b]
             if differ:
                 mismatched["in-process with 1 thread"] = differ
-            onednn = not any(arg.replace("=", " ").split()[-1].lower() in ("false", "0", "no", "off")
-                             for arg in args.model_arg if arg.startswith("--gen-onednn-matmuls"))
+            onednn = "--no-gen-onednn-matmuls" not in args.model_arg
             bounds = {}
             for count in sorted({threads, 1}, reverse=True):
                 bounds[count], bound_ids = batched_bound(model, tokenizer, prompts, args.max_new_tokens,

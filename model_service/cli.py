@@ -49,6 +49,7 @@ MODEL_OPTIONS = [
     Option("forward-workers", 0, "batched forward passes run at once, each on its own share of the CPUs (0: 2 on "
            "a CPU node with 2 or more CPUs, else 1); batches with adapter rows run alone", int),
     memory.release_memory_option(),
+    memory.onednn_cache_option(),
     Option("torch-threads", 0, "CPU threads torch may use per forward worker (0: the process's CPUs split evenly "
            "between the workers)", int),
     Option("engine", "eager", "what runs the batched forward passes (model_service/backends.py): eager (padding-free "

@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
+from model_service.generation.matmuls import OneDnnLinear
+from model_service.generation.matmuls import available as onednn_available
+
 # Padded attention tokens a group of rows may waste before it is cut in two (per row: rows x longest
 # minus the rows' own lengths); each group is one more set of attention calls per layer.
 ATTENTION_WASTE_TOKENS = 256
@@ -132,9 +135,27 @@ def _padded_heads(packed: torch.Tensor, within: torch.Tensor, rows: int, length:
     return full.view(rows, length, heads, size).transpose(1, 2)
 
 
+ONEDNN = onednn_available()
+_PLAIN_LINEAR = (torch.nn.Linear, OneDnnLinear)  # generation's routing subclass: the same layer
+
+
+def _dense(linear, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)`, on oneDNN for a plain fp32 CPU nn.Linear: torch's own linear calls MKL's sgemm, which
+    takes its AVX2 path on AMD CPUs, where oneDNN uses AVX-512 (about 2x the GFLOP/s on this project's
+    EPYC, one thread, MiniLM's shapes; model_service/generation/matmuls.py measured the same for GPT-2).
+    Same fp32 precision, sums in another order (the last bits differ, as between batch sizes). Anything
+    else (LoRA-wrapped layers, other dtypes or devices) runs the module itself."""
+    weight = getattr(linear, "weight", None)
+    if (ONEDNN and type(linear) in _PLAIN_LINEAR and weight.dtype == torch.float32 and x.dtype == torch.float32
+            and weight.device.type == "cpu" and type(weight) is torch.nn.Parameter):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, linear.bias, "none", [], "")
+    return linear(x)
+
+
 def _attention(self_attention, hidden: torch.Tensor, packing: _Packing) -> torch.Tensor:
     heads, size = self_attention.num_attention_heads, self_attention.attention_head_size
-    query, key, value = self_attention.query(hidden), self_attention.key(hidden), self_attention.value(hidden)
+    query, key, value = (_dense(self_attention.query, hidden), _dense(self_attention.key, hidden),
+                         _dense(self_attention.value, hidden))
     out = torch.empty_like(query)
     for first, count, rows, length, within, key_mask in packing.groups:
         padded = [_padded_heads(t[first:first + count], within, rows, length, heads, size) for t in (query, key, value)]
@@ -148,9 +169,12 @@ def _encode(bert, inputs: dict, packing: _Packing) -> torch.Tensor:
     types = inputs.get("token_type_ids")
     types = None if types is None else types.reshape(-1)[packing.index].unsqueeze(0)
     hidden = bert.embeddings(input_ids=ids, token_type_ids=types, position_ids=packing.positions.unsqueeze(0))[0]
-    for layer in bert.encoder.layer:
-        attended = layer.attention.output(_attention(layer.attention.self, hidden, packing), hidden)
-        hidden = layer.output(layer.intermediate(attended), attended)
+    for layer in bert.encoder.layer:  # BertLayer's own steps (dropout: none at inference)
+        attention_out = layer.attention.output
+        context = _attention(layer.attention.self, hidden, packing)
+        attended = attention_out.LayerNorm(_dense(attention_out.dense, context) + hidden)
+        intermediate = layer.intermediate.intermediate_act_fn(_dense(layer.intermediate.dense, attended))
+        hidden = layer.output.LayerNorm(_dense(layer.output.dense, intermediate) + attended)
     return hidden
 
 
@@ -168,7 +192,8 @@ def packed_forward(model):
         return None
 
     def forward(inputs: dict, hidden_states: bool = False) -> dict | None:
-        if set(inputs) - {"input_ids", "attention_mask", "token_type_ids"} or inputs["input_ids"].ndim != 2:
+        if (model.training or set(inputs) - {"input_ids", "attention_mask", "token_type_ids"}
+                or inputs["input_ids"].ndim != 2):
             return None
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")

@@ -27,7 +27,7 @@ from model_service.inference_servicer import InferenceServicer
 from model_service.loader import LoadError, LoadOptions
 from model_service.runtime import Runtime
 from model_service.served_model import discover
-from splitserve_common import metrics, serving
+from splitserve_common import memory, metrics, serving
 from splitserve_common.errors import ConfigurationError
 from splitserve_pb import generation_pb2, generation_pb2_grpc, open_inference_pb2, open_inference_pb2_grpc
 
@@ -60,6 +60,7 @@ async def load_runtime(runtime: Runtime, adapters: adapters_servicer.AdaptersSer
                        generation: GenerationServicer) -> None:
     """Load the weights, warm up, start the batcher, then get adapters and generation ready, in that order."""
     args = runtime.args
+    memory.bound_onednn_cache(args.onednn_cache_entries)  # before the first forward pass, when oneDNN reads it
     loaded = await asyncio.to_thread(loader.load, load_options(args))
     engine = Engine(loaded, torch_threads=args.torch_threads, forward_workers=args.forward_workers,
                     backend=args.engine, release_memory_seconds=args.release_memory_seconds)

@@ -51,6 +51,14 @@ def seconds(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """A count of at least 1 (0 and negatives are refused by the parser, naming the flag or variable)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"not a whole number >= 1: {text!r}")
+    return value
+
+
 def build_parser(prog: str, description: str, options: Sequence[Option], env_prefix: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for opt in options:

@@ -153,43 +153,53 @@ def test_a_greedy_stream_progresses_while_a_beam_search_runs(tmp_path):
 
 # ---------------------------------------------------------------- matrix products on oneDNN (matmuls.py)
 
-def test_the_onednn_mode_routes_linear_and_addmm_and_leaves_everything_else():
+def test_installed_linears_run_on_onednn_only_inside_routed_on_this_thread(monkeypatch):
+    import copy
     import threading
 
-    import torch.nn.functional as F
+    from transformers.pytorch_utils import Conv1D
 
-    from model_service.generation.matmuls import OneDnnMatmuls, available
+    from model_service.generation import matmuls
 
-    assert available()  # torch 2.13's CPU build carries oneDNN
-    gen = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(shape, generator=gen) for shape in ((5, 3, 48), (24, 48), (24,)))
-    conv_w = torch.randn(48, 24, generator=gen)  # transformers' Conv1D layout: [in, out]
-    calls = [
-        (lambda: F.linear(x, w, b), lambda: x @ w.T + b),
-        (lambda: F.linear(x, weight=w), lambda: x @ w.T),
-        (lambda: torch.addmm(b, x[0], conv_w), lambda: x[0] @ conv_w + b),
-        (lambda: F.linear(x.transpose(0, 1), w, b), lambda: x.transpose(0, 1) @ w.T + b),  # strided input
-    ]
-    with torch.inference_mode(), torch.profiler.profile() as prof, OneDnnMatmuls():
-        routed = [call() for call, _ in calls]
-        passed = [torch.addmm(b, x[0], conv_w, beta=0.5),  # beta: not a plain linear, stays addmm
-                  F.linear(x.double(), w.double())]  # not fp32
-        other = []
-        thread = threading.Thread(target=lambda: other.append(F.linear(x, w, b)))  # the mode is this thread's only
-        thread.start()
-        thread.join()
-    names = [e.name for e in prof.events()]
-    assert names.count("mkldnn::_linear_pointwise") == len(calls)
-    for got, (_, want) in zip(routed, calls, strict=True):
-        torch.testing.assert_close(got, want(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(passed[0], 0.5 * b + x[0] @ conv_w)
-    assert passed[1].dtype == torch.float64
-    assert torch.equal(other[0], F.linear(x, w, b))  # torch's own kernel on the other thread
-    with torch.enable_grad():  # autograd: torch's own ops (oneDNN's linear has no backward here)
-        leaf = w.clone().requires_grad_()
-        with OneDnnMatmuls():
-            F.linear(x, leaf, b).sum().backward()
-    assert leaf.grad is not None
+    assert matmuls.available()  # torch 2.13's CPU build carries oneDNN
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 24), Conv1D(16, 24), torch.nn.Linear(16, 8, bias=False),
+                                torch.nn.Linear(8, 8).double())
+    x = torch.randn(5, 3, 48)
+    with torch.inference_mode():
+        expected = model[2](model[1](model[0](x)))
+    assert matmuls.install(model) == 4 and matmuls.install(model) == 0  # once; same classes' subclasses
+    assert isinstance(model[1], Conv1D) and isinstance(model[0], torch.nn.Linear)
+    routed = []
+    monkeypatch.setattr(matmuls, "_linear", lambda x, w, b, linear=matmuls._linear: routed.append(w.shape) or
+                        linear(x, w, b))
+
+    def run(x):
+        return model[2](model[1](model[0](x)))
+
+    with torch.inference_mode():
+        outside = run(x)
+        with matmuls.routed():
+            inside = run(x)
+            strided = run(x.transpose(0, 1))
+            as_double = model[3](torch.randn(2, 8, dtype=torch.float64))  # not fp32: torch's own
+            other = []
+            thread = threading.Thread(target=lambda: other.append(run(x)))  # routed() is this thread's only
+            thread.start()
+            thread.join()
+    assert routed == [(24, 48), (16, 24), (8, 16)] * 2  # Conv1D's [in, out] weight goes as its [out, in] view
+    assert torch.equal(outside, expected) and torch.equal(other[0], expected)
+    torch.testing.assert_close(inside, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(strided, expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
+    assert as_double.dtype == torch.float64
+    with matmuls.routed():  # autograd: torch's own kernels
+        run(x).sum().backward()
+    assert model[0].weight.grad is not None and len(routed) == 6
+    clone = copy.deepcopy(model)  # a copy computes with its own parameters
+    with torch.no_grad():
+        clone[2].weight.zero_()
+        with matmuls.routed():
+            assert not run(x).eq(0).all() and clone[2](clone[1](clone[0](x))).eq(0).all()
 
 
 @pytest.mark.parametrize("onednn", [True, False])

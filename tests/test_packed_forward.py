@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_service import packed_bert
 from model_service.backends import EagerBackend, PaddedEagerBackend
 from model_service.batcher import pass_tokens_of, plan_groups
 from model_service.packed_bert import attention_groups, packed_forward
@@ -48,7 +49,9 @@ def assert_same_at_real_positions(got: dict, want: dict, mask: torch.Tensor) -> 
 
 @pytest.mark.parametrize("task", model_factory.TASKS)
 @pytest.mark.parametrize("token_types", [False, True])
-def test_packed_forward_answers_like_the_padded_model(task, token_types):
+@pytest.mark.parametrize("onednn", [packed_bert.ONEDNN, False] if packed_bert.ONEDNN else [False])
+def test_packed_forward_answers_like_the_padded_model(task, token_types, onednn, monkeypatch):
+    monkeypatch.setattr(packed_bert, "ONEDNN", onednn)
     model, tokenizer = model_factory.build_encoder(task, seed=3)
     backend, padded = EagerBackend(Loaded(model)), PaddedEagerBackend(Loaded(model))
     assert backend.padding_free
@@ -62,8 +65,10 @@ def test_packed_forward_answers_like_the_padded_model(task, token_types):
         assert_same_at_real_positions(backend(whole), padded(whole), torch.ones(2, 30))
 
 
-def test_packed_forward_pads_nothing_but_attention():
-    """The per-token layers see only the rows' own tokens: count what the first query projection computes."""
+def test_packed_forward_pads_nothing_but_attention(monkeypatch):
+    """The per-token layers see only the rows' own tokens: count what the first query projection computes
+    (through the module, so the hook sees it: oneDNN's products bypass the module call)."""
+    monkeypatch.setattr(packed_bert, "ONEDNN", False)
     model, tokenizer = model_factory.build_encoder("text-classification", seed=3)
     seen = []
     handle = model.bert.encoder.layer[0].attention.self.query.register_forward_hook(

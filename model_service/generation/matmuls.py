@@ -11,19 +11,24 @@ order, so values differ in the last bits, as they already do with MKL between ba
 computed in a batch of 1 and of 32 differs there too); greedy ids equal `model.generate`'s in the
 tests and on the benchmark's 64 prompts (bench/NOTES.md).
 
-Scope: a TorchFunctionMode, which is thread-local, entered around the scheduler's prefill and
-decode on the engine worker only (generation/scheduler.py); beam search, the tensor API and every
-other thread keep torch's default kernels. Only 2-D (addmm) or N-D (linear) float32 CPU products
-with a 1-D bias or none, outside autograd, are routed; anything else runs as before.
+Scope: the model's `nn.Linear` and transformers `Conv1D` modules (exactly those classes) get a
+subclass (install(), once) whose forward takes oneDNN only while the calling thread is inside
+`routed()`, which the scheduler enters around its prefill and decode on the engine worker; beam
+search, the tensor API and every other thread run torch's default kernels. Only float32 CPU
+products outside autograd are routed. A subclass (not a TorchFunctionMode, which would see all of a
+step's ~850 torch calls: 7 % of a 32-row GPT-2-small step) costs one check per linear layer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+_state = threading.local()
 
 
 def available() -> bool:
@@ -36,15 +41,9 @@ def available() -> bool:
         return False
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not tensor subclasses with their own dispatch
-
-
-def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    return (not torch.is_grad_enabled() and weight.dim() == 2 and x.dim() >= 2
-            and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
-            and all(type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu"
-                    and t.layout == torch.strided for t in tensors))
+def _routed_here(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (getattr(_state, "on", False) and not torch.is_grad_enabled() and x.dtype == weight.dtype == torch.float32
+            and x.device.type == "cpu" and weight.device.type == "cpu")
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -52,25 +51,48 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
-class OneDnnMatmuls(TorchFunctionMode):
-    """While active (on the entering thread): `torch.addmm(bias, x, w)` (transformers' Conv1D, GPT-2)
-    and `F.linear(x, w, bias)` run as oneDNN's linear."""
+class OneDnnLinear(nn.Linear):
+    def forward(self, x):
+        if _routed_here(x, self.weight):
+            return _linear(x, self.weight, self.bias)
+        return super().forward(x)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.addmm and len(args) == 3 and not kwargs:
-            bias, x, weight = args
-            if x.dim() == 2 and bias.dim() == 1 and _eligible(x, weight.t(), bias):
-                return _linear(x, weight.t(), bias)
-        elif func is F.linear and 2 <= len(args) + len(kwargs) <= 3:
-            named = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
-            if set(named) <= {"input", "weight", "bias"} and "weight" in named:
-                x, weight, bias = named.get("input"), named["weight"], named.get("bias")
-                if isinstance(x, torch.Tensor) and _eligible(x, weight, bias):
-                    return _linear(x, weight, bias)
-        return func(*args, **kwargs)
+
+class OneDnnConv1D(Conv1D):
+    """transformers' Conv1D (GPT-2): weight [in, out], x @ weight + bias."""
+
+    def forward(self, x):
+        if _routed_here(x, self.weight):
+            return _linear(x, self.weight.t(), self.bias)
+        return super().forward(x)
+
+
+_SUBCLASS = {nn.Linear: OneDnnLinear, Conv1D: OneDnnConv1D}
+
+
+def install(model: nn.Module) -> int:
+    """Give the model's nn.Linear and Conv1D modules the routing subclass (same parameters, same
+    behaviour outside routed()); the number of modules changed."""
+    count = 0
+    for module in model.modules():
+        subclass = _SUBCLASS.get(type(module))
+        if subclass is not None:
+            module.__class__ = subclass
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def routed():
+    """Within: this thread's passes through installed modules run their products on oneDNN."""
+    before = getattr(_state, "on", False)
+    _state.on = True
+    try:
+        yield
+    finally:
+        _state.on = before
 
 
 def matmul_mode(enabled: bool):
-    """The context for a generation forward pass: OneDnnMatmuls when `enabled`, else nothing."""
-    return OneDnnMatmuls() if enabled else contextlib.nullcontext()
+    """The context for a generation forward pass: routed() when `enabled`, else nothing."""
+    return routed() if enabled else contextlib.nullcontext()

@@ -112,6 +112,8 @@ class Scheduler:
         self.gm = gm
         self.limits = limits
         onednn = onednn_matmuls and gm.device.type == "cpu" and matmuls.available()
+        if onednn:
+            matmuls.install(gm.model)
         self._core = _Core(gm, engine, StepThreads(engine.torch_threads * engine.forward_workers, torch_threads),
                            onednn)
         self._waiting: collections.deque[Sequence] = collections.deque()
