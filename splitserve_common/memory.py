@@ -13,9 +13,9 @@ too, but maps and faults in every tensor over the threshold again: 30 % more CPU
 Where there is no glibc (musl, macOS, Windows) releasing does nothing.
 
 What the trim cannot give back is memory still in use. oneDNN (torch's CPU kernels for GELU,
-convolutions and bf16 matmuls) keeps every primitive it builds in a cache keyed by the tensor shapes,
-1,024 entries unless told otherwise, so each new rows x length of the batcher left one more JIT-compiled
-GELU kernel behind (~27 KiB in use, ~75 KiB of RSS with the heap pages it pins): `bound_onednn_cache`.
+convolutions, and generation's linear products) keeps every kernel it builds in caches keyed by the tensor
+shapes, 1,024 entries each unless told otherwise, so each new rows x length of the batcher left one more
+JIT-compiled GELU kernel behind (~27 KiB in use), each new prefill row count ~0.55 MiB: `bound_onednn_cache`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import os
 import threading
 
 from splitserve_common import metrics
-from splitserve_common.settings import Option, non_negative_int, seconds
+from splitserve_common.settings import Option, positive_int, seconds
 
 
 def _load_malloc_trim():
@@ -100,27 +100,32 @@ def release_memory_option(default: float = 1.0) -> Option:
 
 
 ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+IDEEP_CACHE_VARIABLE = "LRU_CACHE_CAPACITY"  # torch's oneDNN wrapper (ideep), for its linear/matmul operators
 
 
 def bound_onednn_cache(entries: int) -> None:
-    """At most `entries` oneDNN primitives stay cached (least recently used go first). oneDNN reads the
-    bound once, when it first builds a primitive: call this before the process's first forward pass.
+    """At most `entries` (>= 1) oneDNN kernels stay cached, in oneDNN's primitive cache and in torch's
+    wrapper around it (ideep, which keeps its own per shape for linear products); least recently used
+    go first. Both read their bound once, when they first build a kernel: call this before the process's
+    first forward pass. (ideep crashes with a bound of 0.)
 
-    Measured in process, all-MiniLM-L6-v2, forward passes of random shapes with a trim after each 100
-    (bench/NOTES.md, "oneDNN's primitive cache"): with oneDNN's default of 1,024 the memory in use grew
-    131 -> 140 MiB from pass 100 to 600 (97 -> 444 distinct shapes) and RSS with it; GELU alone over
-    new shapes: +27 KiB each, level from the 1,024th shape on (+28 MiB in use, +38 MiB RSS). Bounded to
-    64 it stayed at 130 MiB. The six layers' GELUs of one pass share a shape, so a miss costs one build
-    (~0.3 ms) per pass; with no cache at all (0) every GELU is built again.
+    Measured in process (bench/NOTES.md, "oneDNN's caches of kernels per shape"), memory in use after a
+    trim: all-MiniLM-L6-v2, forward passes of random shapes: 131 -> 140 MiB from pass 100 to 600 (97 ->
+    444 distinct shapes) with oneDNN's default of 1,024, flat at 130 MiB bounded to 64; GELU alone over
+    new shapes: +27 KiB each, level from the 1,024th shape on (+28 MiB in use, +38 MiB RSS). The linear
+    product generation runs on oneDNN (generation/matmuls.py): +0.55 MiB per new row count (0.27 of it
+    ideep's), so up to ~550 MiB per weight shape; +0 bounded. The six layers' GELUs of one pass share a
+    shape, so a miss costs one kernel build (~0.3 ms) per pass.
     """
     os.environ[ONEDNN_CACHE_VARIABLE] = str(entries)
+    os.environ[IDEEP_CACHE_VARIABLE] = str(entries)
 
 
 def onednn_cache_option(default: int = 64) -> Option:
-    return Option("onednn-cache-entries", default, "most oneDNN primitives (CPU kernels built per tensor shape: "
-                  f"GELU, convolutions, bf16 matmuls) kept cached; sets {ONEDNN_CACHE_VARIABLE}: oneDNN's own "
-                  "1,024 let the memory in use grow with each new batch shape; 0: none (every kernel built again)",
-                  non_negative_int)
+    return Option("onednn-cache-entries", default, "most oneDNN kernels (CPU kernels built per tensor shape: GELU, "
+                  "convolutions, generation's linear products) kept cached; sets "
+                  f"{ONEDNN_CACHE_VARIABLE} and {IDEEP_CACHE_VARIABLE}, whose own 1,024 let the memory in use grow "
+                  "with each new batch shape (up to ~0.5 MiB each)", positive_int)
 
 
 def release_after_calls(releaser: MemoryReleaser) -> metrics.ObservingInterceptor:

@@ -51,11 +51,11 @@ def seconds(text: str) -> float:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """A count that may be 0 (a negative one is refused by the parser, naming the flag or variable)."""
+def positive_int(text: str) -> int:
+    """A count of at least 1 (0 and negatives are refused by the parser, naming the flag or variable)."""
     value = int(text)
-    if value < 0:
-        raise ValueError(f"not a whole number >= 0: {text!r}")
+    if value < 1:
+        raise ValueError(f"not a whole number >= 1: {text!r}")
     return value
 
 
