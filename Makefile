@@ -8,10 +8,15 @@ setup:
 demo: setup
 	.venv/bin/python scripts/demo.py
 
+# pytest-xdist workers, one per core of the 2-core CI machine (`make test TEST_WORKERS=0` runs in one
+# process). Each worker takes whole test files (--dist loadfile), so a file's module-scoped servers start
+# once; every test starts its servers on free ports in its own tmp dir (tests/servers.py).
+TEST_WORKERS ?= 2
+
 test: setup
 	.venv/bin/python scripts/gen_protos.py --check
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The unit tier while developing: no servers, no processes, no soak tests; well under a minute.
 test-fast:

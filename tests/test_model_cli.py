@@ -96,7 +96,7 @@ def test_reserved_and_unknown_adapter_names(stack):
     assert "reserved" in json.loads(reserved.stderr.strip().splitlines()[-1])["error"]["message"]
     # A default adapter that is not loaded stops the start-up, naming the flag.
     started = subprocess.run([sys.executable, "-m", "model_service", "--model-dir", str(stack["model_dir"]),
-                              "--port", "0",
+                              "--port", "0", "--http-port", "0",
                               "--metrics-port", "0", "--default-adapter", "nope"],
                              capture_output=True, text=True, timeout=180)
     assert started.returncode != 0

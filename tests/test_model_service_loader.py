@@ -150,8 +150,8 @@ def test_refusal_at_startup_names_the_flag(tc):
     root, _, model, tokenizer = tc
     pickled = save_pickled(root / "pickled-cli", model)
     done = subprocess.run([sys.executable, "-m", "model_service", "--model-dir", str(pickled), "--port", "0",
-                           "--metrics-port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                           "--http-port", "0", "--metrics-port", "0"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode != 0
     assert "--allow-pickle" in done.stderr
 

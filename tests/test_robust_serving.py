@@ -37,7 +37,7 @@ def test_a_busy_port_is_refused_with_a_clear_message(model_dir, module):
         extra = ["--model-service", first.address] if module == "preproc_service" else []
         second = subprocess.run(
             [sys.executable, "-m", module, "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port",
-             str(first.port), "--metrics-port", "0", *extra],
+             str(first.port), "--http-port", "0", "--metrics-port", "0", *extra],
             cwd=ROOT, capture_output=True, text=True, timeout=120)
         # The first server still answers every new connection: none went to a second listener.
         for _ in range(4):
