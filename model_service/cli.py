@@ -32,7 +32,8 @@ MODEL_OPTIONS = [
            int),
     Option("max-wait-us", 2000, "while a batch computes, how long the next one waits for more rows, in µs "
            "(an idle worker starts at once)", int),
-    Option("token-budget", 16384, "most padded tokens (rows x longest row) in one forward pass", int),
+    Option("token-budget", 16384, "most tokens in one forward pass: rows x longest row, or the rows' own tokens "
+           "with a padding-free engine (--engine eager on BERT encoders)", int),
     Option("max-pass-ms", 50.0, "a forward pass for a request of several rows is cut to take about this long "
            "by the measured cost (one row always fits), so a one-row request arriving meanwhile waits about one "
            "such pass; 0: only --token-budget bounds a pass", float),
@@ -40,7 +41,8 @@ MODEL_OPTIONS = [
            "this on one forward worker, runs alone with every worker's torch threads (kept only while that measures "
            "faster); a request arriving meanwhile waits for it; 0: every pass on a forward worker's share", float),
     Option("batch-overhead-tokens", 64, "fixed cost of one forward pass in padded-token equivalents: higher "
-           "merges rows of different lengths into fewer, more padded batches", int),
+           "merges rows of different lengths into fewer, more padded batches (a padding-free engine merges them "
+           "anyway)", int),
     Option("stream-window", 64, "most ModelStreamInfer requests of one stream in flight at once; the next is read "
            "when one is answered", int),
     Option("max-input-values", 480000, "audio models: most samples in one input_values row (480000: 30 s at "

@@ -213,3 +213,28 @@ def test_a_request_served_in_part_does_not_wait_behind_every_newcomer(loaded):
 
     assert order(now=101.0) == [3, 2, 1]  # not aged yet: least attained service
     assert order(now=102.5) == [3, 1, 2]  # aged: before the newer request, still after the one-row one
+
+
+
+def test_a_padding_free_engine_puts_rows_of_any_length_in_one_pass(loaded):
+    """Rows of 4 and of 60 tokens: padded, one pass would compute 16 x 60 tokens, so plan_groups cuts two
+    passes; with the padding-free engine (BERT: packed_bert.py) a pass costs the rows' own tokens and all
+    16 share one. The answers are the same either way."""
+    lengths = [4] * 8 + [60] * 8
+
+    async def run(engine_name):
+        engine = Engine(loaded, torch_threads=1, forward_workers=2, backend=engine_name)
+        info = await engine.run(discover, engine, "tc", 32)
+        batcher = Batcher(engine, info, max_wait_us=0, max_pass_ms=0, overhead_tokens=64)
+        batcher.start()
+        try:
+            result = await batcher.submit(job(info, lengths))
+            return result, batcher.stats.batches
+        finally:
+            await closing(engine, batcher)
+
+    packed, packed_passes = asyncio.run(run("eager"))
+    padded, padded_passes = asyncio.run(run("eager-padded"))
+    assert (packed_passes, packed.batch_size) == (1, 16)
+    assert (padded_passes, padded.batch_size) == (2, 8)
+    np.testing.assert_allclose(packed.outputs["logits"], padded.outputs["logits"], atol=1e-5)

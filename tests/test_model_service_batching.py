@@ -308,3 +308,43 @@ def test_a_lone_pass_runs_on_every_workers_threads_and_overlapping_passes_on_the
     assert wide[:3] == [False] * 3 and sum(wide) >= 4, lone  # the share first, then every thread tried
     assert [name[:7] for name, _, _ in busy] == ["forward"] * 8, busy
     assert stats.lone_wide == sum(name.startswith("engine") for name, _, _ in passes)
+
+
+def test_a_request_arriving_during_a_lone_pass_waits_for_it_instead_of_running_beside(model_dir, monkeypatch):
+    """A pass beside a lone one on every thread would put more runnable threads than cores (OpenMP teams
+    then stall at their barriers): the newcomer's pass starts when the lone one ends."""
+    monkeypatch.setattr(batcher, "runnable_threads", lambda: 1)  # an idle node, whatever this machine's load
+
+    async def scenario(runtime, client):
+        events: list[tuple[str, str]] = []  # ("start" | "end", thread) per forward pass, in order
+        forward = runtime.engine.forward
+        wide_started, release = threading.Event(), threading.Event()
+
+        def recording(inputs, *args, **kwargs):
+            name = threading.current_thread().name
+            events.append(("start", name))
+            if name.startswith("engine") and not release.is_set():
+                wide_started.set()
+                release.wait(30)
+            try:
+                return forward(inputs, *args, **kwargs)
+            finally:
+                events.append(("end", name))
+
+        runtime.engine.forward = recording
+        for length in range(5, 10):  # the cost, then 4 lone passes on a worker's share (StepThreads)
+            await client.infer(rows(1, length), outputs=["logits"])
+        events.clear()
+        lone = asyncio.ensure_future(client.infer(rows(1, 10), outputs=["logits"]))  # tries every thread
+        await asyncio.to_thread(wide_started.wait, 30)
+        newcomer = asyncio.ensure_future(client.infer(rows(1, 11), outputs=["logits"]))
+        await asyncio.sleep(0.3)
+        during = list(events)
+        release.set()
+        await asyncio.gather(lone, newcomer)
+        return during, events
+
+    during, events = asyncio.run(with_server(
+        model_dir, "--forward-workers", "2", "--torch-threads", "1", "--max-wait-us", "0", scenario=scenario))
+    assert during == [("start", during[0][1])] and during[0][1].startswith("engine"), during
+    assert events[:2] == [("start", during[0][1]), ("end", during[0][1])] and len(events) == 4, events
