@@ -11,6 +11,9 @@ sentence per request. Rows of the table:
 - in-process limit: tokenize all sentences, then eager forward passes over length-sorted batches
   (`--batch-size`), in this process with torch's default threads or one thread, whichever is faster;
   measured before and after the services run, the mean is the limit every other row is a ratio to;
+- in-process, the service's engine: the same sorted batches through model_service's own forward
+  (`backends.EagerBackend`: padding-free for BERT, linear products on oneDNN), one and two threads,
+  the faster: how much of the stack's ratio is the engine's kernels rather than the serving around them;
 - in-process pipeline: `pipeline("text-classification")` with torch's default threads, one call per
   sentence (its answers are the reference every answer through the services is checked against);
 - the stack at each concurrency: N asyncio callers, one sentence per Classify call.
@@ -65,7 +68,7 @@ class CpuMeter:
         return elapsed, {name: cpu_seconds(pid) - self._cpu0[name] for name, pid in self.pids.items()}
 
 
-def in_process_limit(model, tokenizer, sentences: list[str], batch_size: int) -> dict:
+def in_process_limit(model, tokenizer, sentences: list[str], batch_size: int, forward=None) -> dict:
     """Tokenize every sentence, then forward length-sorted batches: the most any server could do here.
     Measured with torch's default thread count and with one thread (on a busy machine spinning OpenMP
     threads can make the default slower); the faster is the limit."""
@@ -76,24 +79,35 @@ def in_process_limit(model, tokenizer, sentences: list[str], batch_size: int) ->
     for threads in sorted({default, 1}, reverse=True):
         torch.set_num_threads(threads)
         try:
-            measured = _sorted_forwards(model, tokenizer, sentences, batch_size) | {"threads": threads}
+            measured = _sorted_forwards(model, tokenizer, sentences, batch_size, forward) | {"threads": threads}
         finally:
             torch.set_num_threads(default)
         best = measured if best is None or measured["rate"] > best["rate"] else best
     return best
 
 
-def _sorted_forwards(model, tokenizer, sentences: list[str], batch_size: int) -> dict:
+def _sorted_forwards(model, tokenizer, sentences: list[str], batch_size: int, forward=None) -> dict:
     import torch
 
+    forward = forward or (lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits)
     meter = CpuMeter({"client": os.getpid()})
     meter.start()
     rows = sorted(tokenizer(sentences, truncation=True)["input_ids"], key=len)
     with torch.inference_mode():
         for ids, mask in padded_batches(rows, batch_size):
-            model(input_ids=ids, attention_mask=mask).logits.softmax(-1).numpy()
+            forward(ids, mask).softmax(-1).numpy()
     elapsed, cpu = meter.stop()
     return {"rate": len(rows) / elapsed, "cpu": cpu}
+
+
+def engine_forward(model):
+    """model_service's eager backend (backends.EagerBackend) on this model: forward(ids, mask) -> logits."""
+    from types import SimpleNamespace
+
+    from model_service.backends import EagerBackend
+
+    backend = EagerBackend(SimpleNamespace(model=model))
+    return lambda ids, mask: backend({"input_ids": ids, "attention_mask": mask})["logits"]
 
 
 def pipeline_calls(pipe, sentences: list[str]) -> dict:
@@ -226,6 +240,8 @@ def main(argv=None) -> None:
                 results[c] = asyncio.run(through_services(preproc.address, sentences, c, meter))
             paired = paired_single_calls(pipe, preproc.address, sentences[:args.paired]) if args.paired else None
         limits.append(in_process_limit(model, tokenizer, sentences, args.batch_size))
+        engine = engine_forward(model)
+        engined = in_process_limit(model, tokenizer, sentences, args.batch_size, engine)
 
     limit = statistics.fmean(r["rate"] for r in limits)
     n = len(sentences)
@@ -238,6 +254,9 @@ def main(argv=None) -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(f"| in-process limit (tokenize + eager forward, sorted batches of {args.batch_size}) | {limit:.1f} | 1.00 "
           f"| - | - | - | {per_thousand(statistics.fmean(r['cpu']['client'] for r in limits), n)} | - |")
+    print(f"| in-process, model_service's engine (its kernels), sorted batches of {args.batch_size} "
+          f"| {engined['rate']:.1f} | {engined['rate'] / limit:.2f} | - | - | - "
+          f"| {per_thousand(engined['cpu']['client'], n)} | - |")
     print(f"| in-process pipeline, one call per sentence | {piped['rate']:.1f} | {piped['rate'] / limit:.2f} "
           f"| {piped['p50_ms']:.1f} | - | - | {per_thousand(piped['cpu']['client'], n)} | reference |")
     mismatches = {}
@@ -252,7 +271,8 @@ def main(argv=None) -> None:
         if c in results:
             ratio = results[c]["rate"] / limit
             print(f"target concurrency {c}: >= {target:.2f} of the limit -> {ratio:.2f} "
-                  f"({'met' if ratio >= target else 'NOT met'})")
+                  f"({'met' if ratio >= target else 'NOT met'}); "
+                  f"{results[c]['rate'] / engined['rate']:.2f} of the service's engine in process")
     if paired:
         budget = 2 * paired["round_trip_ms"] + 1
         print(f"target concurrency 1 ({paired['n']} paired calls): median added latency over the in-process "

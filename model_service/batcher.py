@@ -350,7 +350,8 @@ class Batcher:
     def _is_lone(self, batch: _Batch) -> bool:
         """Nothing but `batch` to compute (no batch computing or queued, no row waiting), there are other
         workers' threads to give it, it is expected to take at most `lone_pass` on one worker, and the
-        node's cores are not busy with other work right now."""
+        node is not loaded (its 1-minute load average under its cores + 1: the average also counts this
+        stack's own recent work, up to about the cores right after a saturated minute)."""
         if (not self.lone_pass or self.engine.forward_workers < 2 or self._waiting
                 or any(not b.revoked for b in self._running.values())
                 or any(r.pending.job.adapter for r in batch.rows)):  # adapter passes run alone anyway
@@ -358,8 +359,8 @@ class Batcher:
         expected = self.cost.estimate(batch.tokens - self.overhead_tokens, 1)
         if expected is None or expected > self.lone_pass:
             return False
-        runnable = runnable_threads()
-        return runnable is None or runnable <= self.engine.cpus
+        load = node_load()
+        return load is None or load < self.engine.cpus + 1
 
     def _revoke_for(self, newcomer: _Pending) -> None:
         """Put back the rows of queued (not started) batches cut for requests that `newcomer` now goes
@@ -635,14 +636,18 @@ class Batcher:
         return inputs, mask_tensor
 
 
-def runnable_threads() -> int | None:
-    """Threads runnable on the node at this instant, this one included (the kernel's count in
-    /proc/loadavg; ~20 µs); None where unknown. Several intra-op threads against busy processes wait on
-    each other at every barrier: measured here under load average 7, a lone MiniLM pass on 2 threads
-    cost 25x the one on 1 thread per token, so a lone pass keeps its worker's share then (even to probe)."""
+def node_load() -> float | None:
+    """The node's 1-minute load average (/proc/loadavg; ~20 µs); None where unknown. Several intra-op
+    threads against busy processes wait on each other at every barrier: measured here under load
+    average 7, a lone MiniLM pass on 2 threads cost 25x the one on 1 thread per token, so a lone pass
+    keeps its worker's share on a loaded node (even to probe). The average, not the instantaneous count
+    of runnable threads: that count includes the client and preproc_service finishing the very call the
+    pass is for, and kept every pass narrow on an idle node (+6.5 against +2.9 ms at concurrency 1).
+    The lone passes allow up to one core's worth of load above the cores, since the average includes
+    this stack's own work of the last minute; StepThreads' measurement decides within that."""
     try:
         with open("/proc/loadavg", "rb") as f:
-            return int(f.read().split()[3].split(b"/")[0])
+            return float(f.read().split()[0])
     except (OSError, IndexError, ValueError):
         return None
 

@@ -269,9 +269,9 @@ def test_a_lone_pass_runs_on_every_workers_threads_and_overlapping_passes_on_the
     alone on the main worker with both workers' threads: lone passes start on a worker's share and
     after 4 of them try every thread for 4 (StepThreads), keeping whichever costs less. Passes cut
     while other rows wait always keep one thread each, and so does every pass while the node's cores
-    are busy (the kernel's runnable count, set here: this machine's load is whatever the other jobs make it)."""
-    runnable = [1]
-    monkeypatch.setattr(batcher, "runnable_threads", lambda: runnable[0])
+    are busy (the node's load average, set here: this machine's load is whatever the other jobs make it)."""
+    load = [0.5]
+    monkeypatch.setattr(batcher, "node_load", lambda: load[0])
 
     async def scenario(runtime, client):
         seen: list[tuple[str, int, int]] = []  # (thread, torch threads, rows) per forward pass
@@ -291,7 +291,7 @@ def test_a_lone_pass_runs_on_every_workers_threads_and_overlapping_passes_on_the
         first = await passes(rows(1, 5))  # the first pass measures the cost per token
         large = await passes(rows(8, 6))  # cut one row per pass (--max-pass-ms 0.01)
         lone = await passes(*(rows(1, length) for length in range(7, 15)))  # one at a time: each alone
-        runnable[0] = runtime.engine.cpus + 1  # one more runnable thread than cores
+        load[0] = runtime.engine.cpus + 2.0  # a loaded node: more runnable work than cores
         busy = await passes(*(rows(1, length) for length in range(7, 15)))
         return first, large, lone, busy, runtime.batcher.stats
 
@@ -313,7 +313,7 @@ def test_a_lone_pass_runs_on_every_workers_threads_and_overlapping_passes_on_the
 def test_a_request_arriving_during_a_lone_pass_waits_for_it_instead_of_running_beside(model_dir, monkeypatch):
     """A pass beside a lone one on every thread would put more runnable threads than cores (OpenMP teams
     then stall at their barriers): the newcomer's pass starts when the lone one ends."""
-    monkeypatch.setattr(batcher, "runnable_threads", lambda: 1)  # an idle node, whatever this machine's load
+    monkeypatch.setattr(batcher, "node_load", lambda: 0.5)  # an idle node, whatever this machine's load
 
     async def scenario(runtime, client):
         events: list[tuple[str, str]] = []  # ("start" | "end", thread) per forward pass, in order
