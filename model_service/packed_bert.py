@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
-from model_service.generation.matmuls import OneDnnLinear
-from model_service.generation.matmuls import available as onednn_available
+from model_service.generation import matmuls
 
 # Padded attention tokens a group of rows may waste before it is cut in two (per row: rows x longest
 # minus the rows' own lengths); each group is one more set of attention calls per layer.
@@ -135,8 +134,8 @@ def _padded_heads(packed: torch.Tensor, within: torch.Tensor, rows: int, length:
     return full.view(rows, length, heads, size).transpose(1, 2)
 
 
-ONEDNN = onednn_available()
-_PLAIN_LINEAR = (torch.nn.Linear, OneDnnLinear)  # generation's routing subclass: the same layer
+ONEDNN = matmuls.available()
+_PLAIN_LINEAR = (torch.nn.Linear, matmuls.OneDnnLinear)  # generation's routing subclass: the same layer
 
 
 def _dense(linear, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +147,7 @@ def _dense(linear, x: torch.Tensor) -> torch.Tensor:
     weight = getattr(linear, "weight", None)
     if (ONEDNN and type(linear) in _PLAIN_LINEAR and weight.dtype == torch.float32 and x.dtype == torch.float32
             and weight.device.type == "cpu" and type(weight) is torch.nn.Parameter):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, linear.bias, "none", [], "")
+        return matmuls.linear(x, weight, linear.bias)
     return linear(x)
 
 

@@ -171,7 +171,7 @@ def test_installed_linears_run_on_onednn_only_inside_routed_on_this_thread(monke
     assert matmuls.install(model) == 4 and matmuls.install(model) == 0  # once; same classes' subclasses
     assert isinstance(model[1], Conv1D) and isinstance(model[0], torch.nn.Linear)
     routed = []
-    monkeypatch.setattr(matmuls, "_linear", lambda x, w, b, linear=matmuls._linear: routed.append(w.shape) or
+    monkeypatch.setattr(matmuls, "linear", lambda x, w, b, linear=matmuls.linear: routed.append(w.shape) or
                         linear(x, w, b))
 
     def run(x):
@@ -230,11 +230,11 @@ def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_ge
 
     routed = collections.Counter()  # (rows, weight shape) of each product oneDNN ran, on the engine's worker
 
-    def counted(x, weight, bias, linear=matmuls._linear):
+    def counted(x, weight, bias, linear=matmuls.linear):
         routed[(x.shape[0], tuple(weight.shape))] += 1
         return linear(x, weight, bias)
 
-    monkeypatch.setattr(matmuls, "_linear", counted)
+    monkeypatch.setattr(matmuls, "linear", counted)
     results = asyncio.run(scenario())
     config = loaded.model.config
     # Each forward pass: 4 products per layer + the lm_head; rows: 3 prompts in the decode steps.

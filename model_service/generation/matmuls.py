@@ -46,15 +46,16 @@ def _routed_here(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.device.type == "cpu" and weight.device.type == "cpu")
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias; `weight` [out, in], any strides (a Conv1D's [in, out] weight transposed is a view)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's fp32 x @ weight.T + bias (also packed_bert's encoder products); `weight` [out, in], any
+    strides (a Conv1D's [in, out] weight transposed is a view)."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
 class OneDnnLinear(nn.Linear):
     def forward(self, x):
         if _routed_here(x, self.weight):
-            return _linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         return super().forward(x)
 
 
@@ -63,7 +64,7 @@ class OneDnnConv1D(Conv1D):
 
     def forward(self, x):
         if _routed_here(x, self.weight):
-            return _linear(x, self.weight.t(), self.bias)
+            return linear(x, self.weight.t(), self.bias)
         return super().forward(x)
 
 
