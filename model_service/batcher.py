@@ -642,7 +642,8 @@ def node_load() -> float | None:
     average 7, a lone MiniLM pass on 2 threads cost 25x the one on 1 thread per token, so a lone pass
     keeps its worker's share on a loaded node (even to probe). The average, not the instantaneous count
     of runnable threads: that count includes the client and preproc_service finishing the very call the
-    pass is for, and kept every pass narrow on an idle node (+6.5 against +2.9 ms at concurrency 1).
+    pass is for, and kept lone passes narrow on an idle node (quiet, concurrency 1: +6.45 ms added
+    latency against +3.69 with this average; docs/model_service.md).
     The lone passes allow up to one core's worth of load above the cores, since the average includes
     this stack's own work of the last minute; StepThreads' measurement decides within that."""
     try:
