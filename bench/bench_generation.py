@@ -76,7 +76,7 @@ def batched_bound(model, tokenizer, prompts, max_new_tokens: int, rows: int, thr
     prompts at a time, one prefill pass then one decode step per token, `threads` torch threads."""
     import torch
 
-    from model_service.generation import matmuls
+    from model_service import matmuls
     from model_service.generation.batch import DecodeBatch, GenerationModel, Sequence
     from model_service.generation.sampling import SamplingParams, TokenChooser
     from model_service.generation.scheduler import PREFILL_PASS_TOKENS, plan_groups

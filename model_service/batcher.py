@@ -68,8 +68,8 @@ import numpy as np
 import torch
 
 from model_service import shaping
-from model_service.generation.threads import StepThreads
 from model_service.requests import InferJob
+from model_service.threads import StepThreads
 from splitserve_common import metrics, tracing
 from splitserve_common.errors import ConfigurationError, DeadlineExceeded, InvalidArgument, ResourceExhausted
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
-from model_service.generation import matmuls
+from model_service import matmuls
 
 # Padded attention tokens a group of rows may waste before it is cut in two (per row: rows x longest
 # minus the rows' own lengths); each group is one more set of attention calls per layer.
@@ -141,7 +141,7 @@ _PLAIN_LINEAR = (torch.nn.Linear, matmuls.OneDnnLinear)  # generation's routing 
 def _dense(linear, x: torch.Tensor) -> torch.Tensor:
     """`linear(x)`, on oneDNN for a plain fp32 CPU nn.Linear: torch's own linear calls MKL's sgemm, which
     takes its AVX2 path on AMD CPUs, where oneDNN uses AVX-512 (about 2x the GFLOP/s on this project's
-    EPYC, one thread, MiniLM's shapes; model_service/generation/matmuls.py measured the same for GPT-2).
+    EPYC, one thread, MiniLM's shapes; model_service/matmuls.py measured the same for GPT-2).
     Same fp32 precision, sums in another order (the last bits differ, as between batch sizes). Anything
     else (LoRA-wrapped layers, other dtypes or devices) runs the module itself."""
     weight = getattr(linear, "weight", None)

@@ -113,7 +113,7 @@ def bound_onednn_cache(entries: int) -> None:
     trim: all-MiniLM-L6-v2, forward passes of random shapes: 131 -> 140 MiB from pass 100 to 600 (97 ->
     444 distinct shapes) with oneDNN's default of 1,024, flat at 130 MiB bounded to 64; GELU alone over
     new shapes: +27 KiB each, level from the 1,024th shape on (+28 MiB in use, +38 MiB RSS). The linear
-    product generation runs on oneDNN (generation/matmuls.py): +0.55 MiB per new row count (0.27 of it
+    product generation runs on oneDNN (model_service/matmuls.py): +0.55 MiB per new row count (0.27 of it
     ideep's), up to ~550 MiB at 1,024 entries; +0 bounded. The six layers' GELUs of one pass share a
     shape, so a miss costs one kernel build (~0.3 ms) per pass.
     """

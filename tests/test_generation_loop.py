@@ -9,7 +9,7 @@ import collections
 import pytest
 import torch
 
-from model_service.generation.threads import StepThreads
+from model_service.threads import StepThreads
 
 
 def drive(chooser: StepThreads, cost_per_row, steps: int, rows: int = 8) -> list[int]:
@@ -159,7 +159,7 @@ def test_installed_linears_run_on_onednn_only_inside_routed_on_this_thread(monke
 
     from transformers.pytorch_utils import Conv1D
 
-    from model_service.generation import matmuls
+    from model_service import matmuls
 
     assert matmuls.available()  # torch 2.13's CPU build carries oneDNN
     torch.manual_seed(0)
@@ -206,7 +206,7 @@ def test_installed_linears_run_on_onednn_only_inside_routed_on_this_thread(monke
 def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_generate(engine, onednn, monkeypatch):
     """The scheduler's prefill and decode steps route the model's matrix products to oneDNN (unless
     turned off), and greedy ids still equal model.generate's (torch's default kernels) token for token."""
-    from model_service.generation import matmuls
+    from model_service import matmuls
     from model_service.generation.batch import GenerationModel, Sequence
     from model_service.generation.sampling import model_defaults, resolve
     from model_service.generation.scheduler import Scheduler

@@ -91,7 +91,7 @@ def test_releaser_off_with_zero_interval():
 # oneDNN kernels over new shapes: the memory in use (mallinfo2, after a trim) that 300 new shapes left behind,
 # after 100 others. argv[1]: "default" (oneDNN's own bounds) or a bound applied as model_service applies it (after
 # torch is imported, before the first kernel); argv[2]: "gelu" (MiniLM's activation, [rows, length, 1536], six
-# layers a pass) or "linear" (generation/matmuls.py's product over a row count).
+# layers a pass) or "linear" (model_service/matmuls.py's product over a row count).
 _NEW_SHAPES = textwrap.dedent("""
     import ctypes, sys
     import torch

@@ -19,12 +19,12 @@ import logging
 import time
 from dataclasses import dataclass
 
+from model_service import matmuls
 from model_service.adapters import BASE
 from model_service.batcher import plan_groups
-from model_service.generation import matmuls
 from model_service.generation.batch import DecodeBatch, GenerationModel, Sequence
 from model_service.generation.sampling import TokenChooser
-from model_service.generation.threads import StepThreads
+from model_service.threads import StepThreads
 from splitserve_common import metrics
 from splitserve_common.errors import ResourceExhausted, Unavailable
 

@@ -1,5 +1,5 @@
-"""How many torch intra-op threads the generation loop uses: fixed, or chosen by measuring steps
-(the batcher's lone forward passes choose the same way between all threads and a worker's share).
+"""How many torch intra-op threads a repeated forward pass uses (generation steps, the batcher's lone passes):
+fixed, or chosen by measuring the passes (lone passes choose between all threads and a worker's share).
 
 A decode step is ~100 small operators; with several intra-op threads each one ends in a barrier
 where the threads wait for each other. On an idle node that splits the matrix products across
