@@ -28,15 +28,28 @@ def row(n: int) -> dict:
     return {"input_ids": np.arange(2, 2 + n, dtype=np.int64)[None, :]}
 
 
+# No scenario may hang the suite: a wait that can never end (CI once sat 80 minutes in one) fails instead.
+SCENARIO_SECONDS = 180
+
+
 async def with_server(model_dir, *flags, scenario):
     args = cli.parse_args(["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
                            "--metrics-port", "0", "--http-port", "0", *flags])
     running = await server.start(args)
     try:
         async with AsyncTensorClient(f"127.0.0.1:{running.port}", timeout=60) as client:
-            return await scenario(running.runtime, client)
+            return await asyncio.wait_for(scenario(running.runtime, client), SCENARIO_SECONDS)
     finally:
         await server.shutdown(running)
+
+
+async def until(predicate, what: str, seconds: float = 30.0, poll: float = 0.01) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `seconds`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not predicate():
+        assert loop.time() < deadline, f"not within {seconds} s: {what}"
+        await asyncio.sleep(poll)
 
 
 def block_engine(runtime):
@@ -58,8 +71,7 @@ def test_full_queue_is_resource_exhausted_then_serving_resumes(model_dir):
         await asyncio.to_thread(started.wait, 10)
         # While blocked at most 3 batches x 4 rows are in flight and 4 rows may wait: 20 calls overflow.
         calls = [asyncio.ensure_future(client.infer(row(3 + i % 5), outputs=["logits"])) for i in range(20)]
-        while runtime.batcher.stats.rejected_full == 0:
-            await asyncio.sleep(0.01)
+        await until(lambda: runtime.batcher.stats.rejected_full > 0, "a call refused for a full queue")
         gate.set()
         await blocker
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -114,13 +126,16 @@ def rows(count: int, length: int) -> dict:
 
 async def fill_in_flight(runtime, client):
     """Block the engine and let the batcher hand it every batch it may have in flight (one per forward
-    worker, and one more): what is sent next waits in the queue."""
+    worker, and one more): what is sent next waits in the queue. The server must run with
+    --max-batch-size 4 and --max-pass-ms 0, so each 4-row request is one pass whatever the measured
+    cost per token (a cut of the passes by time once needed more passes than slots: the wait never ended)."""
+    assert runtime.batcher.max_batch_size == 4 and not runtime.batcher.max_pass
     gate, started, blocker = block_engine(runtime)
     await asyncio.to_thread(started.wait, 10)
     slots = runtime.engine.forward_workers + 1
     in_flight = [asyncio.ensure_future(client.infer(rows(4, 5), outputs=["logits"])) for _ in range(slots)]
-    while runtime.batcher.queue_rows or len(runtime.batcher._running) < slots:
-        await asyncio.sleep(0.01)
+    await until(lambda: not runtime.batcher.queue_rows and len(runtime.batcher._running) == slots,
+                f"{slots} passes handed to the blocked engine")
     return gate, blocker, in_flight
 
 
@@ -129,12 +144,11 @@ def test_a_request_that_goes_away_takes_its_queued_rows_with_it(model_dir):
     async def scenario(runtime, client):
         gate, blocker, in_flight = await fill_in_flight(runtime, client)
         gone = [asyncio.ensure_future(client.infer(rows(4, 6), outputs=["logits"], timeout=0.3)) for _ in range(2)]
-        while runtime.batcher.queue_rows < 8:
-            await asyncio.sleep(0.01)
+        await until(lambda: runtime.batcher.queue_rows >= 8, "the two callers' 8 rows queued")
         timed_out = await asyncio.gather(*gone, return_exceptions=True)
         loop = asyncio.get_running_loop()
-        until = loop.time() + 1.0  # the server hears of the deadline about when the client does
-        while runtime.batcher.queue_rows and loop.time() < until:
+        settle_by = loop.time() + 1.0  # the server hears of the deadline about when the client does
+        while runtime.batcher.queue_rows and loop.time() < settle_by:
             await asyncio.sleep(0.01)
         queued_after = runtime.batcher.queue_rows
         # The queue (8 rows) was full of the timed-out caller's rows: a new caller now gets in.
@@ -145,7 +159,8 @@ def test_a_request_that_goes_away_takes_its_queued_rows_with_it(model_dir):
         return timed_out, queued_after, await newcomer, await asyncio.gather(*in_flight)
 
     timed_out, queued_after, newcomer, in_flight = asyncio.run(with_server(
-        model_dir, "--max-batch-size", "4", "--max-queue-rows", "8", "--max-wait-us", "0", scenario=scenario))
+        model_dir, "--max-batch-size", "4", "--max-queue-rows", "8", "--max-wait-us", "0", "--max-pass-ms", "0",
+        scenario=scenario))
     assert all(isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                for e in timed_out)
     assert queued_after == 0
@@ -163,17 +178,16 @@ def test_a_small_request_passes_a_queued_flood(model_dir):
             done.append(name)
 
         flood = [asyncio.ensure_future(call(f"flood{i}", rows(4, 12))) for i in range(30)]
-        while runtime.batcher.queue_rows < 120:
-            await asyncio.sleep(0.01)
+        await until(lambda: runtime.batcher.queue_rows >= 120, "the flood's 120 rows queued")
         small = asyncio.ensure_future(call("small", rows(1, 12)))
-        while runtime.batcher.queue_rows < 121:
-            await asyncio.sleep(0.01)
+        await until(lambda: runtime.batcher.queue_rows >= 121, "the small call's row queued")
         gate.set()
         await blocker
         await asyncio.gather(small, *flood, *in_flight)
         return done
 
-    done = asyncio.run(with_server(model_dir, "--max-batch-size", "4", "--max-wait-us", "0", scenario=scenario))
+    done = asyncio.run(with_server(model_dir, "--max-batch-size", "4", "--max-wait-us", "0", "--max-pass-ms", "0",
+                                   scenario=scenario))
     # Fair sharing: it rides in the first forward pass after the two already computing, and no flood
     # request ran whole before it (each forward pass gave every waiting request at most one row).
     assert done.index("small") <= 1, done
@@ -192,8 +206,7 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once(model_dir):
         # within 0.05 s.
         requests = int(2.0 / per_call) + 2
         backlog = [asyncio.ensure_future(client.infer(rows(4, 30), outputs=["logits"])) for _ in range(requests)]
-        while runtime.batcher.queue_rows < 4 * requests:
-            await asyncio.sleep(0.01)
+        await until(lambda: runtime.batcher.queue_rows >= 4 * requests, "the backlog queued")
         started = loop.time()
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await client.infer(rows(4, 30), outputs=["logits"], timeout=0.05)
@@ -206,8 +219,9 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once(model_dir):
         return refused.value, waited, await patient, runtime.batcher.stats
 
     refused, waited, patient, stats = asyncio.run(with_server(
-        model_dir, "--max-batch-size", "4", "--max-wait-us", "0", "--max-queue-rows", "100000", "--torch-threads",
-        "1", "--lone-pass-ms", "0", scenario=scenario))  # lone passes on every thread do not feed the cost model
+        model_dir, "--max-batch-size", "4", "--max-wait-us", "0", "--max-pass-ms", "0", "--max-queue-rows", "100000",
+        # Lone passes on every thread do not feed the cost model: none here.
+        "--torch-threads", "1", "--lone-pass-ms", "0", scenario=scenario))
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
     assert "cannot answer within the deadline" in refused.details() and "ms per token" in refused.details()
     assert waited < 0.05 and stats.rejected_late == 1
@@ -231,8 +245,7 @@ def test_a_small_call_is_answered_before_the_last_pass_of_a_flood_computing(mode
         await call("warm-up", rows(1, 12))  # the batcher measures its cost per token
         done.clear()
         flood = [asyncio.ensure_future(call(f"flood{i}", rows(16, 40))) for i in range(2)]
-        while runtime.batcher.stats.batches < 2:  # the flood is computing: one pass done
-            await asyncio.sleep(0.001)
+        await until(lambda: runtime.batcher.stats.batches >= 2, "a pass of the flood done", poll=0.001)
         small = asyncio.ensure_future(call("small", rows(1, 12)))
         await asyncio.gather(small, *flood)
         return done, runtime.batcher.stats
