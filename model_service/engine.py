@@ -17,11 +17,6 @@ API for the other parts of model_service (generation, adapters, batching) — ke
         `forward_workers` > 1 it runs on one of that many threads, beside the others, each with
         `torch_threads` intra-op threads (several smaller forwards use a CPU node better than one
         wide one); with one worker it is `run`.
-    result = await engine.run_main_shared(fn, *args, **kwargs)
-        For repeated work that only reads the model and may use several intra-op threads (the
-        generation steps): on the main worker, in submission order with `run`'s calls, beside the
-        forward workers' passes. Every parallel region of more than one thread then starts from
-        this one thread (see the method).
     engine.model, engine.device, engine.dtype, engine.loaded
     engine.forward_workers, engine.torch_threads (per forward worker), engine.cpus (this process may use)
     engine.forward(inputs, adapters=None, hidden_states=False)   # worker threads only
@@ -178,18 +173,6 @@ class Engine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._forward_executor,
                                           functools.partial(self._call_shared, fn, args, kwargs))
-
-    async def run_main_shared(self, fn, *args, **kwargs):
-        """Run fn(*args, **kwargs), which only reads the model, on the main worker beside the forward workers.
-
-        Why one thread: each thread that starts an OpenMP parallel region of n threads gets its own pool
-        of n - 1 helpers, and libgomp counts every pool's threads; once they outnumber the CPUs, all its
-        barriers spin ~1,000 times instead of ~300,000 before sleeping on a futex. Generation steps
-        with 2 threads on both forward workers of a 2-core node made 3 pools: measured in process,
-        336-365 voluntary context switches per 32-row GPT-2-small decode step against 10-13 from one
-        thread (the batch loop bench_generation takes as its bound runs from one)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(self._call_shared, fn, args, kwargs))
 
     def forward(self, inputs: dict, adapters: list[str] | None = None, hidden_states: bool = False) -> dict:
         """One forward pass (worker thread only): {input name: tensor} -> {output name: tensor}."""

@@ -2,11 +2,10 @@
 
 Between steps the loop admits waiting requests (their prefill runs in the same engine call
 as the step) and retires finished or cancelled sequences, so a slot frees at the next step.
-A step whose rows all use the base model only reads it: it runs on the engine's main worker
-beside the forward workers (`engine.run_main_shared`), so a beam search (beam.py) or the tensor
-API's forward passes run beside it there, and every step starts its intra-op threads from the same
-thread (engine.py says why); a step with adapter rows goes through `engine.run` (alone, the same
-thread). One step at a time either way. The loop itself and the per-request event queues live on the asyncio event loop.
+A step whose rows all use the base model only reads it: it runs through `engine.run_forward`,
+so a beam search (beam.py) or the tensor API's forward passes run beside it on the other
+forward workers; a step with adapter rows goes through `engine.run` (alone). One step at a
+time either way. The loop itself and the per-request event queues live on the asyncio event loop.
 
 Limits: `max_sequences` running at once, `max_tokens` positions reserved by them (prompt +
 max_new_tokens each), and `max_waiting` requests queued; beyond the last, RESOURCE_EXHAUSTED.
@@ -210,7 +209,7 @@ class Scheduler:
             if not self._active and not admitted and not dropped:
                 self._wakeup.clear()
                 continue
-            run = self.engine.run_main_shared if _base_only(self._active + admitted) else self.engine.run
+            run = self.engine.run_forward if _base_only(self._active + admitted) else self.engine.run
             try:
                 results = await run(self._core.step, admitted, dropped)
             except asyncio.CancelledError:
