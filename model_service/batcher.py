@@ -177,6 +177,7 @@ class _Batch:
         self.revoked = False
         self.lone = False       # nothing else computing, queued or waiting when it was cut (and short)
         self.wide = False       # runs alone with every worker's threads (a lone pass, when that measured faster)
+        self.bulk = False       # cut for a long request: runs on the engine's niced workers (run_bulk_forward)
 
 
 class ForwardCost:
@@ -466,12 +467,14 @@ class Batcher:
         aged_before = asyncio.get_running_loop().time() - AGED_SECONDS
         order = sorted(self._waiting.values(), key=lambda p: _service_key(p, aged_before))
         key = _service_key(order[0], aged_before)
+        bulk = False
         if _one_row(key):  # a pass of one-row requests only, so other requests' rows ride in no unbounded pass
             order = [p for p in order if _one_row(_service_key(p))]
             budget = self.token_budget
         else:
             budget = self.pass_tokens()
-            if self._is_long(order[0].waiting_tokens) and self._holding_a_worker():
+            bulk = self._is_long(order[0].waiting_tokens)
+            if bulk and self._holding_a_worker():
                 return None
         view = VIEW * self.max_batch_size
         share = -(-view // len(order))
@@ -499,7 +502,9 @@ class Batcher:
             if not pending.waiting:
                 del self._waiting[pending.order]
         tokens = pass_tokens_of([r.length for r in window], self.padding_free) + self.overhead_tokens
-        return _Batch(window, key, tokens)
+        batch = _Batch(window, key, tokens)
+        batch.bulk = bulk
+        return batch
 
     async def _run(self, taken: _Batch) -> None:
         batch = taken.rows
@@ -508,7 +513,7 @@ class Batcher:
             # Rows with adapters change the model around their forward pass: those run alone ("" is the
             # base model: the servicer maps the lease's BASE to it); so does a lone pass on every thread.
             alone = taken.wide or any(r.pending.job.adapter for r in batch)
-            run = self.engine.run if alone else self.engine.run_forward
+            run = self.engine.run if alone else self.engine.run_bulk_forward if taken.bulk else self.engine.run_forward
             computed = await run(self._compute, taken)
             if computed is None:  # revoked before a worker started it: its rows are queued again
                 return

@@ -30,6 +30,9 @@ OPTIONS = [
     Option("tokenize-round-chars", 16384, "most characters tokenized in one round: a larger request is tokenized "
            "a round at a time, so small requests pass it (a small one waits for at most one round: ~6 ms of "
            "one core here)", int),
+    Option("tokenize-bulk-nice", 10, "requests of more than --tokenize-round-chars characters are tokenized on a "
+           "thread of their own with this much more nice value, small ones on the normal thread (0: one thread for "
+           "all; docs/preproc_service.md)", int),
     memory.release_memory_option(),
     Option("audio-root", "", "audio tasks: directory under which a request may name local audio files (empty: "
                              "file locations are refused; URLs are always refused)"),
