@@ -37,7 +37,9 @@ arrives and comes first in the order below takes its place (the batch's rows go 
 and are planned again with it). And for `RESERVE_SECONDS` after a one-row request arrived, passes
 for long requests (`LONG_REQUEST_PASSES`) use at most `forward_workers - 1` workers (with two or
 more): the next one-row request finds a worker free instead of waiting for a pass (the long ones'
-throughput drops while short ones come).
+throughput drops while short ones come). Passes for long requests run on the engine's niced forward
+workers (`engine.run_bulk_forward`, --forward-bulk-nice), so the one-row request's pass computing
+beside them gets most of the CPU rather than half.
 
 Sharing between requests: the rows offered to a forward pass (4 x max_batch_size, `VIEW`) come
 from the waiting requests in least-attained-service order (fewest rows computed so far, then

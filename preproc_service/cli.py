@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from preproc_service.limits import LIMIT_OPTIONS
@@ -59,6 +60,11 @@ def main(argv=None) -> int:
     if not args.model_dir:
         print("preproc-service: --model-dir (or PREPROC_MODEL_DIR) is required", file=sys.stderr)
         return 2
+    if args.tokenize_bulk_nice:
+        # The two tokenizer threads replace the tokenizers library's own thread pool: with it, both threads'
+        # texts would run on its threads (not niced, shared), a small request's behind a large one's.
+        # TOKENIZERS_PARALLELISM=true set by the operator keeps the pool.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from preproc_service.torch_guard import hide_torch
 
     hide_torch()

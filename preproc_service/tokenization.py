@@ -14,8 +14,8 @@ Bulk lane (`bulk_nice` > 0): requests of more than one round's characters are to
 thread of their own whose nice value is raised by `bulk_nice` (splitserve_common/priority.py), and
 small requests on the normal thread. A small request then waits for no round of a large one at all,
 and while both compute, the kernel gives the small one's thread most of a shared core. With
-the tokenizers library's own parallelism on (TOKENIZERS_PARALLELISM unset or true), `encode_batch`
-runs on the library's thread pool, whose threads are not niced.
+the tokenizers library's own parallelism on, `encode_batch` runs on the library's thread pool
+(not niced, shared by both lanes): preproc-service turns it off unless TOKENIZERS_PARALLELISM is set.
 """
 
 from __future__ import annotations
