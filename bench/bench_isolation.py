@@ -1,7 +1,8 @@
 """Isolation: what one normal caller sees while another floods the service, and while
 model_service is killed and restarted (issue 12, "Show").
 
-    python bench/bench_isolation.py [SENTENCES] [--seconds 20] [--flood-callers 2]
+    python bench/bench_isolation.py [SENTENCES] [--seconds 20] [--flood-callers 2] [--stages]
+                                    [--compare VAR=VALUE,... [--rounds 2]]
 
 The real all-MiniLM-L6-v2 (feature-extraction) behind preproc_service and model_service on
 loopback. The normal caller sends Embed of one sentence at a time (a 10 s deadline), one call
@@ -14,8 +15,9 @@ after another, through three phases:
 3. while model_service is killed (SIGKILL) and started again on the same port.
 
 For each phase: the normal caller's calls by status, p50 and p99 of its OK calls, and the flood's
-calls by status. Every call ends with a status (deadlines included), so "unanswered" is
-always 0 unless a call raised something other than a gRPC error. Recovery is the time from
+calls by status (the flood's call in flight at the phase's end is cancelled, not counted), and the
+rows model_service computed for the flood per second. Every call ends with a status (deadlines
+included), so "unanswered" is always 0 unless a call raised something other than a gRPC error. Recovery is the time from
 model_service answering health SERVING again to the normal caller's first OK call after it.
 Targets (issue 12): flood p99 at most 3x the alone p99 and none of the normal calls refused;
 recovery within 1 s.
@@ -23,7 +25,9 @@ recovery within 1 s.
 `--stages` also exports both services' spans (OpenTelemetry, to a receiver in a process of this
 bench) and prints where the normal caller's time went, alone and under the flood: per stage
 (preproc's tokenize, hop and postprocess; model_service's queue and forward), p50 and p99 over the
-normal calls (the traces with exactly one forward span; the flood's have many).
+normal calls (the traces with exactly one forward span; the flood's have many). `--compare`
+runs the alone and flood phases on services started with the given environment variables and on
+default ones, interleaved, in one run (A/B on a shared machine: compare within the run).
 """
 
 from __future__ import annotations
@@ -111,11 +115,20 @@ async def normal_caller(address: str, sentences: list[str], stop: asyncio.Event,
 
 
 async def flood_caller(address: str, texts: list[str], stop: asyncio.Event, calls: Calls) -> None:
+    """Large calls one after another; the one in flight when the phase ends is cancelled (not counted)."""
     async with AsyncPreprocClient(address, timeout=FLOOD_DEADLINE) as client:
+        stopped = asyncio.ensure_future(stop.wait())
         while not stop.is_set():
-            code = await calls.run(lambda: client.embed(texts))
-            if code != "OK":
+            call = asyncio.ensure_future(calls.run(lambda: client.embed(texts)))
+            await asyncio.wait({call, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call
+                break
+            if call.result() != "OK":
                 await asyncio.sleep(0.05)
+        stopped.cancel()
 
 
 async def timed_phase(seconds: float, *tasks_of) -> None:
