@@ -38,6 +38,7 @@ import collections
 import contextlib
 import multiprocessing
 import os
+import queue
 import signal
 import sys
 import time
@@ -266,8 +267,9 @@ def main() -> int:
             flood_rows = rows_computed(metrics_port) - rows_before - len(normal.records)
             if spans is not None:
                 await asyncio.sleep(2.0)  # the services' span processors export every 0.5 s
-                while not spans.empty():
-                    collected.append(spans.get())
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        collected.append(spans.get(timeout=1.0))
             for who, calls in (("normal", normal), ("flood", flood)):
                 for code, message in calls.messages.items():
                     print(f"{label}{who} caller, first {code}: {message}")
