@@ -58,7 +58,7 @@ def test_releaser_releases_once_after_work_and_not_when_idle():
         time.sleep(0.2)
         assert releaser.releases == 0  # no work, no release
         releaser.worked()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # the release thread may run seconds late on a loaded machine
         while releaser.releases == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert releaser.releases == 1
