@@ -82,7 +82,7 @@ def model_services(specs: dict, log_dir: Path | None = None):
             handles[key] = stack.enter_context(servers.model_service(
                 directory, "--metrics-port", "0", *extra, wait=False, log_dir=log_dir))
             handles[key].statuses = []
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + servers.START_SECONDS
         waiting = set(handles)
         while waiting:
             for key in list(waiting):
