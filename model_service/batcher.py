@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -230,6 +231,7 @@ class Batcher:
         # They start on the share (safe on a busy node) and try every thread after a few passes.
         self.lone_threads = StepThreads(engine.torch_threads * engine.forward_workers, fewest=engine.torch_threads,
                                         start_with_fewest=True, what="lone forward passes")
+        self.own_cpu = RecentCpu()          # this process's share of the node's load average (lone passes)
         self.stats = BatchStats()
         self.observers: list = []           # callables(batch_size: int, queue_rows: int) after each batch
         self.cost = ForwardCost(overhead_tokens)
@@ -350,8 +352,10 @@ class Batcher:
     def _is_lone(self, batch: _Batch) -> bool:
         """Nothing but `batch` to compute (no batch computing or queued, no row waiting), there are other
         workers' threads to give it, it is expected to take at most `lone_pass` on one worker, and the
-        node is not loaded (its 1-minute load average under its cores + 1: the average also counts this
-        stack's own recent work, up to about the cores right after a saturated minute)."""
+        node is not loaded: its 1-minute load average less this process's own CPU use averaged alike
+        (`RecentCpu`) under its cores + 1 (the rest of the stack, preproc_service and the client, still
+        counts, as do this process's threads waiting for a core)."""
+        self.own_cpu.cores()  # sampled at every cut, so that busy minutes with no lone candidate count too
         if (not self.lone_pass or self.engine.forward_workers < 2 or self._waiting
                 or any(not b.revoked for b in self._running.values())
                 or any(r.pending.job.adapter for r in batch.rows)):  # adapter passes run alone anyway
@@ -360,7 +364,7 @@ class Batcher:
         if expected is None or expected > self.lone_pass:
             return False
         load = node_load()
-        return load is None or load < self.engine.cpus + 1
+        return load is None or load - self.own_cpu.cores() < self.engine.cpus + 1
 
     def _revoke_for(self, newcomer: _Pending) -> None:
         """Put back the rows of queued (not started) batches cut for requests that `newcomer` now goes
@@ -644,13 +648,37 @@ def node_load() -> float | None:
     of runnable threads: that count includes the client and preproc_service finishing the very call the
     pass is for, and kept lone passes narrow on an idle node (quiet, concurrency 1: +6.45 ms added
     latency against +3.69 with this average; docs/model_service.md).
-    The lone passes allow up to one core's worth of load above the cores, since the average includes
-    this stack's own work of the last minute; StepThreads' measurement decides within that."""
+    The lone passes take this process's own recent CPU out of it (`RecentCpu`) and allow up to one core's
+    worth of load above the cores for the rest of the stack's recent work (preproc_service, the client);
+    StepThreads' measurement decides within that."""
     try:
         with open("/proc/loadavg", "rb") as f:
             return float(f.read().split()[0])
     except (OSError, IndexError, ValueError):
         return None
+
+
+class RecentCpu:
+    """This process's CPU use in cores, averaged as the kernel averages the load (exponentially, 1-minute
+    time constant), so that it can be taken out of `node_load()`: on an idle node right after a saturated
+    minute the load average is ~2 on 2 cores and mostly this process's own forward passes, which kept the
+    lone passes narrow (quiet machine, concurrency 1: +3.69 ms added latency with the average alone, +2.88
+    with no guard; docs/model_service.md). Each call to cores() folds in the CPU used since the last one at
+    its mean rate over that interval."""
+
+    def __init__(self, clock=time.monotonic, cpu=time.process_time, window: float = 60.0):
+        self._clock, self._cpu, self.window = clock, cpu, window
+        self._at, self._used = clock(), cpu()
+        self._cores = 0.0
+
+    def cores(self) -> float:
+        now, used = self._clock(), self._cpu()
+        elapsed = now - self._at
+        if elapsed > 0:
+            keep = math.exp(-elapsed / self.window)
+            self._cores = keep * self._cores + (1 - keep) * (used - self._used) / elapsed
+            self._at, self._used = now, used
+        return self._cores
 
 
 def _is_stale(pending: _Pending, now: float) -> bool:

@@ -277,11 +277,6 @@ def test_base_model_batches_run_on_the_forward_workers(model_dir):
     assert threads and all(name.startswith("forward") for name in threads), threads
 
 
-# --lone-pass-ms that every pass here is expected to fit: on a loaded machine the measured cost per token
-# put a one-row pass over the default 30 ms, no pass was lone and the lone-pass tests failed.
-ANY_LONE_PASS = "600000"
-
-
 def test_a_lone_pass_runs_on_every_workers_threads_and_overlapping_passes_on_their_share(model_dir, monkeypatch):
     """Issue 13: at concurrency 1 each one-row pass ran on one forward worker's single torch thread
     while the other worker's core idled. A pass with nothing else computing or waiting may now run
@@ -316,7 +311,7 @@ def test_a_lone_pass_runs_on_every_workers_threads_and_overlapping_passes_on_the
 
     first, large, lone, busy, stats = asyncio.run(with_server(
         model_dir, "--forward-workers", "2", "--torch-threads", "1", "--max-wait-us", "0", "--max-pass-ms", "0.01",
-        "--lone-pass-ms", ANY_LONE_PASS, scenario=scenario))
+        "--lone-pass-ms", "60000", scenario=scenario))
     assert [(name[:7], threads) for name, threads, _ in first] == [("forward", 1)]  # no cost measured yet
     assert len(large) == 8 and all(n == 1 for _, _, n in large)
     # Every pass but the last had rows of its request waiting: a forward worker with its one thread.
@@ -329,10 +324,64 @@ def test_a_lone_pass_runs_on_every_workers_threads_and_overlapping_passes_on_the
     assert stats.lone_wide == sum(name.startswith("engine") for name, _, _ in passes)
 
 
+def test_the_lone_pass_guard_leaves_out_the_services_own_recent_cpu(model_dir, monkeypatch):
+    """Issue 13: right after a busy minute the node's load average is mostly model_service's own forward
+    passes, which kept every lone pass narrow on an idle node. The guard now takes this process's own
+    recent CPU (RecentCpu) out of the average: the same load average with one core of it our own lets lone
+    passes go wide (StepThreads: 4 on a worker's share, then 4 on every thread), with none of it our own
+    they stay on a worker. Load and own CPU are set here; --lone-pass-ms is pinned high so the measured
+    cost per token (this machine's speed) cannot keep a pass from being a lone candidate."""
+    own = [0.0]
+    monkeypatch.setattr(batcher, "node_load", lambda: cpus[0] + 1.5)  # over the bound of cores + 1
+    monkeypatch.setattr(batcher.RecentCpu, "cores", lambda self: own[0])
+    cpus = [0]
+
+    async def scenario(runtime, client):
+        cpus[0] = runtime.engine.cpus
+        threads: list[str] = []
+        forward = runtime.engine.forward
+
+        def recording(inputs, *args, **kwargs):
+            threads.append("engine" if threading.current_thread().name.startswith("engine") else "forward")
+            return forward(inputs, *args, **kwargs)
+
+        runtime.engine.forward = recording
+        await client.infer(rows(1, 5), outputs=["logits"])  # the first pass measures the cost per token
+        threads.clear()
+        for length in range(6, 14):
+            await client.infer(rows(1, length), outputs=["logits"])
+        others = list(threads)
+        own[0] = 1.0
+        threads.clear()
+        for length in range(6, 14):
+            await client.infer(rows(1, length), outputs=["logits"])
+        return others, list(threads)
+
+    others, ours = asyncio.run(with_server(
+        model_dir, "--forward-workers", "2", "--torch-threads", "1", "--max-wait-us", "0",
+        "--lone-pass-ms", "60000", scenario=scenario))
+    assert others == ["forward"] * 8, others
+    assert ours == ["forward"] * 4 + ["engine"] * 4, ours
+
+
+def test_recent_cpu_averages_the_process_cpu_as_the_load_average_does():
+    """One core used for a minute reads 1 - 1/e cores, as a runnable thread moves the 1-minute load average;
+    an idle minute after it decays that by 1/e."""
+    now, used = [0.0], [0.0]
+    recent = batcher.RecentCpu(clock=lambda: now[0], cpu=lambda: used[0])
+    assert recent.cores() == 0.0
+    now[0], used[0] = 60.0, 60.0
+    assert recent.cores() == pytest.approx(1 - np.exp(-1))
+    now[0] = 120.0
+    assert recent.cores() == pytest.approx((1 - np.exp(-1)) * np.exp(-1))
+    assert recent.cores() == pytest.approx((1 - np.exp(-1)) * np.exp(-1))  # no time passed: unchanged
+
+
 def test_a_request_arriving_during_a_lone_pass_waits_for_it_instead_of_running_beside(model_dir, monkeypatch):
     """A pass beside a lone one on every thread would put more runnable threads than cores (OpenMP teams
     then stall at their barriers): the newcomer's pass starts when the lone one ends."""
     monkeypatch.setattr(batcher, "node_load", lambda: 0.5)  # an idle node, whatever this machine's load
+    # --lone-pass-ms pinned high: on a loaded machine the measured cost per token could put a tiny pass over 30 ms
 
     async def scenario(runtime, client):
         events: list[tuple[str, str]] = []  # ("start" | "end", thread) per forward pass, in order
@@ -364,7 +413,7 @@ def test_a_request_arriving_during_a_lone_pass_waits_for_it_instead_of_running_b
         return during, events
 
     during, events = asyncio.run(with_server(
-        model_dir, "--forward-workers", "2", "--torch-threads", "1", "--max-wait-us", "0",
-        "--lone-pass-ms", ANY_LONE_PASS, scenario=scenario))
+        model_dir, "--forward-workers", "2", "--torch-threads", "1", "--max-wait-us", "0", "--lone-pass-ms", "60000",
+        scenario=scenario))
     assert during == [("start", during[0][1])] and during[0][1].startswith("engine"), during
     assert events[:2] == [("start", during[0][1]), ("end", during[0][1])] and len(events) == 4, events
