@@ -72,11 +72,12 @@ def test_releaser_releases_once_after_work_and_not_when_idle():
 def test_releaser_releases_at_most_once_per_interval_under_steady_work():
     releaser = memory.MemoryReleaser(0.2)
     try:
+        # Work for a second, and on until the first release (its thread may run late on a loaded machine).
         started = time.monotonic()
-        while time.monotonic() - started < 1.0:
+        while (elapsed := time.monotonic() - started) < 1.0 or (releaser.releases == 0 and elapsed < 30):
             releaser.worked()
             time.sleep(0.001)
-        assert 1 <= releaser.releases <= 6
+        assert 1 <= releaser.releases <= elapsed / 0.2 + 1, (releaser.releases, elapsed)
     finally:
         releaser.close()
 
