@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import statistics
 import time
 
 import torch
@@ -24,17 +26,21 @@ log = logging.getLogger(__name__)
 
 class StepThreads:
     def __init__(self, available: int, fixed: int = 0, period: int = 48, probe: int = 4, margin: float = 0.9,
-                 fewest: int = 1, start_with_fewest: bool = False, what: str = "generation steps"):
+                 fewest: int = 1, start_with_fewest: bool = False, what: str = "generation steps",
+                 alike: float = 1.25, history: int = 8):
         """`available`: the worker's threads; `fixed` > 0 pins the count, 0 chooses between `fewest` and
         `available` (the batcher's lone forward passes choose between a forward worker's share and all),
-        starting with `available` unless `start_with_fewest`; `what` names them in the log."""
+        starting with `available` unless `start_with_fewest`; `what` names them in the log. A probe step
+        is compared with the step of the nearest size among the last `history` on the current count, and
+        only when their sizes differ by at most the factor `alike`."""
         self.what = what
         self.choices = [fixed] if fixed else sorted({max(1, min(fewest, available)), max(1, available)})
         self.current = self.choices[0 if start_with_fewest else -1]
-        self.period, self.probe, self.margin = period, probe, margin
+        self.period, self.probe, self.margin, self.alike, self.history = period, probe, margin, alike, history
         self._since_probe = period - probe  # the first probe comes early
-        self._recent: list[float] = []  # seconds per row of the last steps on `current`
-        self._probing: list[float] | None = None  # seconds per row of the steps on the other choice
+        self._recent: list[tuple[int, float]] = []  # (units, seconds per unit) of the last steps on `current`
+        self._probing: list[tuple[int, float]] | None = None  # the same, of the steps on the other choice
+        self._ratios: list[float] = []  # a probe step's cost per unit over that of a like step on `current`
 
     @property
     def _other(self) -> int:
@@ -44,25 +50,31 @@ class StepThreads:
         """The thread count for the next step."""
         return self._other if self._probing is not None else self.current
 
-    def record(self, seconds: float, rows: int) -> None:
-        """One decode step of `rows` rows took `seconds` on threads() threads."""
-        if len(self.choices) == 1 or rows <= 0:
+    def record(self, seconds: float, units: int) -> None:
+        """One step of `units` rows (or tokens) took `seconds` on threads() threads."""
+        if len(self.choices) == 1 or units <= 0:
             return
-        cost = seconds / rows
-        if self._probing is not None:
-            self._probing.append(cost)
-            if len(self._probing) >= self.probe:
-                if self._recent and _mean(self._probing) < self.margin * _mean(self._recent):
-                    log.info("%s now use %d torch thread(s): %.4f ms per unit against %.4f with %d", self.what,
-                             self._other, _mean(self._probing) * 1e3, _mean(self._recent) * 1e3, self.current)
-                    self.current = self._other
-                    self._recent = self._probing[-self.probe:]
-                self._probing, self._since_probe = None, 0
+        cost = seconds / units
+        if self._probing is None:
+            self._recent = (self._recent + [(units, cost)])[-self.history:]
+            self._since_probe += 1
+            if self._since_probe >= self.period and len(self._recent) >= self.probe:
+                self._probing, self._ratios = [], []
             return
-        self._recent = (self._recent + [cost])[-self.probe:]
-        self._since_probe += 1
-        if self._since_probe >= self.period and len(self._recent) >= self.probe:
-            self._probing = []
+        self._probing.append((units, cost))
+        like = min(self._recent, key=lambda step: abs(math.log(step[0] / units)))
+        if max(like[0], units) <= self.alike * min(like[0], units):
+            self._ratios.append(cost / like[1])
+        if len(self._ratios) >= self.probe:
+            ratio = statistics.median(self._ratios)
+            if ratio < self.margin:
+                log.info("%s now use %d torch thread(s): %.2f times the cost per unit with %d", self.what,
+                         self._other, ratio, self.current)
+                self.current = self._other
+                self._recent = self._probing[-self.history:]
+            self._probing, self._since_probe = None, 0
+        elif len(self._probing) >= 3 * self.probe:  # the sizes moved meanwhile: no verdict, keep the count
+            self._probing, self._since_probe = None, 0
 
     @contextlib.contextmanager
     def step(self, rows: int):
@@ -80,7 +92,3 @@ class StepThreads:
                 self.record(time.perf_counter() - start, rows)
             if threads != before:
                 torch.set_num_threads(before)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)

@@ -35,6 +35,25 @@ def test_keeps_the_count_whose_steps_cost_less_and_follows_a_change_of_load():
     assert chooser.current == 2
 
 
+def test_a_probe_compares_steps_of_like_sizes_only():
+    """A decode step's cost per row falls as rows join (each step reads every weight once): waves of
+    requests joining one by one put steps of 1-4 rows before steps of 32. Two threads are faster at
+    every size here; comparing a probe's 32-row steps with 1-4-row steps on two threads (or the
+    reverse) kept one thread. Only steps of like sizes are compared now."""
+    def seconds(threads, rows):  # a fixed part (the weights) and a part per row
+        return {1: 0.020 + 0.0020 * rows, 2: 0.012 + 0.0012 * rows}[threads]
+
+    chooser = StepThreads(available=2, period=20, probe=3)
+    used = []
+    for _ in range(6):  # six waves: requests join one by one, then 32 rows decode together
+        for rows in [1, 1, 2, 2, 3, 4] + [32] * 30:
+            threads = chooser.threads()
+            used.append(threads)
+            chooser.record(seconds(threads, rows), rows)
+    assert chooser.current == 2
+    assert used.count(1) <= len(used) // 5, used  # probes only
+
+
 def test_a_fixed_count_or_a_single_thread_worker_never_probes():
     for chooser, expected in ((StepThreads(available=4, fixed=3, period=2, probe=1), 3),
                               (StepThreads(available=1, period=2, probe=1), 1)):
@@ -62,10 +81,14 @@ def engine(tmp_path_factory):
     eng.close()
 
 
+# Seconds a test waits for a sequence's next token: the scheduler may be slow under load, never silent.
+EVENT_SECONDS = 120
+
+
 async def drain(seq) -> list[int]:
     tokens = []
     while True:
-        event = await seq.events.get()
+        event = await asyncio.wait_for(seq.events.get(), EVENT_SECONDS)  # fails, not hangs, if none comes
         if isinstance(event, Exception):
             raise event
         tokens.append(event.token)

@@ -39,7 +39,7 @@ def access_lines(service) -> list[dict]:
 def _one(service, request_id: str, method: str) -> dict:
     """The access line of this request. A refused call's status may reach the caller a moment before
     the server writes its line (grpc sends an abort's status at once), so wait a little for it."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while True:
         found = [r for r in access_lines(service) if r["request_id"] == request_id and r["method"] == method]
         if found or time.monotonic() > deadline:
