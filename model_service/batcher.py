@@ -235,6 +235,7 @@ class Batcher:
         self.lone_threads = StepThreads(engine.torch_threads * engine.forward_workers, fewest=engine.torch_threads,
                                         start_with_fewest=True, what="lone forward passes")
         self.own_cpu = RecentCpu()          # this process's share of the node's load average (lone passes)
+        self._node_busy = False             # the last lone candidate found the node loaded
         self.stats = BatchStats()
         self.observers: list = []           # callables(batch_size: int, queue_rows: int) after each batch
         self.cost = ForwardCost(overhead_tokens)
@@ -367,7 +368,15 @@ class Batcher:
         if expected is None or expected > self.lone_pass:
             return False
         load = node_load()
-        return load is None or load - self.own_cpu.cores() < self.engine.cpus + 1
+        if load is None:
+            return True
+        own = self.own_cpu.cores()
+        busy = load - own >= self.engine.cpus + 1
+        if busy != self._node_busy:  # logged when it changes, so a run's log shows why lone passes stayed narrow
+            self._node_busy = busy
+            log.info("lone forward passes %s: load average %.2f, %.2f of it this process's own, %d CPUs",
+                     "keep a worker's share" if busy else "may use every worker's threads", load, own, self.engine.cpus)
+        return not busy
 
     def _revoke_for(self, newcomer: _Pending) -> None:
         """Put back the rows of queued (not started) batches cut for requests that `newcomer` now goes
