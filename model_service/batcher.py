@@ -37,7 +37,9 @@ arrives and comes first in the order below takes its place (the batch's rows go 
 and are planned again with it). And for `RESERVE_SECONDS` after a one-row request arrived, passes
 for long requests (`LONG_REQUEST_PASSES`) use at most `forward_workers - 1` workers (with two or
 more): the next one-row request finds a worker free instead of waiting for a pass (the long ones'
-throughput drops while short ones come).
+throughput drops while short ones come). Passes for long requests run on the engine's niced forward
+workers (`engine.run_bulk_forward`, --forward-bulk-nice), so the one-row request's pass computing
+beside them gets most of the CPU rather than half.
 
 Sharing between requests: the rows offered to a forward pass (4 x max_batch_size, `VIEW`) come
 from the waiting requests in least-attained-service order (fewest rows computed so far, then
@@ -178,6 +180,7 @@ class _Batch:
         self.revoked = False
         self.lone = False       # nothing else computing, queued or waiting when it was cut (and short)
         self.wide = False       # runs alone with every worker's threads (a lone pass, when that measured faster)
+        self.bulk = False       # cut for a long request: runs on the engine's niced workers (run_bulk_forward)
 
 
 class ForwardCost:
@@ -232,6 +235,7 @@ class Batcher:
         self.lone_threads = StepThreads(engine.torch_threads * engine.forward_workers, fewest=engine.torch_threads,
                                         start_with_fewest=True, what="lone forward passes")
         self.own_cpu = RecentCpu()          # this process's share of the node's load average (lone passes)
+        self._node_busy = False             # the last lone candidate found the node loaded
         self.stats = BatchStats()
         self.observers: list = []           # callables(batch_size: int, queue_rows: int) after each batch
         self.cost = ForwardCost(overhead_tokens)
@@ -364,7 +368,15 @@ class Batcher:
         if expected is None or expected > self.lone_pass:
             return False
         load = node_load()
-        return load is None or load - self.own_cpu.cores() < self.engine.cpus + 1
+        if load is None:
+            return True
+        own = self.own_cpu.cores()
+        busy = load - own >= self.engine.cpus + 1
+        if busy != self._node_busy:  # logged when it changes, so a run's log shows why lone passes stayed narrow
+            self._node_busy = busy
+            log.info("lone forward passes %s: load average %.2f, %.2f of it this process's own, %d CPUs",
+                     "keep a worker's share" if busy else "may use every worker's threads", load, own, self.engine.cpus)
+        return not busy
 
     def _revoke_for(self, newcomer: _Pending) -> None:
         """Put back the rows of queued (not started) batches cut for requests that `newcomer` now goes
@@ -470,12 +482,14 @@ class Batcher:
         aged_before = asyncio.get_running_loop().time() - AGED_SECONDS
         order = sorted(self._waiting.values(), key=lambda p: _service_key(p, aged_before))
         key = _service_key(order[0], aged_before)
+        bulk = False
         if _one_row(key):  # a pass of one-row requests only, so other requests' rows ride in no unbounded pass
             order = [p for p in order if _one_row(_service_key(p))]
             budget = self.token_budget
         else:
             budget = self.pass_tokens()
-            if self._is_long(order[0].waiting_tokens) and self._holding_a_worker():
+            bulk = self._is_long(order[0].waiting_tokens)
+            if bulk and self._holding_a_worker():
                 return None
         view = VIEW * self.max_batch_size
         share = -(-view // len(order))
@@ -503,7 +517,9 @@ class Batcher:
             if not pending.waiting:
                 del self._waiting[pending.order]
         tokens = pass_tokens_of([r.length for r in window], self.padding_free) + self.overhead_tokens
-        return _Batch(window, key, tokens)
+        batch = _Batch(window, key, tokens)
+        batch.bulk = bulk
+        return batch
 
     async def _run(self, taken: _Batch) -> None:
         batch = taken.rows
@@ -512,7 +528,7 @@ class Batcher:
             # Rows with adapters change the model around their forward pass: those run alone ("" is the
             # base model: the servicer maps the lease's BASE to it); so does a lone pass on every thread.
             alone = taken.wide or any(r.pending.job.adapter for r in batch)
-            run = self.engine.run if alone else self.engine.run_forward
+            run = self.engine.run if alone else self.engine.run_bulk_forward if taken.bulk else self.engine.run_forward
             computed = await run(self._compute, taken)
             if computed is None:  # revoked before a worker started it: its rows are queued again
                 return

@@ -50,6 +50,9 @@ MODEL_OPTIONS = [
     Option("max-queue-rows", 1024, "rows waiting beyond this are refused with RESOURCE_EXHAUSTED", int),
     Option("forward-workers", 0, "batched forward passes run at once, each on its own share of the CPUs (0: 2 on "
            "a CPU node with 2 or more CPUs, else 1); batches with adapter rows run alone", int),
+    Option("forward-bulk-nice", 10, "with 2 or more forward workers, passes for long requests (more than 8 passes "
+           "of --max-pass-ms) run on workers of their own with this much more nice value, so one-row requests' "
+           "passes beside them get most of the CPU (0: on the same workers; docs/model_service.md)", int),
     memory.release_memory_option(),
     memory.onednn_cache_option(),
     Option("torch-threads", 0, "CPU threads torch may use per forward worker (0: the process's CPUs split evenly "

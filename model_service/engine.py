@@ -17,6 +17,11 @@ API for the other parts of model_service (generation, adapters, batching) — ke
         `forward_workers` > 1 it runs on one of that many threads, beside the others, each with
         `torch_threads` intra-op threads (several smaller forwards use a CPU node better than one
         wide one); with one worker it is `run`.
+    result = await engine.run_bulk_forward(fn, *args, **kwargs)
+        As run_forward, for the batcher's passes for long requests: with `bulk_nice` > 0 (and two or
+        more forward workers) on `forward_workers` threads of their own whose nice value is raised by
+        `bulk_nice` (splitserve_common/priority.py), so that a short request's pass computing beside
+        them gets most of the CPU; otherwise the same as run_forward.
     engine.model, engine.device, engine.dtype, engine.loaded
     engine.forward_workers, engine.torch_threads (per forward worker), engine.cpus (this process may use)
     engine.forward(inputs, adapters=None, hidden_states=False)   # worker threads only
@@ -51,6 +56,7 @@ from model_service.adapters import AdapterRegistry
 from model_service.backends import BACKENDS
 from splitserve_common.errors import FailedPrecondition
 from splitserve_common.memory import MemoryReleaser
+from splitserve_common.priority import check_nice, raise_thread_nice
 
 
 def default_torch_threads() -> int:
@@ -113,13 +119,15 @@ class _SharedOrAlone:
 
 class Engine:
     def __init__(self, loaded, torch_threads: int = 0, forward_workers: int = 1, backend="eager",
-                 release_memory_seconds: float = 0.0):
+                 release_memory_seconds: float = 0.0, bulk_nice: int = 0):
         """`forward_workers`: threads that run batched forward passes at once (0: default_forward_workers);
         `torch_threads`: torch's intra-op threads per worker (0: the process's CPUs split between them);
         `backend`: a name in backends.BACKENDS, or a backend built already (backends.py's interface);
         `release_memory_seconds`: after model work, hand the allocator's free memory back to the system at
         most this often (0: never; see splitserve_common/memory.py: tensors of ever-changing shapes
-        fragment glibc's arenas, and RSS grew without bound under varied batches)."""
+        fragment glibc's arenas, and RSS grew without bound under varied batches); `bulk_nice`: see
+        run_bulk_forward (0: long requests' passes run on the forward workers)."""
+        check_nice("forward-bulk-nice", bulk_nice)
         self.loaded = loaded
         self.model = loaded.model
         self.backend = BACKENDS[backend](loaded) if isinstance(backend, str) else backend
@@ -135,11 +143,15 @@ class Engine:
         self._forward_executor = None if self.forward_workers == 1 else ThreadPoolExecutor(
             max_workers=self.forward_workers, thread_name_prefix="forward", initializer=self._init_worker,
             initargs=(self.torch_threads, False))
+        self._bulk_executor = None if self._forward_executor is None or not bulk_nice else ThreadPoolExecutor(
+            max_workers=self.forward_workers, thread_name_prefix="forward-bulk", initializer=self._init_worker,
+            initargs=(self.torch_threads, False, bulk_nice))
         self._model_use = _SharedOrAlone()
         self.memory = MemoryReleaser(release_memory_seconds)
         self.worker_thread: threading.Thread | None = None
 
-    def _init_worker(self, threads: int, main: bool) -> None:
+    def _init_worker(self, threads: int, main: bool, nice: int = 0) -> None:
+        raise_thread_nice(nice)  # before torch's threads for it start: they inherit the nice value
         torch.set_num_threads(threads)  # torch keeps the count per thread (OpenMP)
         if main:
             self.worker_thread = threading.current_thread()
@@ -174,6 +186,13 @@ class Engine:
         return await loop.run_in_executor(self._forward_executor,
                                           functools.partial(self._call_shared, fn, args, kwargs))
 
+    async def run_bulk_forward(self, fn, *args, **kwargs):
+        """run_forward for long requests' passes: on the niced forward workers when there are any."""
+        if self._bulk_executor is None:
+            return await self.run_forward(fn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._bulk_executor, functools.partial(self._call_shared, fn, args, kwargs))
+
     def forward(self, inputs: dict, adapters: list[str] | None = None, hidden_states: bool = False) -> dict:
         """One forward pass (worker thread only): {input name: tensor} -> {output name: tensor}."""
         if adapters is not None and not any(adapters):
@@ -190,5 +209,6 @@ class Engine:
     def close(self) -> None:
         self.memory.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._forward_executor is not None:
-            self._forward_executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._forward_executor, self._bulk_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)

@@ -63,7 +63,8 @@ async def load_runtime(runtime: Runtime, adapters: adapters_servicer.AdaptersSer
     memory.bound_onednn_cache(args.onednn_cache_entries)  # before the first forward pass, when oneDNN reads it
     loaded = await asyncio.to_thread(loader.load, load_options(args))
     engine = Engine(loaded, torch_threads=args.torch_threads, forward_workers=args.forward_workers,
-                    backend=args.engine, release_memory_seconds=args.release_memory_seconds)
+                    backend=args.engine, release_memory_seconds=args.release_memory_seconds,
+                    bulk_nice=args.forward_bulk_nice)
     info = await engine.run(discover, engine, served_name(args), args.max_batch_size,  # the warm-up forward
                             args.max_input_values)
     info.max_queue_rows = args.max_queue_rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from preproc_service.limits import LIMIT_OPTIONS
@@ -30,6 +31,9 @@ OPTIONS = [
     Option("tokenize-round-chars", 16384, "most characters tokenized in one round: a larger request is tokenized "
            "a round at a time, so small requests pass it (a small one waits for at most one round: ~6 ms of "
            "one core here)", int),
+    Option("tokenize-bulk-nice", 10, "requests of more than --tokenize-round-chars characters are tokenized on a "
+           "thread of their own with this much more nice value, small ones on the normal thread (0: one thread for "
+           "all; docs/preproc_service.md)", int),
     memory.release_memory_option(),
     Option("audio-root", "", "audio tasks: directory under which a request may name local audio files (empty: "
                              "file locations are refused; URLs are always refused)"),
@@ -56,6 +60,11 @@ def main(argv=None) -> int:
     if not args.model_dir:
         print("preproc-service: --model-dir (or PREPROC_MODEL_DIR) is required", file=sys.stderr)
         return 2
+    if args.tokenize_bulk_nice:
+        # The two tokenizer threads replace the tokenizers library's own thread pool: with it, both threads'
+        # texts would run on its threads (not niced, shared), a small request's behind a large one's.
+        # TOKENIZERS_PARALLELISM=true set by the operator keeps the pool.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from preproc_service.torch_guard import hide_torch
 
     hide_torch()

@@ -81,7 +81,8 @@ class Deployment:
     def __init__(self, model_dir: ModelDir, tokenizer, model: ModelClient, task_override: str = "",
                  tokenize_batch: int = 512, feature_extractor=None, audio: AudioSettings | None = None,
                  table_limits: TableLimits | None = None, limits: RequestLimits | None = None,
-                 tokenize_round_chars: int = 16384, release_memory_seconds: float = 0.0):
+                 tokenize_round_chars: int = 16384, release_memory_seconds: float = 0.0,
+                 tokenize_bulk_nice: int = 0):
         self.model_dir = model_dir
         self.limits = limits or RequestLimits()
         self.tokenizer = tokenizer          # None for models without one (audio-classification)
@@ -99,7 +100,7 @@ class Deployment:
         # Micro-batched Rust tokenization for fast tokenizers; slow ones (TAPAS, CTC) are called directly.
         fast = getattr(tokenizer, "is_fast", False)
         self.tokenization = Tokenization(tokenizer, self._local_max_length(), tokenize_batch,
-                                         tokenize_round_chars, self.memory) if fast else None
+                                         tokenize_round_chars, self.memory, tokenize_bulk_nice) if fast else None
 
     @property
     def task(self) -> str:

@@ -62,7 +62,7 @@ def build_deployment(args) -> Deployment:
                       feature_extractor=feature_extractor, audio=audio,
                       table_limits=TableLimits(args.max_table_cells, args.max_table_queries),
                       limits=RequestLimits.from_args(args), tokenize_round_chars=args.tokenize_round_chars,
-                      release_memory_seconds=args.release_memory_seconds)
+                      release_memory_seconds=args.release_memory_seconds, tokenize_bulk_nice=args.tokenize_bulk_nice)
 
 
 async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: float, recheck_seconds: float,

@@ -9,6 +9,13 @@ work for the deployment's MemoryReleaser (splitserve_common/memory.py), so the m
 text took goes back to the system soon after (glibc's malloc_trim).
 Each truncation setting has its own copy of the Rust tokenizer, so no call ever
 mutates a tokenizer another thread is using.
+
+Bulk lane (`bulk_nice` > 0): requests of more than one round's characters are tokenized on a
+thread of their own whose nice value is raised by `bulk_nice` (splitserve_common/priority.py), and
+small requests on the normal thread. A small request then waits for no round of a large one at all,
+and while both compute, the kernel gives the small one's thread most of a shared core. With
+the tokenizers library's own parallelism on, `encode_batch` runs on the library's thread pool
+(not niced, shared by both lanes): preproc-service turns it off unless TOKENIZERS_PARALLELISM is set.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from tokenizers import Encoding, Tokenizer
 
 from splitserve_common.errors import InvalidArgument
 from splitserve_common.memory import MemoryReleaser
+from splitserve_common.priority import check_nice, raise_thread_nice
 
 _MAX_BACKENDS = 16
 
@@ -51,24 +59,36 @@ class _Job:
         self.chars_left = sum(_text_chars(t) for t in self.texts)
 
 
+class _Lane:
+    """One tokenizer thread and the jobs queued for it, tokenized in rounds (see the module docstring)."""
+
+    def __init__(self, name: str, nice: int = 0):
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=raise_thread_nice,
+                                           initargs=(nice,))
+        self.pending: list[_Job] = []
+        self.draining = False
+        self.drain_task: asyncio.Future | None = None
+        self.backends: dict[EncodeOptions, Tokenizer] = {}  # per lane: no tokenizer is shared between threads
+
+
 class Tokenization:
     def __init__(self, tokenizer, max_length: int, max_batch: int = 512, round_chars: int = 16384,
-                 memory: MemoryReleaser | None = None):
+                 memory: MemoryReleaser | None = None, bulk_nice: int = 0):
         """`tokenizer`: a transformers fast tokenizer (decode, special tokens); `max_length`: model limit;
-        `memory`: told after each round (None: nothing is released)."""
+        `memory`: told after each round (None: nothing is released); `bulk_nice`: requests of more than
+        `round_chars` characters go to a thread of their own with this much more nice value (0: one
+        thread for all)."""
         if not getattr(tokenizer, "is_fast", False):
             raise InvalidArgument("preproc_service needs a fast (tokenizers-backed) tokenizer")
+        check_nice("tokenize-bulk-nice", bulk_nice)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_batch = max_batch
         self.round_chars = round_chars
         self._memory = memory
         self._backend_json = tokenizer.backend_tokenizer.to_str()
-        self._backends: dict[EncodeOptions, Tokenizer] = {}
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
-        self._pending: list[_Job] = []
-        self._draining = False
-        self._drain_task: asyncio.Future | None = None
+        self._lane = _Lane("tokenizer")
+        self._bulk_lane = _Lane("tokenizer-bulk", bulk_nice) if bulk_nice > 0 else self._lane
 
     @property
     def pad_token_id(self) -> int:
@@ -83,10 +103,12 @@ class Tokenization:
         if not texts:
             return []
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Job(list(texts), options, future))
-        if not self._draining:
-            self._draining = True
-            self._drain_task = asyncio.ensure_future(self._drain())  # keep a reference: tasks are weakly held
+        job = _Job(list(texts), options, future)
+        lane = self._bulk_lane if job.chars_left > self.round_chars else self._lane
+        lane.pending.append(job)
+        if not lane.draining:
+            lane.draining = True
+            lane.drain_task = asyncio.ensure_future(self._drain(lane))  # keep a reference: tasks are weakly held
         encodings = await future
         if overflow:
             return [[enc, *enc.overflowing] for enc in encodings]
@@ -106,25 +128,25 @@ class Tokenization:
                         f"(send truncation=true to cut it)")
         return encodings
 
-    async def _drain(self) -> None:
+    async def _drain(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._pending:
-                parts = self._next_round()
-                results = await loop.run_in_executor(self._executor, self._encode_parts, parts)
+            while lane.pending:
+                parts = self._next_round(lane)
+                results = await loop.run_in_executor(lane.executor, self._encode_parts, lane, parts)
                 for (job, texts), result in zip(parts, results, strict=True):
-                    self._settle(job, texts, result)
+                    self._settle(lane, job, texts, result)
                 if self._memory is not None:
                     self._memory.worked()
         finally:
-            self._draining = False
+            lane.draining = False
 
-    def _next_round(self) -> list[tuple[_Job, list]]:
+    def _next_round(self, lane: _Lane) -> list[tuple[_Job, list]]:
         """(job, its next texts) for one round: the jobs with the least left first, within the round's
         budget of texts and characters; the first job always gets at least one text."""
-        self._pending = [job for job in self._pending if not job.future.done()]  # callers that went away
+        lane.pending = [job for job in lane.pending if not job.future.done()]  # callers that went away
         parts, texts_left, chars_left = [], self.max_batch, self.round_chars
-        for job in sorted(self._pending, key=lambda j: j.chars_left):
+        for job in sorted(lane.pending, key=lambda j: j.chars_left):
             start = len(job.encodings)
             end = start
             while end < len(job.texts) and texts_left > 0:
@@ -138,7 +160,7 @@ class Tokenization:
                 break
         return parts
 
-    def _settle(self, job: _Job, texts: list, result) -> None:
+    def _settle(self, lane: _Lane, job: _Job, texts: list, result) -> None:
         if job.future.done():
             return  # the caller went away
         if isinstance(result, BaseException):
@@ -149,10 +171,10 @@ class Tokenization:
             if len(job.encodings) == len(job.texts):
                 job.future.set_result(job.encodings)
         if job.future.done():
-            self._pending.remove(job)
+            lane.pending.remove(job)
 
-    def _encode_parts(self, parts: list[tuple[_Job, list]]) -> list:
-        """Runs on the tokenizer thread: one encode_batch per option set (chunks of max_batch texts)."""
+    def _encode_parts(self, lane: _Lane, parts: list[tuple[_Job, list]]) -> list:
+        """Runs on the lane's thread: one encode_batch per option set (chunks of max_batch texts)."""
         results: list = [None] * len(parts)
         by_options: dict[EncodeOptions, list[int]] = {}
         for i, (job, _) in enumerate(parts):
@@ -160,7 +182,7 @@ class Tokenization:
         for options, indices in by_options.items():
             texts = [text for i in indices for text in parts[i][1]]
             try:
-                backend = self._backend(options)
+                backend = self._backend(lane, options)
                 encodings = []
                 for start in range(0, len(texts), self.max_batch):
                     chunk = texts[start:start + self.max_batch]
@@ -176,22 +198,23 @@ class Tokenization:
                 offset += n
         return results
 
-    def _backend(self, options: EncodeOptions) -> Tokenizer:
-        backend = self._backends.get(options)
+    def _backend(self, lane: _Lane, options: EncodeOptions) -> Tokenizer:
+        backend = lane.backends.get(options)
         if backend is None:
-            if len(self._backends) >= _MAX_BACKENDS:  # callers choose max_length: keep the cache bounded
-                self._backends.clear()
+            if len(lane.backends) >= _MAX_BACKENDS:  # callers choose max_length: keep the cache bounded
+                lane.backends.clear()
             backend = Tokenizer.from_str(self._backend_json)
             backend.no_padding()
             if options.max_length is None:
                 backend.no_truncation()
             else:
                 backend.enable_truncation(options.max_length, stride=options.stride, strategy=options.strategy)
-            self._backends[options] = backend
+            lane.backends[options] = backend
         return backend
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for lane in {id(lane): lane for lane in (self._lane, self._bulk_lane)}.values():
+            lane.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def pad_batch(encodings: list[Encoding], pad_id: int, with_type_ids: bool = True) -> dict[str, np.ndarray]:

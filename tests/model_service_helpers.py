@@ -3,6 +3,7 @@ in-process reference forward passes."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -18,6 +19,20 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TASKS = model_factory.TASKS
 SENTENCES = model_factory.SENTENCES
 PAIRS = [("who is in paris?", "Alice lives in Paris with Bob."), ("what?", "the river is long and the forest is old")]
+
+
+async def until(predicate, what: str, seconds: float = 30.0, poll: float = 0.01, failed=()) -> None:
+    """Poll `predicate` on the event loop until it holds; fail naming `what` after `seconds`, or at once
+    with the error of any future in `failed` that ended meanwhile (the calls the state waited for were
+    refused). No wait in a test may be unbounded: one that could never end once held CI for 80 minutes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not predicate():
+        for future in failed:
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                raise AssertionError(f"while waiting for {what}") from future.exception()
+        assert loop.time() < deadline, f"not within {seconds} s: {what}"
+        await asyncio.sleep(poll)
 
 
 def build_task_models(root: Path) -> dict:
@@ -67,7 +82,7 @@ def model_services(specs: dict, log_dir: Path | None = None):
             handles[key] = stack.enter_context(servers.model_service(
                 directory, "--metrics-port", "0", *extra, wait=False, log_dir=log_dir))
             handles[key].statuses = []
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + servers.START_SECONDS
         waiting = set(handles)
         while waiting:
             for key in list(waiting):

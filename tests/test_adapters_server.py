@@ -321,6 +321,21 @@ def test_adapter_through_preproc_and_client(encoder_server):
             assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def _refused_once_unloading(gen, probe):
+    """Probe until a new request for the adapter is refused (the unload may reach the server a
+    while after it was sent on a loaded machine: a fixed 0.05 s once was not enough)."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        try:
+            async for _ in gen.Generate(probe, timeout=30):
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        assert asyncio.get_running_loop().time() < deadline, "a request for beta still admitted 30 s " \
+            "after its unload was asked for"
+        await asyncio.sleep(0.02)
+
+
 def test_unload_waits_for_a_generation_in_flight(gpt2_server):
     """UnloadAdapter during a stream that uses the adapter: new requests for it are refused at once,
     the stream still finishes with the adapter's tokens, then the adapter is gone (and loaded back)."""
@@ -333,18 +348,15 @@ def test_unload_waits_for_a_generation_in_flight(gpt2_server):
             adapters = adapters_pb2_grpc.AdaptersStub(channel)
             settings = generation_pb2.GenerationSettings(max_new_tokens=64, ignore_eos=True, do_sample=False)
             request = generation_pb2.GenerateRequest(input_ids=ids, adapter="beta", settings=settings)
+            probe = generation_pb2.GenerateRequest(input_ids=ids, adapter="beta", settings=generation_pb2.
+                                                   GenerationSettings(max_new_tokens=1, do_sample=False))
             tokens, unload, probe_code = [], None, None
-            async for step in gen.Generate(request):
+            async for step in gen.Generate(request, timeout=120):
                 tokens += list(step.token_ids)
                 if unload is None:  # the stream holds the adapter now: ask for the unload
                     unload = asyncio.ensure_future(adapters.UnloadAdapter(
-                        adapters_pb2.UnloadAdapterRequest(name="beta"), metadata=GOOD))
-                    await asyncio.sleep(0.05)
-                    try:
-                        async for _ in gen.Generate(request):
-                            pass
-                    except grpc.aio.AioRpcError as exc:
-                        probe_code = exc.code()
+                        adapters_pb2.UnloadAdapterRequest(name="beta"), metadata=GOOD, timeout=120))
+                    probe_code = await _refused_once_unloading(gen, probe)
             return tokens, await unload, probe_code
 
     tokens, reply, probe_code = asyncio.run(scenario())

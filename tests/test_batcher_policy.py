@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 
+from model_service import batcher as batcher_module
 from model_service import loader, requests
 from model_service.batcher import Batcher
 from model_service.engine import Engine
@@ -18,6 +19,7 @@ from model_service.served_model import discover
 from splitserve_common.errors import ConfigurationError
 from splitserve_common.v2_codec import encode_request
 from tests import model_factory
+from tests.model_service_helpers import until
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +126,8 @@ def test_a_small_request_takes_the_place_of_queued_passes_of_a_large_one(loaded)
     With the engine held, the batcher queues one batch per forward worker and one more, all cut from
     the large request; the small one arriving then is computed in the first pass the engine starts."""
     async def scenario():
-        engine, info, batcher = await serving(loaded, max_batch_size=4, max_wait_us=0)
+        # --max-pass-ms 0: the large request is three passes of 4 rows whatever the machine's speed.
+        engine, info, batcher = await serving(loaded, max_batch_size=4, max_wait_us=0, max_pass_ms=0)
         gate, inside = threading.Event(), threading.Event()
 
         def hold():
@@ -142,8 +145,9 @@ def test_a_small_request_takes_the_place_of_queued_passes_of_a_large_one(loaded)
                 return result
 
             large = asyncio.ensure_future(call("large", [12] * 12))  # three passes of 4 rows
-            while batcher.queue_rows or len(batcher._running) < engine.forward_workers + 1:
-                await asyncio.sleep(0.005)
+            slots = engine.forward_workers + 1
+            await until(lambda: not batcher.queue_rows and len(batcher._running) == slots,
+                        f"the large request's {slots} passes handed to the held engine", failed=[large])
             small = asyncio.ensure_future(call("small", [12]))
             await asyncio.sleep(0.05)
             gate.set()
@@ -160,10 +164,14 @@ def test_a_small_request_takes_the_place_of_queued_passes_of_a_large_one(loaded)
     np.testing.assert_allclose(large.outputs["logits"], large_again.outputs["logits"], rtol=1e-4, atol=1e-5)
 
 
-def test_after_a_one_row_request_passes_for_others_leave_a_worker_free(loaded):
+def test_after_a_one_row_request_passes_for_others_leave_a_worker_free(loaded, monkeypatch):
     """Issue 12: a one-sentence call under a flood waited for a forward worker (each busy with a pass of
-    the flood, one row of ~200 tokens being the least a pass can hold). For a second after a one-row
-    request, passes for larger requests hold at most forward_workers - 1 workers; later, all of them."""
+    the flood, one row of ~200 tokens being the least a pass can hold). For RESERVE_SECONDS after a
+    one-row request, passes for larger requests hold at most forward_workers - 1 workers; later, all of
+    them. The reserve is held long while the large request computes (16 passes of one row outlasted
+    its 1 s on a loaded machine), then back at its 1 s, which the test waits out."""
+    reserve = batcher_module.RESERVE_SECONDS
+    monkeypatch.setattr(batcher_module, "RESERVE_SECONDS", 600.0)
     async def scenario():
         engine, info, batcher = await serving(loaded, max_wait_us=0, max_pass_ms=0.01)
         most = {"reserved": 0, "free": 0}
@@ -179,7 +187,8 @@ def test_after_a_one_row_request_passes_for_others_leave_a_worker_free(loaded):
         try:
             await batcher.submit(job(info, [8]))  # a one-row request: the reserve starts
             await batcher.submit(job(info, [20] * 16))  # one row per pass (--max-pass-ms 0.01)
-            await asyncio.sleep(1.1)  # the reserve lapses
+            monkeypatch.setattr(batcher_module, "RESERVE_SECONDS", reserve)
+            await asyncio.sleep(reserve + 0.1)  # the reserve lapses
             phase = "free"
             await batcher.submit(job(info, [20] * 16))
             return most, engine.forward_workers

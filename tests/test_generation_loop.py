@@ -81,10 +81,14 @@ def engine(tmp_path_factory):
     eng.close()
 
 
+# Seconds a test waits for a sequence's next token: the scheduler may be slow under load, never silent.
+EVENT_SECONDS = 120
+
+
 async def drain(seq) -> list[int]:
     tokens = []
     while True:
-        event = await seq.events.get()
+        event = await asyncio.wait_for(seq.events.get(), EVENT_SECONDS)  # fails, not hangs, if none comes
         if isinstance(event, Exception):
             raise event
         tokens.append(event.token)

@@ -245,7 +245,7 @@ def test_scheduler_token_limit_queue_limit_and_cancel(engine):
     async def drain(s):
         tokens = []
         while True:
-            event = await s.events.get()
+            event = await asyncio.wait_for(s.events.get(), 120)  # fails, not hangs, if none comes
             tokens.append(event.token)
             if event.finish_reason:
                 return tokens, event.finish_reason
@@ -255,7 +255,7 @@ def test_scheduler_token_limit_queue_limit_and_cancel(engine):
         with pytest.raises(ResourceExhausted, match="--gen-max-tokens"):
             scheduler.submit(seq(125))  # 135 positions can never fit
         a, b = scheduler.submit(seq(50)), scheduler.submit(seq(50))  # 60 + 60 reserved
-        await a.events.get()
+        await asyncio.wait_for(a.events.get(), 120)
         c, d = scheduler.submit(seq(5)), scheduler.submit(seq(5))  # 15 more would pass 130: they wait
         with pytest.raises(ResourceExhausted, match="queue is full"):
             scheduler.submit(seq(5))

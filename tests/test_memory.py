@@ -58,7 +58,7 @@ def test_releaser_releases_once_after_work_and_not_when_idle():
         time.sleep(0.2)
         assert releaser.releases == 0  # no work, no release
         releaser.worked()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # the release thread may run seconds late on a loaded machine
         while releaser.releases == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert releaser.releases == 1
@@ -72,11 +72,12 @@ def test_releaser_releases_once_after_work_and_not_when_idle():
 def test_releaser_releases_at_most_once_per_interval_under_steady_work():
     releaser = memory.MemoryReleaser(0.2)
     try:
+        # Work for a second, and on until the first release (its thread may run late on a loaded machine).
         started = time.monotonic()
-        while time.monotonic() - started < 1.0:
+        while (elapsed := time.monotonic() - started) < 1.0 or (releaser.releases == 0 and elapsed < 30):
             releaser.worked()
             time.sleep(0.001)
-        assert 1 <= releaser.releases <= 6
+        assert 1 <= releaser.releases <= elapsed / 0.2 + 1, (releaser.releases, elapsed)
     finally:
         releaser.close()
 
@@ -168,8 +169,11 @@ def test_model_service_rss_stays_flat_over_varied_shapes():
         time.sleep(1.0)
         start = rss_mib(server.proc.pid)
         _varied_passes(server.address, shapes[60:])
-        time.sleep(1.0)  # the release after the last pass
-        end = rss_mib(server.proc.pid)
+        # The release comes --release-memory-seconds after the last pass; on a loaded machine its thread may
+        # run seconds late, so poll for it (without releasing, RSS stays up for good).
+        deadline = time.monotonic() + RELEASE_WAIT_SECONDS
+        while (end := rss_mib(server.proc.pid)) - start >= RSS_GROWTH_MIB and time.monotonic() < deadline:
+            time.sleep(0.1)
     print(f"model_service RSS after 60 passes {start:.0f} MiB, after 120 more {end:.0f} MiB")
     assert end - start < RSS_GROWTH_MIB, f"RSS grew {end - start:.0f} MiB over 120 passes of varied shapes"
 

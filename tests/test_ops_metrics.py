@@ -54,7 +54,7 @@ def test_requests_are_counted_by_method_and_code(stack):
         return {key: sample(after[key[0]], key[1], **dict(key[2])) - sample(before[key[0]], key[1], **dict(key[2]))
                 for key in expected}
 
-    wait_for(lambda: all(grew >= expected[key] for key, grew in growth().items()), timeout=10,
+    wait_for(lambda: all(grew >= expected[key] for key, grew in growth().items()), timeout=60,
                      what="every call to be counted")
     assert growth() == expected
     assert sample(scrape(stack["preproc_metrics"]), "splitserve_requests_in_flight", method=CLASSIFY) == 0

@@ -1,6 +1,6 @@
 """Access lines and the request id across the hop (issue 14, item 2): both services run with
-`--log-format json`; a request id given by the caller, or made up, comes back in the response
-metadata and appears in one access line on each service, with the fields the issue lists."""
+`--log-format json`; a request id given by the caller, or made up (then it comes back in the response
+metadata), appears in one access line on each service, with the fields the issue lists."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def access_lines(service) -> list[dict]:
 def _one(service, request_id: str, method: str) -> dict:
     """The access line of this request. A refused call's status may reach the caller a moment before
     the server writes its line (grpc sends an abort's status at once), so wait a little for it."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while True:
         found = [r for r in access_lines(service) if r["request_id"] == request_id and r["method"] == method]
         if found or time.monotonic() > deadline:
@@ -55,7 +55,8 @@ def test_request_id_round_trip_and_json_access_lines(stack):
         preproc_pb2.ClassifyRequest(texts=texts), timeout=30,
         metadata=(("x-request-id", request_id), ("traceparent", TRACEPARENT)))
     assert len(reply.results) == 3
-    assert dict(call.initial_metadata())["x-request-id"] == request_id
+    # The caller's own id is not sent back (issue 13: a separate metadata send on every call of each hop).
+    assert "x-request-id" not in dict(call.initial_metadata())
 
     preproc_line = _one(stack["preproc"], request_id, CLASSIFY)
     assert preproc_line["code"] == "OK" and preproc_line["rows"] == 3 and preproc_line["adapter"] == ""
@@ -86,7 +87,7 @@ def test_failed_calls_are_logged_with_their_code_and_health_is_not(stack):
         stack["stub"].Classify(preproc_pb2.ClassifyRequest(texts=["a"], top_k=-3), timeout=30,
                                metadata=(("x-request-id", "bad-one"),))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert dict(failure.value.initial_metadata())["x-request-id"] == "bad-one"
+    assert "x-request-id" not in dict(failure.value.initial_metadata())  # the caller's own: not sent back
     line = _one(stack["preproc"], "bad-one", CLASSIFY)
     assert line["code"] == "INVALID_ARGUMENT"
     assert not [r for r in access_lines(stack["model"]) if r["request_id"] == "bad-one"]  # refused before the hop

@@ -20,7 +20,7 @@ from splitserve_pb import open_inference_pb2 as v2
 from splitserve_pb import open_inference_pb2_grpc as v2_grpc
 from splitserve_pb import preproc_pb2, preproc_pb2_grpc
 from tests.ops_helpers import make_pki, sentences, tiny_model
-from tests.servers import service
+from tests.servers import START_SECONDS, service
 
 TOKEN = "test-token-3f9a"
 
@@ -30,7 +30,7 @@ def _server_flags(pki) -> list[str]:
             "--tls-client-ca", str(pki.ca), "--auth-token", TOKEN]
 
 
-def _wait_serving(handle, security: ChannelSecurity, timeout: float = 120.0) -> None:
+def _wait_serving(handle, security: ChannelSecurity, timeout: float = START_SECONDS) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if handle.proc.poll() is not None:

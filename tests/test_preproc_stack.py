@@ -113,7 +113,7 @@ def test_no_torch_and_model_service_restart(tc_model, tmp_path):
             _assert_same(got, want)
             # Calls pass as soon as the channel reconnects; health (NOT_SERVING when the restart outlasted
             # --model-unreachable-grace-seconds) follows at the handshake's next retry, a second later.
-            servers.wait_for(lambda: servers.health_status(preproc.address) == SERVING, timeout=10,
+            servers.wait_for(lambda: servers.health_status(preproc.address) == SERVING, timeout=60,
                              what="preproc's health to come back to SERVING")
     assert preproc.proc.returncode == 0, preproc.log()  # drained and exited; torch never imported
 

@@ -40,9 +40,9 @@ def test_concurrent_requests_share_tokenizer_batches(tokenizer):
     class Counting(Tokenization):
         calls = 0
 
-        def _encode_parts(self, parts):
+        def _encode_parts(self, lane, parts):
             Counting.calls += 1
-            return super()._encode_parts(parts)
+            return super()._encode_parts(lane, parts)
 
     async def run():
         tok = Counting(tokenizer, max_length=64)

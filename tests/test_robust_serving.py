@@ -73,7 +73,8 @@ def test_retrying_clients_neither_hold_the_drain_open_nor_see_cancelled(model_di
         threads = [threading.Thread(target=retry_at_once) for _ in range(4)]
         for thread in threads:
             thread.start()
-        time.sleep(1.0)
+        # Every client is calling (a fixed second once; on a loaded machine threads may not have started by then).
+        wait_for(lambda: codes["OK"] >= 2 * len(threads), timeout=60, what="the retrying clients' first answers")
         signalled = time.monotonic()
         model.proc.send_signal(signal.SIGTERM)
         try:
