@@ -9,6 +9,12 @@ shared cores, GPT-2-small-sized decode steps of 32 rows took 1.4-4x the wall tim
 1.4-10x the CPU with 2 threads than with 1 (bench/NOTES.md). Neither choice is right on every
 node, so by default the loop measures: it runs with the current choice and every `period`
 steps tries the other for `probe` steps, then keeps whichever cost less per row.
+
+Only steps of like sizes are compared: a decode step reads every weight once whatever its rows,
+so its cost per row falls as rows join. Comparing whole probes (before) kept 1 thread on
+bench_generation's first wave, 32-row probe steps against 1-2-row steps on 2 threads (4.2 against
+19.1 ms per row), and the stack ran at 112-119 tokens/s against 172-178 with this rule and 182-213
+with 2 threads fixed (32 streams, shared machine, bench/NOTES.md stop 20).
 """
 
 from __future__ import annotations
