@@ -142,23 +142,13 @@ async def timed_phase(seconds: float, *tasks_of) -> None:
 
 def run_span_receiver(port: int, spans) -> None:
     """An OTLP/gRPC trace receiver (its own process) that puts (trace id, name, start ns, end ns) on `spans`."""
-    from concurrent import futures
+    from bench.bench_tracing import serve_spans
 
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+    def put(exported):
+        for span in exported:
+            spans.put((span.trace_id.hex(), span.name, span.start_time_unix_nano, span.end_time_unix_nano))
 
-    class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(self, request, context):
-            for resource in request.resource_spans:
-                for scope in resource.scope_spans:
-                    for span in scope.spans:
-                        spans.put((span.trace_id.hex(), span.name, span.start_time_unix_nano, span.end_time_unix_nano))
-            return trace_service_pb2.ExportTraceServiceResponse()
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    server.wait_for_termination()
+    serve_spans(port, put)
 
 
 def stage_rows(spans: list[tuple], phases: dict[str, tuple[int, int]]) -> list[str]:

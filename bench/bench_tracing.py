@@ -29,8 +29,9 @@ from splitserve_common.channels import ChannelSecurity  # noqa: E402
 from tests import servers  # noqa: E402
 
 
-def run_receiver(port: int, counted) -> None:
-    """An OTLP/gRPC trace receiver that counts what it is sent (its own process)."""
+def serve_spans(port: int, receive) -> None:
+    """An OTLP/gRPC trace receiver on `port` that calls `receive(spans)` with each export's spans; runs
+    until its process ends (start it in a process of its own)."""
     from concurrent import futures
 
     import grpc
@@ -38,8 +39,7 @@ def run_receiver(port: int, counted) -> None:
 
     class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         def Export(self, request, context):
-            with counted.get_lock():
-                counted.value += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+            receive([span for r in request.resource_spans for s in r.scope_spans for span in s.spans])
             return trace_service_pb2.ExportTraceServiceResponse()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
@@ -47,6 +47,15 @@ def run_receiver(port: int, counted) -> None:
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     server.wait_for_termination()
+
+
+def run_receiver(port: int, counted) -> None:
+    """An OTLP/gRPC trace receiver that counts what it is sent (its own process)."""
+    def count(spans):
+        with counted.get_lock():
+            counted.value += len(spans)
+
+    serve_spans(port, count)
 
 
 def main(argv=None) -> None:
