@@ -139,3 +139,25 @@ def test_sequences_joining_and_leaving_one_by_one_each_equal_generate(built):
     for seq, ids, n in zip(seqs, prompt_ids, lengths, strict=True):
         assert seq.generated == reference_generate(model, tokenizer, ids, max_new_tokens=n, min_new_tokens=n,
                                                    do_sample=False)
+
+
+def test_rows_that_joined_together_decode_without_a_relayout_when_their_tokens_fit(built):
+    """Rows prefilled together whose tokens to generate fit in as many columns again as their window
+    get exactly those columns: no decode step copies the cache into new buffers (before, a window of
+    w columns got max(16, w / 2) more, and 32-row waves of 8-word prompts and 32 tokens were re-laid
+    out once each). Each row still equals model.generate alone."""
+    model, tokenizer, gm = built
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS[2:4] + PROMPTS[-1:]]
+    # The decoder's window: the prompts (decoder-only) or the start token (encoder-decoder).
+    new_tokens = 16 if gm.is_encoder_decoder else max(len(ids) for ids in prompt_ids)
+    seqs = [make_seq(gm, ids, [tokenizer.eos_token_id], max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            for ids in prompt_ids]
+    with torch.inference_mode():
+        batch = DecodeBatch.prefill(gm, seqs)
+        buffers = [layer.key_buffer for layer in batch.slots.layers]
+        for _ in range(new_tokens - 1):
+            batch.decode(gm)
+            assert all(layer.key_buffer is buffer for layer, buffer in zip(batch.slots.layers, buffers, strict=True))
+    for seq, ids in zip(seqs, prompt_ids, strict=True):
+        assert seq.generated == reference_generate(model, tokenizer, ids, max_new_tokens=new_tokens,
+                                                   min_new_tokens=new_tokens, do_sample=False)

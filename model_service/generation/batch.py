@@ -95,6 +95,11 @@ def _cross_layers(cache):
     return cache.cross_attention_cache.layers if hasattr(cache, "cross_attention_cache") else []
 
 
+def _room(seqs) -> int:
+    """Cache columns the rows may still need: one per token each may still feed (its last is never fed)."""
+    return max(s.params.max_new_tokens - len(s.generated) for s in seqs)
+
+
 def _pad_seq(t: torch.Tensor, dim: int, left: int = 0, right: int = 0) -> torch.Tensor:
     """Zero-pad tensor `t` along `dim` (negative dims count from the end)."""
     if not left and not right:
@@ -110,6 +115,7 @@ class DecodeBatch:
         (left-padded); the decoder's keys and values move into a SlotCache."""
         self.seqs = list(seqs)
         self.slots = SlotCache(len(_self_layers(cache)))
+        self.slots.room = _room(self.seqs)
         self.slots.add_rows([(layer.keys, layer.values) for layer in _self_layers(cache)], attention_mask)
         # transformers Cache, rows = seqs
         self.cache = EncoderDecoderCache(self.slots, cache.cross_attention_cache) \
@@ -205,6 +211,7 @@ class DecodeBatch:
 
     def concat(self, other: DecodeBatch) -> DecodeBatch:
         """Append `other`'s rows to this batch (in place); cross-attention caches are padded."""
+        self.slots.room = _room(self.seqs + other.seqs)
         self.slots.add_rows([(layer.keys, layer.values) for layer in other.slots.layers], other.attention_mask)
         if self.encoder_hidden is not None:
             s_a, s_b = self.encoder_mask.shape[1], other.encoder_mask.shape[1]
@@ -247,6 +254,7 @@ class DecodeBatch:
 
     def decode(self, gm: GenerationModel) -> None:
         """Feed every row's pending token (one forward pass) and choose the next ones."""
+        self.slots.room = _room(self.seqs)
         mask = self.slots.next_column()
         tokens = self.next_tokens[:, None]
         if gm.is_encoder_decoder:

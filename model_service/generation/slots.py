@@ -13,8 +13,11 @@ head dim], and a step writes only the new column:
 - `add_rows` copies a prefilled batch's keys and values in, right-aligned at `end`;
 - `keep_rows` moves the last rows into the holes the leaving ones left (only moved rows are
   copied) and drops columns no remaining row uses.
-When a buffer is full it is re-laid out (room for half as many columns again and twice the
-rows then running, so it also shrinks after many rows left), so copies are amortized. Columns
+When a buffer is full it is re-laid out (twice the rows then running, so it also shrinks after
+many rows left; half as many columns again, or exactly the columns the rows may still need,
+`room`, where that is at most as many again), so copies are amortized and rows that joined
+together and generate no more tokens than their window is wide are not re-laid out while they
+decode (bench_generation's 32-row waves were once each: a copy of the whole cache). Columns
 of the window a row does not own hold zeros or an earlier row's values: always finite, and
 masked, so they weigh exactly zero.
 """
@@ -78,6 +81,7 @@ class SlotCache(Cache):
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
         self.rows = self.start = self.end = 0
         self.mask: torch.Tensor | None = None  # [row capacity, column capacity], 1 where a row has a token
+        self.room: int | None = None  # columns the rows may still need (their tokens left to feed), if known
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -90,7 +94,10 @@ class SlotCache(Cache):
         the buffers' shapes when there are none yet."""
         used = self.end - self.start
         row_cap = max(rows, 2 * self.rows)  # room for as many rows again; shrinks after rows left
-        col_cap = width + max(16, width // 2)
+        grow = max(16, width // 2)
+        if self.room is not None and self.room <= max(16, width):  # what the rows still need, at most twice the window
+            grow = max(1, self.room)
+        col_cap = width + grow
         start = width - used
         like = kv[0][0] if kv else self.layers[0].key_buffer
         mask = torch.zeros((row_cap, col_cap), dtype=torch.long, device=like.device)
