@@ -22,7 +22,6 @@ import datetime
 import json
 import logging
 import time
-from dataclasses import asdict
 
 from splitserve_common import call_context, tracing
 from splitserve_common.call_context import REQUEST_ID_KEY
@@ -59,9 +58,15 @@ def _logged(behavior, method: str):
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("%s %s %.1f ms rows=%s tokens=%s adapter=%s request_id=%s trace_id=%s", info.method,
                             info.code, info.duration_ms, _dash(info.rows), _dash(info.tokens), info.adapter or "-",
-                            info.request_id, info.trace_id or "-", extra={"access": asdict(info)})
+                            info.request_id, info.trace_id or "-", extra={"access": _fields(info)})
 
     return observed(behavior, enter, leave, lambda state, message: call_context.describe_response(state[1], message))
+
+
+def _fields(info: call_context.RequestInfo) -> dict:
+    """The access line's fields: RequestInfo's own (all plain values, so a shallow copy; dataclasses.asdict
+    copies recursively and cost ~15x as much, on every call)."""
+    return dict(vars(info))
 
 
 def _dash(value) -> str:
@@ -85,7 +90,7 @@ class HttpAccess:
         info.code = str(status)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("%s %s %.1f ms request_id=%s trace_id=%s", info.method, info.code, info.duration_ms,
-                            info.request_id, info.trace_id or "-", extra={"access": asdict(info)})
+                            info.request_id, info.trace_id or "-", extra={"access": _fields(info)})
 
 
 # ---------------------------------------------------------------- log format

@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 
+from client.preproc_client import PreprocClient
 from splitserve_pb import generation_pb2, generation_pb2_grpc, preproc_pb2, preproc_pb2_grpc
 from tests.ops_helpers import sentences, tiny_model
 from tests.servers import model_service, preproc_service
@@ -67,6 +68,32 @@ def test_request_id_round_trip_and_json_access_lines(stack):
     assert model_line["code"] == "OK" and model_line["rows"] == 3
     assert model_line["tokens"] % 3 == 0 and model_line["tokens"] >= 3 * 3  # rows x padded length
     assert model_line["duration_ms"] <= preproc_line["duration_ms"]
+
+
+class _SentMetadata(grpc.UnaryUnaryClientInterceptor):
+    """Records the metadata of each unary call a channel sends."""
+
+    def __init__(self):
+        self.sent: list[dict] = []
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        self.sent.append(dict(client_call_details.metadata or ()))
+        return continuation(client_call_details, request)
+
+
+def test_the_sdk_sends_a_request_id_of_its_own_with_each_call(stack):
+    """Issue 13: a service sends back an id it made up as initial metadata of its own (one more frame per
+    call), so the SDK names each call itself; both services log that id."""
+    recorder = _SentMetadata()
+    channel = grpc.intercept_channel(grpc.insecure_channel(stack["preproc"].address), recorder)
+    with PreprocClient(timeout=30, channel=channel) as client:
+        client.classify(["the river"])
+        client.classify(["the sea"])
+    ids = [sent.get("x-request-id") for sent in recorder.sent]
+    assert len(ids) == 2 and all(ids) and ids[0] != ids[1], recorder.sent
+    for request_id in ids:
+        assert _one(stack["preproc"], request_id, CLASSIFY)["rows"] == 1
+        assert _one(stack["model"], request_id, MODEL_INFER)["rows"] == 1
 
 
 def test_request_id_is_made_up_when_missing_or_unusable(stack):
