@@ -359,7 +359,7 @@ class Batcher:
         node is not loaded: its 1-minute load average less this process's own CPU use averaged alike
         (`RecentCpu`) under its cores + 1 (the rest of the stack, preproc_service and the client, still
         counts, as do this process's threads waiting for a core)."""
-        self.own_cpu.cores()  # sampled at every cut, so that busy minutes with no lone candidate count too
+        own = self.own_cpu.cores()  # sampled at every cut, so that busy minutes with no lone candidate count too
         if (not self.lone_pass or self.engine.forward_workers < 2 or self._waiting
                 or any(not b.revoked for b in self._running.values())
                 or any(r.pending.job.adapter for r in batch.rows)):  # adapter passes run alone anyway
@@ -370,7 +370,6 @@ class Batcher:
         load = node_load()
         if load is None:
             return True
-        own = self.own_cpu.cores()
         busy = load - own >= self.engine.cpus + 1
         if busy != self._node_busy:  # logged when it changes, so a run's log shows why lone passes stayed narrow
             self._node_busy = busy

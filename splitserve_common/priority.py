@@ -13,14 +13,14 @@ import logging
 import os
 import threading
 
+from splitserve_common.errors import ConfigurationError
+
 log = logging.getLogger(__name__)
 
 MAX_NICE = 19
 
 
 def check_nice(flag: str, nice: int) -> None:
-    from splitserve_common.errors import ConfigurationError
-
     if not 0 <= nice <= MAX_NICE:
         raise ConfigurationError(f"--{flag} must be 0-{MAX_NICE} (a thread's nice value can only be raised), "
                                  f"not {nice}")
