@@ -131,9 +131,15 @@ async def fill_in_flight(runtime, client):
     gate, started, blocker = block_engine(runtime)
     await asyncio.to_thread(started.wait, 10)
     slots = runtime.engine.forward_workers + 1
-    in_flight = [asyncio.ensure_future(client.infer(rows(4, 5), outputs=["logits"])) for _ in range(slots)]
-    await until(lambda: not runtime.batcher.queue_rows and len(runtime.batcher._running) == slots,
-                f"{slots} passes handed to the blocked engine")
+    in_flight = []
+    # One request at a time, each handed to the engine before the next is sent: sent together, the third
+    # could find the first two still queued and be refused by a test's --max-queue-rows 8 (CI saw it).
+    # A revoked batch stays in _running until a worker reaches it, so only the others are counted.
+    for handed in range(1, slots + 1):
+        in_flight.append(asyncio.ensure_future(client.infer(rows(4, 5), outputs=["logits"])))
+        await until(lambda n=handed: not runtime.batcher.queue_rows
+                    and sum(not b.revoked for b in runtime.batcher._running.values()) == n,
+                    f"{handed} of {slots} passes handed to the blocked engine", failed=in_flight)
     return gate, blocker, in_flight
 
 
