@@ -32,9 +32,8 @@ def raise_thread_nice(nice: int) -> None:
     if not nice:
         return
     try:
-        # who=0 is the calling thread on Linux; its native id names it explicitly.
-        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(MAX_NICE, current + nice))
+        thread = threading.get_native_id()  # PRIO_PROCESS with a thread's id names that thread alone (Linux)
+        os.setpriority(os.PRIO_PROCESS, thread, min(MAX_NICE, os.getpriority(os.PRIO_PROCESS, thread) + nice))
     except (OSError, AttributeError) as exc:
         log.warning("thread %s keeps its CPU priority: %s", threading.current_thread().name, exc)
 

@@ -115,8 +115,8 @@ class DecodeBatch:
         (left-padded); the decoder's keys and values move into a SlotCache."""
         self.seqs = list(seqs)
         self.slots = SlotCache(len(_self_layers(cache)))
-        self.slots.room = _room(self.seqs)
-        self.slots.add_rows([(layer.keys, layer.values) for layer in _self_layers(cache)], attention_mask)
+        self.slots.add_rows([(layer.keys, layer.values) for layer in _self_layers(cache)], attention_mask,
+                            _room(self.seqs))
         # transformers Cache, rows = seqs
         self.cache = EncoderDecoderCache(self.slots, cache.cross_attention_cache) \
             if hasattr(cache, "cross_attention_cache") else self.slots
@@ -211,8 +211,8 @@ class DecodeBatch:
 
     def concat(self, other: DecodeBatch) -> DecodeBatch:
         """Append `other`'s rows to this batch (in place); cross-attention caches are padded."""
-        self.slots.room = _room(self.seqs + other.seqs)
-        self.slots.add_rows([(layer.keys, layer.values) for layer in other.slots.layers], other.attention_mask)
+        self.slots.add_rows([(layer.keys, layer.values) for layer in other.slots.layers], other.attention_mask,
+                            _room(self.seqs + other.seqs))
         if self.encoder_hidden is not None:
             s_a, s_b = self.encoder_mask.shape[1], other.encoder_mask.shape[1]
             width = max(s_a, s_b)
@@ -254,8 +254,7 @@ class DecodeBatch:
 
     def decode(self, gm: GenerationModel) -> None:
         """Feed every row's pending token (one forward pass) and choose the next ones."""
-        self.slots.room = _room(self.seqs)
-        mask = self.slots.next_column()
+        mask = self.slots.next_column(_room(self.seqs))
         tokens = self.next_tokens[:, None]
         if gm.is_encoder_decoder:
             from transformers.modeling_outputs import BaseModelOutput

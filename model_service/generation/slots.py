@@ -81,22 +81,22 @@ class SlotCache(Cache):
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
         self.rows = self.start = self.end = 0
         self.mask: torch.Tensor | None = None  # [row capacity, column capacity], 1 where a row has a token
-        self.room: int | None = None  # columns the rows may still need (their tokens left to feed), if known
 
     @property
     def attention_mask(self) -> torch.Tensor:
         """[rows, end - start]: the rows' own columns."""
         return self.mask[:self.rows, self.start:self.end]
 
-    def _relayout(self, rows: int, width: int, kv=None) -> None:
+    def _relayout(self, rows: int, width: int, kv=None, room: int | None = None) -> None:
         """New buffers for `rows` rows and a window of `width` columns (more capacity to grow); the
         window in use moves so that it ends at column `width`. `kv`: a layer's new rows, which give
-        the buffers' shapes when there are none yet."""
+        the buffers' shapes when there are none yet; `room`: the columns the rows may still need
+        (their tokens left to feed), where known."""
         used = self.end - self.start
         row_cap = max(rows, 2 * self.rows)  # room for as many rows again; shrinks after rows left
         grow = max(16, width // 2)
-        if self.room is not None and self.room <= max(16, width):  # what the rows still need, at most twice the window
-            grow = max(1, self.room)
+        if room is not None and room <= max(16, width):  # what the rows still need, at most twice the window
+            grow = max(1, room)
         col_cap = width + grow
         start = width - used
         like = kv[0][0] if kv else self.layers[0].key_buffer
@@ -115,11 +115,13 @@ class SlotCache(Cache):
             layer.key_buffer, layer.value_buffer = new
         self.mask, self.start, self.end = mask, start, width
 
-    def add_rows(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
-        """Append rows: `kv` per layer (keys, values) [k, heads, p, dim], left-padded as `mask` [k, p]."""
+    def add_rows(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+                 room: int | None = None) -> None:
+        """Append rows: `kv` per layer (keys, values) [k, heads, p, dim], left-padded as `mask` [k, p];
+        `room`: as for _relayout, of every row after the append."""
         count, width = mask.shape
         if self.mask is None or self.rows + count > self.mask.shape[0] or self.end < width:
-            self._relayout(self.rows + count, max(self.end - self.start, width), kv)
+            self._relayout(self.rows + count, max(self.end - self.start, width), kv, room)
         rows, first = slice(self.rows, self.rows + count), self.end - width
         start = min(self.start, first)
         self.mask[rows] = 0
@@ -156,10 +158,11 @@ class SlotCache(Cache):
             self.start += int(used.nonzero()[0])  # columns only departed rows used
         return order
 
-    def next_column(self) -> torch.Tensor:
-        """Before a decode step: mark every row's new column; the attention mask the step uses."""
+    def next_column(self, room: int | None = None) -> torch.Tensor:
+        """Before a decode step: mark every row's new column; the attention mask the step uses.
+        `room`: as for _relayout."""
         if self.end == self.mask.shape[1]:
-            self._relayout(self.rows, self.end - self.start)
+            self._relayout(self.rows, self.end - self.start, room=room)
         self.mask[:self.rows, self.end] = 1
         return self.mask[:self.rows, self.start:self.end + 1]
 
