@@ -10,7 +10,8 @@ so calls refused for a missing token or while draining are logged too) does, per
 - keeps it, with the trace id, rows, tokens and adapter, for the call's task
   (call_context.py): preproc's calls to model_service carry the same request id;
 - logs one line on the `splitserve.access` logger when the call ends: method, status
-  code, duration, rows, tokens, adapter, request id, trace id.
+  code, duration, rows, tokens, adapter, request id, trace id; written on the event loop's next
+  turn, once grpc.aio has the answer (`_after_answer`).
 
 Health checks and reflection are not logged. `--log-format json` turns every log record
 into one JSON object per line; an access line's fields are top-level keys there.
