@@ -150,7 +150,7 @@ def test_a_small_request_takes_the_place_of_queued_passes_of_a_large_one(loaded)
                         and sum(not b.revoked for b in batcher._running.values()) == slots,
                         f"the large request's {slots} passes handed to the held engine", failed=[large])
             small = asyncio.ensure_future(call("small", [12]))
-            await asyncio.sleep(0.05)
+            await until(lambda: batcher._arrivals == 2, "the small request queued", failed=[small])
             gate.set()
             await blocker
             small_result, large_result = await small, await large

@@ -15,6 +15,7 @@ from model_service.backends import EagerBackend
 from model_service.engine import Engine, default_forward_workers
 from splitserve_common.errors import FailedPrecondition
 from tests import model_factory
+from tests.model_service_helpers import until
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,9 @@ def test_run_waits_for_forward_passes_and_holds_them_off(loaded):
             first = asyncio.ensure_future(engine.run_forward(slow_forward))
             await asyncio.to_thread(forward_inside.wait, 10)
             change = asyncio.ensure_future(engine.run(change_model))
-            await asyncio.sleep(0.2)
+            # The run waits for the forward pass (a fixed 0.2 s once stood in for this: on a loaded machine
+            # its thread could reach the lock after the later forward's).
+            await until(lambda: engine._model_use._waiting_alone == 1, "the run waiting for the forward pass")
             later = asyncio.ensure_future(engine.run_forward(lambda: events.append("later forward")))
             await asyncio.sleep(0.2)
             assert events == ["forward start"]  # run waits for the forward; the later forward waits for run

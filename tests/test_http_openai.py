@@ -310,7 +310,7 @@ def test_request_id_and_metrics_protocol_label(tmp_path):
         # access line is written once the response has been sent, so it may follow the reply.
         servers.wait_for(lambda: "POST /v1/embeddings 200" in pp.log() and "request_id=req-42" in pp.log(),
                          timeout=10, what="preproc's HTTP access line")
-        assert "request_id=req-42" in ms.log()
+        servers.wait_for(lambda: "request_id=req-42" in ms.log(), timeout=10, what="model_service's access line")
         bad = urllib.request.Request(pp.http_url + "/v1/embeddings", b"{not json", {"content-type": "x"})
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(bad, timeout=30)

@@ -4,6 +4,7 @@ the handshake rules."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -54,6 +55,53 @@ def test_concurrent_requests_share_tokenizer_batches(tokenizer):
     assert Counting.calls < len(texts) / 4  # 72 requests, a handful of batch calls
     for text, groups in zip(texts, results, strict=True):
         assert groups[0][0].ids == tokenizer(text)["input_ids"]
+
+
+def test_a_lone_small_request_is_tokenized_on_the_event_loop_and_a_burst_on_the_thread(tokenizer):
+    """Concurrency 1 saves the two thread hand-offs (issue 13); requests that come together still share the
+    tokenizer thread's rounds, and a large request never runs on the event loop."""
+    texts = [f"{a} walked to {b}" for a in model_factory.NAMES for b in model_factory.PLACES]
+    large = " ".join(texts)
+    gap = 0.2  # seconds: calls this far apart come alone; a gather's calls start within far less
+
+    class Where(Tokenization):
+        def _encode_parts(self, lane, parts):
+            ran.append((threading.current_thread() is threading.main_thread(), len(parts)))
+            return super()._encode_parts(lane, parts)
+
+    ran: list[tuple[bool, int]] = []
+    options = EncodeOptions(max_length=64)
+
+    async def run():
+        tok = Where(tokenizer, max_length=64, inline_chars=len(texts[0]) * 2, lone_gap=gap)
+        try:
+            spaced = []
+            for text in texts[:4]:
+                await asyncio.sleep(gap * 1.25)
+                spaced.append(await tok.encode([text], options))
+            lone = list(ran)
+            ran.clear()
+            bursts = []
+            for start in (4, 12):  # concurrent callers: each burst follows a pause, as passes answer together
+                await asyncio.sleep(gap * 1.25)
+                bursts.append(await asyncio.gather(*(tok.encode([t], options) for t in texts[start:start + 8])))
+                burst = list(ran)
+                ran.clear()
+            together = bursts[0] + bursts[1]
+            await asyncio.sleep(gap * 1.25)
+            await tok.encode([large], options)
+            return spaced + together, lone, burst
+        finally:
+            tok.close()
+
+    results, lone, burst = asyncio.run(run())
+    for text, groups in zip(texts, results, strict=False):
+        assert groups[0][0].ids == tokenizer(text, truncation=True, max_length=64)["input_ids"]
+    # The first call follows no gap it knows of; from the third on, each came alone: on the event loop.
+    assert lone[2:] == [(True, 1), (True, 1)], lone
+    # A burst after others goes to the thread, in shared rounds, even its first call (which followed a pause).
+    assert all(not on_loop for on_loop, _ in burst) and len(burst) < 8, burst
+    assert ran == [(False, 1)]  # the large request, alone but over inline_chars
 
 
 def test_truncation_and_padding(tokenizer):

@@ -88,8 +88,11 @@ def test_retrying_clients_neither_hold_the_drain_open_nor_see_cancelled(model_di
 
     assert model.proc.returncode == 0, log[-2000:]
     drained = float(re.search(r"drained in ([0-9.]+) s", log).group(1))
-    # Nothing was in flight: the drain is over after its quiet moment, not after --drain-seconds.
-    assert drained < 3.0 and exited < DRAIN_SECONDS / 2, (drained, exited)
+    # Nothing was in flight: the drain is over after its quiet moment, not after --drain-seconds (the
+    # retries did not hold it open: its time was never up). Bounds relative to the drain time, with room
+    # for a loaded machine (a fixed 3 s was not: the quiet moment is 0.5 s of the server's own clock).
+    assert "drain time up" not in log, log[-2000:]
+    assert drained < DRAIN_SECONDS / 2 and exited < DRAIN_SECONDS / 2, (drained, exited)
     assert codes["OK"] and codes["UNAVAILABLE"]
     assert set(codes) == {"OK", "UNAVAILABLE"}, dict(codes)
 
