@@ -6,6 +6,7 @@ import os
 import sys
 
 from preproc_service.limits import LIMIT_OPTIONS
+from preproc_service.model_room import MAX_WAITING_OPTION
 from splitserve_common import memory
 from splitserve_common.channels import client_options
 from splitserve_common.http_front import http_port_option
@@ -24,6 +25,7 @@ OPTIONS = [
     http_port_option(8010, "the OpenAI-compatible API and MLflow's scoring protocol"),
     Option("metrics-port", 8012, "Prometheus /metrics HTTP port (0 turns it off)", int),
     Option("max-in-flight", 256, "most requests in flight to the model service at once", int),
+    MAX_WAITING_OPTION,
     Option("model-timeout", 30.0, "seconds a model call may take when the caller sets no deadline", float),
     Option("stream-window", 64, "most PredictStream items in flight per stream", int),
     Option("max-choices", 8, "most choices (n) one chat or completion request may ask for", int),

@@ -18,6 +18,7 @@ from preproc_service.audio import AudioSettings
 from preproc_service.limits import RequestLimits
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import ModelDir
+from preproc_service.model_room import ModelRoom
 from preproc_service.precedence import Precedence
 from preproc_service.tokenization import Tokenization, pad_batch
 from splitserve_common import metrics, tasks
@@ -82,8 +83,9 @@ class Deployment:
                  tokenize_batch: int = 512, feature_extractor=None, audio: AudioSettings | None = None,
                  table_limits: TableLimits | None = None, limits: RequestLimits | None = None,
                  tokenize_round_chars: int = 16384, release_memory_seconds: float = 0.0,
-                 tokenize_bulk_nice: int = 0):
+                 tokenize_bulk_nice: int = 0, model_room: ModelRoom | None = None):
         self.model_dir = model_dir
+        self.model_room = model_room or ModelRoom()
         self.limits = limits or RequestLimits()
         self.tokenizer = tokenizer          # None for models without one (audio-classification)
         self.feature_extractor = feature_extractor  # audio models
@@ -146,6 +148,13 @@ class Deployment:
     def pad(self, encodings: list) -> dict[str, np.ndarray]:
         """Encodings as the model's padded arrays: input_ids, attention_mask (+ token_type_ids if it takes them)."""
         return pad_batch(encodings, self.tokenization.pad_token_id, self.uses_token_type_ids)
+
+    def room_for(self, rows: int, scope: RequestScope):
+        """Room in model_service's queue for a request of at least `rows` model rows, held while the body
+        runs; taken before tokenizing (model_room.py)."""
+        info = self.info
+        return self.model_room.rows(rows, info.max_queue_rows if info else 0, info.max_batch_size if info else 0,
+                                    scope.remaining())
 
     async def forward(self, scope: RequestScope, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
                       parameters: dict | None = None, output_parameters: dict | None = None) -> dict[str, np.ndarray]:

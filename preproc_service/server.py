@@ -14,6 +14,7 @@ from preproc_service.http.app import build_front
 from preproc_service.limits import RequestLimits
 from preproc_service.model_client import ModelClient
 from preproc_service.model_dir import read_model_dir
+from preproc_service.model_room import ModelRoom
 from preproc_service.servicer import PreprocServicer
 from splitserve_common import memory, metrics, tasks
 from splitserve_common.channels import ChannelSecurity
@@ -62,7 +63,8 @@ def build_deployment(args) -> Deployment:
                       feature_extractor=feature_extractor, audio=audio,
                       table_limits=TableLimits(args.max_table_cells, args.max_table_queries),
                       limits=RequestLimits.from_args(args), tokenize_round_chars=args.tokenize_round_chars,
-                      release_memory_seconds=args.release_memory_seconds, tokenize_bulk_nice=args.tokenize_bulk_nice)
+                      release_memory_seconds=args.release_memory_seconds, tokenize_bulk_nice=args.tokenize_bulk_nice,
+                      model_room=ModelRoom(args.max_waiting_large_requests))
 
 
 async def handshake(dep: Deployment, health: HealthReporter, retry_seconds: float, recheck_seconds: float,

@@ -20,6 +20,7 @@ Names (all prefixed `splitserve_`):
 | `splitserve_batch_size` | histogram | (model_service) |
 | `splitserve_queue_depth` | gauge | (model_service) rows waiting for a forward pass |
 | `splitserve_generation_sequences` | gauge | (model_service) `state`: `running`, `waiting` |
+| `splitserve_large_requests_waiting` | gauge | (preproc) requests waiting, untokenized, for model queue room |
 | `splitserve_prompt_tokens_total` | counter | (model_service) `model`, `adapter`: prompt tokens of generations |
 | `splitserve_generated_tokens_total` | counter | (model_service) `model`, `adapter` |
 | `splitserve_time_to_first_token_seconds` | histogram | (model_service) `model`, `adapter` |
@@ -31,7 +32,7 @@ Stages: preproc `tokenize` (`features` for audio), `hop` (its call to model_serv
 
 `protocol` is `grpc` (method: `package.Service/Method`, code: the status name) or `http`
 (method: the route, e.g. `POST /v1/chat/completions`, code: the HTTP status). The metrics
-marked (model_service) are registered on first use, so preproc never exports them as
+marked (model_service) or (preproc) are registered on first use, so preproc never exports them as
 always-zero series.
 """
 
@@ -91,6 +92,8 @@ STAGE_DURATION = Histogram("splitserve_stage_duration_seconds",
                            ["stage"], buckets=LATENCY_BUCKETS)
 BATCH_SIZE = _Lazy(Histogram, "splitserve_batch_size", "rows per forward pass", buckets=BATCH_BUCKETS)
 QUEUE_DEPTH = _Lazy(Gauge, "splitserve_queue_depth", "rows waiting for a forward pass")
+LARGE_REQUESTS_WAITING = _Lazy(Gauge, "splitserve_large_requests_waiting",
+                               "large requests waiting, untokenized, for room in model_service's queue")
 GENERATION_SEQUENCES = _Lazy(Gauge, "splitserve_generation_sequences", "generation requests by state",
                              ["state"])
 PROMPT_TOKENS = _Lazy(Counter, "splitserve_prompt_tokens_total", "prompt tokens of generation requests",
@@ -137,6 +140,10 @@ def observe_batch_size(rows: int) -> None:
 
 def set_queue_depth(depth: int) -> None:
     QUEUE_DEPTH.set(depth)
+
+
+def set_large_requests_waiting(count: int) -> None:
+    LARGE_REQUESTS_WAITING.set(count)
 
 
 @contextmanager

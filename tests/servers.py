@@ -84,6 +84,15 @@ class ServiceProcess:
         return self.proc.returncode
 
 
+# A port free_port() found may be taken (by another process's outgoing connection, say) before the service
+# binds it: the service then exits naming the busy port, and is started again on fresh ports.
+PORT_ATTEMPTS = 3
+
+
+def _port_was_taken(log: str) -> bool:
+    return "the port is in use" in log or "address already in use" in log
+
+
 @contextmanager
 def service(module: str, args: list[str], *, port: int | None = None, env: dict | None = None,
             log_dir: Path | None = None, wait: bool = True, timeout: float | None = None):
@@ -92,6 +101,23 @@ def service(module: str, args: list[str], *, port: int | None = None, env: dict 
     The HTTP door, which is on by default, gets a free port too unless `args` choose one
     (`http_url` / `http_port` of the handle), so services started side by side never collide.
     """
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        handle = _start(module, args, port, env, log_dir)
+        try:
+            if wait:
+                handle.wait_serving(timeout)
+            break
+        except RuntimeError:
+            handle.stop()
+            if attempt == PORT_ATTEMPTS or not _port_was_taken(handle.log()):
+                raise
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def _start(module: str, args: list[str], port: int | None, env: dict | None, log_dir: Path | None) -> ServiceProcess:
     port = port or free_port()
     http_port = 0
     if module in HTTP_SERVICES and "--http-port" not in args:
@@ -106,13 +132,7 @@ def service(module: str, args: list[str], *, port: int | None = None, env: dict 
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
                                 cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
-    handle = ServiceProcess(proc, port, log_path, http_port)
-    try:
-        if wait:
-            handle.wait_serving(timeout)
-        yield handle
-    finally:
-        handle.stop()
+    return ServiceProcess(proc, port, log_path, http_port)
 
 
 # torch threads of the model services the tests start, and of the test process (conftest.py), so

@@ -22,8 +22,9 @@ def drive(chooser: StepThreads, cost_per_row, steps: int, rows: int = 8) -> list
     return used
 
 
-def test_keeps_the_count_whose_steps_cost_less_and_follows_a_change_of_load():
-    chooser = StepThreads(available=2, period=20, probe=3)
+@pytest.mark.parametrize("interleave", [False, True])
+def test_keeps_the_count_whose_steps_cost_less_and_follows_a_change_of_load(interleave):
+    chooser = StepThreads(available=2, period=20, probe=3, interleave=interleave)
     assert chooser.threads() == 2  # starts with every thread of the worker
     quiet = {1: 0.010, 2: 0.006}   # an idle node: two threads split the matrix products
     busy = {1: 0.012, 2: 0.040}    # cores shared with busy processes: threads wait on each other
@@ -35,7 +36,8 @@ def test_keeps_the_count_whose_steps_cost_less_and_follows_a_change_of_load():
     assert chooser.current == 2
 
 
-def test_a_probe_compares_steps_of_like_sizes_only():
+@pytest.mark.parametrize("interleave", [False, True])
+def test_a_probe_compares_steps_of_like_sizes_only(interleave):
     """A decode step's cost per row falls as rows join (each step reads every weight once): waves of
     requests joining one by one put steps of 1-4 rows before steps of 32. Two threads are faster at
     every size here; comparing a probe's 32-row steps with 1-4-row steps on two threads (or the
@@ -43,7 +45,7 @@ def test_a_probe_compares_steps_of_like_sizes_only():
     def seconds(threads, rows):  # a fixed part (the weights) and a part per row
         return {1: 0.020 + 0.0020 * rows, 2: 0.012 + 0.0012 * rows}[threads]
 
-    chooser = StepThreads(available=2, period=20, probe=3)
+    chooser = StepThreads(available=2, period=20, probe=3, interleave=interleave)
     used = []
     for _ in range(6):  # six waves: requests join one by one, then 32 rows decode together
         for rows in [1, 1, 2, 2, 3, 4] + [32] * 30:
@@ -52,6 +54,41 @@ def test_a_probe_compares_steps_of_like_sizes_only():
             chooser.record(seconds(threads, rows), rows)
     assert chooser.current == 2
     assert used.count(1) <= len(used) // 5, used  # probes only
+
+
+def waves_with_bursts(chooser: StepThreads, waves: int = 6) -> list[int]:
+    """bench_generation's 32 streams: each wave starts with one request alone, then 31 join; the first
+    three 32-row steps after the join run while the client and preproc_service (same cores) handle the
+    31 first tokens, at 2.5x the cost whatever the threads. Two threads cost 0.6x one thread per row."""
+    used = []
+    for _ in range(waves):
+        for index, rows in enumerate([1] + [32] * 32):
+            threads = chooser.threads()
+            used.append(threads)
+            chooser.record({1: 1.0, 2: 0.6}[threads] * (2.5 if 1 <= index <= 3 else 1.0) * rows, rows)
+    return used
+
+
+def test_interleaved_probes_are_not_misled_by_a_busy_stretch_before_them():
+    """Issue 13: the generation steps' first probe (1 thread) was compared with the 2-thread steps just
+    before it, which ran while the first tokens of 31 joining rows went out, and kept 1 thread on an idle
+    node (where 2 gave 380 against 280 tokens/s through the stack). The steps now alternate probe and
+    current steps, each probe against its neighbours, and keep the cheaper count whatever the stretch."""
+    chooser = StepThreads(available=2, interleave=True)  # the scheduler's chooser
+    used = waves_with_bursts(chooser)
+    assert chooser.current == 2 and used.count(1) <= len(used) // 8, used  # probes only
+    chooser = StepThreads(available=2, interleave=True, start_with_fewest=True)
+    waves_with_bursts(chooser)
+    assert chooser.current == 2  # and it finds the cheaper count from the other side too
+
+
+def test_the_scheduler_interleaves_its_probes(engine):
+    from model_service.generation.batch import GenerationModel
+    from model_service.generation.scheduler import Scheduler
+
+    loaded = engine.loaded
+    scheduler = Scheduler(engine, GenerationModel(loaded.model, loaded.pad_token_id, None))
+    assert scheduler._core.threads.interleave
 
 
 def test_a_fixed_count_or_a_single_thread_worker_never_probes():

@@ -6,6 +6,7 @@ follows the model service, and small requests passing large ones."""
 from __future__ import annotations
 
 import math
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,41 @@ def test_a_refused_slice_takes_the_requests_other_slices_with_it(models):
                     - sample(before, "splitserve_requests_total", method=MODEL_INFER, code="OK") - 1)
         # Without the cancel, all 998 other rows (499 slices) are computed and answered to nobody.
         assert computed < 250 and answered < 125, (computed, answered)
+
+
+def test_a_large_request_waits_untokenized_while_the_model_queue_is_taken(models):
+    """Issue 13 (robustness): under a flood, requests beyond model_service's queue were refused there only after
+    preproc had tokenized them. Now a request of more rows than one model request waits for room before it
+    is tokenized, and past --max-waiting-large-requests one is refused at once. model_service is stopped
+    (SIGSTOP) so that the first request's rows stay at it, whatever the machine's speed."""
+    directory = models["text-classification"]
+    metrics_port = servers.free_port()
+    tokenized = 'splitserve_stage_duration_seconds_count'
+    with servers.model_service(directory, "--metrics-port", "0", "--max-queue-rows", "8",
+                               "--max-batch-size", "2") as model, \
+            servers.preproc_service(directory, model.address, "--metrics-port", str(metrics_port),
+                                    "--max-waiting-large-requests", "1",
+                                    "--model-unreachable-grace-seconds", "600") as preproc, \
+            PreprocClient(preproc.address, timeout=120) as client, ThreadPoolExecutor(2) as pool:
+        assert len(client.classify(["warm"] * 5)) == 5
+        before = sample(scrape(metrics_port), tokenized, stage="tokenize")
+        model.proc.send_signal(signal.SIGSTOP)
+        try:
+            first = pool.submit(client.classify, ["the first"] * 5)  # 5 of the queue's 8 rows
+            servers.wait_for(lambda: sample(scrape(metrics_port), tokenized, stage="tokenize") == before + 1,
+                             what="the first request tokenized and sent")
+            second = pool.submit(client.classify, ["the second"] * 5)  # 5 + 5 > 8: waits
+            servers.wait_for(lambda: sample(scrape(metrics_port), "splitserve_large_requests_waiting") == 1,
+                             what="the second request waiting for room")
+            code, message = _refused(lambda: client.classify(["the third"] * 4))  # one waits already
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-waiting-large-requests" in message, message
+            # Neither the waiting request nor the refused one was tokenized.
+            assert sample(scrape(metrics_port), tokenized, stage="tokenize") == before + 1
+        finally:
+            model.proc.send_signal(signal.SIGCONT)
+        assert len(first.result(timeout=120)) == 5 and len(second.result(timeout=120)) == 5
+        assert sample(scrape(metrics_port), tokenized, stage="tokenize") == before + 2
+        assert sample(scrape(metrics_port), "splitserve_large_requests_waiting") == 0
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,10 +16,12 @@ from collections import Counter
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from splitserve_pb import generation_pb2 as gpb
 from splitserve_pb import open_inference_pb2 as pb
 from splitserve_pb import open_inference_pb2_grpc as pb_grpc
+from tests import servers
 from tests.generation_helpers import generation_stub
 from tests.ops_helpers import tiny_model
 from tests.servers import ROOT, model_service, preproc_service, wait_for
@@ -47,6 +50,21 @@ def test_a_busy_port_is_refused_with_a_clear_message(model_dir, module):
     prog = module.replace("_service", "-service").replace("_", "-")
     assert f"{prog}: cannot listen on 127.0.0.1:{first.port}: the port is in use" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+def test_a_test_service_whose_free_port_was_taken_meanwhile_starts_again_on_another(model_dir, monkeypatch):
+    """tests/servers.py: a port free_port() found can be taken before the service binds it (CI under load saw
+    a test's HTTP door fail so); the helper starts the service again on fresh ports."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        picks = iter([taken])
+        fresh = servers.free_port
+        monkeypatch.setattr(servers, "free_port", lambda: next(picks, None) or fresh())
+        with model_service(model_dir, "--metrics-port", "0") as model:
+            assert model.port != taken
+            assert servers.health_status(model.address) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_retrying_clients_neither_hold_the_drain_open_nor_see_cancelled(model_dir):

@@ -114,7 +114,8 @@ class Scheduler:
         onednn = onednn_matmuls and gm.device.type == "cpu" and matmuls.available()
         if onednn:
             matmuls.install(gm.model)
-        self._core = _Core(gm, engine, StepThreads(engine.torch_threads * engine.forward_workers, torch_threads),
+        self._core = _Core(gm, engine, StepThreads(engine.torch_threads * engine.forward_workers, torch_threads,
+                                                  interleave=True),
                            onednn)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []

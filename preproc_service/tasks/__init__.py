@@ -38,8 +38,9 @@ async def run(task: str, dep: Deployment, scope: RequestScope, inputs, params: d
     """The task's answer for `inputs`; `params` (after precedence) is updated to the values applied."""
     handler = HANDLERS[task]
     params.update(handler.sanitize_parameters(dep, params))
-    with scope.stage(getattr(handler, "PREPROCESS_STAGE", "tokenize")):
-        model_inputs = await handler.preprocess(dep, inputs, params)
-    model_outputs = await handler.forward(dep, scope, model_inputs, params)
+    async with dep.room_for(len(inputs), scope):  # a large request waits for model queue room untokenized
+        with scope.stage(getattr(handler, "PREPROCESS_STAGE", "tokenize")):
+            model_inputs = await handler.preprocess(dep, inputs, params)
+        model_outputs = await handler.forward(dep, scope, model_inputs, params)
     with scope.stage("postprocess"):
         return handler.postprocess(dep, model_inputs, model_outputs, params)
