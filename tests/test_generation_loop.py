@@ -88,7 +88,7 @@ def test_the_scheduler_interleaves_its_probes(engine):
 
     loaded = engine.loaded
     scheduler = Scheduler(engine, GenerationModel(loaded.model, loaded.pad_token_id, None))
-    assert scheduler._core.threads.interleave
+    assert scheduler._lanes[0].core.threads.interleave
 
 
 def test_a_fixed_count_or_a_single_thread_worker_never_probes():
@@ -158,7 +158,7 @@ def test_prompts_admitted_together_prefill_in_length_groups_and_each_equals_gene
             seqs.append(scheduler.submit(Sequence("s", list(ids), params)))
         results = [await drain(seq) for seq in seqs]
         await scheduler.stop()
-        return results, scheduler._core.prefill_passes
+        return results, scheduler._lanes[0].core.prefill_passes
 
     results, passes = asyncio.run(scenario())
     assert passes > 1

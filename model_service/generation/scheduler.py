@@ -1,11 +1,21 @@
-"""Continuous batching: one loop advances every active sequence one token per step.
+"""Continuous batching: each lane's loop advances its active sequences one token per step.
 
-Between steps the loop admits waiting requests (their prefill runs in the same engine call
+The running sequences are split into lanes (`lanes`: one per forward worker by default), each its
+own DecodeBatch whose steps run on a forward worker beside the other lanes' steps. A lane alone
+(the others idle) steps with the chosen torch threads (threads.py, as one batch did); with several
+lanes busy each step uses its worker's own share (one thread on 2 cores): steps on one thread end
+no operator in an OpenMP barrier, which a thread that lost its core on a shared node holds up.
+
+Between its steps a lane admits waiting requests (their prefill runs in the same engine call
 as the step) and retires finished or cancelled sequences, so a slot frees at the next step.
+The lanes share one FIFO queue and the limits: a lane at its step boundary takes the head of
+the queue up to its share of the rows (running + admissible, split over the lanes once there
+are LANE_MIN_ROWS of them), so the rows spread evenly and none overtakes another.
 A step whose rows all use the base model only reads it: it runs through `engine.run_forward`,
-so a beam search (beam.py) or the tensor API's forward passes run beside it on the other
-forward workers; a step with adapter rows goes through `engine.run` (alone). One step at a
-time either way. The loop itself and the per-request event queues live on the asyncio event loop.
+so the other lanes, a beam search (beam.py) or the tensor API's forward passes run beside it on
+the other forward workers; a step with adapter rows goes through `engine.run` (alone): the lanes
+then take turns. A failed step fails its lane's rows only. The loops and the per-request event
+queues live on the asyncio event loop.
 
 Limits: `max_sequences` running at once, `max_tokens` positions reserved by them (prompt +
 max_new_tokens each), and `max_waiting` requests queued; beyond the last, RESOURCE_EXHAUSTED.
@@ -15,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -26,7 +38,7 @@ from model_service.generation.batch import DecodeBatch, GenerationModel, Sequenc
 from model_service.generation.sampling import TokenChooser
 from model_service.threads import StepThreads
 from splitserve_common import metrics
-from splitserve_common.errors import ResourceExhausted, Unavailable
+from splitserve_common.errors import ConfigurationError, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +46,10 @@ log = logging.getLogger(__name__)
 # into length groups (model_service.batcher.plan_groups). GPT-2-small-sized on CPU: ~3 ms per token,
 # a few ms per pass; 16 leans towards fewer passes for smaller models, whose tokens cost less.
 PREFILL_PASS_TOKENS = 16
+
+# Fewer rows than this (running + admissible) stay in one lane, which may use every thread of the
+# forward workers (StepThreads) rather than split into lanes of one thread each.
+LANE_MIN_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -53,9 +69,9 @@ class StepEvent:
 
 
 class _Core:
-    """The model side of the scheduler: the running batch. Worker thread only.
+    """The model side of one lane: its running batch. Worker thread only, one step at a time.
 
-    One batch holds every running sequence whatever its adapter: the engine's adapter registry
+    One batch holds every sequence of the lane whatever its adapter: the engine's adapter registry
     applies each row's own adapter (model_service.adapters).
     """
 
@@ -74,12 +90,17 @@ class _Core:
         if self.batch is not None:
             self.batch = self.batch.filter([i for i, s in enumerate(self.batch.seqs) if keep(s)])
 
-    def step(self, admitted: list[Sequence], dropped: list[Sequence]) -> list[tuple[Sequence, StepEvent]]:
+    def _threads(self, rows: int, alone: bool):
+        """Alone, the chosen count (timed for `rows` rows); beside other lanes, the worker's own threads."""
+        return self.threads.step(rows) if alone else contextlib.nullcontext()
+
+    def step(self, admitted: list[Sequence], dropped: list[Sequence],
+             alone: bool = True) -> list[tuple[Sequence, StepEvent]]:
         gone = set(dropped)
         self._keep(lambda s: s not in gone)
         stepped = []
         if self.batch is not None:
-            with self._use(self.batch.seqs), metrics.stage_timer("decode"), self.threads.step(len(self.batch)), \
+            with self._use(self.batch.seqs), metrics.stage_timer("decode"), self._threads(len(self.batch), alone), \
                     matmuls.matmul_mode(self.onednn):
                 self.batch.decode(self.gm)
             stepped += self.batch.seqs
@@ -89,7 +110,7 @@ class _Core:
             lengths = [len(s.prompt_ids) for s in ordered]
             for start, end in plan_groups(lengths, len(ordered), sum(lengths) * len(ordered), PREFILL_PASS_TOKENS):
                 group = ordered[start:end]
-                with self._use(group), metrics.stage_timer("prefill"), self.threads.step(0), \
+                with self._use(group), metrics.stage_timer("prefill"), self._threads(0, alone), \
                         matmuls.matmul_mode(self.onednn):
                     fresh = DecodeBatch.prefill(self.gm, group)
                 self.prefill_passes += 1
@@ -102,41 +123,63 @@ class _Core:
         self.batch = None
 
 
+class _Lane:
+    """One lane on the event loop: its core, its running sequences (admitted ones included from the
+    moment they are taken off the queue) and the event that wakes its loop."""
+
+    def __init__(self, core: _Core):
+        self.core = core
+        self.active: list[Sequence] = []
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+
 class Scheduler:
     def __init__(self, engine, gm: GenerationModel, limits: Limits = Limits(), torch_threads: int = 0,
-                 onednn_matmuls: bool = True):
-        """`torch_threads`: intra-op threads of the steps; 0 chooses between 1 and the engine worker's
-        threads by measuring (threads.py). `onednn_matmuls`: the steps' fp32 matrix products on oneDNN
-        where the model is on CPU and torch has it (matmuls.py)."""
+                 onednn_matmuls: bool = True, lanes: int = 0):
+        """`torch_threads`: intra-op threads of a lane stepping alone; 0 chooses between 1 and the engine
+        workers' threads by measuring (threads.py). `onednn_matmuls`: the steps' fp32 matrix products on
+        oneDNN where the model is on CPU and torch has it (matmuls.py). `lanes`: decode batches stepping at
+        once, at most the engine's forward workers (0: one per forward worker; 1: one batch)."""
+        if lanes < 0:
+            raise ConfigurationError(f"--gen-lanes must be >= 0 (0: one per forward worker), not {lanes}")
         self.engine = engine
         self.gm = gm
         self.limits = limits
         onednn = onednn_matmuls and gm.device.type == "cpu" and matmuls.available()
         if onednn:
             matmuls.install(gm.model)
-        self._core = _Core(gm, engine, StepThreads(engine.torch_threads * engine.forward_workers, torch_threads,
-                                                  interleave=True),
-                           onednn)
+        # One chooser for every lane: only a lane stepping alone uses (and times) it.
+        threads = StepThreads(engine.torch_threads * engine.forward_workers, torch_threads, interleave=True)
+        count = min(lanes or engine.forward_workers, engine.forward_workers)
+        self._lanes = [_Lane(_Core(gm, engine, threads, onednn)) for _ in range(count)]
         self._waiting: collections.deque[Sequence] = collections.deque()
-        self._active: list[Sequence] = []
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
         self.counters = collections.Counter()  # steps, finished, cancelled, generated_tokens
 
     # ------------------------------------------------------------------ event-loop API
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="generation-scheduler")
+        for index, lane in enumerate(self._lanes):
+            if lane.task is None:
+                lane.task = asyncio.get_running_loop().create_task(self._loop(lane), name=f"generation-lane-{index}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        for lane in self._lanes:
+            if lane.task is not None:
+                lane.task.cancel()
+                try:
+                    await lane.task
+                except asyncio.CancelledError:
+                    pass
+                lane.task = None
+
+    def _wake(self) -> None:
+        for lane in self._lanes:
+            lane.wakeup.set()
+
+    @property
+    def _active(self) -> list[Sequence]:
+        return [seq for lane in self._lanes for seq in lane.active]
 
     def submit(self, seq: Sequence) -> Sequence:
         """Queue a validated sequence; its StepEvents (or an exception) arrive on `seq.events`."""
@@ -150,9 +193,9 @@ class Scheduler:
         seq.events = asyncio.Queue()
         seq.submitted_at = time.monotonic()
         self._waiting.append(seq)
-        metrics.set_generation_sequences(len(self._active), len(self._waiting))
+        metrics.set_generation_sequences(self.active_count, len(self._waiting))
         self.start()
-        self._wakeup.set()
+        self._wake()
         return seq
 
     def cancel(self, seq: Sequence) -> None:
@@ -162,17 +205,17 @@ class Scheduler:
         seq.cancelled = True
         if seq in self._waiting:
             self._waiting.remove(seq)
-            metrics.set_generation_sequences(len(self._active), len(self._waiting))
+            metrics.set_generation_sequences(self.active_count, len(self._waiting))
         self.counters["cancelled"] += 1
-        self._wakeup.set()
+        self._wake()
 
     @property
     def active_count(self) -> int:
-        return len(self._active)
+        return sum(len(lane.active) for lane in self._lanes)
 
     def stats(self) -> dict:
         return {
-            "active_sequences": len(self._active),
+            "active_sequences": self.active_count,
             "waiting_sequences": len(self._waiting),
             "tokens_in_flight": sum(s.reserved_tokens for s in self._active),
             "steps": self.counters["steps"],
@@ -183,51 +226,57 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the loop
 
-    def _admit(self) -> list[Sequence]:
-        """Waiting sequences that fit now, first come first served (no overtaking)."""
-        admitted = []
-        now = time.monotonic()
-        count = len(self._active)
+    def _admit(self, lane: _Lane) -> list[Sequence]:
+        """Waiting sequences that fit now, first come first served (no overtaking), up to this lane's
+        share: the running and admissible rows split evenly over the lanes (one lane below LANE_MIN_ROWS)."""
+        count = self.active_count
         tokens = sum(s.reserved_tokens for s in self._active)
-        while self._waiting:
-            seq = self._waiting[0]
-            if count + 1 > self.limits.max_sequences or tokens + seq.reserved_tokens > self.limits.max_tokens:
+        fitting = 0
+        for seq in self._waiting:
+            if count + fitting + 1 > self.limits.max_sequences or tokens + seq.reserved_tokens > self.limits.max_tokens:
                 break
-            self._waiting.popleft()
+            fitting += 1
+            tokens += seq.reserved_tokens
+        rows = count + fitting
+        share = rows if rows < LANE_MIN_ROWS else math.ceil(rows / len(self._lanes))
+        now = time.monotonic()
+        admitted = []
+        for _ in range(min(fitting, share - len(lane.active))):
+            seq = self._waiting.popleft()
             metrics.observe_stage("queue", now - seq.submitted_at)
             metrics.add_prompt_tokens(_label(seq), len(seq.prompt_ids))
             admitted.append(seq)
-            count += 1
-            tokens += seq.reserved_tokens
         return admitted
 
-    async def _loop(self) -> None:
+    async def _loop(self, lane: _Lane) -> None:
         while True:
-            await self._wakeup.wait()
-            dropped = [s for s in self._active if s.cancelled]
-            self._active = [s for s in self._active if not s.cancelled]
-            admitted = self._admit()
-            if not self._active and not admitted and not dropped:
-                self._wakeup.clear()
+            await lane.wakeup.wait()
+            dropped = [s for s in lane.active if s.cancelled]
+            lane.active = [s for s in lane.active if not s.cancelled]
+            admitted = self._admit(lane)
+            if not lane.active and not admitted and not dropped:
+                lane.wakeup.clear()
                 continue
-            run = self.engine.run_forward if _base_only(self._active + admitted) else self.engine.run
+            lane.active += admitted
+            alone = not any(other.active for other in self._lanes if other is not lane)
+            run = self.engine.run_forward if _base_only(lane.active) else self.engine.run
             try:
-                results = await run(self._core.step, admitted, dropped)
+                results = await run(lane.core.step, admitted, dropped, alone)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the rest
+            except Exception as exc:  # noqa: BLE001 - fail this lane's requests, keep serving the rest
                 log.exception("generation step failed")
-                await self.engine.run(self._core.reset)
-                for seq in self._active + admitted:
+                lane.core.reset()  # no step of this lane is running: its batch is ours
+                failed, lane.active = lane.active, []
+                for seq in failed:
                     seq.finish_reason = "error"
                     seq.events.put_nowait(Unavailable(f"generation failed: {type(exc).__name__}: {exc}"))
-                self._active = []
-                metrics.set_generation_sequences(0, len(self._waiting))
+                metrics.set_generation_sequences(self.active_count, len(self._waiting))
+                self._wake()  # their slots are free for the queue
                 continue
-            self._active += admitted
-            self._record(results, admitted)
+            self._record(lane, results, admitted)
 
-    def _record(self, results, admitted) -> None:
+    def _record(self, lane: _Lane, results, admitted) -> None:
         now = time.monotonic()
         for seq in admitted:
             seq.first_token_at = now
@@ -239,15 +288,17 @@ class Scheduler:
         for seq, event in results:
             if not seq.cancelled:
                 seq.events.put_nowait(event)
-        finished = [s for s in self._active if s.finish_reason]
+        finished = [s for s in lane.active if s.finish_reason]
         if finished:
             self.counters["finished"] += len(finished)
-            self._active = [s for s in self._active if not s.finish_reason]
+            lane.active = [s for s in lane.active if not s.finish_reason]
             for seq in finished:
                 if len(seq.generated) > 1:
                     metrics.observe_time_per_output_token(
                         _label(seq), (now - seq.first_token_at) / (len(seq.generated) - 1))
-        metrics.set_generation_sequences(len(self._active), len(self._waiting))
+            if self._waiting:
+                self._wake()  # freed slots: an idle lane may take the queue's head now
+        metrics.set_generation_sequences(self.active_count, len(self._waiting))
 
 
 def _base_only(seqs) -> bool:
