@@ -11,14 +11,17 @@ after another, through three phases:
 1. alone;
 2. while `--flood-callers` callers each send, one after another, the largest Embed the limits
    allow (`--flood-texts` texts of `--flood-chars` characters: by default preproc's own
-   per-request limits, cut to fit the message size limit);
+   per-request limits, cut to fit the message size limit); the flood runs in a process of its
+   own, so that its client CPU and event loop do not slow the normal caller's measurement;
 3. while model_service is killed (SIGKILL) and started again on the same port.
 
 For each phase: the normal caller's calls by status, p50 and p99 of its OK calls, and the flood's
-calls by status (the flood's call in flight at the phase's end is cancelled, not counted), and the
-rows model_service computed for the flood per second. Every call ends with a status (deadlines
-included), so "unanswered" is always 0 unless a call raised something other than a gRPC error. Recovery is the time from
-model_service answering health SERVING again to the normal caller's first OK call after it.
+calls by status (the flood's call in flight at the phase's end is cancelled, not counted), the
+rows model_service computed for the flood per second, and preproc's CPU time: per normal call
+alone, and for the flood (over the flood phase, less the normal calls' share at the alone cost).
+Every call ends with a status (deadlines included), so "unanswered" is always 0 unless a call
+raised something other than a gRPC error. Recovery is the time from model_service answering health
+SERVING again to the normal caller's first OK call after it.
 Targets (issue 12): flood p99 at most 3x the alone p99 and none of the normal calls refused;
 recovery within 1 s.
 
@@ -132,6 +135,49 @@ async def flood_caller(address: str, texts: list[str], stop: asyncio.Event, call
         stopped.cancel()
 
 
+def flood_process(address: str, texts: list[str], callers: int, ready, stop, results) -> None:
+    """The flood's callers, in a process of their own (so that their client CPU and event loop do not slow
+    the normal caller's measurement): start them, set `ready`, flood until `stop` is set, then put the
+    flood's (records, messages) on `results`."""
+    async def flood() -> Calls:
+        calls, halt = Calls(), asyncio.Event()
+        tasks = [asyncio.ensure_future(flood_caller(address, texts, halt, calls)) for _ in range(callers)]
+        ready.set()
+        await asyncio.to_thread(stop.wait)
+        halt.set()
+        await asyncio.gather(*tasks)
+        return calls
+
+    calls = asyncio.run(flood())
+    results.put((calls.records, calls.messages))
+
+
+@contextlib.asynccontextmanager
+async def flooding(address: str, texts: list[str], callers: int, calls: Calls):
+    """Run the flood (flood_process) while the body runs; its calls' outcomes land in `calls`."""
+    context = multiprocessing.get_context("spawn")  # no fork of this process's gRPC state
+    ready, stop, results = context.Event(), context.Event(), context.Queue()
+    process = context.Process(target=flood_process, args=(address, texts, callers, ready, stop, results), daemon=True)
+    process.start()
+    try:
+        if not await asyncio.to_thread(ready.wait, 120):
+            raise TimeoutError("the flood process did not start within 120 s")
+        yield
+        stop.set()
+        calls.records, calls.messages = await asyncio.to_thread(results.get, True, FLOOD_DEADLINE + 30)
+    finally:
+        stop.set()
+        await asyncio.to_thread(process.join, 30)
+        if process.is_alive():
+            process.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def timed_phase(seconds: float, *tasks_of) -> None:
     stop = asyncio.Event()
     tasks = [asyncio.ensure_future(make(stop)) for make in tasks_of]
@@ -242,19 +288,23 @@ def main() -> int:
             otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
                     "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "500"}
 
-        async def alone_and_flood(label: str, address: str, metrics_port: int) -> tuple[list[str], float]:
+        async def alone_and_flood(label: str, address: str, metrics_port: int,
+                                  preproc_pid: int) -> tuple[list[str], float]:
             warm = Calls()
             await timed_phase(2.0, lambda stop: normal_caller(address, sentences, stop, warm))
             alone = Calls()
-            begin = time.time_ns()
+            begin, alone_cpu = time.time_ns(), cpu_seconds(preproc_pid)
             await timed_phase(args.seconds, lambda stop: normal_caller(address, sentences, stop, alone))
+            alone_cpu = (cpu_seconds(preproc_pid) - alone_cpu) / max(1, len(alone.records))  # per normal call
             phases[f"{label}alone"] = (begin, time.time_ns())
             normal, flood = Calls(), Calls()
-            floods = [lambda stop: flood_caller(address, flood_texts, stop, flood)] * args.flood_callers
-            rows_before, begin = rows_computed(metrics_port), time.time_ns()
-            await timed_phase(args.seconds, lambda stop: normal_caller(address, sentences, stop, normal), *floods)
-            phases[f"{label}flood"] = (begin, time.time_ns())
-            flood_rows = rows_computed(metrics_port) - rows_before - len(normal.records)
+            async with flooding(address, flood_texts, args.flood_callers, flood):
+                rows_before, begin = rows_computed(metrics_port), time.time_ns()
+                cpu_before = cpu_seconds(preproc_pid)
+                await timed_phase(args.seconds, lambda stop: normal_caller(address, sentences, stop, normal))
+                phases[f"{label}flood"] = (begin, time.time_ns())
+                flood_rows = rows_computed(metrics_port) - rows_before - len(normal.records)
+                preproc_cpu = cpu_seconds(preproc_pid) - cpu_before
             if spans is not None:
                 await asyncio.sleep(2.0)  # the services' span processors export every 0.5 s
                 with contextlib.suppress(queue.Empty):
@@ -264,8 +314,14 @@ def main() -> int:
                 for code, message in calls.messages.items():
                     print(f"{label}{who} caller, first {code}: {message}")
             ratio = percentile(normal.ok_latencies_ms(), 0.99) / percentile(alone.ok_latencies_ms(), 0.99)
-            rows = [row(f"{label}alone", alone),
+            # preproc's CPU for the flood: over the phase, less the normal calls' share at the alone phase's cost
+            flood_cpu = max(0.0, preproc_cpu - alone_cpu * len(normal.records))
+            per_flood_call = (f"{1000 * flood_cpu / len(flood.records):.0f} ms per flood call ended" if flood.records
+                              else "no flood call ended")
+            rows = [row(f"{label}alone", alone, extra=f"preproc CPU {1000 * alone_cpu:.1f} ms per call"),
                     row(f"{label}flood", normal, flood, f"{flood_rows / args.seconds:.0f} flood rows/s computed; "
+                                                        f"preproc CPU {preproc_cpu:.1f} s, {flood_cpu:.1f} s for the "
+                                                        f"flood ({per_flood_call}); "
                                                         f"p99 flood / alone {ratio:.2f}")]
             return rows, ratio
 
@@ -285,7 +341,8 @@ def main() -> int:
                                    (f"default r{round_number + 1}: ", {})):
                     with contextlib.ExitStack() as stack:
                         model, preproc, metrics_port = start(stack, env)
-                        more, ratio = asyncio.run(alone_and_flood(label, preproc.address, metrics_port))
+                        more, ratio = asyncio.run(alone_and_flood(label, preproc.address, metrics_port,
+                                                                  preproc.proc.pid))
                         rows += more
         else:
             model, preproc, metrics_port = start(running, {})
@@ -293,7 +350,7 @@ def main() -> int:
 
             async def scenario():
                 nonlocal model
-                rows, ratio = await alone_and_flood("", address, metrics_port)
+                rows, ratio = await alone_and_flood("", address, metrics_port, preproc.proc.pid)
                 restart = Calls()
                 stop = asyncio.Event()
                 caller = asyncio.ensure_future(normal_caller(address, sentences, stop, restart))

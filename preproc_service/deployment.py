@@ -99,10 +99,12 @@ class Deployment:
         self._tokenize_batch = tokenize_batch
         # After tokenizing and after each call, free memory goes back to the system (splitserve_common/memory.py).
         self.memory = MemoryReleaser(release_memory_seconds)
+        self.model_calls = 0  # calls to model_service in flight (a lone request is tokenized inline only with none)
         # Micro-batched Rust tokenization for fast tokenizers; slow ones (TAPAS, CTC) are called directly.
         fast = getattr(tokenizer, "is_fast", False)
         self.tokenization = Tokenization(tokenizer, self._local_max_length(), tokenize_batch,
-                                         tokenize_round_chars, self.memory, tokenize_bulk_nice) if fast else None
+                                         tokenize_round_chars, self.memory, tokenize_bulk_nice,
+                                         crowded=lambda: self.model_calls > 0) if fast else None
 
     @property
     def task(self) -> str:
@@ -165,17 +167,21 @@ class Deployment:
         if queue and rows > queue:
             raise InvalidArgument(f"this request needs {rows} model rows, more than the model service's whole queue "
                                   f"holds ({queue} rows, its --max-queue-rows): send fewer or shorter inputs")
-        with scope.stage("model"):
-            if not limit or rows <= limit:
-                return await self.model.infer(inputs, parameters, outputs, output_parameters,
-                                              timeout=scope.remaining())
-            # More rows than model_service takes in one request: send them in slices at once (its
-            # batcher recombines them with other traffic) and stack the answers in row order.
-            slices = [{name: array[start:start + limit] for name, array in inputs.items()}
-                      for start in range(0, rows, limit)]
-            answers = await all_or_nothing(self.model.infer(part, parameters, outputs, output_parameters,
-                                                            timeout=scope.remaining()) for part in slices)
-            return {name: np.concatenate([answer[name] for answer in answers]) for name in answers[0]}
+        self.model_calls += 1
+        try:
+            with scope.stage("model"):
+                if not limit or rows <= limit:
+                    return await self.model.infer(inputs, parameters, outputs, output_parameters,
+                                                  timeout=scope.remaining())
+                # More rows than model_service takes in one request: send them in slices at once (its
+                # batcher recombines them with other traffic) and stack the answers in row order.
+                slices = [{name: array[start:start + limit] for name, array in inputs.items()}
+                          for start in range(0, rows, limit)]
+                answers = await all_or_nothing(self.model.infer(part, parameters, outputs, output_parameters,
+                                                                timeout=scope.remaining()) for part in slices)
+                return {name: np.concatenate([answer[name] for answer in answers]) for name in answers[0]}
+        finally:
+            self.model_calls -= 1
 
     def close(self) -> None:
         self.memory.close()

@@ -22,6 +22,7 @@ the tokenizers library's own parallelism on, `encode_batch` runs on the library'
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -81,11 +82,12 @@ class _Lane:
 class Tokenization:
     def __init__(self, tokenizer, max_length: int, max_batch: int = 512, round_chars: int = 16384,
                  memory: MemoryReleaser | None = None, bulk_nice: int = 0, inline_chars: int = INLINE_CHARS,
-                 lone_gap: float = LONE_GAP):
+                 lone_gap: float = LONE_GAP, crowded: Callable[[], bool] = lambda: False):
         """`tokenizer`: a transformers fast tokenizer (decode, special tokens); `max_length`: model limit;
         `memory`: told after each round (None: nothing is released); `bulk_nice`: requests of more than
         `round_chars` characters go to a thread of their own with this much more nice value (0: one
-        thread for all); `inline_chars`, `lone_gap`: which requests are tokenized on the event loop (`encode`)."""
+        thread for all); `inline_chars`, `lone_gap`, `crowded` (true while other requests are in progress: the
+        deployment's model calls in flight): which requests are tokenized on the event loop (`encode`)."""
         if not getattr(tokenizer, "is_fast", False):
             raise InvalidArgument("preproc_service needs a fast (tokenizers-backed) tokenizer")
         check_nice("tokenize-bulk-nice", bulk_nice)
@@ -95,6 +97,7 @@ class Tokenization:
         self.round_chars = round_chars
         self.inline_chars = inline_chars
         self.lone_gap = lone_gap
+        self._crowded = crowded
         self._memory = memory
         self._backend_json = tokenizer.backend_tokenizer.to_str()
         self._lane = _Lane("tokenizer")
@@ -112,20 +115,20 @@ class Tokenization:
         """One list of encodings per text (a str or a (text, text_pair) tuple).
 
         Without `overflow` each list holds one encoding; with it, the overflow windows follow.
-        A small request that comes alone (at most `inline_chars` characters, the tokenizer thread idle, and
-        this call and the one before each at least `lone_gap` after the previous call: concurrency 1) is
-        tokenized right here on the event loop, without the two thread hand-offs. Requests that come
-        together (a burst of concurrent callers) still share the thread's rounds: tokenized one by one as
-        they arrive, the first of a burst reached model_service alone and took a forward pass of its own
-        (5-10 % less throughput at concurrency 8, bench/NOTES.md).
+        A small request that comes alone (at most `inline_chars` characters, the tokenizer thread idle, no
+        other request `crowded` in, and this call and the one before each at least `lone_gap` after the
+        previous call: concurrency 1) is tokenized right here on the event loop, without the two thread
+        hand-offs. Requests of concurrent callers still share the thread's rounds: tokenized one by one as
+        they arrive, the first of a burst (whose others had all been answered) reached model_service alone
+        and took a forward pass of its own (5-10 % less throughput at concurrency 8), and at concurrency 32
+        arrivals spread over the passes' ends came 5 ms apart often enough to split batches (bench/NOTES.md).
         """
         if not texts:
             return []
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._gaps, self._arrived = (self._gaps[1], now - self._arrived), now
-        future = loop.create_future()
-        job = _Job(list(texts), options, future)
+        job = _Job(list(texts), options, loop.create_future())
         if self._lone(job):
             encodings = self._encode_parts(self._inline, [(job, job.texts)])[0]
             if self._memory is not None:
@@ -139,7 +142,8 @@ class Tokenization:
         return [[enc] for enc in encodings]
 
     def _lone(self, job: _Job) -> bool:
-        return job.chars_left <= self.inline_chars and not self._lane.draining and min(self._gaps) >= self.lone_gap
+        return (job.chars_left <= self.inline_chars and not self._lane.draining and min(self._gaps) >= self.lone_gap
+                and not self._crowded())
 
     async def _queue(self, job: _Job) -> list[Encoding]:
         lane = self._bulk_lane if job.chars_left > self.round_chars else self._lane

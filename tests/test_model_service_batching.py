@@ -429,7 +429,11 @@ def test_a_request_arriving_during_a_lone_pass_waits_for_it_instead_of_running_b
         events.clear()
         lone = asyncio.ensure_future(client.infer(rows(1, 10), outputs=["logits"]))  # tries every thread
         await asyncio.to_thread(wide_started.wait, 30)
+        arrivals = runtime.batcher._arrivals
         newcomer = asyncio.ensure_future(client.infer(rows(1, 11), outputs=["logits"]))
+        # In the batcher (on a loaded machine the call may take longer than the 0.3 s below to get there, and
+        # the check would prove nothing), then time for a wrong start on a worker to show.
+        await until(lambda: runtime.batcher._arrivals == arrivals + 1, "the newcomer in the batcher", failed=[newcomer])
         await asyncio.sleep(0.3)
         during = list(events)
         release.set()

@@ -58,8 +58,8 @@ def test_concurrent_requests_share_tokenizer_batches(tokenizer):
 
 
 def test_a_lone_small_request_is_tokenized_on_the_event_loop_and_a_burst_on_the_thread(tokenizer):
-    """Concurrency 1 saves the two thread hand-offs (issue 13); requests that come together still share the
-    tokenizer thread's rounds, and a large request never runs on the event loop."""
+    """Concurrency 1 saves the two thread hand-offs (issue 13); requests that come together, or while others
+    are in progress, still share the tokenizer thread's rounds, and a large request never runs on the event loop."""
     texts = [f"{a} walked to {b}" for a in model_factory.NAMES for b in model_factory.PLACES]
     large = " ".join(texts)
     gap = 0.2  # seconds: calls this far apart come alone; a gather's calls start within far less
@@ -70,10 +70,12 @@ def test_a_lone_small_request_is_tokenized_on_the_event_loop_and_a_burst_on_the_
             return super()._encode_parts(lane, parts)
 
     ran: list[tuple[bool, int]] = []
+    model_calls = [0]
     options = EncodeOptions(max_length=64)
 
     async def run():
-        tok = Where(tokenizer, max_length=64, inline_chars=len(texts[0]) * 2, lone_gap=gap)
+        tok = Where(tokenizer, max_length=64, inline_chars=len(texts[0]) * 2, lone_gap=gap,
+                    crowded=lambda: model_calls[0] > 0)
         try:
             spaced = []
             for text in texts[:4]:
@@ -81,6 +83,13 @@ def test_a_lone_small_request_is_tokenized_on_the_event_loop_and_a_burst_on_the_
                 spaced.append(await tok.encode([text], options))
             lone = list(ran)
             ran.clear()
+            model_calls[0] = 1  # others' model calls in flight (concurrency 32: arrivals can be 5 ms apart too)
+            for text in texts[:2]:
+                await asyncio.sleep(gap * 1.25)
+                await tok.encode([text], options)
+            crowded = list(ran)
+            ran.clear()
+            model_calls[0] = 0
             bursts = []
             for start in (4, 12):  # concurrent callers: each burst follows a pause, as passes answer together
                 await asyncio.sleep(gap * 1.25)
@@ -90,15 +99,16 @@ def test_a_lone_small_request_is_tokenized_on_the_event_loop_and_a_burst_on_the_
             together = bursts[0] + bursts[1]
             await asyncio.sleep(gap * 1.25)
             await tok.encode([large], options)
-            return spaced + together, lone, burst
+            return spaced + together, lone, crowded, burst
         finally:
             tok.close()
 
-    results, lone, burst = asyncio.run(run())
+    results, lone, crowded, burst = asyncio.run(run())
     for text, groups in zip(texts, results, strict=False):
         assert groups[0][0].ids == tokenizer(text, truncation=True, max_length=64)["input_ids"]
     # The first call follows no gap it knows of; from the third on, each came alone: on the event loop.
     assert lone[2:] == [(True, 1), (True, 1)], lone
+    assert crowded == [(False, 1), (False, 1)], crowded  # spaced apart, but with other requests in progress
     # A burst after others goes to the thread, in shared rounds, even its first call (which followed a pause).
     assert all(not on_loop for on_loop, _ in burst) and len(burst) < 8, burst
     assert ran == [(False, 1)]  # the large request, alone but over inline_chars
