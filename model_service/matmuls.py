@@ -105,25 +105,23 @@ def install(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
+def _on(flag: str):
+    before = getattr(_state, flag, False)
+    setattr(_state, flag, True)
+    try:
+        yield
+    finally:
+        setattr(_state, flag, before)
+
+
 def routed():
     """Within: this thread's passes through installed modules run their products on oneDNN."""
-    before = getattr(_state, "on", False)
-    _state.on = True
-    try:
-        yield
-    finally:
-        _state.on = before
+    return _on("on")
 
 
-@contextlib.contextmanager
 def fused_gelu():
     """Within: this thread's passes through installed NewGELUActivation modules run one fused operator."""
-    before = getattr(_state, "gelu", False)
-    _state.gelu = True
-    try:
-        yield
-    finally:
-        _state.gelu = before
+    return _on("gelu")
 
 
 def step_kernels(onednn: bool, gelu: bool):

@@ -262,11 +262,9 @@ def test_installed_linears_run_on_onednn_only_inside_routed_on_this_thread(monke
             assert not run(x).eq(0).all() and clone[2](clone[1](clone[0](x))).eq(0).all()
 
 
-@pytest.mark.parametrize("onednn", [True, False])
-def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_generate(engine, onednn, monkeypatch):
-    """The scheduler's prefill and decode steps route the model's matrix products to oneDNN (unless
-    turned off), and greedy ids still equal model.generate's (torch's default kernels) token for token."""
-    from model_service import matmuls
+def three_prompts_through_the_scheduler(engine, **scheduler_args) -> None:
+    """Three prompts of unlike lengths, 12 greedy tokens each, through a Scheduler on `engine` built with
+    `scheduler_args`; each answer must equal model.generate's (torch's own kernels) token for token."""
     from model_service.generation.batch import GenerationModel, Sequence
     from model_service.generation.sampling import model_defaults, resolve
     from model_service.generation.scheduler import Scheduler
@@ -279,7 +277,7 @@ def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_ge
     prompts = [tokenizer(t)["input_ids"] for t in ("the river", "Alice walks to the old market", "why " * 20)]
 
     async def scenario():
-        scheduler = Scheduler(engine, gm, onednn_matmuls=onednn)
+        scheduler = Scheduler(engine, gm, **scheduler_args)
         settings = gpb.GenerationSettings(max_new_tokens=12, min_new_tokens=12)
         seqs = [scheduler.submit(Sequence("s", list(ids), resolve(settings, model_defaults({}, {}), prompt_len=len(ids),
                                                                    context_len=256, eos_token_ids=[])))
@@ -288,6 +286,17 @@ def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_ge
         await scheduler.stop()
         return results
 
+    for tokens, ids in zip(asyncio.run(scenario()), prompts, strict=True):
+        assert tokens == reference_generate(loaded.model, tokenizer, ids, max_new_tokens=12, min_new_tokens=12,
+                                            do_sample=False)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_generate(engine, onednn, monkeypatch):
+    """The scheduler's prefill and decode steps route the model's matrix products to oneDNN (unless
+    turned off), and greedy ids still equal model.generate's (torch's default kernels) token for token."""
+    from model_service import matmuls
+
     routed = collections.Counter()  # (rows, weight shape) of each product oneDNN ran, on the engine's worker
 
     def counted(x, weight, bias, linear=matmuls.linear):
@@ -295,16 +304,13 @@ def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_ge
         return linear(x, weight, bias)
 
     monkeypatch.setattr(matmuls, "linear", counted)
-    results = asyncio.run(scenario())
-    config = loaded.model.config
+    three_prompts_through_the_scheduler(engine, onednn_matmuls=onednn)
+    config = engine.loaded.model.config
     # Each forward pass: 4 products per layer + the lm_head; rows: 3 prompts in the decode steps.
     assert (sum(routed.values()) >= 11 * (4 * config.n_layer + 1)) is onednn
     assert bool(routed) is onednn
     if onednn:
         assert routed[(3, (3 * config.n_embd, config.n_embd))] == 11 * config.n_layer  # c_attn in 11 decode steps
-    for tokens, ids in zip(results, prompts, strict=True):
-        assert tokens == reference_generate(loaded.model, tokenizer, ids, max_new_tokens=12, min_new_tokens=12,
-                                            do_sample=False)
 
 
 def test_installed_new_gelu_runs_one_fused_operator_only_inside_fused_gelu_on_this_thread():
@@ -337,28 +343,7 @@ def test_the_steps_run_gpt2s_gelu_as_one_operator_by_default_with_ids_equal_to_g
     (with 2 threads, a 32-row GPT-2-small decode step made 369 voluntary context switches, 201 with the fused
     operator). The scheduler's prefill and decode steps now run torch's fused tanh GELU (unless turned off),
     and greedy ids still equal model.generate's token for token."""
-    from model_service.generation.batch import GenerationModel, Sequence
-    from model_service.generation.sampling import model_defaults, resolve
-    from model_service.generation.scheduler import Scheduler
-    from splitserve_pb import generation_pb2 as gpb
-    from tests.generation_helpers import reference_generate
-    from tests.model_factory import bytelevel_bpe_tokenizer
-
-    loaded, tokenizer = engine.loaded, bytelevel_bpe_tokenizer()
-    assert loaded.model.config.activation_function == "gelu_new"
-    gm = GenerationModel(loaded.model, loaded.pad_token_id, None)
-    prompts = [tokenizer(t)["input_ids"] for t in ("the river", "Alice walks to the old market", "why " * 20)]
-
-    async def scenario():
-        scheduler = Scheduler(engine, gm, fused_gelu=fused)
-        settings = gpb.GenerationSettings(max_new_tokens=12, min_new_tokens=12)
-        seqs = [scheduler.submit(Sequence("s", list(ids), resolve(settings, model_defaults({}, {}), prompt_len=len(ids),
-                                                                   context_len=256, eos_token_ids=[])))
-                for ids in prompts]
-        results = [await drain(seq) for seq in seqs]
-        await scheduler.stop()
-        return results
-
+    assert engine.loaded.model.config.activation_function == "gelu_new"
     calls = collections.Counter()  # rows of each fused GELU call
 
     def counted(x, *args, gelu=torch.nn.functional.gelu, **kwargs):
@@ -367,9 +352,6 @@ def test_the_steps_run_gpt2s_gelu_as_one_operator_by_default_with_ids_equal_to_g
         return gelu(x, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "gelu", counted)
-    results = asyncio.run(scenario())
+    three_prompts_through_the_scheduler(engine, fused_gelu=fused)
     # one per layer per pass; rows: the 3 prompts together in the 11 decode steps
-    assert calls[3] == (11 * loaded.model.config.n_layer if fused else 0)
-    for tokens, ids in zip(results, prompts, strict=True):
-        assert tokens == reference_generate(loaded.model, tokenizer, ids, max_new_tokens=12, min_new_tokens=12,
-                                            do_sample=False)
+    assert calls[3] == (11 * engine.loaded.model.config.n_layer if fused else 0)
