@@ -59,11 +59,13 @@ class _Core:
     applies each row's own adapter (model_service.adapters).
     """
 
-    def __init__(self, gm: GenerationModel, engine, threads: StepThreads, onednn: bool = False):
+    def __init__(self, gm: GenerationModel, engine, threads: StepThreads, onednn: bool = False,
+                 fused_gelu: bool = False):
         self.gm = gm
         self.engine = engine
         self.threads = threads
         self.onednn = onednn  # matrix products on oneDNN (matmuls.py)
+        self.fused_gelu = fused_gelu  # GPT-2's GELU as one operator (matmuls.py)
         self.batch: DecodeBatch | None = None
         self.prefill_passes = 0
 
@@ -80,7 +82,7 @@ class _Core:
         stepped = []
         if self.batch is not None:
             with self._use(self.batch.seqs), metrics.stage_timer("decode"), self.threads.step(len(self.batch)), \
-                    matmuls.matmul_mode(self.onednn):
+                    matmuls.step_kernels(self.onednn, self.fused_gelu):
                 self.batch.decode(self.gm)
             stepped += self.batch.seqs
         if admitted:
@@ -90,7 +92,7 @@ class _Core:
             for start, end in plan_groups(lengths, len(ordered), sum(lengths) * len(ordered), PREFILL_PASS_TOKENS):
                 group = ordered[start:end]
                 with self._use(group), metrics.stage_timer("prefill"), self.threads.step(0), \
-                        matmuls.matmul_mode(self.onednn):
+                        matmuls.step_kernels(self.onednn, self.fused_gelu):
                     fresh = DecodeBatch.prefill(self.gm, group)
                 self.prefill_passes += 1
                 self.batch = fresh if self.batch is None else self.batch.concat(fresh)
@@ -104,19 +106,20 @@ class _Core:
 
 class Scheduler:
     def __init__(self, engine, gm: GenerationModel, limits: Limits = Limits(), torch_threads: int = 0,
-                 onednn_matmuls: bool = True):
+                 onednn_matmuls: bool = True, fused_gelu: bool = True):
         """`torch_threads`: intra-op threads of the steps; 0 chooses between 1 and the engine worker's
         threads by measuring (threads.py). `onednn_matmuls`: the steps' fp32 matrix products on oneDNN
-        where the model is on CPU and torch has it (matmuls.py)."""
+        where the model is on CPU and torch has it (matmuls.py). `fused_gelu`: transformers' NewGELUActivation
+        (GPT-2's) as torch's one fused operator in the steps (matmuls.py)."""
         self.engine = engine
         self.gm = gm
         self.limits = limits
         onednn = onednn_matmuls and gm.device.type == "cpu" and matmuls.available()
-        if onednn:
+        if onednn or fused_gelu:
             matmuls.install(gm.model)
         self._core = _Core(gm, engine, StepThreads(engine.torch_threads * engine.forward_workers, torch_threads,
                                                   interleave=True),
-                           onednn)
+                           onednn, fused_gelu)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
         self._wakeup = asyncio.Event()
