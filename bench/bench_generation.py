@@ -9,9 +9,9 @@ settings). Then, in one run:
   with torch's default threads (every core) and again with one thread: on cores shared with busy
   processes, intra-op threads waiting on each other slow it several-fold;
 - the in-process bound of batching: model_service's own batch (DecodeBatch: prefill in length
-  groups as the scheduler does, then one decode step for all rows per token; its kernels, oneDNN matrix products unless
-  --model-arg=--no-gen-onednn-matmuls) on the prompts 32 at a time (--bound-rows), no
-  services, with torch's default threads and with one;
+  groups as the scheduler does, then one decode step for all rows per token; its kernels: oneDNN matrix
+  products unless --model-arg=--no-gen-onednn-matmuls, the fused GELU unless --model-arg=--no-gen-fused-gelu)
+  on the prompts 32 at a time (--bound-rows), no services, with torch's default threads and with one;
 - through the pair: client -> preproc -> model_service with 1, 8 and 32 concurrent streams
   (GenerateTextStream, as the SDK streams), every prompt once per level.
 
@@ -71,7 +71,8 @@ def sequential_reference(model, tokenizer, prompts, max_new_tokens: int, threads
     return sum(map(len, answers)) / elapsed, answers
 
 
-def batched_bound(model, tokenizer, prompts, max_new_tokens: int, rows: int, threads: int, onednn: bool):
+def batched_bound(model, tokenizer, prompts, max_new_tokens: int, rows: int, threads: int, onednn: bool,
+                  gelu: bool):
     """(generated tokens/s, generated ids per prompt) of model_service's DecodeBatch in process: `rows`
     prompts at a time, one prefill pass then one decode step per token, `threads` torch threads."""
     import torch
@@ -82,7 +83,7 @@ def batched_bound(model, tokenizer, prompts, max_new_tokens: int, rows: int, thr
     from model_service.generation.scheduler import PREFILL_PASS_TOKENS, plan_groups
 
     gm = GenerationModel(model, tokenizer.pad_token_id or 0, None)
-    if onednn:
+    if onednn or gelu:
         matmuls.install(model)  # as model_service's scheduler does (same parameters; torch's kernels outside)
     params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                             temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,
@@ -95,7 +96,7 @@ def batched_bound(model, tokenizer, prompts, max_new_tokens: int, rows: int, thr
         # Prompts of similar lengths prefill together, as model_service's scheduler does.
         ordered = sorted(seqs, key=lambda seq: len(seq.prompt_ids))
         lengths = [len(seq.prompt_ids) for seq in ordered]
-        with matmuls.matmul_mode(onednn):
+        with matmuls.step_kernels(onednn, gelu):
             batch = None
             for start, end in plan_groups(lengths, len(ordered), sum(lengths) * len(ordered), PREFILL_PASS_TOKENS):
                 fresh = DecodeBatch.prefill(gm, ordered[start:end])
@@ -175,10 +176,11 @@ def main(argv=None) -> None:
             if differ:
                 mismatched["in-process with 1 thread"] = differ
             onednn = "--no-gen-onednn-matmuls" not in args.model_arg
+            gelu = "--no-gen-fused-gelu" not in args.model_arg
             bounds, bound_differ = {}, {}
             for count in sorted({threads, 1}, reverse=True):
                 bounds[count], bound_ids = batched_bound(model, tokenizer, prompts, args.max_new_tokens,
-                                                         args.bound_rows, count, onednn)
+                                                         args.bound_rows, count, onednn, gelu)
                 # Not a failure: batched rows may break a near-tie otherwise than generate alone (prompt 37 of
                 # sentences.txt does in process, with MKL as with oneDNN); the services' answers are the target.
                 bound_differ[count] = [i for i, (a, b) in enumerate(zip(bound_ids, expected, strict=True)) if a != b]
@@ -199,7 +201,7 @@ def main(argv=None) -> None:
     print(f"sequential in-process model.generate, one prompt at a time: **{sequential:.1f} tokens/s** with {threads} "
           f"torch threads (torch's default), {single:.1f} with 1 thread")
     print(f"in-process bound, model_service's batch {args.bound_rows} prompts at a time "
-          f"({'oneDNN' if onednn else 'default'} matrix products): "
+          f"({'oneDNN' if onednn else 'default'} matrix products, {'fused' if gelu else 'unfused'} GELU): "
           + ", ".join(f"**{rate:.1f} tokens/s** ({rate / sequential:.2f}x) with {count} thread(s)"
                       for count, rate in bounds.items())
           + "".join(f"; its ids differ from generate's on prompts {d} with {c} thread(s)"

@@ -17,6 +17,16 @@ subclass (install(), once) whose forward takes oneDNN only while the calling thr
 search, the tensor API and every other thread run torch's default kernels. Only float32 CPU
 products outside autograd are routed. A subclass (not a TorchFunctionMode, which would see all of a
 step's ~850 torch calls: 7 % of a 32-row GPT-2-small step) costs one check per linear layer.
+
+The same way, `fused_gelu()` runs transformers' `NewGELUActivation` (GPT-2's "gelu_new", written as 8
+elementwise operators: pow, mul, add, mul, tanh, add, mul, mul) as torch's one fused operator
+`F.gelu(approximate="tanh")`: the same formula, rounded differently in the last bits (transformers'
+`GELUTanh` says as much), greedy ids equal `model.generate`'s in the tests and on the benchmark's 64 prompts.
+Each of those operators over a [32, 3072] step is a parallel region of its own, i.e. a barrier where the
+intra-op threads wait for each other (they sleep there when libgomp's pools hold more threads than the
+CPUs: docs/generation.md): in process, a 32-row GPT-2-small decode step with 2 threads made 201 instead
+of 369 voluntary context switches, and with 1 thread took 3.4-3.7 against 3.9-4.5 CPU-s per 32 prompts
+(load ~20, bench/NOTES.md stop 21).
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ import threading
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from transformers.activations import NewGELUActivation
 from transformers.pytorch_utils import Conv1D
 
 _state = threading.local()
@@ -68,12 +80,21 @@ class OneDnnConv1D(Conv1D):
         return super().forward(x)
 
 
-_SUBCLASS = {nn.Linear: OneDnnLinear, Conv1D: OneDnnConv1D}
+class FusedNewGELU(NewGELUActivation):
+    """transformers' NewGELUActivation, as one fused operator inside fused_gelu() on this thread."""
+
+    def forward(self, x):
+        if getattr(_state, "gelu", False) and not torch.is_grad_enabled():
+            return F.gelu(x, approximate="tanh")
+        return super().forward(x)
+
+
+_SUBCLASS = {nn.Linear: OneDnnLinear, Conv1D: OneDnnConv1D, NewGELUActivation: FusedNewGELU}
 
 
 def install(model: nn.Module) -> int:
-    """Give the model's nn.Linear and Conv1D modules the routing subclass (same parameters, same
-    behaviour outside routed()); the number of modules changed."""
+    """Give the model's nn.Linear, Conv1D and NewGELUActivation modules the routing subclass (same
+    parameters, same behaviour outside routed() / fused_gelu()); the number of modules changed."""
     count = 0
     for module in model.modules():
         subclass = _SUBCLASS.get(type(module))
@@ -84,16 +105,30 @@ def install(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def routed():
-    """Within: this thread's passes through installed modules run their products on oneDNN."""
-    before = getattr(_state, "on", False)
-    _state.on = True
+def _on(flag: str):
+    before = getattr(_state, flag, False)
+    setattr(_state, flag, True)
     try:
         yield
     finally:
-        _state.on = before
+        setattr(_state, flag, before)
 
 
-def matmul_mode(enabled: bool):
-    """The context for a generation forward pass: routed() when `enabled`, else nothing."""
-    return routed() if enabled else contextlib.nullcontext()
+def routed():
+    """Within: this thread's passes through installed modules run their products on oneDNN."""
+    return _on("on")
+
+
+def fused_gelu():
+    """Within: this thread's passes through installed NewGELUActivation modules run one fused operator."""
+    return _on("gelu")
+
+
+def step_kernels(onednn: bool, gelu: bool):
+    """The context for a generation forward pass: routed() when `onednn`, fused_gelu() when `gelu`."""
+    stack = contextlib.ExitStack()
+    if onednn:
+        stack.enter_context(routed())
+    if gelu:
+        stack.enter_context(fused_gelu())
+    return stack

@@ -100,7 +100,8 @@ def generation_servicer(runtime: Runtime) -> GenerationServicer:
                     max_waiting=args.gen_max_waiting)
     return GenerationServicer(runtime, limits, stream_interval=args.gen_stream_interval,
                               max_beams=args.gen_max_beams, torch_threads=args.gen_torch_threads,
-                              onednn_matmuls=args.gen_onednn_matmuls, lanes=args.gen_lanes)
+                              onednn_matmuls=args.gen_onednn_matmuls, fused_gelu=args.gen_fused_gelu,
+                              lanes=args.gen_lanes)
 
 
 async def start(args) -> RunningServer:

@@ -262,11 +262,9 @@ def test_installed_linears_run_on_onednn_only_inside_routed_on_this_thread(monke
             assert not run(x).eq(0).all() and clone[2](clone[1](clone[0](x))).eq(0).all()
 
 
-@pytest.mark.parametrize("onednn", [True, False])
-def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_generate(engine, onednn, monkeypatch):
-    """The scheduler's prefill and decode steps route the model's matrix products to oneDNN (unless
-    turned off), and greedy ids still equal model.generate's (torch's default kernels) token for token."""
-    from model_service import matmuls
+def three_prompts_through_the_scheduler(engine, **scheduler_args) -> None:
+    """Three prompts of unlike lengths, 12 greedy tokens each, through a Scheduler on `engine` built with
+    `scheduler_args`; each answer must equal model.generate's (torch's own kernels) token for token."""
     from model_service.generation.batch import GenerationModel, Sequence
     from model_service.generation.sampling import model_defaults, resolve
     from model_service.generation.scheduler import Scheduler
@@ -279,7 +277,7 @@ def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_ge
     prompts = [tokenizer(t)["input_ids"] for t in ("the river", "Alice walks to the old market", "why " * 20)]
 
     async def scenario():
-        scheduler = Scheduler(engine, gm, onednn_matmuls=onednn)
+        scheduler = Scheduler(engine, gm, **scheduler_args)
         settings = gpb.GenerationSettings(max_new_tokens=12, min_new_tokens=12)
         seqs = [scheduler.submit(Sequence("s", list(ids), resolve(settings, model_defaults({}, {}), prompt_len=len(ids),
                                                                    context_len=256, eos_token_ids=[])))
@@ -288,6 +286,17 @@ def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_ge
         await scheduler.stop()
         return results
 
+    for tokens, ids in zip(asyncio.run(scenario()), prompts, strict=True):
+        assert tokens == reference_generate(loaded.model, tokenizer, ids, max_new_tokens=12, min_new_tokens=12,
+                                            do_sample=False)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_generate(engine, onednn, monkeypatch):
+    """The scheduler's prefill and decode steps route the model's matrix products to oneDNN (unless
+    turned off), and greedy ids still equal model.generate's (torch's default kernels) token for token."""
+    from model_service import matmuls
+
     routed = collections.Counter()  # (rows, weight shape) of each product oneDNN ran, on the engine's worker
 
     def counted(x, weight, bias, linear=matmuls.linear):
@@ -295,13 +304,54 @@ def test_the_steps_matrix_products_run_on_onednn_by_default_with_ids_equal_to_ge
         return linear(x, weight, bias)
 
     monkeypatch.setattr(matmuls, "linear", counted)
-    results = asyncio.run(scenario())
-    config = loaded.model.config
+    three_prompts_through_the_scheduler(engine, onednn_matmuls=onednn)
+    config = engine.loaded.model.config
     # Each forward pass: 4 products per layer + the lm_head; rows: 3 prompts in the decode steps.
     assert (sum(routed.values()) >= 11 * (4 * config.n_layer + 1)) is onednn
     assert bool(routed) is onednn
     if onednn:
         assert routed[(3, (3 * config.n_embd, config.n_embd))] == 11 * config.n_layer  # c_attn in 11 decode steps
-    for tokens, ids in zip(results, prompts, strict=True):
-        assert tokens == reference_generate(loaded.model, tokenizer, ids, max_new_tokens=12, min_new_tokens=12,
-                                            do_sample=False)
+
+
+def test_installed_new_gelu_runs_one_fused_operator_only_inside_fused_gelu_on_this_thread():
+    import threading
+
+    from transformers.activations import NewGELUActivation
+
+    from model_service import matmuls
+
+    model = torch.nn.Sequential(NewGELUActivation())
+    x = torch.randn(4, 3072) * 3
+    with torch.inference_mode():
+        expected = model(x)
+        assert matmuls.install(model) == 1 and isinstance(model[0], NewGELUActivation)
+        outside = model(x)
+        with matmuls.fused_gelu():
+            inside = model(x)
+            other = []
+            thread = threading.Thread(target=lambda: other.append(model(x)))  # fused_gelu() is this thread's only
+            thread.start()
+            thread.join()
+    assert torch.equal(outside, expected) and torch.equal(other[0], expected)  # the 8 operators, bit for bit
+    assert torch.equal(inside, torch.nn.functional.gelu(x, approximate="tanh"))  # torch's one operator
+    torch.testing.assert_close(inside, expected, rtol=1e-6, atol=1e-6)  # the same formula
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_steps_run_gpt2s_gelu_as_one_operator_by_default_with_ids_equal_to_generate(engine, fused, monkeypatch):
+    """Issue 13: GPT-2's gelu_new is 8 elementwise operators, each a barrier of the step's intra-op threads
+    (with 2 threads, a 32-row GPT-2-small decode step made 369 voluntary context switches, 201 with the fused
+    operator). The scheduler's prefill and decode steps now run torch's fused tanh GELU (unless turned off),
+    and greedy ids still equal model.generate's token for token."""
+    assert engine.loaded.model.config.activation_function == "gelu_new"
+    calls = collections.Counter()  # rows of each fused GELU call
+
+    def counted(x, *args, gelu=torch.nn.functional.gelu, **kwargs):
+        if kwargs.get("approximate") == "tanh":
+            calls[x.shape[0]] += 1
+        return gelu(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "gelu", counted)
+    three_prompts_through_the_scheduler(engine, fused_gelu=fused)
+    # one per layer per pass; rows: the 3 prompts together in the 11 decode steps
+    assert calls[3] == (11 * engine.loaded.model.config.n_layer if fused else 0)

@@ -18,4 +18,7 @@ GENERATION_OPTIONS = [
     Option("gen-onednn-matmuls", True, "generation: on CPU, run the continuous batch's fp32 matrix products on "
            "oneDNN (AVX-512 where the CPU has it) instead of torch's default BLAS (MKL: its AVX2 path on AMD CPUs); "
            "still fp32, the last bits differ", bool),
+    Option("gen-fused-gelu", True, "generation: run transformers' NewGELUActivation (GPT-2's gelu_new, 8 elementwise "
+           "operators) as torch's one fused tanh GELU in the continuous batch's passes; the same formula, the last "
+           "bits differ", bool),
 ]

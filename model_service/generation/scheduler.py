@@ -75,11 +75,13 @@ class _Core:
     applies each row's own adapter (model_service.adapters).
     """
 
-    def __init__(self, gm: GenerationModel, engine, threads: StepThreads, onednn: bool = False):
+    def __init__(self, gm: GenerationModel, engine, threads: StepThreads, onednn: bool = False,
+                 fused_gelu: bool = False):
         self.gm = gm
         self.engine = engine
         self.threads = threads
         self.onednn = onednn  # matrix products on oneDNN (matmuls.py)
+        self.fused_gelu = fused_gelu  # GPT-2's GELU as one operator (matmuls.py)
         self.batch: DecodeBatch | None = None
         self.prefill_passes = 0
 
@@ -101,7 +103,7 @@ class _Core:
         stepped = []
         if self.batch is not None:
             with self._use(self.batch.seqs), metrics.stage_timer("decode"), self._threads(len(self.batch), alone), \
-                    matmuls.matmul_mode(self.onednn):
+                    matmuls.step_kernels(self.onednn, self.fused_gelu):
                 self.batch.decode(self.gm)
             stepped += self.batch.seqs
         if admitted:
@@ -111,7 +113,7 @@ class _Core:
             for start, end in plan_groups(lengths, len(ordered), sum(lengths) * len(ordered), PREFILL_PASS_TOKENS):
                 group = ordered[start:end]
                 with self._use(group), metrics.stage_timer("prefill"), self._threads(0, alone), \
-                        matmuls.matmul_mode(self.onednn):
+                        matmuls.step_kernels(self.onednn, self.fused_gelu):
                     fresh = DecodeBatch.prefill(self.gm, group)
                 self.prefill_passes += 1
                 self.batch = fresh if self.batch is None else self.batch.concat(fresh)
@@ -136,23 +138,24 @@ class _Lane:
 
 class Scheduler:
     def __init__(self, engine, gm: GenerationModel, limits: Limits = Limits(), torch_threads: int = 0,
-                 onednn_matmuls: bool = True, lanes: int = 0):
+                 onednn_matmuls: bool = True, fused_gelu: bool = True, lanes: int = 0):
         """`torch_threads`: intra-op threads of a lane stepping alone; 0 chooses between 1 and the engine
         workers' threads by measuring (threads.py). `onednn_matmuls`: the steps' fp32 matrix products on
-        oneDNN where the model is on CPU and torch has it (matmuls.py). `lanes`: decode batches stepping at
-        once, at most the engine's forward workers (0: one per forward worker; 1: one batch)."""
+        oneDNN where the model is on CPU and torch has it (matmuls.py). `fused_gelu`: transformers'
+        NewGELUActivation (GPT-2's) as torch's one fused operator in the steps (matmuls.py). `lanes`: decode
+        batches stepping at once, at most the engine's forward workers (0: one per forward worker; 1: one batch)."""
         if lanes < 0:
             raise ConfigurationError(f"--gen-lanes must be >= 0 (0: one per forward worker), not {lanes}")
         self.engine = engine
         self.gm = gm
         self.limits = limits
         onednn = onednn_matmuls and gm.device.type == "cpu" and matmuls.available()
-        if onednn:
+        if onednn or fused_gelu:
             matmuls.install(gm.model)
         # One chooser for every lane: only a lane stepping alone uses (and times) it.
         threads = StepThreads(engine.torch_threads * engine.forward_workers, torch_threads, interleave=True)
         count = min(lanes or engine.forward_workers, engine.forward_workers)
-        self._lanes = [_Lane(_Core(gm, engine, threads, onednn)) for _ in range(count)]
+        self._lanes = [_Lane(_Core(gm, engine, threads, onednn, fused_gelu)) for _ in range(count)]
         self._waiting: collections.deque[Sequence] = collections.deque()
         self.counters = collections.Counter()  # steps, finished, cancelled, generated_tokens
 

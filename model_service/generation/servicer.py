@@ -50,10 +50,11 @@ def saved_defaults(source_dir: Path, weights_dir: Path) -> dict:
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 0, max_beams: int = 8,
-                 torch_threads: int = 0, onednn_matmuls: bool = True, lanes: int = 0):
+                 torch_threads: int = 0, onednn_matmuls: bool = True, fused_gelu: bool = True, lanes: int = 0):
         self.runtime = runtime
         self.lanes = lanes  # decode batches stepping at once; 0: one per forward worker
         self.onednn_matmuls = onednn_matmuls  # the batch's matrix products on oneDNN (CPU; matmuls.py)
+        self.fused_gelu = fused_gelu  # the batch's NewGELUActivation as one operator (matmuls.py)
         self.limits = limits
         self.torch_threads = torch_threads  # of the generation steps; 0: chosen by measuring
         self.max_beams = max_beams
@@ -88,7 +89,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.max_positions = loaded.max_positions
         self.eos_ids = list(loaded.special_ids.get("eos_token_id") or [])
         self.defaults = saved_defaults(loaded.source_dir, loaded.weights_dir)
-        self.scheduler = Scheduler(engine, self.gm, self.limits, self.torch_threads, self.onednn_matmuls, self.lanes)
+        self.scheduler = Scheduler(engine, self.gm, self.limits, self.torch_threads, self.onednn_matmuls,
+                                   self.fused_gelu, self.lanes)
         self.searches = SearchRunner(engine, loaded.model, self.gm.is_encoder_decoder, self.gm.pad_token_id,
                                      self.limits.max_tokens, self.limits.max_waiting)
 
