@@ -12,6 +12,7 @@ from model_service.generation.scheduler import LANE_MIN_ROWS
 
 # Seconds a test waits for a sequence's next token: the scheduler may be slow under load, never silent.
 EVENT_SECONDS = 120
+OVERLAP_SECONDS = 10
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def scheduler_of(engine, **kwargs):
     from model_service.generation.scheduler import Scheduler
 
     loaded = engine.loaded
-    return Scheduler(engine, GenerationModel(loaded.model, loaded.pad_token_id, None), **kwargs)
+    return Scheduler(engine, GenerationModel(loaded.model, loaded.pad_token_id, None), **{"lanes": 0, **kwargs})
 
 
 async def next_event(seq):
@@ -77,6 +78,10 @@ class StepWatch:
         self.in_flight = self.most_in_flight = 0
         self.most_active = 0
         self.lock = threading.Lock()
+        # Each lane's first step is held until another step is in flight (at most OVERLAP_SECONDS), so that
+        # steps run at once however the threads happen to be scheduled; serialized steps never overlap.
+        self.overlap = threading.Event()
+        self.held = set()
         for index, lane in enumerate(scheduler._lanes):
             lane.core.step = self.watched(index, lane.core.step)
 
@@ -86,6 +91,12 @@ class StepWatch:
                 self.in_flight += 1
                 self.most_in_flight = max(self.most_in_flight, self.in_flight)
                 self.most_active = max(self.most_active, self.scheduler.active_count)
+                if self.in_flight >= 2:
+                    self.overlap.set()
+                hold = index not in self.held
+                self.held.add(index)
+            if hold:
+                self.overlap.wait(OVERLAP_SECONDS)
             try:
                 results = step(admitted, dropped, alone)
                 self.rows[index].update(id(seq) for seq, _ in results)

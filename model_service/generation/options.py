@@ -13,8 +13,9 @@ GENERATION_OPTIONS = [
            "out at once; 0 = adapt to the load: 1 up to 7 running sequences, then 1 more per 4 (at most 8)", int),
     Option("gen-torch-threads", 0, "generation: torch threads of the decode steps; 0 = measure and keep the faster of "
            "1 and the model worker's threads (one is faster when other processes share the cores)", int),
-    Option("gen-lanes", 0, "generation: decode batches (lanes) stepping at once, each on its own forward worker with "
-           "that worker's torch threads when several are busy; 0 = one per forward worker, 1 = one batch", int),
+    Option("gen-lanes", 1, "generation: decode batches (lanes) stepping at once, each on its own forward worker with "
+           "that worker's torch threads when several are busy; 1 = one batch (best on a shared node), 0 = one per "
+           "forward worker (more tokens/s at many streams on an idle node)", int),
     Option("gen-onednn-matmuls", True, "generation: on CPU, run the continuous batch's fp32 matrix products on "
            "oneDNN (AVX-512 where the CPU has it) instead of torch's default BLAS (MKL: its AVX2 path on AMD CPUs); "
            "still fp32, the last bits differ", bool),

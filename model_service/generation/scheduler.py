@@ -1,7 +1,8 @@
 """Continuous batching: each lane's loop advances its active sequences one token per step.
 
-The running sequences are split into lanes (`lanes`: one per forward worker by default), each its
-own DecodeBatch whose steps run on a forward worker beside the other lanes' steps. A lane alone
+The running sequences are split into lanes (`lanes`: one by default, or one per forward worker), each
+its own DecodeBatch whose steps run on a forward worker beside the other lanes' steps. Several lanes
+gave more tokens/s at 32 streams on an idle node and fewer on a shared one (docs/generation.md). A lane alone
 (the others idle) steps with the chosen torch threads (threads.py, as one batch did); with several
 lanes busy each step uses its worker's own share (one thread on 2 cores): steps on one thread end
 no operator in an OpenMP barrier, which a thread that lost its core on a shared node holds up.
@@ -138,7 +139,7 @@ class _Lane:
 
 class Scheduler:
     def __init__(self, engine, gm: GenerationModel, limits: Limits = Limits(), torch_threads: int = 0,
-                 onednn_matmuls: bool = True, fused_gelu: bool = True, lanes: int = 0):
+                 onednn_matmuls: bool = True, fused_gelu: bool = True, lanes: int = 1):
         """`torch_threads`: intra-op threads of a lane stepping alone; 0 chooses between 1 and the engine
         workers' threads by measuring (threads.py). `onednn_matmuls`: the steps' fp32 matrix products on
         oneDNN where the model is on CPU and torch has it (matmuls.py). `fused_gelu`: transformers'

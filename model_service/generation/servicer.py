@@ -50,9 +50,9 @@ def saved_defaults(source_dir: Path, weights_dir: Path) -> dict:
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, runtime, limits: Limits = Limits(), stream_interval: int = 0, max_beams: int = 8,
-                 torch_threads: int = 0, onednn_matmuls: bool = True, fused_gelu: bool = True, lanes: int = 0):
+                 torch_threads: int = 0, onednn_matmuls: bool = True, fused_gelu: bool = True, lanes: int = 1):
         self.runtime = runtime
-        self.lanes = lanes  # decode batches stepping at once; 0: one per forward worker
+        self.lanes = lanes  # decode batches stepping at once; 0: one per forward worker, 1: one batch
         self.onednn_matmuls = onednn_matmuls  # the batch's matrix products on oneDNN (CPU; matmuls.py)
         self.fused_gelu = fused_gelu  # the batch's NewGELUActivation as one operator (matmuls.py)
         self.limits = limits
