@@ -109,7 +109,8 @@ def service(module: str, args: list[str], *, port: int | None = None, env: dict 
             break
         except RuntimeError:
             handle.stop()
-            if attempt == PORT_ATTEMPTS or not _port_was_taken(handle.log()):
+            # A port the caller chose would be busy again: only ports free_port() picked are worth a retry.
+            if attempt == PORT_ATTEMPTS or port or not _port_was_taken(handle.log()):
                 raise
     try:
         yield handle
